@@ -1,0 +1,3 @@
+"""selftrain: prompt-free unconditional self-training of causal language models."""
+
+__version__ = "0.1.0"

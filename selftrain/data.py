@@ -1,0 +1,206 @@
+"""`CorpusDataModule`: turns a corpus into length-grouped batches for the student.
+
+It reads a corpus dir (or a plain jsonl / parquet / txt file), keeps one of K disjoint subsets
+if asked, and reuses the stored ``input_ids`` when the student's tokenizer is the source's
+(same vocabulary fingerprint, or declared so); otherwise it retokenizes ``text`` with the
+student's tokenizer and prepends the student's BOS id. Batching is in
+:mod:`selftrain.batching`: deterministic per epoch, rank-aware, resumable mid-epoch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from selftrain.batching import LengthGroupedBatchSampler, ResumableDataLoader, pad_collate
+from selftrain.corpus import Corpus, read_corpus
+from selftrain.errors import SelftrainError
+from selftrain.models import load_tokenizer, resolve_bos_id, tokenizer_fingerprint
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Streams a BOS-sampled (or replay) corpus to the student.
+
+    Args:
+        corpus: corpus dir (manifest.json + data/*.parquet) or a .jsonl/.parquet/.txt file.
+        tokenizer: the student's model spec; under ``selftrain fit`` it is linked to
+            ``--model.model`` and set for you.
+        max_length: longest training sequence in tokens, BOS included; longer rows are cut.
+        batch_size: sequences per batch on each device.
+        subset: train on subset k only (0..K-1); None uses every row.
+        num_subsets: K; None takes the corpus's own ``subset`` column. A different K
+            re-partitions rows by position (row i -> i mod K).
+        same_tokenizer: whether the corpus ids are the student's; None decides by comparing
+            the manifest's tokenizer fingerprint with the student's.
+        bos_token_id: override the student's BOS id used when retokenizing.
+        shuffle: reshuffle each epoch (seeded by ``seed`` and the epoch).
+        seed: data order seed.
+        group_batches: batches per length-sorted group; larger pads less, mixes less;
+            0 sorts the whole epoch.
+        pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPUs).
+        num_workers: DataLoader workers (rows are pre-tokenized; 0 is usually enough).
+        min_real_token_fraction: warn when padding makes the real-token share fall below.
+    """
+
+    def __init__(
+        self,
+        corpus: str,
+        tokenizer: str = "tiny:qwen2",
+        max_length: int = 512,
+        batch_size: int = 8,
+        subset: int | None = None,
+        num_subsets: int | None = None,
+        same_tokenizer: bool | None = None,
+        bos_token_id: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        group_batches: int = 64,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        min_real_token_fraction: float = 0.95,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise SelftrainError(f"--data.max_length {max_length}: must be >= 2 (a BOS and at "
+                                 "least one token to predict)")
+        if batch_size < 1:
+            raise SelftrainError(f"--data.batch_size {batch_size}: must be >= 1")
+        if num_subsets is not None and num_subsets < 1:
+            raise SelftrainError(f"--data.num_subsets {num_subsets}: must be >= 1")
+        if subset is not None and (subset < 0 or (num_subsets is not None
+                                                  and subset >= num_subsets)):
+            raise SelftrainError(f"--data.subset {subset}: must be in 0..num_subsets-1")
+        if not Path(corpus).exists():
+            raise SelftrainError(f"--data.corpus {corpus}: no such file or directory; run "
+                                 "`selftrain generate --out DIR` first or fix the path")
+        self.save_hyperparameters()
+        self.rows: list[dict[str, Any]] = []
+        self.stats: dict[str, Any] = {}
+        self._tokenizer = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning hook: :meth:`load` (a no-op when the CLI already loaded the corpus)."""
+        self.load()
+
+    def load(self) -> None:
+        """Read, select, tokenize and check the corpus (every rank; idempotent).
+
+        ``selftrain fit`` calls this before the Trainer starts, so a bad corpus is reported
+        before any run directory, log or checkpoint is written.
+        """
+        if self.rows:
+            return
+        hp = self.hparams
+        corpus = read_corpus(hp.corpus, flag="--data.corpus")
+        tokenizer = self._tokenizer = load_tokenizer(hp.tokenizer)
+        keep = self._select_subset(corpus)
+        reuse = self._reuse_ids(corpus, tokenizer)
+        if reuse:
+            sequences = [corpus.columns["input_ids"][i] for i in keep]
+            vocab = len(tokenizer)
+            worst = max((max(ids) for ids in sequences if ids), default=-1)
+            if worst >= vocab:
+                raise SelftrainError(
+                    f"--data.corpus {hp.corpus}: token id {worst} is outside the student's "
+                    f"vocabulary ({vocab} tokens) although the tokenizers are treated as equal; "
+                    "set --data.same_tokenizer false to retokenize the text")
+        else:
+            sequences = self._retokenize(corpus, keep, tokenizer)
+        self.rows = [{"input_ids": list(ids[: hp.max_length])} for ids in sequences
+                     if len(ids[: hp.max_length]) >= 2]
+        if not self.rows:
+            raise SelftrainError(f"--data.corpus {hp.corpus}: no row has 2 or more tokens "
+                                 f"after subset selection (subset={hp.subset}); check the corpus")
+        sampler = self._sampler(rank=0, world_size=1)
+        tokens = int(sampler.lengths.sum())
+        self.stats = {"rows": len(self.rows), "dropped": len(keep) - len(self.rows),
+                      "tokens": tokens, "retokenized": not reuse,
+                      "batches_per_epoch": len(sampler),
+                      "real_token_fraction": round(sampler.real_token_fraction(0), 4)}
+        rank_zero_info(
+            f"CorpusDataModule: {self.stats['rows']:,} rows, {tokens:,} tokens, "
+            f"{'retokenized' if not reuse else 'source ids reused'}, "
+            f"{self.stats['batches_per_epoch']} batches/epoch at batch {hp.batch_size}, "
+            f"real-token fraction {self.stats['real_token_fraction']:.3f}")
+        if self.stats["real_token_fraction"] < hp.min_real_token_fraction:
+            rank_zero_warn(f"real-token fraction {self.stats['real_token_fraction']:.3f} < "
+                           f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
+                           "sort the epoch) to pad less")
+
+    def _select_subset(self, corpus: Corpus) -> list[int]:
+        hp = self.hparams
+        rows = range(len(corpus))
+        if hp.subset is None:
+            return list(rows)
+        column = corpus.columns.get("subset")
+        stored_k = (corpus.manifest or {}).get("num_subsets")
+        if hp.num_subsets is None or (column is not None and hp.num_subsets == stored_k):
+            if column is None:
+                raise SelftrainError(f"--data.subset {hp.subset}: {hp.corpus} has no 'subset' "
+                                     "column; also set --data.num_subsets K")
+            keep = [i for i in rows if column[i] == hp.subset]
+        else:
+            keep = [i for i in rows if i % hp.num_subsets == hp.subset]
+        if not keep:
+            raise SelftrainError(f"--data.subset {hp.subset}: no rows of {hp.corpus} are in "
+                                 "that subset; pick a subset the corpus has")
+        return keep
+
+    def _reuse_ids(self, corpus: Corpus, tokenizer) -> bool:
+        if "input_ids" not in corpus.columns:
+            if self.hparams.same_tokenizer:
+                raise SelftrainError(f"--data.same_tokenizer true but {self.hparams.corpus} has "
+                                     "no input_ids column; leave it unset to tokenize the text")
+            return False
+        if self.hparams.same_tokenizer is not None:
+            return bool(self.hparams.same_tokenizer)
+        stored = ((corpus.manifest or {}).get("tokenizer") or {}).get("fingerprint")
+        return stored is not None and stored == tokenizer_fingerprint(tokenizer)
+
+    def _retokenize(self, corpus: Corpus, keep: list[int], tokenizer) -> list[list[int]]:
+        if "text" not in corpus.columns:
+            raise SelftrainError(f"--data.corpus {self.hparams.corpus}: its ids come from "
+                                 "another tokenizer and it has no 'text' column to retokenize")
+        bos_id, _ = resolve_bos_id(tokenizer, None, self.hparams.bos_token_id)
+        texts = [corpus.columns["text"][i] or "" for i in keep]
+        finished = corpus.columns.get("finished")
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        eos = tokenizer.eos_token_id
+        return [[bos_id, *ids, *([eos] if finished and finished[i] and eos is not None else [])]
+                for i, ids in zip(keep, encoded, strict=True)]
+
+    def _sampler(self, rank: int, world_size: int) -> LengthGroupedBatchSampler:
+        hp = self.hparams
+        return LengthGroupedBatchSampler(
+            [len(row["input_ids"]) for row in self.rows], batch_size=hp.batch_size,
+            seed=hp.seed, shuffle=hp.shuffle, group_batches=hp.group_batches, rank=rank,
+            world_size=world_size)
+
+    def _progress(self) -> tuple[int, int] | None:
+        """(epoch, batches finished in it) from the attached trainer's loops."""
+        if self.trainer is None:
+            return None
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The training loader: this rank's share of each epoch's length-grouped plan."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = self._sampler(rank, world)
+        if len(sampler) == 0:
+            raise SelftrainError(f"--data.corpus {self.hparams.corpus}: {len(self.rows)} rows "
+                                 f"give no full step on {world} processes at batch "
+                                 f"{self.hparams.batch_size}; lower --data.batch_size")
+        pad_id = self._tokenizer.pad_token_id
+        pad_id = pad_id if pad_id is not None else (self._tokenizer.eos_token_id or 0)
+        multiple = self.hparams.pad_to_multiple_of
+        return ResumableDataLoader(
+            self.rows, batch_sampler=sampler, progress=self._progress,
+            collate_fn=partial(pad_collate, pad_id=pad_id, pad_to_multiple_of=multiple),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0)

@@ -1,0 +1,12 @@
+"""The one exception type that the CLI turns into a single clear line and a non-zero exit.
+
+Raise :class:`SelftrainError` for anything the user can fix (a flag, a file, a config key);
+the message must name the flag or file and say what to do. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SelftrainError(ValueError):
+    """A user-fixable problem: bad flag, missing file, incompatible inputs."""

