@@ -7,9 +7,10 @@ inside a group, split into batches, and the batch order shuffled again. The plan
 every rank; rank r takes batches r, r + W, r + 2W, ... of it, so DDP needs no sampler of
 Lightning's and every rank has the same number of steps.
 
-The loader is resumable: Lightning stores its ``state_dict`` in every checkpoint, and a run
-resumed from a mid-epoch checkpoint skips the batches it already trained on, so it ends at
-the same global step as an uninterrupted run.
+Resuming mid-epoch: the sampler asks a ``position`` callable for (epoch, batches to skip)
+when iteration actually starts (the first ``next``), not when the iterator is created. Lightning
+creates the training iterator before it restores a checkpoint, so only a lazy read sees the
+restored epoch and position; :class:`selftrain.data.CorpusDataModule` supplies both.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -34,11 +35,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             less. 0 sorts the whole epoch by length.
         rank: this process's rank.
         world_size: number of processes sharing the epoch.
+        position: called when iteration starts; returns (epoch, batches of this rank's share
+            to skip). None uses :meth:`set_epoch` and skips nothing.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0,
                  shuffle: bool = True, group_batches: int = 64, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1,
+                 position: Callable[[], tuple[int, int]] | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -48,8 +52,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.group_batches = group_batches
         self.rank = rank
         self.world_size = world_size
+        self.position = position
         self.epoch = 0
-        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose plan ``__iter__`` yields."""
@@ -86,52 +90,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return full // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
+        skip = 0
+        if self.position is not None:
+            self.epoch, skip = self.position()
         plan = self.global_plan()[self.rank::self.world_size]
-        skip, self.skip_batches = self.skip_batches, 0
         for batch in plan[skip:]:
             yield batch.tolist()
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that knows the trainer's epoch and whose position survives a checkpoint.
-
-    Lightning calls ``set_epoch`` only on a batch sampler's inner ``sampler``, so the epoch is
-    read from ``progress`` when iteration starts instead.
-
-    Args:
-        dataset: the rows.
-        batch_sampler: a :class:`LengthGroupedBatchSampler`.
-        progress: returns ``(epoch, batches finished in it)`` from the trainer, or None when
-            used without one (then call ``batch_sampler.set_epoch`` yourself).
-        **kwargs: passed to :class:`torch.utils.data.DataLoader`.
-    """
-
-    def __init__(self, dataset: Dataset, batch_sampler: LengthGroupedBatchSampler,
-                 progress: Callable[[], tuple[int, int] | None], **kwargs: Any) -> None:
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self._progress = progress
-        self._resume: dict[str, int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch being iterated and how many of its batches the trainer has finished."""
-        progress = self._progress()
-        done = progress[1] if progress is not None else 0
-        return {"epoch": self.batch_sampler.epoch, "batches_done": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Remember where to resume; applied when the same epoch is iterated next."""
-        self._resume = dict(state)
-
-    def __iter__(self):
-        sampler = self.batch_sampler
-        progress = self._progress()
-        if progress is not None:
-            sampler.set_epoch(progress[0])
-        if self._resume is not None:
-            if self._resume["epoch"] == sampler.epoch:
-                sampler.skip_batches = self._resume["batches_done"]
-            self._resume = None
-        return super().__iter__()
 
 
 def pad_collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1

@@ -9,17 +9,26 @@ student's tokenizer and prepends the student's BOS id. Batching is in
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
 
-from selftrain.batching import LengthGroupedBatchSampler, ResumableDataLoader, pad_collate
+from selftrain.batching import LengthGroupedBatchSampler, pad_collate
 from selftrain.corpus import Corpus, read_corpus
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer, resolve_bos_id, tokenizer_fingerprint
+
+# Without --data.eval_corpus, val_dataloader returns no loaders, which is how Lightning is told
+# to skip validation; its warning about that says nothing the user needs to act on.
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+# The position inside an epoch is checkpointed by the DataModule (state_dict below), not by
+# the DataLoader, so Lightning's "dataloader is not resumable" warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class CorpusDataModule(L.LightningDataModule):
@@ -44,6 +53,8 @@ class CorpusDataModule(L.LightningDataModule):
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPUs).
         num_workers: DataLoader workers (rows are pre-tokenized; 0 is usually enough).
         min_real_token_fraction: warn when padding makes the real-token share fall below.
+        eval_corpus: held-out corpus (same formats) for ``selftrain validate`` / ``test`` and
+            the per-epoch ``val/loss`` during ``fit``; None trains without one.
     """
 
     def __init__(
@@ -62,6 +73,7 @@ class CorpusDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 1,
         num_workers: int = 0,
         min_real_token_fraction: float = 0.95,
+        eval_corpus: str | None = None,
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -77,8 +89,13 @@ class CorpusDataModule(L.LightningDataModule):
         if not Path(corpus).exists():
             raise SelftrainError(f"--data.corpus {corpus}: no such file or directory; run "
                                  "`selftrain generate --out DIR` first or fix the path")
+        if eval_corpus is not None and not Path(eval_corpus).exists():
+            raise SelftrainError(f"--data.eval_corpus {eval_corpus}: no such file or directory")
         self.save_hyperparameters()
         self.rows: list[dict[str, Any]] = []
+        self.eval_rows: list[dict[str, Any]] = []
+        self._train_sampler: LengthGroupedBatchSampler | None = None
+        self._resume: dict[str, int] | None = None
         self.stats: dict[str, Any] = {}
         self._tokenizer = None
 
@@ -95,29 +112,14 @@ class CorpusDataModule(L.LightningDataModule):
         if self.rows:
             return
         hp = self.hparams
-        corpus = read_corpus(hp.corpus, flag="--data.corpus")
-        tokenizer = self._tokenizer = load_tokenizer(hp.tokenizer)
-        keep = self._select_subset(corpus)
-        reuse = self._reuse_ids(corpus, tokenizer)
-        if reuse:
-            sequences = [corpus.columns["input_ids"][i] for i in keep]
-            vocab = len(tokenizer)
-            worst = max((max(ids) for ids in sequences if ids), default=-1)
-            if worst >= vocab:
-                raise SelftrainError(
-                    f"--data.corpus {hp.corpus}: token id {worst} is outside the student's "
-                    f"vocabulary ({vocab} tokens) although the tokenizers are treated as equal; "
-                    "set --data.same_tokenizer false to retokenize the text")
-        else:
-            sequences = self._retokenize(corpus, keep, tokenizer)
-        self.rows = [{"input_ids": list(ids[: hp.max_length])} for ids in sequences
-                     if len(ids[: hp.max_length]) >= 2]
-        if not self.rows:
-            raise SelftrainError(f"--data.corpus {hp.corpus}: no row has 2 or more tokens "
-                                 f"after subset selection (subset={hp.subset}); check the corpus")
+        self._tokenizer = load_tokenizer(hp.tokenizer)
+        self.rows, reuse, selected = self._prepare(hp.corpus, "--data.corpus", use_subset=True)
+        if hp.eval_corpus is not None:
+            self.eval_rows, _, _ = self._prepare(hp.eval_corpus, "--data.eval_corpus",
+                                                 use_subset=False)
         sampler = self._sampler(rank=0, world_size=1)
         tokens = int(sampler.lengths.sum())
-        self.stats = {"rows": len(self.rows), "dropped": len(keep) - len(self.rows),
+        self.stats = {"rows": len(self.rows), "dropped": selected - len(self.rows),
                       "tokens": tokens, "retokenized": not reuse,
                       "batches_per_epoch": len(sampler),
                       "real_token_fraction": round(sampler.real_token_fraction(0), 4)}
@@ -130,6 +132,32 @@ class CorpusDataModule(L.LightningDataModule):
             rank_zero_warn(f"real-token fraction {self.stats['real_token_fraction']:.3f} < "
                            f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
                            "sort the epoch) to pad less")
+
+    def _prepare(self, path: str, flag: str, use_subset: bool
+                 ) -> tuple[list[dict[str, Any]], bool, int]:
+        """Rows of one corpus for the student: (rows, source ids reused, rows selected)."""
+        hp = self.hparams
+        corpus = read_corpus(path, flag=flag)
+        tokenizer = self._tokenizer
+        keep = self._select_subset(corpus) if use_subset else list(range(len(corpus)))
+        reuse = self._reuse_ids(corpus, tokenizer, path, flag)
+        if reuse:
+            sequences = [corpus.columns["input_ids"][i] for i in keep]
+            vocab = len(tokenizer)
+            worst = max((max(ids) for ids in sequences if ids), default=-1)
+            if worst >= vocab:
+                raise SelftrainError(
+                    f"{flag} {path}: token id {worst} is outside the student's "
+                    f"vocabulary ({vocab} tokens) although the tokenizers are treated as equal; "
+                    "set --data.same_tokenizer false to retokenize the text")
+        else:
+            sequences = self._retokenize(corpus, keep, tokenizer, path, flag)
+        rows = [{"input_ids": list(ids[: hp.max_length])} for ids in sequences
+                if len(ids[: hp.max_length]) >= 2]
+        if not rows:
+            raise SelftrainError(f"{flag} {path}: no row has 2 or more tokens after subset "
+                                 f"selection (subset={hp.subset}); check the corpus")
+        return rows, reuse, len(keep)
 
     def _select_subset(self, corpus: Corpus) -> list[int]:
         hp = self.hparams
@@ -150,10 +178,10 @@ class CorpusDataModule(L.LightningDataModule):
                                  "that subset; pick a subset the corpus has")
         return keep
 
-    def _reuse_ids(self, corpus: Corpus, tokenizer) -> bool:
+    def _reuse_ids(self, corpus: Corpus, tokenizer, path: str, flag: str) -> bool:
         if "input_ids" not in corpus.columns:
             if self.hparams.same_tokenizer:
-                raise SelftrainError(f"--data.same_tokenizer true but {self.hparams.corpus} has "
+                raise SelftrainError(f"--data.same_tokenizer true but {flag} {path} has "
                                      "no input_ids column; leave it unset to tokenize the text")
             return False
         if self.hparams.same_tokenizer is not None:
@@ -161,9 +189,10 @@ class CorpusDataModule(L.LightningDataModule):
         stored = ((corpus.manifest or {}).get("tokenizer") or {}).get("fingerprint")
         return stored is not None and stored == tokenizer_fingerprint(tokenizer)
 
-    def _retokenize(self, corpus: Corpus, keep: list[int], tokenizer) -> list[list[int]]:
+    def _retokenize(self, corpus: Corpus, keep: list[int], tokenizer, path: str, flag: str
+                    ) -> list[list[int]]:
         if "text" not in corpus.columns:
-            raise SelftrainError(f"--data.corpus {self.hparams.corpus}: its ids come from "
+            raise SelftrainError(f"{flag} {path}: its ids come from "
                                  "another tokenizer and it has no 'text' column to retokenize")
         bos_id, _ = resolve_bos_id(tokenizer, None, self.hparams.bos_token_id)
         texts = [corpus.columns["text"][i] or "" for i in keep]
@@ -173,34 +202,66 @@ class CorpusDataModule(L.LightningDataModule):
         return [[bos_id, *ids, *([eos] if finished and finished[i] and eos is not None else [])]
                 for i, ids in zip(keep, encoded, strict=True)]
 
-    def _sampler(self, rank: int, world_size: int) -> LengthGroupedBatchSampler:
+    def _sampler(self, rank: int, world_size: int, rows: list[dict[str, Any]] | None = None,
+                 shuffle: bool | None = None, position=None) -> LengthGroupedBatchSampler:
         hp = self.hparams
+        rows = self.rows if rows is None else rows
         return LengthGroupedBatchSampler(
-            [len(row["input_ids"]) for row in self.rows], batch_size=hp.batch_size,
-            seed=hp.seed, shuffle=hp.shuffle, group_batches=hp.group_batches, rank=rank,
-            world_size=world_size)
+            [len(row["input_ids"]) for row in rows], batch_size=hp.batch_size,
+            seed=hp.seed, shuffle=hp.shuffle if shuffle is None else shuffle,
+            group_batches=hp.group_batches, rank=rank, world_size=world_size,
+            position=position)
 
-    def _progress(self) -> tuple[int, int] | None:
-        """(epoch, batches finished in it) from the attached trainer's loops."""
-        if self.trainer is None:
-            return None
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+    def _collate(self):
+        pad_id = self._tokenizer.pad_token_id
+        pad_id = pad_id if pad_id is not None else (self._tokenizer.eos_token_id or 0)
+        return partial(pad_collate, pad_id=pad_id,
+                       pad_to_multiple_of=self.hparams.pad_to_multiple_of)
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches to skip) when a training pass starts; skips once after a resume."""
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0
+        resume, self._resume = self._resume, None
+        skip = resume["batches_done"] if resume and resume["epoch"] == epoch else 0
+        return epoch, skip
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the epoch being trained and batches finished in it."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self._train_sampler.epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore the position; the next pass over that epoch skips what was trained."""
+        self._resume = dict(state_dict) if state_dict else None
+
+    def train_dataloader(self) -> DataLoader:
         """The training loader: this rank's share of each epoch's length-grouped plan."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = self._sampler(rank, world)
+        sampler = self._sampler(rank, world, position=self._position)
         if len(sampler) == 0:
             raise SelftrainError(f"--data.corpus {self.hparams.corpus}: {len(self.rows)} rows "
                                  f"give no full step on {world} processes at batch "
                                  f"{self.hparams.batch_size}; lower --data.batch_size")
-        pad_id = self._tokenizer.pad_token_id
-        pad_id = pad_id if pad_id is not None else (self._tokenizer.eos_token_id or 0)
-        multiple = self.hparams.pad_to_multiple_of
-        return ResumableDataLoader(
-            self.rows, batch_sampler=sampler, progress=self._progress,
-            collate_fn=partial(pad_collate, pad_id=pad_id, pad_to_multiple_of=multiple),
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0)
+        self._train_sampler = sampler
+        return DataLoader(self.rows, batch_sampler=sampler, collate_fn=self._collate(),
+                          num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out batches (``--data.eval_corpus``), in a fixed order, split over ranks."""
+        if not self.eval_rows:
+            return []
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = self._sampler(rank, world, rows=self.eval_rows, shuffle=False)
+        return DataLoader(self.eval_rows, batch_sampler=list(sampler),
+                          collate_fn=self._collate())
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Same held-out corpus as validation."""
+        if not self.eval_rows:
+            raise SelftrainError("selftrain test needs --data.eval_corpus (a held-out corpus)")
+        return self.val_dataloader()

@@ -114,11 +114,29 @@ class StudentLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  batch_size=size)
         self.log("train/real_token_fraction", batch["attention_mask"].float().mean(),
                  on_step=True, batch_size=size)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._log_eval_loss("val", batch)
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._log_eval_loss("test", batch)
+
+    def _log_eval_loss(self, stage: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token-weighted mean NLL over the held-out corpus (weights survive DDP reduction)."""
+        loss = self._loss(batch)
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=targets, prog_bar=True)
         return loss
 
     @override

@@ -52,8 +52,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "gpt_neox": TinyFamily(GPTNeoXConfig, GPTNeoXForCausalLM, "<|endoftext|>", "<|endoftext|>"),
 }
 
-TINY_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 128, "max_position_embeddings": 512}
+TINY_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512}
 """One shared shrink for every family: small enough for a CPU test, big enough to learn."""
 
 

@@ -1,0 +1,84 @@
+"""`SelftrainCLI`: LightningCLI over StudentLM and CorpusDataModule, with the run layout.
+
+Everything of a run goes under ``--trainer.default_root_dir`` (``runs/default`` unless set):
+``tb/`` (TensorBoard events and the resolved ``config.yaml``), ``checkpoints/`` (``last.ckpt``,
+refreshed every ``--checkpoint.every_n_train_steps`` and at each epoch end) and ``hf/epoch=N``
+(HF exports). Resume a killed run with the same command plus ``--ckpt_path last``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks.run_checkpoint import RunCheckpoint
+from selftrain.data import CorpusDataModule
+from selftrain.errors import SelftrainError
+from selftrain.module import StudentLM
+
+DEFAULT_ROOT = "runs/default"
+
+
+class SelftrainCLI(LightningCLI):
+    """LightningCLI with the student's tokenizer linked into the data and a fixed run layout."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        """Build and (by default) run the CLI.
+
+        Args:
+            args: command-line arguments; None reads ``sys.argv``.
+            run: run the subcommand after instantiating the classes.
+        """
+        super().__init__(
+            StudentLM,
+            CorpusDataModule,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "selftrain"},
+            trainer_defaults={"use_distributed_sampler": False},
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the student's spec into the data and add the checkpoint callback."""
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 0,
+            "checkpoint.every_n_train_steps": 50,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        """Put the TensorBoard logger and checkpoints under the run dir unless configured."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or DEFAULT_ROOT
+        config.trainer.default_root_dir = root
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=root, name="tb", version="",
+                                    default_hp_metric=False))
+        if "checkpoint" in config and config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (the student has nothing to predict)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def before_fit(self) -> None:
+        """Check the corpus against the student's tokenizer before anything is written."""
+        self.datamodule.load()
+
+    def before_validate(self) -> None:
+        """Evaluation needs a held-out corpus; say so before loading anything."""
+        if self.datamodule.hparams.eval_corpus is None:
+            raise SelftrainError(f"selftrain {self.subcommand} needs --data.eval_corpus "
+                                 "(a held-out corpus dir or file)")
+        self.datamodule.load()
+
+    before_test = before_validate

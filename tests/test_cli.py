@@ -1,0 +1,87 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, REPO
+
+SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml"))
+
+
+def selftrain(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, "-m", "selftrain", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"debug.yaml", "smollm2_self.yaml", "qwen_self.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
+def test_every_config_parses_and_documents_itself(config):
+    text = config.read_text()
+    assert text.startswith("#") and "Command:" in text and "Prerequisites:" in text
+    result = selftrain("fit", "--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "model:" in result.stdout and "data:" in result.stdout
+
+
+def test_top_level_help_lists_commands():
+    result = selftrain("--help")
+    assert result.returncode == 0
+    for command in ("fit", "validate", "test", "generate"):
+        assert f"  {command}" in result.stdout
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["fit", "--help"], "--model.model"),
+    (["fit", "--help"], "--data.same_tokenizer"),
+    (["generate", "--help"], "--temperature"),
+])
+def test_subcommand_help_documents_flags(command, expected):
+    result = selftrain(*command)
+    assert result.returncode == 0
+    assert expected in result.stdout
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS / "debug.yaml").read_text() + "\nmodel_typo: 1\n")
+    result = selftrain("fit", "--config", str(bad), "--trainer.default_root_dir",
+                       str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "model_typo" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--data.corpus", "/nonexistent/corpus"], "--data.corpus /nonexistent/corpus"),
+    (["--data.max_length", "1"], "--data.max_length 1"),
+    (["--model.model", "tiny:nope"], "--model.model 'tiny:nope'"),
+    (["--data.same_tokenizer", "true", "--data.corpus", "LLAMA"], "outside the student's"),
+])
+def test_bad_fit_input_is_one_line_and_writes_nothing(tmp_path, llama_corpus, flags, fragment):
+    flags = [str(llama_corpus) if f == "LLAMA" else f for f in flags]
+    run = tmp_path / "run"
+    result = selftrain("fit", "--config", str(CONFIGS / "debug.yaml"),
+                       "--trainer.default_root_dir", str(run), *flags)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("selftrain: error")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not run.exists()
+
+
+def test_generate_bad_flag_is_one_line(tmp_path):
+    result = selftrain("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "c"),
+                       "--temperature", "-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("selftrain: error: --temperature")
+    assert not (tmp_path / "c").exists()
+
+
+def test_python_dash_m_and_console_script_agree():
+    script = Path(sys.executable).with_name("selftrain")
+    result = subprocess.run([str(script), "--help"], text=True, capture_output=True)
+    assert result.returncode == 0 and result.stdout == selftrain("--help").stdout

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+from conftest import write_text_corpus
+
+from selftrain.corpus import read_corpus
+from selftrain.data import CorpusDataModule
+from selftrain.errors import SelftrainError
+from selftrain.models import load_tokenizer
+
+
+def setup_dm(corpus, **kwargs):
+    dm = CorpusDataModule(corpus=str(corpus), **{"tokenizer": "tiny:qwen2", **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+def test_same_tokenizer_reuses_source_ids(qwen_corpus):
+    dm = setup_dm(qwen_corpus, max_length=1000)
+    assert dm.stats["retokenized"] is False
+    stored = read_corpus(qwen_corpus).columns["input_ids"]
+    assert sorted(r["input_ids"] for r in dm.rows) == sorted(stored)
+
+
+def test_other_tokenizer_retokenizes_with_student_bos(llama_corpus):
+    dm = setup_dm(llama_corpus, max_length=1000)  # llama corpus, qwen2 student
+    student = load_tokenizer("tiny:qwen2")
+    assert dm.stats["retokenized"] is True
+    assert all(r["input_ids"][0] == student.eos_token_id for r in dm.rows)  # Qwen2 BOS = EOS
+    texts = read_corpus(llama_corpus).columns["text"]
+    first = dm.rows[0]["input_ids"]
+    body = first[1:-1] if first[-1] == student.eos_token_id and len(first) > 1 else first[1:]
+    assert student.decode(body) in texts
+
+
+def test_declared_equal_tokenizers_with_foreign_ids_fail_clearly(llama_corpus):
+    # the llama corpus holds its BOS id 256 and EOS 257: 257 is outside qwen2's 257 tokens
+    with pytest.raises(SelftrainError, match="outside the student's vocabulary") as error:
+        setup_dm(llama_corpus, same_tokenizer=True)
+    assert "--data.same_tokenizer false" in str(error.value)
+
+
+def test_subsets_are_disjoint_and_complete(qwen_corpus):
+    a = setup_dm(qwen_corpus, subset=0, max_length=1000)
+    b = setup_dm(qwen_corpus, subset=1, max_length=1000)
+    assert a.stats["rows"] + b.stats["rows"] == 48
+    assert not {tuple(r["input_ids"]) for r in a.rows} & {tuple(r["input_ids"]) for r in b.rows}
+
+
+def test_plain_jsonl_and_txt(tmp_path):
+    jsonl = write_text_corpus(tmp_path / "c.jsonl", rows=10)
+    assert setup_dm(jsonl).stats["rows"] == 10
+    txt = tmp_path / "c.txt"
+    txt.write_text("one line of text\n\nanother line\n")
+    assert setup_dm(txt).stats["rows"] == 2
+
+
+def test_max_length_truncates(qwen_corpus):
+    dm = setup_dm(qwen_corpus, max_length=8)
+    assert max(len(r["input_ids"]) for r in dm.rows) == 8
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"max_length": 1}, "--data.max_length"),
+    ({"batch_size": 0}, "--data.batch_size"),
+    ({"corpus": "/nonexistent/corpus"}, "--data.corpus"),
+    ({"subset": 3, "num_subsets": 2}, "--data.subset"),
+])
+def test_bad_arguments_fail_in_init(qwen_corpus, kwargs, fragment):
+    with pytest.raises(SelftrainError, match=fragment):
+        CorpusDataModule(**{"corpus": str(qwen_corpus), **kwargs})
+
+
+def test_empty_or_unfinished_corpus_fails_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SelftrainError, match="no data/\\*.parquet shards"):
+        setup_dm(tmp_path / "empty")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(SelftrainError, match="empty"):
+        setup_dm(tmp_path / "blank.jsonl")
+    (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(SelftrainError, match="'text' or 'input_ids'"):
+        setup_dm(tmp_path / "nocol.jsonl")

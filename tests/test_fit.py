@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+from conftest import CONFIGS, write_text_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selftrain.cli import main
+from selftrain.tb import read_scalars
+from selftrain.trainer_cli import SelftrainCLI
+
+DEBUG = str(CONFIGS / "debug.yaml")
+
+
+def fit(run_dir, *flags):
+    main(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(run_dir),
+          "--trainer.enable_progress_bar", "false", *flags])
+
+
+def test_debug_config_trains_logs_and_exports(run_dir):
+    fit(run_dir)
+    scalars = read_scalars(run_dir / "tb")
+    for tag in ("train/loss", "train/lr", "train/tokens_per_sec", "train/real_token_fraction"):
+        assert tag in scalars, sorted(scalars)
+    steps = [step for step, _ in scalars["train/loss"]]
+    assert steps[-1] == 3 * 24 - 1 and len(steps) == 72  # 3 epochs x 24 batches
+    lrs = [v for _, v in scalars["train/lr"]]
+    assert max(lrs) == pytest.approx(3e-3, rel=1e-3) and lrs[-1] < 0.2 * max(lrs)  # warm + decay
+    fractions = [v for _, v in scalars["train/real_token_fraction"]]
+    assert sum(fractions) / len(fractions) > 0.95
+    assert all(v > 0 for _, v in scalars["train/tokens_per_sec"])
+
+    export = run_dir / "hf" / "epoch=3"
+    assert json.loads((export / "selftrain_export.json").read_text())["global_step"] == 72
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.decode(tokenizer("same bytes")["input_ids"]) == "same bytes"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 72
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint["state_dict"][f"model.{name}"]), name
+    assert (run_dir / "tb" / "config.yaml").exists()
+
+
+def test_loss_falls_on_learnable_text(tmp_path):
+    corpus = write_text_corpus(tmp_path / "text.jsonl", rows=64)
+    run = tmp_path / "run"
+    fit(run, "--data.corpus", str(corpus), "--trainer.max_epochs", "4",
+        "--model.export_hf", "never")
+    epochs = [v for _, v in read_scalars(run / "tb")["train/loss_epoch"]]
+    assert len(epochs) == 4
+    assert epochs[-1] < 0.6 * epochs[0], epochs
+    assert not (run / "hf").exists()
+
+
+def test_eval_corpus_gives_val_loss_and_validate_runs(tmp_path, qwen_corpus):
+    run = tmp_path / "run"
+    fit(run, "--trainer.max_epochs", "1", "--data.eval_corpus", str(qwen_corpus))
+    assert "val/loss" in read_scalars(run / "tb")
+    main(["validate", "--config", DEBUG, "--trainer.default_root_dir", str(run),
+          "--data.eval_corpus", str(qwen_corpus), "--ckpt_path", str(run / "checkpoints" /
+                                                                        "last.ckpt")])
+
+
+
+
+def _cli(run_dir, *flags):
+    return SelftrainCLI(args=["--config", DEBUG, "--trainer.default_root_dir", str(run_dir),
+                              "--trainer.enable_progress_bar", "false",
+                              "--checkpoint.every_n_train_steps", "10", *flags], run=False)
+
+
+def test_mid_epoch_checkpoint_resumes_to_the_same_step_and_weights(tmp_path):
+    from lightning.pytorch import Callback
+
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 15:
+                raise RuntimeError("simulated crash")
+
+    reference = _cli(tmp_path / "ref", "--trainer.max_epochs", "2")
+    reference.trainer.fit(reference.model, reference.datamodule)
+
+    crashed = _cli(tmp_path / "run", "--trainer.max_epochs", "2")
+    crashed.trainer.callbacks.append(Crash())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.trainer.fit(crashed.model, crashed.datamodule)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 10  # mid-epoch: 10 of 24 batches
+    assert state["CorpusDataModule"] == {"epoch": 0, "batches_done": 10}
+
+    resumed = _cli(tmp_path / "run", "--trainer.max_epochs", "2")
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path="last")
+    assert resumed.trainer.global_step == reference.trainer.global_step == 48
+    for (name, a), b in zip(reference.model.model.state_dict().items(),
+                            resumed.model.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
