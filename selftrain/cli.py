@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     argv_from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    package_log = logging.getLogger("selftrain")
+    if not package_log.handlers:  # Lightning has its own handler; the root logger stays quiet
+        package_log.addHandler(logging.StreamHandler())
+        package_log.setLevel(logging.INFO)
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print_help()

@@ -41,6 +41,14 @@ def test_debug_config_trains_logs_and_exports(run_dir):
         assert torch.equal(tensor, checkpoint["state_dict"][f"model.{name}"]), name
     assert (run_dir / "tb" / "config.yaml").exists()
 
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(export), device="cpu", batch_size=2)  # lm-eval's `--model hf`
+    request = Instance(request_type="loglikelihood", doc={}, arguments=("the cat", " sat"), idx=0)
+    [(logprob, _)] = lm.loglikelihood([request])
+    assert logprob < 0
+
 
 def test_loss_falls_on_learnable_text(tmp_path):
     corpus = write_text_corpus(tmp_path / "text.jsonl", rows=64)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 from transformers import AutoModelForCausalLM
 
-from conftest import CONFIGS, REPO
 from selftrain.corpus import read_corpus
 from selftrain.tb import read_scalars
 
