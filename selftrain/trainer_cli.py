@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.run_checkpoint import RunCheckpoint
+from selftrain.checkpoint_io import AtomicCheckpointIO
 from selftrain.data import CorpusDataModule
 from selftrain.errors import SelftrainError
 from selftrain.module import StudentLM
@@ -69,6 +72,13 @@ class SelftrainCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and test (the student has nothing to predict)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The Trainer, with atomic local checkpoint writes unless a plugin already sets them."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_fit(self) -> None:
         """Check the corpus against the student's tokenizer before anything is written."""

@@ -103,3 +103,28 @@ def test_mid_epoch_checkpoint_resumes_to_the_same_step_and_weights(tmp_path):
     for (name, a), b in zip(reference.model.model.state_dict().items(),
                             resumed.model.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    from selftrain.checkpoint_io import AtomicCheckpointIO
+
+    cli = _cli(tmp_path / "run", "--trainer.max_epochs", "1")
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+    with pytest.raises(Exception):  # a save that dies half-way (here: unpicklable state)
+        io.save_checkpoint({"step": 2, "bad": lambda: None}, target)
+    assert torch.load(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("flags", [
+    ["--model.gradient_checkpointing", "true", "--model.attn_implementation", "eager"],
+    ["--model.schedule", "constant", "--model.warmup_ratio", "0"],
+])
+def test_student_options_train(run_dir, flags):
+    fit(run_dir, "--trainer.max_epochs", "1", "--model.export_hf", "never", *flags)
+    scalars = read_scalars(run_dir / "tb")
+    assert len(scalars["train/loss"]) == 24
+    if "constant" in flags:
+        assert {round(v, 8) for _, v in scalars["train/lr"]} == {3e-3}
