@@ -104,7 +104,7 @@ def generate(
             bar.set_postfix(tok_s=f"{counts['tokens'] / (time.perf_counter() - start):.0f}")
         elapsed = time.perf_counter() - start
         manifest = {
-            "source": {"model": model, "revision": model_revision(model),
+            "source": {"model": model, "revision": model_revision(model, source.config),
                        "family": source.config.model_type},
             "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
                           "fingerprint": tokenizer_fingerprint(tokenizer)},

@@ -228,8 +228,13 @@ def load_model(
                              "(offline? give a local HF dir or pre-download it)") from None
 
 
-def model_revision(spec: str) -> str | None:
-    """A resolved revision for provenance: hub commit, GGUF sha256, or the tiny seed."""
+def model_revision(spec: str, config) -> str | None:
+    """A resolved revision for provenance: hub commit, GGUF sha256, or the tiny seed.
+
+    Args:
+        spec: the model spec the model was loaded from.
+        config: the loaded model's config (hub loads carry their commit hash on it).
+    """
     parsed = parse_model_spec(spec)
     if parsed.kind == "tiny":
         return f"tiny:{parsed.name}@seed{TINY_SEED}"
@@ -238,14 +243,10 @@ def model_revision(spec: str) -> str | None:
         return f"sha256:{source['sha256']}"
     local = Path(parsed.name)
     if local.is_dir():
-        config = local / "config.json"
-        return f"local-config-sha256:{_sha256(config)[:16]}" if config.exists() else None
-    try:
-        from transformers import AutoConfig
-
-        return getattr(AutoConfig.from_pretrained(parsed.name), "_commit_hash", None)
-    except OSError:
-        return None
+        config_file = local / "config.json"
+        return (f"local-config-sha256:{_sha256(config_file)[:16]}" if config_file.exists()
+                else None)
+    return getattr(config, "_commit_hash", None)
 
 
 def resolve_bos_id(tokenizer, config=None, override: int | None = None) -> tuple[int, str]:
@@ -286,8 +287,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return None if dtype == "auto" else dtype
+    """A torch dtype from a flag value; None (and ``"auto"``) means the loader's default."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
