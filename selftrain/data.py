@@ -98,6 +98,7 @@ class CorpusDataModule(L.LightningDataModule):
         self._resume: dict[str, int] | None = None
         self.stats: dict[str, Any] = {}
         self._tokenizer = None
+        self._fingerprint: str | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning hook: :meth:`load` (a no-op when the CLI already loaded the corpus)."""
@@ -187,7 +188,11 @@ class CorpusDataModule(L.LightningDataModule):
         if self.hparams.same_tokenizer is not None:
             return bool(self.hparams.same_tokenizer)
         stored = ((corpus.manifest or {}).get("tokenizer") or {}).get("fingerprint")
-        return stored is not None and stored == tokenizer_fingerprint(tokenizer)
+        if stored is None:
+            return False
+        if self._fingerprint is None:  # once per run, not once per corpus
+            self._fingerprint = tokenizer_fingerprint(tokenizer)
+        return stored == self._fingerprint
 
     def _retokenize(self, corpus: Corpus, keep: list[int], tokenizer, path: str, flag: str
                     ) -> list[list[int]]:
@@ -211,6 +216,11 @@ class CorpusDataModule(L.LightningDataModule):
             seed=hp.seed, shuffle=hp.shuffle if shuffle is None else shuffle,
             group_batches=hp.group_batches, rank=rank, world_size=world_size,
             position=position)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the world size; (0, 1) without a trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
     def _collate(self):
         pad_id = self._tokenizer.pad_token_id
@@ -238,8 +248,7 @@ class CorpusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """The training loader: this rank's share of each epoch's length-grouped plan."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        rank, world = self._rank_and_world()
         sampler = self._sampler(rank, world, position=self._position)
         if len(sampler) == 0:
             raise SelftrainError(f"--data.corpus {self.hparams.corpus}: {len(self.rows)} rows "
@@ -254,8 +263,7 @@ class CorpusDataModule(L.LightningDataModule):
         """Held-out batches (``--data.eval_corpus``), in a fixed order, split over ranks."""
         if not self.eval_rows:
             return []
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        rank, world = self._rank_and_world()
         sampler = self._sampler(rank, world, rows=self.eval_rows, shuffle=False)
         return DataLoader(self.eval_rows, batch_sampler=list(sampler),
                           collate_fn=self._collate())
