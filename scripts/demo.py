@@ -11,11 +11,14 @@ Flags: ``--out DIR`` (default runs/demo), ``--num_samples``, ``--max_new_tokens`
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from selftrain.tb import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,11 +50,6 @@ def main() -> None:
          "--data.max_length", str(args.max_new_tokens + 1),
          "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false"])
     trained = time.perf_counter()
-
-    sys.path.insert(0, str(REPO))
-    import json
-
-    from selftrain.tb import read_scalars
 
     manifest = json.loads((corpus / "manifest.json").read_text())
     scalars = read_scalars(run_dir / "tb")
