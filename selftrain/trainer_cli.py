@@ -64,9 +64,8 @@ class SelftrainCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=root, name="tb", version="",
                                     default_hp_metric=False))
-        if "checkpoint" in config and config.checkpoint.dirpath is None:
+        if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
