@@ -29,6 +29,8 @@ from selftrain import __version__
 from selftrain.errors import SelftrainError
 
 MANIFEST_NAME = "manifest.json"
+PLAN_NAME = ".in_progress.json"
+"""Present while a resumable writer (``selftrain generate``) is still filling the dir."""
 DATA_DIR = "data"
 FORMAT = "selftrain-corpus/1"
 
@@ -83,6 +85,8 @@ class CorpusWriter:
 
     def __enter__(self) -> CorpusWriter:
         self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise SelftrainError(f"--out {self.out} is a file; give a directory path")
         if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
             raise SelftrainError(f"--out {self.out} already holds files; choose a new dir or "
                                  "pass --overwrite true")
@@ -163,6 +167,9 @@ def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:
             shards = sorted(path.glob("*.parquet"))
         if manifest_path.exists():
             manifest = json.loads(manifest_path.read_text())
+        elif (path / PLAN_NAME).exists():
+            raise SelftrainError(f"{flag} {path}: the corpus is unfinished; rerun the same "
+                                 "`selftrain generate` command to complete it")
         if not shards:
             raise SelftrainError(f"{flag} {path}: no data/*.parquet shards; the corpus is "
                                  "empty or unfinished: regenerate it")

@@ -1,23 +1,32 @@
-"""`selftrain generate`: sample a corpus from a source model's BOS token alone.
+"""`selftrain generate`: sample corpora from a source model's BOS token alone.
 
-No prompt, no chat template, no system text: every row starts as the single resolved BOS id,
-and the source samples at a temperature until EOS or ``max_new_tokens``. The ids go straight
-to the model (never text), so no tokenizer adds a second BOS. The result is a corpus dir
-(see :mod:`selftrain.corpus`) whose manifest records everything needed to sample it again.
+No prompt, no chat template, no system text: every sequence starts as the single resolved BOS
+id and the source samples until EOS or ``--max_new_tokens``. Ids go straight to the model
+(never text), so no tokenizer adds a second BOS. Decoding is :class:`selftrain.sampler.
+BosSampler` (KV cache, finished rows refilled, per-sample seeds), and the output is a corpus dir
+filled shard by shard (:class:`selftrain.shards.ShardedCorpus`): a killed run resumes when the
+same command is run again, and ``torchrun --nproc-per-node P`` splits the shards over P ranks.
+
+Sample i depends only on (model, sampling settings, seed, i), never on the batch size, the
+number of processes or where a run was resumed. A list of temperatures samples one corpus per
+temperature under ``--out`` (``t0.75/``, ``t1.0/``, ...), loading the model once; sample i uses
+the same random stream at every temperature.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
-from selftrain.corpus import CorpusWriter
 from selftrain.errors import SelftrainError
 from selftrain.models import (
     load_model,
@@ -27,8 +36,17 @@ from selftrain.models import (
     resolve_bos_id,
     tokenizer_fingerprint,
 )
+from selftrain.sampler import BosSampler
+from selftrain.shards import ShardedCorpus
 
 log = logging.getLogger(__name__)
+
+SAMPLER_VERSION = "bos-slots/1"
+"""Bump when a change to the sampler changes what a given (seed, id) samples."""
+
+FLAG_KEYS = ("model", "dtype", "sampler", "temperature", "top_p", "top_k", "max_new_tokens",
+             "seed", "num_samples", "num_subsets", "shard_size", "bos_token_id")
+"""Spec keys known from the flags alone (checked before the model loads)."""
 
 
 def generate(
@@ -36,7 +54,7 @@ def generate(
     out: str,
     num_samples: int = 1000,
     max_new_tokens: int = 256,
-    temperature: float = 1.0,
+    temperature: float | list[float] = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
     batch_size: int = 16,
@@ -47,119 +65,198 @@ def generate(
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
-) -> Path:
-    """Sample a corpus from the BOS token of a source model.
+) -> list[Path]:
+    """Sample a corpus (one per temperature) from the BOS token of a source model.
+
+    Rerunning the same command resumes an interrupted run; under ``torchrun`` each rank samples
+    its own shards and rank 0 writes the manifest at the end.
 
     Args:
         model: source model spec: hub id, local HF dir, embedded:smollm2-135m or tiny:<family>.
-        out: corpus directory to write (manifest.json + data/*.parquet).
-        num_samples: number of sequences to sample.
+        out: corpus dir to write; with a list of temperatures, the parent of one dir each.
+        num_samples: sequences to sample (per temperature).
         max_new_tokens: length cap per sequence, BOS not counted.
-        temperature: sampling temperature (> 0); 1.0 samples the model's own distribution.
+        temperature: sampling temperature (> 0), or a list such as [0.75, 1.0, 1.25].
         top_p: nucleus mass; 1.0 turns it off (pure sampling at the temperature).
         top_k: keep the k most likely tokens; 0 turns it off.
-        batch_size: sequences sampled together.
-        seed: base seed; batch b is sampled with seed (seed, first id of b).
+        batch_size: rows decoded together; finished rows are refilled at once.
+        seed: base seed; sample i draws its randomness from (seed, i) alone.
         num_subsets: K disjoint subsets (row i gets subset i mod K), one student per subset.
-        shard_size: rows per parquet shard.
+        shard_size: rows per parquet shard, the unit of resuming and of splitting over ranks.
         bos_token_id: override the resolved BOS id.
         dtype: float32, bfloat16 or float16 for the source's weights.
-        device: "auto" (CUDA if available), "cpu" or "cuda[:N]".
-        overwrite: replace an existing corpus at --out.
+        device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
+        overwrite: replace an existing corpus sampled with other settings.
 
     Returns:
-        The corpus directory.
+        The corpus directories, one per temperature.
     """
-    _validate(model, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
-              num_subsets, shard_size)
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    temperatures = temperature if isinstance(temperature, list) else [temperature]
+    _validate(model, num_samples, max_new_tokens, temperatures, top_p, top_k, batch_size,
+              num_subsets, shard_size, bos_token_id)
+    flags = {"model": model, "dtype": dtype, "sampler": SAMPLER_VERSION, "top_p": top_p,
+             "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
+             "num_samples": num_samples, "num_subsets": num_subsets, "shard_size": shard_size,
+             "bos_token_id": bos_token_id}
+    targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
+               for t in temperatures}
+    for t, target in targets.items():  # refuse before loading anything
+        ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
+            overwrite, compare=FLAG_KEYS)
+
+    rank, world = _init_distributed()
+    target_device = _device(device)
     tokenizer = load_tokenizer(model)
-    source = load_model(model, dtype=dtype).to(target).eval()
+    source = load_model(model, dtype=dtype).to(target_device).eval()
     bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (
         source.config.eos_token_id)
-    # Embedding matrices are often padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665
-    # tokens); ids in the padding are not text and must never be sampled.
-    unused_ids = list(range(len(tokenizer), source.get_output_embeddings().weight.shape[0]))
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                              pad_token_id=eos_id if eos_id is not None else 0, bos_token_id=bos_id,
-                              suppress_tokens=unused_ids or None)
-    log.info("sampling %d sequences from %s (bos id %d from %s)", num_samples, model, bos_id,
-             bos_source)
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    resolved = {"revision": model_revision(model, source.config),
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "resolved_bos_token_id": bos_id, "eos_token_id": eos_id}
+    description = {
+        "kind": "synthetic",
+        "source": {"model": model, "revision": resolved["revision"],
+                   "family": source.config.model_type},
+        "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+                      "fingerprint": resolved["tokenizer_fingerprint"]},
+        "bos_token_id": bos_id, "bos_source": bos_source, "eos_token_id": eos_id,
+        "seed": seed, "num_subsets": num_subsets, "decontamination": None,
+    }
+    written = []
+    for t, target in targets.items():
+        corpus = ShardedCorpus(target, {**flags, "temperature": t, **resolved}, num_samples,
+                               shard_size)
+        sampler = BosSampler(source, bos_id, eos_id, vocab_size=len(tokenizer), temperature=t,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                             top_k=top_k, top_p=top_p)
+        manifest = {**description,
+                    "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
+                                 "max_new_tokens": max_new_tokens, "dtype": dtype,
+                                 "sampler": SAMPLER_VERSION}}
+        path = _sample_corpus(corpus, sampler, tokenizer, manifest, model, overwrite, rank,
+                              world)
+        if path is not None:
+            written.append(path)
+    return written
 
-    counts = {"finished": 0, "tokens": 0}
+
+def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manifest: dict,
+                   source_name: str, overwrite: bool, rank: int, world: int) -> Path | None:
+    """Fill the missing shards this rank owns, then (rank 0) write the manifest."""
+    action = corpus.check(overwrite)
+    if action == "done":
+        log.info("%s is already complete with these settings; nothing to do", corpus.out)
+        return corpus.out
+    if rank == 0:
+        corpus.start(replace=action == "replace")
+    _barrier(world)
+    missing = corpus.missing_shards()
+    _barrier(world)  # every rank has listed the dir before anyone writes to it
+    mine = missing[rank::world]
+    if action == "resume" and rank == 0:
+        log.info("resuming %s: %d of %d shards already written", corpus.out,
+                 corpus.num_shards - len(missing), corpus.num_shards)
+
+    ids = [i for k in mine for i in corpus.shard_ids(k)]
+    shard_of = {k: corpus.shard_ids(k) for k in mine}
+    pending: dict[int, list[dict[str, Any]]] = {k: [] for k in mine}
+    num_subsets = manifest["num_subsets"]
+    tokens = 0
     start = time.perf_counter()
-    with CorpusWriter(Path(out), shard_size=shard_size, overwrite=overwrite) as writer, \
-            tqdm(total=num_samples, unit="sample", desc="generate", dynamic_ncols=True) as bar:
-        for first in range(0, num_samples, batch_size):
-            rows = _sample_batch(source, tokenizer, config, bos_id, eos_id, target,
-                                 ids=range(first, min(first + batch_size, num_samples)),
-                                 seed=seed, num_subsets=num_subsets, source_name=model)
-            writer.add(rows)
-            counts["finished"] += sum(row["finished"] for row in rows)
-            counts["tokens"] += sum(row["num_tokens"] for row in rows)
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{counts['tokens'] / (time.perf_counter() - start):.0f}")
-        elapsed = time.perf_counter() - start
-        manifest = {
-            "source": {"model": model, "revision": model_revision(model, source.config),
-                       "family": source.config.model_type},
-            "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
-                          "fingerprint": tokenizer_fingerprint(tokenizer)},
-            "bos_token_id": bos_id, "bos_source": bos_source, "eos_token_id": eos_id,
-            "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                         "dtype": dtype},
-            "seed": seed, "num_subsets": num_subsets,
-            "counts": {"requested": num_samples, **counts},
-            "decontamination": None,
-            "timing": {"seconds": round(elapsed, 2),
-                       "tokens_per_sec": round(counts["tokens"] / max(elapsed, 1e-9), 1)},
-        }
-        path = writer.finish(manifest)
-    log.info("wrote %d samples (%d tokens, %.0f tokens/s) to %s", writer.rows_written,
-             counts["tokens"], counts["tokens"] / max(elapsed, 1e-9), path)
+    with tqdm(total=len(ids), unit="sample", desc=f"generate t={sampler.temperature}",
+              disable=rank != 0, dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        for sample in sampler.sample(ids):
+            shard = sample.id // corpus.shard_size
+            body = sample.tokens[:-1] if sample.finished else sample.tokens
+            input_ids = [sampler.bos_token_id, *sample.tokens]
+            pending[shard].append({
+                "id": sample.id, "input_ids": input_ids, "num_tokens": len(input_ids),
+                "text": tokenizer.decode(body, skip_special_tokens=True),
+                "finished": sample.finished, "subset": sample.id % num_subsets,
+                "source": source_name})
+            if len(pending[shard]) == len(shard_of[shard]):
+                corpus.write_shard(shard, pending.pop(shard))
+            tokens += len(sample.tokens)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+    seconds = time.perf_counter() - start
+    tokens_all = _sum_over_ranks(tokens, world)
+    samples_all = _sum_over_ranks(len(ids), world)
+    _barrier(world)
+    if rank != 0:
+        return None
+    manifest = {**manifest, "timing": {
+        "seconds": round(seconds, 2), "processes": world, "samples_this_run": samples_all,
+        "tokens_this_run": tokens_all,
+        "tokens_per_sec": round(tokens_all / max(seconds, 1e-9), 1)}}
+    path = corpus.finish(manifest)
+    log.info("wrote %s: %d samples; this run sampled %d tokens at %.0f tokens/s",
+             path, corpus.num_samples, tokens_all, tokens_all / max(seconds, 1e-9))
     return path
 
 
-@torch.inference_mode()
-def _sample_batch(model, tokenizer, config: GenerationConfig, bos_id: int, eos_id: int | None,
-                  device: torch.device, ids: range, seed: int, num_subsets: int,
-                  source_name: str) -> list[dict]:
-    torch.manual_seed(seed * 1_000_003 + ids.start)
-    prompt = torch.full((len(ids), 1), bos_id, dtype=torch.long, device=device)
-    output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                            generation_config=config)
-    rows = []
-    for sample_id, sequence in zip(ids, output[:, 1:].tolist(), strict=True):
-        finished = eos_id is not None and eos_id in sequence
-        if finished:
-            sequence = sequence[: sequence.index(eos_id) + 1]
-        text_ids = sequence[:-1] if finished else sequence
-        input_ids = [bos_id, *sequence]
-        rows.append({"id": sample_id, "input_ids": input_ids, "num_tokens": len(input_ids),
-                     "text": tokenizer.decode(text_ids, skip_special_tokens=True),
-                     "finished": finished, "subset": sample_id % num_subsets,
-                     "source": source_name})
-    return rows
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, with a process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Ranks wait for each other only at the start and the end; a slow rank may be hours
+        # behind on a large corpus.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
 
 
-def _validate(model: str, num_samples: int, max_new_tokens: int, temperature: float,
-              top_p: float, top_k: int, batch_size: int, num_subsets: int,
-              shard_size: int) -> None:
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _sum_over_ranks(value: int, world: int) -> int:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.long,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: list[float],
+              top_p: float, top_k: int, batch_size: int, num_subsets: int, shard_size: int,
+              bos_token_id: int | None) -> None:
     parse_model_spec(model, flag="--model")
     checks = [
         (num_samples > 0, "--num_samples must be > 0"),
         (max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
-        (temperature > 0 and math.isfinite(temperature),
+        (len(temperatures) > 0, "--temperature is an empty list; give one value or several"),
+        (all(t > 0 and math.isfinite(t) for t in temperatures),
          "--temperature must be > 0 (greedy decoding is not sampling)"),
+        (len(set(temperatures)) == len(temperatures), "--temperature lists a value twice"),
         (0 < top_p <= 1, "--top_p must be in (0, 1]; 1 turns it off"),
         (top_k >= 0, "--top_k must be >= 0; 0 turns it off"),
         (batch_size >= 1, "--batch_size must be >= 1"),
         (num_subsets >= 1, "--num_subsets must be >= 1"),
         (shard_size >= 1, "--shard_size must be >= 1"),
+        (bos_token_id is None or bos_token_id >= 0, "--bos_token_id must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

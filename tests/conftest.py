@@ -63,8 +63,10 @@ def make_corpus(out: Path, model: str = "tiny:qwen2", num_samples: int = 48,
     """Sample a real corpus dir with `selftrain generate` from a tiny model."""
     from selftrain.generate import generate
 
-    return generate(model=model, out=str(out), num_samples=num_samples,
-                    max_new_tokens=max_new_tokens, batch_size=16, **kwargs)
+    kwargs.setdefault("batch_size", 16)
+    (path,) = generate(model=model, out=str(out), num_samples=num_samples,
+                       max_new_tokens=max_new_tokens, **kwargs)
+    return path
 
 
 @pytest.fixture(scope="session")

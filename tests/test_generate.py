@@ -60,11 +60,79 @@ def test_same_seed_same_corpus(tmp_path):
     assert a.columns["input_ids"] != c.columns["input_ids"]
 
 
-def test_existing_out_dir_is_refused_and_left_alone(qwen_corpus):
-    before = sorted(p.name for p in qwen_corpus.rglob("*"))
-    with pytest.raises(SelftrainError, match="--overwrite"):
-        make_corpus(qwen_corpus)
-    assert sorted(p.name for p in qwen_corpus.rglob("*")) == before
+def test_sample_i_does_not_depend_on_batch_size_or_sharding(tmp_path):
+    a = read_corpus(make_corpus(tmp_path / "a", num_samples=40, batch_size=16, shard_size=40))
+    b = read_corpus(make_corpus(tmp_path / "b", num_samples=40, batch_size=3, shard_size=7))
+    assert a.columns["input_ids"] == b.columns["input_ids"]
+    assert len(list((tmp_path / "b" / "data").glob("*.parquet"))) == 6
+
+
+def test_a_corpus_with_other_settings_is_refused_and_left_alone(qwen_corpus):
+    before = {p.name: p.stat().st_mtime_ns for p in qwen_corpus.rglob("*")}
+    with pytest.raises(SelftrainError, match="--overwrite.*|num_subsets"):
+        make_corpus(qwen_corpus)  # num_subsets 1, not 2
+    assert {p.name: p.stat().st_mtime_ns for p in qwen_corpus.rglob("*")} == before
+
+
+def test_rerun_with_same_settings_is_a_no_op_and_overwrite_replaces(tmp_path):
+    out = make_corpus(tmp_path / "c", num_samples=16, seed=1)
+    manifest = (out / "manifest.json").read_text()
+    make_corpus(out, num_samples=16, seed=1)
+    assert (out / "manifest.json").read_text() == manifest
+    make_corpus(out, num_samples=8, seed=2, overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["written"] == 8
+    assert len(read_corpus(out)) == 8
+
+
+def test_killed_run_resumes_to_exactly_n_unique_ids(tmp_path, monkeypatch):
+    from selftrain.shards import ShardedCorpus
+
+    reference = read_corpus(make_corpus(tmp_path / "ref", num_samples=40, shard_size=8))
+    real_write = ShardedCorpus.write_shard
+    written = []
+
+    def write_then_die(self, index, rows):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the process dies between two shard writes
+        real_write(self, index, rows)
+        written.append(index)
+
+    monkeypatch.setattr(ShardedCorpus, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_corpus(tmp_path / "c", num_samples=40, shard_size=8)
+    monkeypatch.setattr(ShardedCorpus, "write_shard", real_write)
+    with pytest.raises(SelftrainError, match="unfinished"):
+        read_corpus(tmp_path / "c")
+    with pytest.raises(SelftrainError, match="other settings"):
+        make_corpus(tmp_path / "c", num_samples=40, shard_size=8, seed=9)
+
+    out = make_corpus(tmp_path / "c", num_samples=40, shard_size=8)
+    resumed = read_corpus(out)
+    assert resumed.columns["id"] == list(range(40))
+    assert resumed.columns["input_ids"] == reference.columns["input_ids"]
+    assert json.loads((out / "manifest.json").read_text())["timing"]["samples_this_run"] == 24
+    assert sorted(p.name for p in out.rglob(".*")) == []  # no plan, no temp files left
+
+
+def test_temperature_list_writes_one_corpus_per_value(tmp_path):
+    from selftrain.generate import generate
+
+    outs = generate(model="tiny:qwen2", out=str(tmp_path / "sweep"), num_samples=12,
+                    max_new_tokens=16, temperature=[0.5, 1.5], batch_size=4)
+    assert [p.name for p in outs] == ["t0.5", "t1.5"]
+    cold, hot = (read_corpus(p) for p in outs)
+    assert [json.loads((p / "manifest.json").read_text())["sampling"]["temperature"]
+            for p in outs] == [0.5, 1.5]
+    assert cold.columns["input_ids"] != hot.columns["input_ids"]
+    alone = read_corpus(make_corpus(tmp_path / "alone", num_samples=12, max_new_tokens=16,
+                                    temperature=1.5))
+    assert alone.columns["input_ids"] == hot.columns["input_ids"]
+
+
+def test_progress_bar_shows_samples_rate_and_eta(tmp_path, capsys):
+    make_corpus(tmp_path / "c", num_samples=16)
+    err = capsys.readouterr().err
+    assert "16/16" in err and "sample/s" in err and "tok_s=" in err and "<00:00" in err
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -72,9 +140,21 @@ def test_existing_out_dir_is_refused_and_left_alone(qwen_corpus):
     ({"num_samples": 0}, "--num_samples"),
     ({"max_new_tokens": 0}, "--max_new_tokens"),
     ({"model": "tiny:nope"}, "--model"),
+    ({"temperature": [1.0, -0.5]}, "--temperature"),
+    ({"top_p": 0.0}, "--top_p"),
+    ({"top_k": -1}, "--top_k"),
+    ({"shard_size": 0}, "--shard_size"),
 ])
 def test_bad_flags_fail_before_writing(tmp_path, kwargs, flag):
     params = {"num_samples": 4, "max_new_tokens": 4, **kwargs}
     with pytest.raises(SelftrainError, match=flag):
         make_corpus(tmp_path / "out", **params)
     assert not any(tmp_path.iterdir())
+
+
+def test_out_that_is_a_file_is_one_clear_error(tmp_path):
+    target = tmp_path / "corpus"
+    target.write_text("not a dir")
+    with pytest.raises(SelftrainError, match="--out .* is a file"):
+        make_corpus(target, num_samples=4)
+    assert target.read_text() == "not a dir"

@@ -100,3 +100,57 @@ def test_embedded_smollm2_samples_from_bos_and_fine_tunes(tmp_path):
     export = run / "hf" / "epoch=3"
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.model_type == "llama" and model.num_parameters() > 100e6
+
+
+GENERATE = ["--model", "tiny:qwen2", "--num_samples", "600", "--max_new_tokens", "48",
+            "--shard_size", "25", "--seed", "11"]
+
+
+def _generate_reference(out):
+    from selftrain.generate import generate
+
+    (path,) = generate(model="tiny:qwen2", out=str(out), num_samples=600, max_new_tokens=48,
+                       shard_size=600, seed=11, batch_size=7)
+    return read_corpus(path).columns
+
+
+def test_generate_killed_twice_with_sigkill_resumes_to_the_same_corpus(tmp_path):
+    out = tmp_path / "corpus"
+    command = [sys.executable, "-m", "selftrain", "generate", *GENERATE, "--out", str(out),
+               "--batch_size", "16"]
+    for shards_before_kill in (2, 10):
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while (len(list((out / "data").glob("*.parquet"))) < shards_before_kill
+               and process.poll() is None and time.time() < deadline):
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not (out / "manifest.json").exists(), "the run must be killed before the end"
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr
+    corpus = read_corpus(out).columns
+    assert corpus["id"] == list(range(600))
+    assert corpus["input_ids"] == _generate_reference(tmp_path / "reference")["input_ids"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["written"] == 600 and manifest["sharding"]["num_shards"] == 24
+    assert manifest["timing"]["samples_this_run"] < 600
+
+
+def test_generate_under_torchrun_splits_shards_and_matches_one_process(tmp_path):
+    out = tmp_path / "corpus"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--module", "selftrain", "generate", *GENERATE, "--out", str(out), "--batch_size", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    corpus = read_corpus(out).columns
+    assert corpus["id"] == list(range(600))
+    assert corpus["input_ids"] == _generate_reference(tmp_path / "reference")["input_ids"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timing"]["processes"] == 2
+    assert manifest["timing"]["samples_this_run"] == 600

@@ -1,0 +1,137 @@
+"""Sampling speed of `selftrain generate`, measured against the plain ways in one process.
+
+Same model, dtype, batch size, temperature and length cap for all three:
+  * sampler: :class:`selftrain.sampler.BosSampler` (KV cache written in place, finished rows
+    refilled or dropped, per-sample seeds);
+  * plain: ``model.generate(do_sample=True, ...)`` over the same number of sequences, the way a
+    user would write it;
+  * forward: one teacher-forced forward pass over as many tokens (the compute ceiling of
+    decoding: same matmuls, no step-by-step latency).
+
+Tokens count what a corpus keeps: each sequence up to and including its EOS.
+
+    python scripts/bench_generate.py                      # embedded SmolLM2-135M, bf16, batch 64
+    python scripts/bench_generate.py --model tiny:qwen2 --dtype float32 --batch_size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from selftrain.models import load_model, load_tokenizer, resolve_bos_id
+from selftrain.sampler import BosSampler
+
+
+def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
+    return sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows)
+
+
+def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args) -> dict:
+    sampler = BosSampler(model, bos_id, eos_id, vocab, args.temperature, args.max_new_tokens,
+                         args.batch_size, seed=args.seed)
+    start = time.perf_counter()
+    samples = list(sampler.sample(range(args.num_samples)))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s.tokens) for s in samples)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds,
+            "finished": sum(s.finished for s in samples), "steps": sampler.steps,
+            "rows_computed": sampler.rows_computed}
+
+
+@torch.inference_mode()
+def bench_plain_generate(model, bos_id: int, eos_id: int | None, args) -> dict:
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    rows: list[list[int]] = []
+    for first in range(0, args.num_samples, args.batch_size):
+        size = min(args.batch_size, args.num_samples - first)
+        prompt = torch.full((size, 1), bos_id, dtype=torch.long, device=args.device)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=args.max_new_tokens, eos_token_id=eos_id,
+                             pad_token_id=eos_id if eos_id is not None else 0)
+        rows += out[:, 1:].tolist()
+    seconds = time.perf_counter() - start
+    tokens = _useful_tokens(rows, eos_id)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds}
+
+
+@torch.inference_mode()
+def bench_forward(model, bos_id: int, vocab: int, args) -> dict:
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, vocab, (args.batch_size, args.max_new_tokens + 1), generator=generator)
+    ids[:, 0] = bos_id
+    ids = ids.to(args.device)
+    batches = -(-args.num_samples // args.batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        model(input_ids=ids, logits_to_keep=0)
+    seconds = time.perf_counter() - start
+    tokens = batches * args.batch_size * args.max_new_tokens
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help="sequences per method (default: one batch)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    args.num_samples = args.num_samples or args.batch_size
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype).to(args.device).eval()
+    bos_id, _ = resolve_bos_id(tokenizer, model.config)
+    eos_id = tokenizer.eos_token_id
+    vocab = len(tokenizer)
+
+    # One short warm-up of each path (allocator, kernels, lazy inits) outside the timings.
+    warm = argparse.Namespace(**{**vars(args), "num_samples": 2, "batch_size": 2,
+                                 "max_new_tokens": 4})
+    bench_sampler(model, bos_id, eos_id, vocab, warm)
+    bench_plain_generate(model, bos_id, eos_id, warm)
+    bench_forward(model, bos_id, vocab, warm)
+
+    results = {"sampler": bench_sampler(model, bos_id, eos_id, vocab, args),
+               "plain_generate": bench_plain_generate(model, bos_id, eos_id, args),
+               "teacher_forced_forward": bench_forward(model, bos_id, vocab, args)}
+    sampler = results["sampler"]["tokens_per_sec"]
+    ratios = {"sampler/plain_generate": sampler / results["plain_generate"]["tokens_per_sec"],
+              "sampler/teacher_forced_forward":
+                  sampler / results["teacher_forced_forward"]["tokens_per_sec"],
+              "plain_generate/teacher_forced_forward":
+                  results["plain_generate"]["tokens_per_sec"]
+                  / results["teacher_forced_forward"]["tokens_per_sec"]}
+    setup = {"model": args.model, "dtype": args.dtype, "device": args.device,
+             "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                             else platform.processor() or platform.machine()),
+             "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+             "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+             "temperature": args.temperature}
+    print(f"setup: {json.dumps(setup)}")
+    for name, figures in results.items():
+        extra = "".join(f"  {key} {value}" for key, value in figures.items()
+                        if key in ("finished", "steps", "rows_computed"))
+        print(f"{name:<24} {figures['tokens_per_sec']:8.1f} tokens/s  "
+              f"({figures['tokens']} tokens in {figures['seconds']:.1f} s){extra}")
+    for name, value in ratios.items():
+        print(f"ratio {name:<38} {value:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"setup": setup, "results": results, "ratios": ratios}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

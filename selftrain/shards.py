@@ -1,0 +1,178 @@
+"""A corpus dir filled shard by shard, so that a killed run resumes where it stopped.
+
+Shard ``k`` of a corpus holds exactly the ids ``[k * shard_size, (k + 1) * shard_size)`` (the
+last one fewer), and is written to a temp file and renamed: a shard file either exists whole or
+not at all, whatever moment a run is killed. A rerun of the same command lists the shards
+present and samples only the missing ones, so the finished corpus holds each id exactly once.
+Data-parallel ranks split the missing shards among themselves the same way.
+
+While a corpus is being filled, ``.in_progress.json`` holds the plan: the generation spec (every
+setting that changes what gets sampled). A rerun with another spec is refused unless
+``--overwrite``; a finished corpus carries the same spec in its manifest, which is written once,
+at the end, and marks the corpus complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selftrain import __version__
+from selftrain.corpus import (
+    DATA_DIR,
+    FORMAT,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    SCHEMA,
+    write_parquet_atomic,
+)
+from selftrain.errors import SelftrainError
+
+
+def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
+    """Write JSON to a temp file beside ``path``, fsync it and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class ShardedCorpus:
+    """The shard layout, plan and completion state of one corpus dir.
+
+    Args:
+        out: the corpus directory.
+        spec: everything that determines the samples (model, sampling, seed, counts, ...).
+        num_samples: total ids, ``0 .. num_samples - 1``.
+        shard_size: ids per shard.
+    """
+
+    def __init__(self, out: Path, spec: dict[str, Any], num_samples: int, shard_size: int):
+        self.out = Path(out)
+        self.spec = spec
+        self.num_samples = num_samples
+        self.shard_size = shard_size
+        self.num_shards = -(-num_samples // shard_size)
+
+    # -- state of the dir ----------------------------------------------------------------------
+
+    def existing_spec(self) -> tuple[str, dict[str, Any] | None]:
+        """What ``out`` holds now: ("empty" | "complete" | "partial" | "foreign", its spec)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise SelftrainError(f"--out {self.out} is a file; give a directory path")
+        if not self.out.exists() or not any(self.out.iterdir()):
+            return "empty", None
+        manifest, plan = self.out / MANIFEST_NAME, self.out / PLAN_NAME
+        if manifest.exists():
+            return "complete", json.loads(manifest.read_text()).get("generation")
+        if plan.exists():
+            return "partial", json.loads(plan.read_text())
+        return "foreign", None
+
+    def check(self, overwrite: bool, compare: tuple[str, ...] | None = None) -> str:
+        """Decide what to do with ``out`` without changing it.
+
+        Args:
+            overwrite: an existing different corpus may be replaced.
+            compare: spec keys to compare (None: all); lets a caller check the flags before
+                loading a model and the rest after.
+
+        Returns:
+            "fresh" (start from nothing), "resume", "done" (already complete with this spec)
+            or "replace" (overwrite an existing corpus).
+
+        Raises:
+            SelftrainError: ``out`` holds something else and ``overwrite`` is off.
+        """
+        state, existing = self.existing_spec()
+        if state == "empty":
+            return "fresh"
+        keys = compare if compare is not None else tuple(self.spec)
+        same = existing is not None and all(existing.get(key) == self.spec.get(key)
+                                            for key in keys)
+        if same:
+            return "done" if state == "complete" else "resume"
+        if overwrite:
+            return "replace"
+        if state == "foreign":
+            raise SelftrainError(f"--out {self.out} already holds files that are not a "
+                                 "selftrain corpus; choose a new dir or pass --overwrite true")
+        differing = sorted(key for key in keys
+                           if existing is None or existing.get(key) != self.spec.get(key))
+        what = "a finished corpus" if state == "complete" else "an unfinished corpus"
+        raise SelftrainError(f"--out {self.out} holds {what} sampled with other settings "
+                             f"({', '.join(differing) or 'no recorded spec'}); rerun with the "
+                             "same flags to resume, choose a new dir, or pass --overwrite true")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def start(self, replace: bool) -> None:
+        """Create the dir and the plan; remove what ``replace`` or a killed run left behind.
+
+        Call on one process only (rank 0), then synchronize.
+        """
+        if replace and self.out.exists():
+            shutil.rmtree(self.out)
+        (self.out / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (self.out / DATA_DIR).glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
+        if not (self.out / PLAN_NAME).exists():
+            write_json_atomic(self.spec, self.out / PLAN_NAME)
+
+    def shard_path(self, index: int) -> Path:
+        """Where shard ``index`` lives once written."""
+        return self.out / DATA_DIR / f"shard-{index:05d}-of-{self.num_shards:05d}.parquet"
+
+    def shard_ids(self, index: int) -> range:
+        """The ids shard ``index`` holds."""
+        return range(index * self.shard_size,
+                     min((index + 1) * self.shard_size, self.num_samples))
+
+    def missing_shards(self) -> list[int]:
+        """Shards not on disk yet, in order."""
+        return [k for k in range(self.num_shards) if not self.shard_path(k).exists()]
+
+    def write_shard(self, index: int, rows: list[dict[str, Any]]) -> None:
+        """Write one whole shard atomically; rows are sorted by id and must be exactly its ids."""
+        rows = sorted(rows, key=lambda row: row["id"])
+        if [row["id"] for row in rows] != list(self.shard_ids(index)):
+            raise RuntimeError(f"shard {index} got ids that are not exactly its range")
+        table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names}
+                                      for row in rows], schema=SCHEMA)
+        write_parquet_atomic(table, self.shard_path(index))
+
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        """Check every shard is there, total the counts, write the manifest, drop the plan.
+
+        Call on one process only, after every rank has written its shards.
+        """
+        missing = self.missing_shards()
+        if missing:
+            raise SelftrainError(f"--out {self.out}: shards {missing[:5]} are missing; rerun "
+                                 "the same command to sample them")
+        shards = [pq.read_table(self.shard_path(k), columns=["id", "num_tokens", "finished"])
+                  for k in range(self.num_shards)]
+        table = pa.concat_tables(shards)
+        ids = table.column("id").to_pylist()
+        if ids != list(range(self.num_samples)):
+            raise SelftrainError(f"--out {self.out}: the shards do not hold ids 0..N-1 exactly "
+                                 "once; sample into a new dir")
+        counts = {"requested": self.num_samples, "written": len(ids),
+                  "finished": int(sum(table.column("finished").to_pylist())),
+                  "tokens": int(sum(table.column("num_tokens").to_pylist()))}
+        manifest = {"format": FORMAT, "tool_version": __version__,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **manifest, "counts": counts, "generation": self.spec,
+                    "sharding": {"shard_size": self.shard_size, "num_shards": self.num_shards}}
+        write_json_atomic(manifest, self.out / MANIFEST_NAME)
+        (self.out / PLAN_NAME).unlink(missing_ok=True)
+        return self.out
