@@ -19,7 +19,11 @@ from collections.abc import Callable
 from selftrain.errors import SelftrainError
 
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "generate": ("selftrain.generate", "generate", "sample a corpus from a model's BOS token"),
+    "generate": ("selftrain.generate", "generate", "sample corpora from a model's BOS token"),
+    "decontaminate": ("selftrain.decontaminate", "decontaminate",
+                      "drop samples sharing an n-gram with benchmark items"),
+    "replay": ("selftrain.replay", "replay",
+               "real-text baseline token-matched to a synthetic corpus"),
 }
 """subcommand -> (module, function, one-line summary); imported only when used."""
 
@@ -48,7 +52,7 @@ def print_help() -> None:
               "  validate   held-out loss of a student (--data.eval_corpus, --ckpt_path)",
               "  test       same as validate, logged under test/"]
     lines += ["", "corpus tools (`selftrain <tool> --help`):"]
-    lines += [f"  {name:<10} {summary}" for name, (_, _, summary) in TOOLS.items()]
+    lines += [f"  {name:<14} {summary}" for name, (_, _, summary) in TOOLS.items()]
     print("\n".join(lines))
 
 

@@ -30,7 +30,7 @@ def test_every_config_parses_and_documents_itself(config):
 def test_top_level_help_lists_commands():
     result = selftrain("--help")
     assert result.returncode == 0
-    for command in ("fit", "validate", "test", "generate"):
+    for command in ("fit", "validate", "test", "generate", "decontaminate", "replay"):
         assert f"  {command}" in result.stdout
 
 
@@ -38,6 +38,9 @@ def test_top_level_help_lists_commands():
     (["fit", "--help"], "--model.model"),
     (["fit", "--help"], "--data.same_tokenizer"),
     (["generate", "--help"], "--temperature"),
+    (["generate", "--help"], "--shard_size"),
+    (["decontaminate", "--help"], "--benchmarks"),
+    (["replay", "--help"], "--sources"),
 ])
 def test_subcommand_help_documents_flags(command, expected):
     result = selftrain(*command)
@@ -85,3 +88,16 @@ def test_python_dash_m_and_console_script_agree():
     script = Path(sys.executable).with_name("selftrain")
     result = subprocess.run([str(script), "--help"], text=True, capture_output=True)
     assert result.returncode == 0 and result.stdout == selftrain("--help").stdout
+
+
+def test_generate_takes_a_temperature_list_and_a_config_file(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("model: tiny:qwen2\nnum_samples: 6\nmax_new_tokens: 8\n"
+                      "temperature: [0.75, 1.25]\n")
+    result = selftrain("generate", "--config", str(config), "--out", str(tmp_path / "sweep"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["t0.75", "t1.25"]
+    result = selftrain("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "one"),
+                       "--num_samples", "4", "--max_new_tokens", "4", "--temperature", "[1.5]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "one" / "t1.5" / "manifest.json").exists()

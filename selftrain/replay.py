@@ -1,0 +1,351 @@
+"""`selftrain replay`: the token-matched real-text baseline for a synthetic corpus.
+
+Self-training gains only mean something beside a student trained on the same number of *real*
+tokens (Common Corpus in the reference setting). This module builds that control: from local
+txt / jsonl / parquet files or a streamed `datasets` name, a corpus dir in the usual schema
+(:mod:`selftrain.corpus`) with one row per synthetic sample, each row exactly as long as its
+synthetic counterpart under the student's tokenizer. Same row count, same length multiset,
+same token count, so the two corpora train for the same number of steps on the same shapes.
+
+Lengths are counted the way :class:`~selftrain.data.CorpusDataModule` feeds rows: stored ids
+when the corpus tokenizer is the student's, else student BOS + the text's ids + EOS where the
+row finished. Each replay row is the *start* of one real document, as a BOS-sampled row is the
+start of one: ``input_ids = [BOS, *doc_ids[:w]]`` with ``doc_ids`` the document's ids plus EOS,
+so a window that reaches the end of its document ends on EOS and is ``finished``, like a
+sample that stopped. Documents are handed out best-fit (each to the open row with the longest
+window it can fill), so short documents fill short rows instead of being skipped, and no row
+ever spans two documents.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from selftrain.corpus import Corpus, CorpusWriter, read_corpus
+from selftrain.errors import SelftrainError
+from selftrain.models import (
+    load_tokenizer,
+    parse_model_spec,
+    resolve_bos_id,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
+SHUFFLE_BUFFER = 10_000
+"""Documents held in the shuffle buffer of a streamed dataset."""
+ENCODE_BATCH = 256
+CHARS_PER_TOKEN = 16
+"""A document is first tokenized only up to this many characters per token of the longest
+window; book-length documents (common in Common Corpus) are never tokenized whole."""
+CUT_MARGIN = 16
+"""Tokens before a character cut that are not trusted (the tokenizer may merge there)."""
+
+
+def replay(
+    match: str,
+    out: str,
+    sources: list[str] | str,
+    student: str,
+    text_field: str = "text",
+    split: str = "train",
+    seed: int = 0,
+    tolerance: float = 0.01,
+    num_subsets: int | None = None,
+    bos_token_id: int | None = None,
+    shard_size: int = 10_000,
+    overwrite: bool = False,
+) -> Path:
+    """Build a real-text corpus with the token count and lengths of a synthetic corpus.
+
+    Args:
+        match: the synthetic corpus dir (or .jsonl/.parquet/.txt file) to match.
+        out: corpus directory to write (manifest.json + data/*.parquet).
+        sources: where the real text comes from, one or a list: .txt files (one document per
+            blank-line-separated paragraph), .jsonl/.json files (field --text_field), .parquet
+            files (column --text_field), directories of those, or a `datasets` name such as
+            PleIAs/common_corpus (streamed from the hub, so it needs the network). Local files
+            are read whole, pooled and shuffled with --seed; datasets follow in the given
+            order, streamed through a seeded shuffle buffer.
+        student: the student's model spec (hub id, local HF dir, embedded:smollm2-135m or
+            tiny:<family>); lengths are counted and rows written in its tokenizer.
+        text_field: the field / column holding the text in jsonl, parquet and datasets.
+        split: the split of a `datasets` source.
+        seed: orders the documents and the rows; the same seed gives the same corpus.
+        tolerance: how far short of the synthetic token count (as a fraction) the replay may
+            end when the sources run out; rows left unfilled are then dropped. 0 demands an
+            exact match.
+        num_subsets: K disjoint subsets (row i gets subset i mod K); None takes the matched
+            corpus's K (1 when it has none).
+        bos_token_id: override the student's BOS id (as --data.bos_token_id does in training).
+        shard_size: rows per parquet shard.
+        overwrite: replace an existing corpus at --out.
+
+    Returns:
+        The corpus directory.
+    """
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    local = _validate(match, out, sources, student, text_field, tolerance, num_subsets,
+                      shard_size)
+    with CorpusWriter(Path(out), shard_size=shard_size, overwrite=overwrite) as writer:
+        tokenizer = load_tokenizer(student)
+        bos_id, bos_source = resolve_bos_id(tokenizer, None, bos_token_id)
+        eos_id = tokenizer.eos_token_id
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        matched = read_corpus(match, flag="--match")
+        lengths, reused = _student_lengths(matched, tokenizer, fingerprint, bos_id, eos_id)
+        target = sum(lengths)
+        subsets = num_subsets or (matched.manifest or {}).get("num_subsets") or 1
+        order = np.random.default_rng([seed, 0]).permutation(len(lengths))
+        windows = [lengths[i] - 1 for i in order]
+        documents = _documents(local, [s for s in sources if s not in local], text_field,
+                               split, seed)
+        with tqdm(total=target, unit="tok", desc="replay", dynamic_ncols=True) as bar:
+            filled, doc_counts = _fill(windows, _encoded(documents, tokenizer, eos_id,
+                                                         max(windows)), bar)
+        placed = sum(windows[i] + 1 for i, row in enumerate(filled) if row is not None)
+        if placed < (1 - tolerance) * target:
+            raise SelftrainError(
+                f"--sources {', '.join(sources)}: only {placed:,} of {target:,} tokens of text "
+                f"({doc_counts['read']:,} documents); add more text or sources, or raise "
+                f"--tolerance (now {tolerance})")
+        kept = [row for row in filled if row is not None]
+        if len(kept) < len(filled):
+            log.warning("sources ran out: %d of %d rows filled, %d of %d tokens (within "
+                        "--tolerance %s)", len(kept), len(filled), placed, target, tolerance)
+        texts = tokenizer.batch_decode([w[:-1] if done and eos_id is not None else w
+                                        for w, done, _ in kept], skip_special_tokens=False)
+        rows = [{"id": i, "text": text, "input_ids": [bos_id, *window],
+                 "num_tokens": len(window) + 1, "finished": done, "subset": i % subsets,
+                 "source": source}
+                for i, ((window, done, source), text) in enumerate(zip(kept, texts, strict=True))]
+        tokens = sum(row["num_tokens"] for row in rows)
+        if abs(tokens - target) > tolerance * target:  # construction rules it out; keep it checked
+            raise RuntimeError(f"replay has {tokens} tokens for a target of {target}")
+        writer.add(rows)
+        matched_manifest = matched.manifest or {}
+        manifest = {
+            "kind": "replay",
+            "source": {"datasets": sources, "text_field": text_field, "split": split,
+                       "shuffle_buffer": SHUFFLE_BUFFER if len(local) < len(sources) else None,
+                       "documents": doc_counts},
+            "student": student,
+            "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+                          "fingerprint": fingerprint},
+            "bos_token_id": bos_id, "bos_source": bos_source, "eos_token_id": eos_id,
+            "matched": {"corpus": str(match), "samples": len(lengths), "tokens": target,
+                        "ids_reused": reused,
+                        "source": (matched_manifest.get("source") or {}).get("model"),
+                        "seed": matched_manifest.get("seed"),
+                        "tokenizer_fingerprint": (matched_manifest.get("tokenizer") or {}).get(
+                            "fingerprint"),
+                        "created": matched_manifest.get("created")},
+            "seed": seed, "num_subsets": subsets, "tolerance": tolerance,
+            "counts": {"requested": len(lengths), "tokens": tokens,
+                       "finished": sum(row["finished"] for row in rows)},
+            "length_stats": {"synthetic": _length_stats(lengths),
+                             "replay": _length_stats([row["num_tokens"] for row in rows])},
+            "decontamination": None,
+        }
+        path = writer.finish(manifest)
+    log.info("replay: %d rows, %d tokens (synthetic %d, %+.3f%%) from %d documents of %s -> %s",
+             len(rows), tokens, target, 100 * (tokens - target) / max(target, 1),
+             doc_counts["used"], ", ".join(sources), path)
+    return path
+
+
+def _validate(match: str, out: str, sources: list[str], student: str, text_field: str,
+              tolerance: float, num_subsets: int | None, shard_size: int) -> list[str]:
+    """Check the flags before anything is read; return the sources that are local paths."""
+    parse_model_spec(student, flag="--student")
+    checks = [
+        (bool(sources), "--sources is empty: give .txt/.jsonl/.parquet files, a dir of them, "
+                        "or a datasets name such as PleIAs/common_corpus"),
+        (bool(text_field), "--text_field is empty: name the field that holds the text"),
+        (0 <= tolerance < 1, "--tolerance must be in [0, 1); 0.01 allows a 1% shortfall"),
+        (num_subsets is None or num_subsets >= 1, "--num_subsets must be >= 1"),
+        (shard_size >= 1, "--shard_size must be >= 1"),
+        (Path(out).resolve() != Path(match).resolve(),
+         f"--out {out} is the --match corpus; write the replay to a new dir"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SelftrainError(message)
+    local = [s for s in sources if _is_local(s)]
+    for source in local:
+        _local_files(source)  # fails now on a missing path or an empty dir
+    return local
+
+
+def _is_local(source: str) -> bool:
+    """A path (existing, or shaped like one) rather than a `datasets` name."""
+    return (Path(source).exists() or Path(source).suffix in LOCAL_SUFFIXES
+            or source.startswith((".", "/", "~")))
+
+
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SelftrainError(f"--sources {source}: no such file or directory")
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise SelftrainError(f"--sources {source}: unsupported file type; use "
+                                 f"{', '.join(LOCAL_SUFFIXES)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise SelftrainError(f"--sources {source}: the directory holds no "
+                             f"{'/'.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
+def _student_lengths(corpus: Corpus, tokenizer, fingerprint: str, bos_id: int,
+                     eos_id: int | None) -> tuple[list[int], bool]:
+    """Per-row lengths as the student is fed them, and whether stored ids were reused."""
+    stored = ((corpus.manifest or {}).get("tokenizer") or {}).get("fingerprint")
+    if stored == fingerprint and "input_ids" in corpus.columns:
+        return [len(ids) for ids in corpus.columns["input_ids"]], True
+    if "text" not in corpus.columns:
+        raise SelftrainError(f"--match {corpus.path}: its ids come from another tokenizer and "
+                             "it has no 'text' column to count in the student's tokenizer")
+    texts = [text or "" for text in corpus.columns["text"]]
+    finished = corpus.columns.get("finished") or [False] * len(texts)
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [1 + len(ids) + int(bool(done) and eos_id is not None)
+            for ids, done in zip(encoded, finished, strict=True)], False
+
+
+def _documents(local: list[str], names: list[str], text_field: str, split: str,
+               seed: int) -> Iterator[tuple[str, str]]:
+    """(text, source) pairs: local documents pooled and shuffled, then each dataset streamed."""
+    if local:
+        docs = [doc for source in local for path in _local_files(source)
+                for doc in _read_file(path, text_field)]
+        for index in np.random.default_rng([seed, 1]).permutation(len(docs)):
+            yield docs[index]
+    for name in names:
+        yield from _stream(name, split, text_field, seed)
+
+
+def _read_file(path: Path, text_field: str) -> list[tuple[str, str]]:
+    if path.suffix in TEXT_SUFFIXES:
+        texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    elif path.suffix == ".parquet":
+        names = pq.read_schema(path).names
+        if text_field not in names:
+            raise SelftrainError(f"--text_field {text_field}: {path} has no such column; it has "
+                                 f"{', '.join(names)}")
+        texts = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
+    else:
+        raw = path.read_text(encoding="utf-8")
+        records = (json.loads(raw) if raw.lstrip().startswith("[") else
+                   [json.loads(line) for line in raw.splitlines() if line.strip()])
+        if records and not any(isinstance(r, dict) and text_field in r for r in records):
+            fields = sorted({k for r in records if isinstance(r, dict) for k in r})
+            raise SelftrainError(f"--text_field {text_field}: no record of {path} has that "
+                                 f"field; it has {', '.join(fields) or 'none'}")
+        texts = [r.get(text_field) for r in records if isinstance(r, dict)]
+    return [(text, str(path)) for text in texts if isinstance(text, str) and text.strip()]
+
+
+def _stream(name: str, split: str, text_field: str, seed: int) -> Iterator[tuple[str, str]]:
+    """Documents of a `datasets` name, streamed through a seeded shuffle buffer."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        for row in stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER):
+            if text_field not in row:
+                raise SelftrainError(f"--text_field {text_field}: dataset {name} has no such "
+                                     f"column; it has {', '.join(row)}")
+            text = row[text_field]
+            if isinstance(text, str) and text.strip():
+                yield text, name
+    except SelftrainError:
+        raise
+    except Exception as error:  # the hub, the cache and the split all fail in their own types
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise SelftrainError(f"--sources {name}: cannot stream split {split!r} of this dataset "
+                             f"({lines[0]}); unreachable offline: pass local .txt/.jsonl/"
+                             ".parquet files or a dir instead") from None
+
+
+def _encoded(documents: Iterable[tuple[str, str]], tokenizer, eos_id: int | None,
+             longest: int) -> Iterator[tuple[list[int], bool, str]]:
+    """(ids, whole document, source): ids + EOS for a whole document, else a long prefix.
+
+    A prefix is only returned when it is longer than ``longest`` (the longest window), so a
+    cut document can fill any row but never counts as finished.
+    """
+    budget = CHARS_PER_TOKEN * (longest + CUT_MARGIN)
+    documents = iter(documents)
+    while batch := list(islice(documents, ENCODE_BATCH)):
+        prefixes = [text[:budget] for text, _ in batch]
+        encoded = tokenizer(prefixes, add_special_tokens=False, verbose=False)["input_ids"]
+        for (text, source), ids in zip(batch, encoded, strict=True):
+            if len(text) > budget:
+                if len(ids) > longest + CUT_MARGIN:
+                    yield ids[: longest + 1], False, source
+                    continue
+                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            yield ([*ids, eos_id] if eos_id is not None else ids), True, source
+
+
+def _fill(windows: list[int], documents: Iterable[tuple[list[int], bool, str]], bar: tqdm
+          ) -> tuple[list[tuple[list[int], bool, str] | None], dict[str, int]]:
+    """Give each document to the open row with the longest window it can fill (best fit).
+
+    Returns:
+        Per row ``(window ids, finished, source)`` or None where the documents ran out, and
+        document counts: read, used, too short for every open row.
+    """
+    filled: list[tuple[list[int], bool, str] | None] = [None] * len(windows)
+    open_rows: dict[int, list[int]] = {}
+    for row in reversed(range(len(windows))):  # popped from the end: lowest row first
+        if windows[row] == 0:  # an empty synthetic row needs no document
+            filled[row] = ([], False, "")
+        else:
+            open_rows.setdefault(windows[row], []).append(row)
+    bar.update(sum(1 for row in filled if row is not None))
+    sizes = sorted(open_rows)
+    counts = {"read": 0, "used": 0, "too_short": 0}
+    for ids, whole, source in documents if sizes else ():
+        counts["read"] += 1
+        slot = bisect.bisect_right(sizes, len(ids)) - 1
+        if slot < 0:
+            counts["too_short"] += 1
+            continue
+        size = sizes[slot]
+        row = open_rows[size].pop()
+        if not open_rows[size]:
+            del open_rows[size]
+            sizes.pop(slot)
+        filled[row] = (ids[:size], whole and size == len(ids), source)
+        counts["used"] += 1
+        bar.update(size + 1)
+        if not sizes:  # every row filled: stop reading (a stream would go on for ever)
+            break
+    return filled, counts
+
+
+def _length_stats(lengths: list[int]) -> dict[str, Any]:
+    values = np.asarray(lengths, dtype=np.int64)
+    if values.size == 0:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "max": 0}
+    return {"mean": round(float(values.mean()), 2),
+            "p50": round(float(np.percentile(values, 50)), 2),
+            "p90": round(float(np.percentile(values, 90)), 2), "max": int(values.max())}
