@@ -27,6 +27,19 @@ def test_every_config_parses_and_documents_itself(config):
     assert "model:" in result.stdout and "data:" in result.stdout
 
 
+TOOL_CONFIGS = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "data")
+
+
+@pytest.mark.parametrize("config", TOOL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_tool_config_parses_and_documents_itself(config):
+    text = config.read_text()
+    assert text.startswith("#") and "Command:" in text and "Prerequisites:" in text
+    assert f"selftrain {config.parent.name} --config configs/{config.parent.name}/" in text
+    result = selftrain(config.parent.name, "--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "out:" in result.stdout
+
+
 def test_top_level_help_lists_commands():
     result = selftrain("--help")
     assert result.returncode == 0
