@@ -33,7 +33,7 @@ def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
 
 def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args) -> dict:
     sampler = BosSampler(model, bos_id, eos_id, vocab, args.temperature, args.max_new_tokens,
-                         args.batch_size, seed=args.seed)
+                         args.batch_size, seed=args.seed, attention=args.attention)
     start = time.perf_counter()
     samples = list(sampler.sample(range(args.num_samples)))
     seconds = time.perf_counter() - start
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default="auto",
+                        help="the sampler's attention: auto, decode, sdpa, eager")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     args.num_samples = args.num_samples or args.batch_size
@@ -119,7 +121,7 @@ def main() -> None:
                              else platform.processor() or platform.machine()),
              "threads": torch.get_num_threads(), "batch_size": args.batch_size,
              "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
-             "temperature": args.temperature}
+             "temperature": args.temperature, "sampler_attention": args.attention}
     print(f"setup: {json.dumps(setup)}")
     for name, figures in results.items():
         extra = "".join(f"  {key} {value}" for key, value in figures.items()

@@ -19,11 +19,14 @@ between kernels, which move a draw only when it lands within ~1e-7 of a CDF boun
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -54,39 +57,150 @@ def sample_uniforms(seed: int, sample_ids: np.ndarray, steps: np.ndarray) -> np.
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+CDF_BLOCK = 256
+"""Vocabulary block of the two-level inverse CDF (see :func:`_inverse_cdf`)."""
+
+
 def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
-                top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                top_k: int = 0, top_p: float = 1.0,
+                workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row by inverse CDF from the tempered, optionally truncated softmax.
 
     Args:
-        logits: [rows, vocab] next-token logits (any float dtype).
+        logits: [rows, vocab] next-token logits (any float dtype); not modified.
         uniforms: [rows] float64 uniforms in [0, 1).
         temperature: softmax temperature (> 0).
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: keep the smallest most-likely set with mass >= top_p; 1.0 keeps all.
+        workspace: float32 [>= rows, vocab rounded up to :data:`CDF_BLOCK`] reused across
+            calls (from :func:`draw_workspace`); fresh 50-150k-wide buffers every step cost
+            page faults comparable to the draw itself.
 
     Returns:
         (token ids [rows], log-probabilities of the drawn tokens under the sampling
         distribution [rows]).
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    rows, vocab = logits.shape
+    if workspace is None:
+        workspace = draw_workspace(rows, vocab, logits.device)
+    weights = workspace[:rows]
+    weights[:, :vocab].copy_(logits)
+    weights[:, vocab:].fill_(float("-inf"))
+    weights.div_(temperature)
+    weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # unnormalized softmax
     order = None
-    if top_k > 0 or top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        if 0 < top_k < probs.shape[-1]:
-            probs[:, top_k:] = 0
-        if top_p < 1.0:
-            mass_before = probs.cumsum(dim=-1) - probs
-            probs = probs.masked_fill(mass_before >= top_p, 0)
-    cdf = probs.double().cumsum(dim=-1)
-    total = cdf[:, -1]
-    # Scaling by (1 - 2^-40) keeps the target strictly below the total, so the first CDF entry
-    # above it always belongs to a token with non-zero probability.
-    target = uniforms.to(cdf.device) * total * (1.0 - 2.0 ** -40)
-    index = torch.searchsorted(cdf, target.unsqueeze(-1), right=True)
-    chosen = probs.gather(-1, index).squeeze(-1).double() / total
-    tokens = index.squeeze(-1) if order is None else order.gather(-1, index).squeeze(-1)
+    if top_p < 1.0:
+        weights, order = (weights / weights.sum(dim=-1, keepdim=True)).sort(
+            dim=-1, descending=True)
+        if 0 < top_k < vocab:
+            weights[:, top_k:] = 0
+        mass_before = weights.cumsum(dim=-1) - weights
+        weights = weights.masked_fill(mass_before >= top_p, 0)
+    elif 0 < top_k < vocab:
+        weights, order = weights.topk(top_k, dim=-1)  # sorted, and far cheaper than a sort
+    index, total = _inverse_cdf(weights, uniforms.to(weights.device))
+    chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1).double() / total
+    tokens = index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return tokens, chosen.log()
+
+
+def draw_workspace(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """The float32 buffer :func:`draw_tokens` works in, for ``rows`` rows of ``vocab`` logits."""
+    return torch.empty((rows, vocab + (-vocab % CDF_BLOCK)), dtype=torch.float32,
+                       device=device)
+
+
+def _inverse_cdf(weights: torch.Tensor,
+                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first index whose cumulative weight exceeds ``uniform * total``.
+
+    A float64 cumsum over a 50k-150k vocabulary costs more than the rest of a draw together,
+    and a float32 one drifts by ~1e-5 over that many terms. So the vocabulary is cut into
+    blocks: block masses (float32 sums of :data:`CDF_BLOCK` terms) are accumulated in float64,
+    the block is picked on that CDF, and the token within it on the block's own float64 CDF.
+
+    Returns:
+        (indices [rows], total weight [rows] as float64).
+    """
+    rows, width = weights.shape
+    if width % CDF_BLOCK:
+        weights = torch.nn.functional.pad(weights, (0, -width % CDF_BLOCK))
+    blocks = weights.view(rows, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)
+    total = block_cdf[:, -1]
+    # Scaling by (1 - 2^-40) keeps the target strictly below the total, so the CDF entry found
+    # above it always belongs to a block (and then a token) with non-zero mass.
+    target = (uniforms * total * (1.0 - 2.0 ** -40)).unsqueeze(-1)
+    chosen_block = torch.searchsorted(block_cdf, target, right=True).clamp_(
+        max=block_cdf.shape[-1] - 1)
+    mass_before = torch.where(chosen_block > 0,
+                              block_cdf.gather(-1, (chosen_block - 1).clamp_(min=0)), 0.0)
+    inner = blocks.gather(1, chosen_block.unsqueeze(-1).expand(-1, -1, CDF_BLOCK)).squeeze(1)
+    inner_cdf = inner.double().cumsum(dim=-1)
+    fraction = (target - mass_before) / (block_cdf.gather(-1, chosen_block) - mass_before)
+    inner_target = fraction.clamp_(0.0, 1.0 - 2.0 ** -40) * inner_cdf[:, -1:]
+    within = torch.searchsorted(inner_cdf, inner_target, right=True).clamp_(max=CDF_BLOCK - 1)
+    return (chosen_block * CDF_BLOCK + within).squeeze(-1), total
+
+
+DECODE_ATTENTION = "selftrain_decode"
+
+
+def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for one query token per row: grouped-query matmuls, no key/value copies.
+
+    On CPU, PyTorch's SDPA kernels are tuned for long queries; for a single decode query over a
+    strided cache view, two batched matmuls per key/value head group are several times faster
+    (``scripts/bench_generate.py``). Anything else (longer queries, sliding windows, soft caps,
+    attention sinks) goes to the SDPA path unchanged.
+
+    Args:
+        module: the attention module (for ``num_key_value_groups``).
+        query: [batch, query heads, 1, head dim].
+        key: [batch, key/value heads, columns, head dim].
+        value: like ``key``.
+        attention_mask: boolean [batch, 1, 1, columns], True where a column is attended.
+        scaling: softmax scale (default head dim ** -0.5).
+        dropout: must be 0 (sampling runs in eval mode).
+        **kwargs: what the model passes to every attention function; options this function
+            does not implement send the call to SDPA.
+    """
+    special = any(kwargs.get(name) is not None
+                  for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
+    if (query.shape[2] != 1 or special or dropout
+            or (attention_mask is not None and attention_mask.dtype != torch.bool)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    groups = key.shape[1]
+    grouped = query.view(batch, groups, heads // groups, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
+    scores *= scaling if scaling is not None else dim ** -0.5
+    if attention_mask is not None:
+        scores.masked_fill_(~attention_mask.view(batch, 1, 1, -1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    output = torch.matmul(weights, value).view(batch, heads, 1, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+@contextmanager
+def _attention(model: torch.nn.Module, implementation: str | None):
+    """Switch the model's attention implementation for the duration of sampling."""
+    previous = model.config._attn_implementation
+    if implementation is None or implementation == previous:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -187,11 +301,15 @@ class BosSampler:
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: nucleus mass; 1.0 keeps all.
         record_logprobs: keep per-token log-probabilities on each :class:`Sample`.
+        attention: attention implementation while sampling: "auto" (:func:`decode_attention`
+            on CPU, the model's own elsewhere), "decode", or any name transformers accepts
+            ("sdpa", "eager", ...).
     """
 
     def __init__(self, model: torch.nn.Module, bos_token_id: int, eos_token_id: int | None,
                  vocab_size: int, temperature: float, max_new_tokens: int, batch_size: int,
-                 seed: int, top_k: int = 0, top_p: float = 1.0, record_logprobs: bool = False):
+                 seed: int, top_k: int = 0, top_p: float = 1.0, record_logprobs: bool = False,
+                 attention: str = "auto"):
         self.model = model
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -204,12 +322,14 @@ class BosSampler:
         self.top_p = top_p
         self.record_logprobs = record_logprobs
         self.device = next(model.parameters()).device
+        if attention == "auto":
+            attention = "decode" if self.device.type == "cpu" else None
+        self.attention = DECODE_ATTENTION if attention == "decode" else attention
         self.steps = 0
         """decoding steps taken (one forward each), for throughput accounting."""
         self.rows_computed = 0
         """sum over steps of the batch rows computed."""
 
-    @torch.inference_mode()
     def sample(self, ids: Iterable[int]) -> Iterator[Sample]:
         """Sample every id in ``ids``, yielding each :class:`Sample` as soon as it ends.
 
@@ -218,6 +338,11 @@ class BosSampler:
         Args:
             ids: corpus ids to sample.
         """
+        with _attention(self.model, self.attention):
+            yield from self._sample(ids)
+
+    @torch.inference_mode()
+    def _sample(self, ids: Iterable[int]) -> Iterator[Sample]:
         pending = iter(ids)
         slot_ids: list[int | None] = []
         for _ in range(self.batch_size):
@@ -235,6 +360,7 @@ class BosSampler:
         start = torch.zeros(rows, dtype=torch.long, device=self.device)
         next_input = torch.full((rows,), self.bos_token_id, dtype=torch.long, device=self.device)
         columns = torch.arange(capacity, device=self.device)
+        workspace = draw_workspace(rows, self.vocab_size, self.device)
 
         while any(sample_id is not None for sample_id in slot_ids):
             if cache.column == capacity:
@@ -256,7 +382,8 @@ class BosSampler:
             steps_now = np.array([len(t) for t in tokens], dtype=np.int64)
             uniforms = torch.from_numpy(sample_uniforms(self.seed, ids_now, steps_now))
             drawn, drawn_logprobs = draw_tokens(logits[:, : self.vocab_size], uniforms,
-                                                self.temperature, self.top_k, self.top_p)
+                                                self.temperature, self.top_k, self.top_p,
+                                                workspace)
             drawn_host = drawn.tolist()
             logprobs_host = drawn_logprobs.tolist() if self.record_logprobs else None
 
