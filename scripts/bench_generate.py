@@ -24,7 +24,7 @@ import time
 import torch
 
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
-from selftrain.sampler import BosSampler
+from selftrain.sampler import BosSampler, draw_tokens, draw_workspace
 
 
 def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
@@ -33,7 +33,7 @@ def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
 
 def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args) -> dict:
     sampler = BosSampler(model, bos_id, eos_id, vocab, args.temperature, args.max_new_tokens,
-                         args.batch_size, seed=args.seed, attention=args.attention)
+                         args.batch_size, seed=args.seed)
     start = time.perf_counter()
     samples = list(sampler.sample(range(args.num_samples)))
     seconds = time.perf_counter() - start
@@ -76,6 +76,36 @@ def bench_forward(model, bos_id: int, vocab: int, args) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds}
 
 
+def bench_draw(vocab: int, args, repeats: int = 20) -> dict:
+    """ms per draw for [batch, vocab] logits: the sampler's draw vs a flat float64 inverse CDF."""
+    generator = torch.Generator().manual_seed(args.seed)
+    logits = torch.randn(args.batch_size, vocab, generator=generator).to(
+        device=args.device, dtype=getattr(torch, args.dtype))
+    uniforms = torch.rand(args.batch_size, dtype=torch.float64, generator=generator)
+    workspace = draw_workspace(args.batch_size, vocab, logits.device)
+
+    def flat():
+        probs = torch.softmax(logits.float() / args.temperature, dim=-1)
+        cdf = probs.double().cumsum(dim=-1)
+        target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, target, right=True)
+
+    timings = {}
+    for name, draw in (("sampler_draw", lambda: draw_tokens(logits, uniforms, args.temperature,
+                                                            workspace=workspace)),
+                       ("flat_float64_draw", flat)):
+        draw()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            draw()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings[name] = 1000 * (time.perf_counter() - start) / repeats
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded:smollm2-135m")
@@ -87,8 +117,6 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", default="auto",
-                        help="the sampler's attention: auto, decode, sdpa, eager")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     args.num_samples = args.num_samples or args.batch_size
@@ -109,6 +137,7 @@ def main() -> None:
     results = {"sampler": bench_sampler(model, bos_id, eos_id, vocab, args),
                "plain_generate": bench_plain_generate(model, bos_id, eos_id, args),
                "teacher_forced_forward": bench_forward(model, bos_id, vocab, args)}
+    draws = bench_draw(vocab, args)
     sampler = results["sampler"]["tokens_per_sec"]
     ratios = {"sampler/plain_generate": sampler / results["plain_generate"]["tokens_per_sec"],
               "sampler/teacher_forced_forward":
@@ -121,7 +150,7 @@ def main() -> None:
                              else platform.processor() or platform.machine()),
              "threads": torch.get_num_threads(), "batch_size": args.batch_size,
              "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
-             "temperature": args.temperature, "sampler_attention": args.attention}
+             "temperature": args.temperature}
     print(f"setup: {json.dumps(setup)}")
     for name, figures in results.items():
         extra = "".join(f"  {key} {value}" for key, value in figures.items()
@@ -130,9 +159,13 @@ def main() -> None:
               f"({figures['tokens']} tokens in {figures['seconds']:.1f} s){extra}")
     for name, value in ratios.items():
         print(f"ratio {name:<38} {value:.2f}")
+    print(f"draw of {args.batch_size} x {vocab} logits: sampler {draws['sampler_draw']:.1f} ms, "
+          f"flat float64 cumsum {draws['flat_float64_draw']:.1f} ms, ratio "
+          f"{draws['flat_float64_draw'] / draws['sampler_draw']:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"setup": setup, "results": results, "ratios": ratios}, handle, indent=2)
+            json.dump({"setup": setup, "results": results, "ratios": ratios, "draw_ms": draws},
+                      handle, indent=2)
 
 
 if __name__ == "__main__":

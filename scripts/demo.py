@@ -42,7 +42,7 @@ def main() -> None:
     selftrain = [sys.executable, "-m", "selftrain"]
     run([*selftrain, "generate", "--model", "embedded:smollm2-135m", "--out", str(corpus),
          "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),
-         "--temperature", "1.0", "--batch_size", "16", "--overwrite", "true"])
+         "--temperature", "1.0", "--batch_size", "64", "--overwrite", "true"])
     sampled = time.perf_counter()
     shutil.rmtree(run_dir, ignore_errors=True)
     run([*selftrain, "fit", "--config", "configs/smollm2_self.yaml",

@@ -19,14 +19,11 @@ between kernels, which move a draw only when it lands within ~1e-7 of a CDF boun
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -143,66 +140,6 @@ def _inverse_cdf(weights: torch.Tensor,
     return (chosen_block * CDF_BLOCK + within).squeeze(-1), total
 
 
-DECODE_ATTENTION = "selftrain_decode"
-
-
-def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                     value: torch.Tensor, attention_mask: torch.Tensor | None,
-                     scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention for one query token per row: grouped-query matmuls, no key/value copies.
-
-    On CPU, PyTorch's SDPA kernels are tuned for long queries; for a single decode query over a
-    strided cache view, two batched matmuls per key/value head group are several times faster
-    (``scripts/bench_generate.py``). Anything else (longer queries, sliding windows, soft caps,
-    attention sinks) goes to the SDPA path unchanged.
-
-    Args:
-        module: the attention module (for ``num_key_value_groups``).
-        query: [batch, query heads, 1, head dim].
-        key: [batch, key/value heads, columns, head dim].
-        value: like ``key``.
-        attention_mask: boolean [batch, 1, 1, columns], True where a column is attended.
-        scaling: softmax scale (default head dim ** -0.5).
-        dropout: must be 0 (sampling runs in eval mode).
-        **kwargs: what the model passes to every attention function; options this function
-            does not implement send the call to SDPA.
-    """
-    special = any(kwargs.get(name) is not None
-                  for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
-    if (query.shape[2] != 1 or special or dropout
-            or (attention_mask is not None and attention_mask.dtype != torch.bool)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    groups = key.shape[1]
-    grouped = query.view(batch, groups, heads // groups, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()
-    scores *= scaling if scaling is not None else dim ** -0.5
-    if attention_mask is not None:
-        scores.masked_fill_(~attention_mask.view(batch, 1, 1, -1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value).view(batch, heads, 1, dim)
-    return output.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-
-
-@contextmanager
-def _attention(model: torch.nn.Module, implementation: str | None):
-    """Switch the model's attention implementation for the duration of sampling."""
-    previous = model.config._attn_implementation
-    if implementation is None or implementation == previous:
-        yield
-        return
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 class _SlotLayer(CacheLayerMixin):
     """One layer's key/value buffer [rows, heads, columns, head_dim], written one column a step."""
 
@@ -301,15 +238,11 @@ class BosSampler:
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: nucleus mass; 1.0 keeps all.
         record_logprobs: keep per-token log-probabilities on each :class:`Sample`.
-        attention: attention implementation while sampling: "auto" (:func:`decode_attention`
-            on CPU, the model's own elsewhere), "decode", or any name transformers accepts
-            ("sdpa", "eager", ...).
     """
 
     def __init__(self, model: torch.nn.Module, bos_token_id: int, eos_token_id: int | None,
                  vocab_size: int, temperature: float, max_new_tokens: int, batch_size: int,
-                 seed: int, top_k: int = 0, top_p: float = 1.0, record_logprobs: bool = False,
-                 attention: str = "auto"):
+                 seed: int, top_k: int = 0, top_p: float = 1.0, record_logprobs: bool = False):
         self.model = model
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -322,14 +255,12 @@ class BosSampler:
         self.top_p = top_p
         self.record_logprobs = record_logprobs
         self.device = next(model.parameters()).device
-        if attention == "auto":
-            attention = "decode" if self.device.type == "cpu" else None
-        self.attention = DECODE_ATTENTION if attention == "decode" else attention
         self.steps = 0
         """decoding steps taken (one forward each), for throughput accounting."""
         self.rows_computed = 0
         """sum over steps of the batch rows computed."""
 
+    @torch.inference_mode()
     def sample(self, ids: Iterable[int]) -> Iterator[Sample]:
         """Sample every id in ``ids``, yielding each :class:`Sample` as soon as it ends.
 
@@ -338,11 +269,6 @@ class BosSampler:
         Args:
             ids: corpus ids to sample.
         """
-        with _attention(self.model, self.attention):
-            yield from self._sample(ids)
-
-    @torch.inference_mode()
-    def _sample(self, ids: Iterable[int]) -> Iterator[Sample]:
         pending = iter(ids)
         slot_ids: list[int | None] = []
         for _ in range(self.batch_size):

@@ -21,19 +21,13 @@ def _model_with_likely_eos(family: str, bias: float = 3.5):
     return model, tokenizer, bos, eos
 
 
-@pytest.mark.parametrize("attention", ["auto", "sdpa"])
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gpt_neox"])
-def test_cached_refilled_decoding_matches_a_full_forward(family, attention):
+def test_cached_refilled_decoding_matches_a_full_forward(family):
     model, tokenizer, bos, eos = _model_with_likely_eos(family)
     vocab = len(tokenizer)
     sampler = BosSampler(model, bos, eos, vocab, temperature=1.0, max_new_tokens=24,
-                         batch_size=4, seed=7, record_logprobs=True, attention=attention)
-    stream = sampler.sample(range(40))
-    samples = [next(stream)]
-    used = model.config._attn_implementation
-    samples += list(stream)
-    assert used == ("selftrain_decode" if attention == "auto" else "sdpa")  # CPU: decode path
-    assert model.config._attn_implementation == "sdpa"  # restored after sampling
+                         batch_size=4, seed=7, record_logprobs=True)
+    samples = list(sampler.sample(range(40)))
     lengths = {len(s.tokens) for s in samples}
     assert sorted(s.id for s in samples) == list(range(40))
     assert len(lengths) > 5 and sampler.steps > 24 + 16  # staggered refills and a cache shift
