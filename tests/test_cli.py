@@ -114,3 +114,22 @@ def test_generate_takes_a_temperature_list_and_a_config_file(tmp_path):
                        "--num_samples", "4", "--max_new_tokens", "4", "--temperature", "[1.5]")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "one" / "t1.5" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tool", ["decontaminate", "replay"])
+def test_corpus_tool_bad_input_is_one_line_and_writes_nothing(tmp_path, qwen_corpus, tool):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of real text.\n")
+    out = tmp_path / "out"
+    args = {"decontaminate": ["--corpus", str(qwen_corpus), "--benchmarks", str(empty)],
+            "replay": ["--match", str(qwen_corpus), "--sources", str(short),
+                       "--student", "tiny:qwen2"]}[tool]
+    result = selftrain(tool, *args, "--out", str(out))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("selftrain: error")]
+    flag = {"decontaminate": "--benchmarks", "replay": "--sources"}[tool]
+    assert len(errors) == 1 and errors[0].startswith(f"selftrain: error: {flag}"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "short.txt"]
