@@ -312,7 +312,7 @@ def _write(source: Corpus, keep: np.ndarray, record: dict[str, Any], out: Path,
         columns = {**columns, "id": list(range(len(source)))}
         names = ["id", *names]
     manifest = {key: value for key, value in (source.manifest or {}).items()
-                if key not in ("format", "tool_version", "created", "sharding")}
+                if key not in ("format", "tool_version", "created", "sharding", "generation")}
     if "decontamination" in manifest:
         record["previous"] = manifest["decontamination"]
     counts = dict(manifest.get("counts", {}))

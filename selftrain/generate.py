@@ -100,12 +100,14 @@ def generate(
              "bos_token_id": bos_token_id}
     targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
                for t in temperatures}
+    if isinstance(temperature, list) and Path(out).exists() and not Path(out).is_dir():
+        raise SelftrainError(f"--out {out} is a file; give a directory path")
     for t, target in targets.items():  # refuse before loading anything
         ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
             overwrite, compare=FLAG_KEYS)
 
-    rank, world = _init_distributed()
     target_device = _device(device)
+    rank, world = _init_distributed(target_device)
     tokenizer = load_tokenizer(model)
     source = load_model(model, dtype=dtype).to(target_device).eval()
     bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
@@ -113,6 +115,10 @@ def generate(
         source.config.eos_token_id)
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
+    rows = source.get_input_embeddings().weight.shape[0]
+    if not 0 <= bos_id < rows:
+        raise SelftrainError(f"--bos_token_id {bos_id} is outside the model's {rows} embedding "
+                             "rows; leave it unset to use the resolved BOS")
     resolved = {"revision": model_revision(model, source.config),
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "resolved_bos_token_id": bos_id, "eos_token_id": eos_id}
@@ -147,6 +153,7 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
                    source_name: str, overwrite: bool, rank: int, world: int) -> Path | None:
     """Fill the missing shards this rank owns, then (rank 0) write the manifest."""
     action = corpus.check(overwrite)
+    _barrier(world)  # every rank has looked at --out before rank 0 changes it
     if action == "done":
         log.info("%s is already complete with these settings; nothing to do", corpus.out)
         return corpus.out
@@ -199,7 +206,7 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
     return path
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size): from torchrun's environment, with a process group when world > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -207,10 +214,14 @@ def _init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         # Ranks wait for each other only at the start and the end; a slow rank may be hours
         # behind on a large corpus.
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+        timeout = datetime.timedelta(hours=12)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -227,7 +238,8 @@ def _sum_over_ranks(value: int, world: int) -> int:
     import torch.distributed as dist
 
     total = torch.tensor([value], dtype=torch.long,
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                         device=torch.cuda.current_device() if dist.get_backend() == "nccl"
+                         else "cpu")
     dist.all_reduce(total)
     return int(total.item())
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from selftrain.errors import SelftrainError
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -89,13 +91,18 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     if top_p < 1.0:
         weights, order = (weights / weights.sum(dim=-1, keepdim=True)).sort(
             dim=-1, descending=True)
-        if 0 < top_k < vocab:
+        if 0 < top_k < vocab:  # top-p then applies to the renormalized top-k distribution
             weights[:, top_k:] = 0
+            weights /= weights.sum(dim=-1, keepdim=True)
         mass_before = weights.cumsum(dim=-1) - weights
         weights = weights.masked_fill(mass_before >= top_p, 0)
     elif 0 < top_k < vocab:
         weights, order = weights.topk(top_k, dim=-1)  # sorted, and far cheaper than a sort
     index, total = _inverse_cdf(weights, uniforms.to(weights.device))
+    if not bool((total > 0).all()):
+        raise SelftrainError("the source's logits are not finite (an overflow in float16, or "
+                             "a --temperature too small to divide by); sample in bfloat16 or "
+                             "float32 (--dtype) or raise --temperature")
     chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1).double() / total
     tokens = index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return tokens, chosen.log()
@@ -255,6 +262,14 @@ class BosSampler:
         self.top_p = top_p
         self.record_logprobs = record_logprobs
         self.device = next(model.parameters()).device
+        self.mask_dtype = next(model.parameters()).dtype
+        if not self.mask_dtype.is_floating_point:
+            self.mask_dtype = torch.float32
+        implementation = getattr(model.config, "_attn_implementation", None) or ""
+        if "flash" in implementation:
+            raise SelftrainError(f"the source model uses {implementation}, which cannot take "
+                                 "the per-row 4D mask the sampler needs; load it with sdpa or "
+                                 "eager attention")
         self.steps = 0
         """decoding steps taken (one forward each), for throughput accounting."""
         self.rows_computed = 0
@@ -294,7 +309,10 @@ class BosSampler:
                 cache.shift(origin)
                 start -= origin
             column = cache.column
-            mask = (columns[: column + 1].unsqueeze(0) >= start.unsqueeze(1))[:, None, None, :]
+            hidden = columns[: column + 1].unsqueeze(0) < start.unsqueeze(1)
+            # additive, so eager attention (which adds the mask) and SDPA read it alike
+            mask = torch.zeros(hidden.shape, dtype=self.mask_dtype, device=self.device)
+            mask = mask.masked_fill_(hidden, torch.finfo(self.mask_dtype).min)[:, None, None, :]
             logits = self.model(input_ids=next_input.unsqueeze(1), attention_mask=mask,
                                 position_ids=(column - start).unsqueeze(1),
                                 past_key_values=cache, use_cache=True).logits[:, -1]

@@ -46,6 +46,15 @@ def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is unreadable (the dir is then not ours)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 class ShardedCorpus:
     """The shard layout, plan and completion state of one corpus dir.
 
@@ -69,14 +78,26 @@ class ShardedCorpus:
         """What ``out`` holds now: ("empty" | "complete" | "partial" | "foreign", its spec)."""
         if self.out.exists() and not self.out.is_dir():
             raise SelftrainError(f"--out {self.out} is a file; give a directory path")
-        if not self.out.exists() or not any(self.out.iterdir()):
+        if not self.out.exists() or self._only_leftovers():
             return "empty", None
         manifest, plan = self.out / MANIFEST_NAME, self.out / PLAN_NAME
         if manifest.exists():
-            return "complete", json.loads(manifest.read_text()).get("generation")
+            payload = _read_json(manifest)
+            return ("complete", payload.get("generation")) if payload else ("foreign", None)
         if plan.exists():
-            return "partial", json.loads(plan.read_text())
+            payload = _read_json(plan)
+            return ("partial", payload) if payload else ("foreign", None)
         return "foreign", None
+
+    def _only_leftovers(self) -> bool:
+        """Nothing but an empty ``data/`` and temp files: a run killed before its plan landed."""
+        for entry in self.out.iterdir():
+            if entry.name == DATA_DIR and entry.is_dir():
+                if any(not p.name.startswith(".") for p in entry.iterdir()):
+                    return False
+            elif not (entry.name.startswith(".") and ".tmp-" in entry.name):
+                return False
+        return True
 
     def check(self, overwrite: bool, compare: tuple[str, ...] | None = None) -> str:
         """Decide what to do with ``out`` without changing it.
@@ -122,11 +143,12 @@ class ShardedCorpus:
         """
         if replace and self.out.exists():
             shutil.rmtree(self.out)
-        (self.out / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        for stale in (self.out / DATA_DIR).glob(".*.tmp-*"):
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out.glob(".*.tmp-*"), *(self.out / DATA_DIR).glob(".*.tmp-*")]:
             stale.unlink(missing_ok=True)
-        if not (self.out / PLAN_NAME).exists():
+        if not (self.out / PLAN_NAME).exists():  # the plan lands first: the dir is ours
             write_json_atomic(self.spec, self.out / PLAN_NAME)
+        (self.out / DATA_DIR).mkdir(exist_ok=True)
 
     def shard_path(self, index: int) -> Path:
         """Where shard ``index`` lives once written."""

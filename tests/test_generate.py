@@ -144,6 +144,7 @@ def test_progress_bar_shows_samples_rate_and_eta(tmp_path, capsys):
     ({"top_p": 0.0}, "--top_p"),
     ({"top_k": -1}, "--top_k"),
     ({"shard_size": 0}, "--shard_size"),
+    ({"bos_token_id": 10_000}, "--bos_token_id"),
 ])
 def test_bad_flags_fail_before_writing(tmp_path, kwargs, flag):
     params = {"num_samples": 4, "max_new_tokens": 4, **kwargs}
@@ -158,3 +159,20 @@ def test_out_that_is_a_file_is_one_clear_error(tmp_path):
     with pytest.raises(SelftrainError, match="--out .* is a file"):
         make_corpus(target, num_samples=4)
     assert target.read_text() == "not a dir"
+
+
+def test_leftovers_of_a_run_killed_before_its_plan_are_not_foreign(tmp_path):
+    out = tmp_path / "c"
+    (out / "data").mkdir(parents=True)
+    (out / ".in_progress.json.tmp-123").write_text("{")
+    assert len(read_corpus(make_corpus(out, num_samples=8))) == 8
+    assert not (out / ".in_progress.json.tmp-123").exists()
+
+
+def test_unreadable_manifest_is_refused_then_replaced_with_overwrite(tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "manifest.json").write_text("{ not json")
+    with pytest.raises(SelftrainError, match="not a selftrain corpus"):
+        make_corpus(out, num_samples=4)
+    assert len(read_corpus(make_corpus(out, num_samples=4, overwrite=True))) == 4

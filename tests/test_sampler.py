@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
 from selftrain.sampler import BosSampler, draw_tokens, sample_uniforms
 
@@ -21,9 +22,12 @@ def _model_with_likely_eos(family: str, bias: float = 3.5):
     return model, tokenizer, bos, eos
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt_neox"])
-def test_cached_refilled_decoding_matches_a_full_forward(family):
+@pytest.mark.parametrize("family, attention", [
+    ("qwen2", "sdpa"), ("llama", "sdpa"), ("gpt_neox", "sdpa"), ("llama", "eager"),
+    ("gpt_neox", "eager")])
+def test_cached_refilled_decoding_matches_a_full_forward(family, attention):
     model, tokenizer, bos, eos = _model_with_likely_eos(family)
+    model.set_attn_implementation(attention)  # eager adds the mask: it must be additive
     vocab = len(tokenizer)
     sampler = BosSampler(model, bos, eos, vocab, temperature=1.0, max_new_tokens=24,
                          batch_size=4, seed=7, record_logprobs=True)
@@ -95,3 +99,19 @@ def test_top_k_and_top_p_truncate_then_renormalize():
     # the smallest top set whose mass reaches 0.9: tokens 0, 1, 2 (0.636 + 0.234 < 0.9)
     tokens, _ = draw_tokens(logits.expand(n, -1), uniforms, 1.0, top_p=0.9)
     assert set(tokens.tolist()) == {0, 1, 2}
+    # as in transformers: top-p applies to the renormalized top-k distribution
+    four = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    tokens, _ = draw_tokens(four.expand(n, -1), uniforms, 1.0, top_k=2, top_p=0.5)
+    assert set(tokens.tolist()) == {0}
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_non_finite_logits_are_a_clear_error_not_a_padded_id(top_k):
+    logits = torch.zeros(2, 300)
+    logits[1, 5] = float("inf")
+    uniforms = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    with pytest.raises(SelftrainError, match="not finite.*--dtype"):
+        draw_tokens(logits, uniforms, 1.0, top_k=top_k)
+    logits[1, 5] = float("nan")
+    with pytest.raises(SelftrainError, match="not finite"):
+        draw_tokens(logits, uniforms, 1.0, top_k=top_k)
