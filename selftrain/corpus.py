@@ -85,11 +85,7 @@ class CorpusWriter:
 
     def __enter__(self) -> CorpusWriter:
         self.out = Path(self.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise SelftrainError(f"--out {self.out} is a file; give a directory path")
-        if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
-            raise SelftrainError(f"--out {self.out} already holds files; choose a new dir or "
-                                 "pass --overwrite true")
+        check_out_dir(self.out, self.overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-",
                                               dir=self.out.parent))
@@ -133,6 +129,29 @@ class CorpusWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def refuse_file_path(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies under one (a dir can never be made there)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "it" if path == out else str(path)
+                raise SelftrainError(f"--out {out}: {where} is a file; choose a new directory")
+            return
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file or already holds files, unless ``overwrite``.
+
+    Args:
+        out: the directory a corpus is about to be written to.
+        overwrite: an existing non-empty directory may be replaced.
+    """
+    refuse_file_path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SelftrainError(f"--out {out}: already holds files; choose a new dir or pass "
+                             "--overwrite true")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

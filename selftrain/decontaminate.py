@@ -33,7 +33,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from selftrain.benchmarks import load_benchmark
-from selftrain.corpus import SCHEMA, Corpus, CorpusWriter, read_corpus
+from selftrain.corpus import (
+    SCHEMA,
+    Corpus,
+    CorpusWriter,
+    check_out_dir,
+    read_corpus,
+)
 from selftrain.errors import SelftrainError
 
 log = logging.getLogger(__name__)
@@ -125,13 +131,9 @@ def _validate(corpus: str, out: str, benchmarks: Sequence[str], ngram: int, limi
         raise SelftrainError("--benchmarks: none given; pass at least one .jsonl, task .yaml or "
                              "lm-eval task name")
     target = Path(out)
-    if target.exists() and not target.is_dir():
-        raise SelftrainError(f"--out {out}: is a file; choose a new directory")
-    if target.exists() and target.resolve() == Path(corpus).resolve():
+    if target.is_dir() and target.resolve() == Path(corpus).resolve():
         raise SelftrainError(f"--out {out}: is --corpus itself; write to a new directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise SelftrainError(f"--out {out}: already holds files; choose a new dir or pass "
-                             "--overwrite true")
+    check_out_dir(target, overwrite)
 
 
 @functools.cache

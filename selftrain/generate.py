@@ -100,8 +100,6 @@ def generate(
              "bos_token_id": bos_token_id}
     targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
                for t in temperatures}
-    if isinstance(temperature, list) and Path(out).exists() and not Path(out).is_dir():
-        raise SelftrainError(f"--out {out} is a file; give a directory path")
     for t, target in targets.items():  # refuse before loading anything
         ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
             overwrite, compare=FLAG_KEYS)

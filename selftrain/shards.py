@@ -31,6 +31,7 @@ from selftrain.corpus import (
     MANIFEST_NAME,
     PLAN_NAME,
     SCHEMA,
+    refuse_file_path,
     write_parquet_atomic,
 )
 from selftrain.errors import SelftrainError
@@ -76,8 +77,7 @@ class ShardedCorpus:
 
     def existing_spec(self) -> tuple[str, dict[str, Any] | None]:
         """What ``out`` holds now: ("empty" | "complete" | "partial" | "foreign", its spec)."""
-        if self.out.exists() and not self.out.is_dir():
-            raise SelftrainError(f"--out {self.out} is a file; give a directory path")
+        refuse_file_path(self.out)
         if not self.out.exists() or self._only_leftovers():
             return "empty", None
         manifest, plan = self.out / MANIFEST_NAME, self.out / PLAN_NAME

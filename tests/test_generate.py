@@ -158,6 +158,8 @@ def test_out_that_is_a_file_is_one_clear_error(tmp_path):
     target.write_text("not a dir")
     with pytest.raises(SelftrainError, match="--out .* is a file"):
         make_corpus(target, num_samples=4)
+    with pytest.raises(SelftrainError, match="--out .* is a file"):  # the parent of t*/ dirs
+        make_corpus(target, num_samples=4, temperature=[0.5, 1.0])
     assert target.read_text() == "not a dir"
 
 
