@@ -166,7 +166,6 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
                  corpus.num_shards - len(missing), corpus.num_shards)
 
     ids = [i for k in mine for i in corpus.shard_ids(k)]
-    shard_of = {k: corpus.shard_ids(k) for k in mine}
     pending: dict[int, list[dict[str, Any]]] = {k: [] for k in mine}
     num_subsets = manifest["num_subsets"]
     tokens = 0
@@ -183,14 +182,13 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
                 "text": tokenizer.decode(body, skip_special_tokens=True),
                 "finished": sample.finished, "subset": sample.id % num_subsets,
                 "source": source_name})
-            if len(pending[shard]) == len(shard_of[shard]):
+            if len(pending[shard]) == len(corpus.shard_ids(shard)):
                 corpus.write_shard(shard, pending.pop(shard))
             tokens += len(sample.tokens)
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
     seconds = time.perf_counter() - start
-    tokens_all = _sum_over_ranks(tokens, world)
-    samples_all = _sum_over_ranks(len(ids), world)
+    tokens_all, samples_all = _sum_over_ranks([tokens, len(ids)], world)
     _barrier(world)
     if rank != 0:
         return None
@@ -230,16 +228,17 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _sum_over_ranks(value: int, world: int) -> int:
+def _sum_over_ranks(values: list[int], world: int) -> list[int]:
+    """Element-wise sums over all ranks, in one all-reduce."""
     if world == 1:
-        return value
+        return values
     import torch.distributed as dist
 
-    total = torch.tensor([value], dtype=torch.long,
+    total = torch.tensor(values, dtype=torch.long,
                          device=torch.cuda.current_device() if dist.get_backend() == "nccl"
                          else "cpu")
     dist.all_reduce(total)
-    return int(total.item())
+    return total.tolist()
 
 
 def _device(device: str) -> torch.device:

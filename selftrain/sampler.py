@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -157,11 +158,9 @@ class _SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, heads, _, dim = key_states.shape
-        shape = (rows, heads, self.owner.capacity, dim)
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros((rows, value_states.shape[1], self.owner.capacity,
-                                              value_states.shape[-1]))
+        self.keys, self.values = (
+            states.new_zeros((*states.shape[:2], self.owner.capacity, states.shape[-1]))
+            for states in (key_states, value_states))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
@@ -285,12 +284,7 @@ class BosSampler:
             ids: corpus ids to sample.
         """
         pending = iter(ids)
-        slot_ids: list[int | None] = []
-        for _ in range(self.batch_size):
-            sample_id = next(pending, None)
-            if sample_id is None:
-                break
-            slot_ids.append(sample_id)
+        slot_ids: list[int | None] = list(islice(pending, self.batch_size))
         if not slot_ids:
             return
         rows = len(slot_ids)
@@ -350,9 +344,9 @@ class BosSampler:
                 next_input[index] = self.bos_token_id
                 start[index] = cache.column  # also parks idle rows on their own column
 
-            idle = len(slot_ids) - sum(sample_id is not None for sample_id in slot_ids)
-            if idle and 4 * idle >= len(slot_ids) and idle < len(slot_ids):
-                keep = [b for b, sample_id in enumerate(slot_ids) if sample_id is not None]
+            keep = [b for b, sample_id in enumerate(slot_ids) if sample_id is not None]
+            idle = len(slot_ids) - len(keep)
+            if idle and 4 * idle >= len(slot_ids) and keep:
                 index = torch.tensor(keep, device=self.device)
                 cache.keep_rows(index)
                 start, next_input = start[index], next_input[index]
