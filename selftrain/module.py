@@ -90,13 +90,23 @@ class StudentLM(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code)
+        self.load_tokenizer()
         self.model = load_model(hp.model, attn_implementation=hp.attn_implementation,
                                 revision=hp.revision, trust_remote_code=hp.trust_remote_code)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
+
+    def load_tokenizer(self):
+        """The student's tokenizer, loaded on first use.
+
+        Callbacks check their inputs with it before the weights are loaded.
+        """
+        if self.tokenizer is None:
+            hp = self.hparams
+            self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code)
+        return self.tokenizer
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -1,0 +1,128 @@
+"""`EpochEvaluation`: the cadence, logging and bookkeeping every evaluation callback shares.
+
+The paper's curves are deltas from the base model, so every evaluation runs once before the
+first optimizer step (epoch 0, global step 0) and then after every ``every_n_epochs``-th epoch,
+always including the last one. A subclass only says what to measure (:meth:`evaluate`) and
+what to check before training (:meth:`check`); this class
+
+- runs :meth:`check` once in ``setup``, so bad input fails before any epoch is trained
+  (``selftrain fit`` calls it even earlier, before the run dir is written);
+- skips the epoch-0 pass when a run resumes at a later step;
+- switches the student to eval mode, disables grad, enters the Trainer's precision context
+  (bf16 autocast under ``bf16-mixed``), and restores train mode afterwards;
+- logs the returned scalars to every logger at the global step, beside
+  ``eval/epochs_completed`` (the epoch axis) and ``eval_time/<name>`` (seconds spent);
+- appends one JSON line per evaluation to ``<run>/eval/<name>.jsonl``.
+
+Every rank calls :meth:`evaluate`; a subclass shards its work or lets rank 0 do it, and makes
+sure all ranks take part in the same collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from selftrain.errors import SelftrainError
+
+EPOCH_TAG = "eval/epochs_completed"
+
+
+class EpochEvaluation(Callback):
+    """Base class: evaluate at epoch 0 and after every n-th epoch (the last one included).
+
+    Args:
+        every_n_epochs: evaluate after every n-th training epoch; the last epoch always is.
+        run_at_start: evaluate the base model before the first optimizer step (epoch 0).
+    """
+
+    name = "eval"
+    """Short name: the ``eval_time/<name>`` tag and ``<run>/eval/<name>.jsonl``."""
+
+    def __init__(self, every_n_epochs: int = 1, run_at_start: bool = True) -> None:
+        if every_n_epochs < 1:
+            raise SelftrainError(f"{self.flag('every_n_epochs')} {every_n_epochs}: must be >= 1")
+        self.every_n_epochs = every_n_epochs
+        self.run_at_start = run_at_start
+        self.seconds = 0.0
+        self.evaluations = 0
+        self._checked = False
+
+    def flag(self, name: str) -> str:
+        """How a constructor argument is spelled in messages (``init_args.<name>`` of the class)."""
+        return f"{type(self).__name__}.{name}"
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validate the inputs against the student before training; raise SelftrainError.
+
+        Called once (by ``selftrain fit`` before anything is written, else in ``setup``).
+        """
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
+                 ) -> dict[str, float]:
+        """Measure the current student; return ``tag -> value`` (logged by rank 0).
+
+        Args:
+            trainer: the running Trainer.
+            pl_module: the student (in eval mode, grad off, precision context entered).
+            epoch: epochs completed (0: the base model, before any optimizer step).
+        """
+        raise NotImplementedError
+
+    def ensure_checked(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run :meth:`check` once."""
+        if not self._checked:
+            self.check(trainer, pl_module)
+            self._checked = True
+
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> Path:
+        """The run's root dir (``--trainer.default_root_dir``)."""
+        return Path(trainer.default_root_dir)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.ensure_checked(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_at_start and trainer.global_step == 0:
+            self._run(trainer, pl_module, epoch=0)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
+            self._run(trainer, pl_module, epoch=epoch)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        start = time.perf_counter()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                metrics = self.evaluate(trainer, pl_module, epoch)
+        finally:
+            pl_module.train(was_training)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.evaluations += 1
+        step = trainer.global_step
+        scalars = {**metrics, EPOCH_TAG: float(epoch), f"eval_time/{self.name}": seconds}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        if trainer.is_global_zero:
+            history = self.run_dir(trainer) / "eval" / f"{self.name}.jsonl"
+            history.parent.mkdir(parents=True, exist_ok=True)
+            with history.open("a") as handle:
+                handle.write(json.dumps({"epoch": epoch, "global_step": step,
+                                         "seconds": round(seconds, 3), "metrics": metrics})
+                             + "\n")

@@ -1,0 +1,148 @@
+"""`ExtractionProbe`: how many held-out sequences the student still reproduces verbatim.
+
+The paper's third finding is that capability and memorization decouple: while benchmark
+scores hold, verbatim extraction of held-out text falls by more than 95%. This callback
+measures extraction the way Biderman et al. (2023) and Pythia's memorized-sequence sets do:
+each probe row's first ``prefix_tokens`` tokens are the prefix, the student greedily decodes
+``suffix_tokens`` tokens, and the row is *memorized* iff every one equals the true
+continuation. Per domain it logs
+
+- ``extraction/<domain>/memorized``: the count of exactly reproduced rows, and
+- ``extraction/<domain>/match_rate``: the mean share of continuation tokens reproduced,
+
+plus ``extraction/memorized`` and ``extraction/match_rate`` over all rows when the set has
+more than one domain (two-part tags, so no domain name can collide with them). Rows are
+sharded over ranks and gathered exactly (:class:`selftrain.probe_metrics.RowResults`), so
+the numbers do not depend on the world size. With ``save_rows`` rank 0 also writes one
+parquet per evaluation, ``<run>/eval/extraction/epoch=E-step=S.parquet``, telling which
+rows were reproduced and which were forgotten.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from typing_extensions import override
+
+from callbacks.epoch_eval import EpochEvaluation
+from selftrain.errors import SelftrainError
+from selftrain.probe_metrics import RowResults, per_domain
+from selftrain.probes import ProbeSet, greedy_continuations, load_probe_set, shard_rows
+
+
+class ExtractionProbe(EpochEvaluation):
+    """Prefix-completion extraction: greedy continuation of each probe prefix, exact match.
+
+    Args:
+        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``).
+        prefix_tokens: tokens of each row given to the student as the prefix.
+        suffix_tokens: tokens the student decodes greedily and must reproduce.
+        batch_size: probe rows per forward pass.
+        every_n_epochs: evaluate after every n-th training epoch; the last epoch always is.
+        run_at_start: evaluate the base model before the first optimizer step (epoch 0).
+        save_rows: write per-row results of each evaluation to
+            ``<run>/eval/extraction/epoch=E-step=S.parquet`` (rank 0).
+    """
+
+    name = "extraction"
+
+    def __init__(
+        self,
+        probe_set: str,
+        prefix_tokens: int = 32,
+        suffix_tokens: int = 32,
+        batch_size: int = 32,
+        every_n_epochs: int = 1,
+        run_at_start: bool = True,
+        save_rows: bool = True,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
+        for arg, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens),
+                           ("batch_size", batch_size)):
+            if value < 1:
+                raise SelftrainError(f"{self.flag(arg)} {value}: must be >= 1")
+        if not str(probe_set).strip():
+            raise SelftrainError(f"{self.flag('probe_set')} is empty: give a parquet or jsonl "
+                                 "file of probe rows")
+        self.probe_set = str(probe_set)
+        self.prefix_tokens = prefix_tokens
+        self.suffix_tokens = suffix_tokens
+        self.batch_size = batch_size
+        self.save_rows = save_rows
+        self.probes: ProbeSet | None = None
+        self._matched: RowResults | None = None
+
+    @override
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Load the probe set with the student's tokenizer (bad rows fail before training)."""
+        self.probes = load_probe_set(self.probe_set, student_tokenizer(pl_module),
+                                     self.prefix_tokens, self.suffix_tokens,
+                                     flag=self.flag("probe_set"))
+
+    @override
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
+                 ) -> dict[str, float]:
+        probes = self.probes
+        assert probes is not None, "check() loads the probe set before the first evaluation"
+        if self._matched is None:
+            self._matched = RowResults(len(probes))
+        metric = self._matched.to(pl_module.device)
+        rows = shard_rows(len(probes), trainer.global_rank, trainer.world_size)
+        generated = greedy_continuations(pl_module.model, probes.prefixes[rows],
+                                         self.suffix_tokens, self.batch_size)
+        matched = (generated == probes.suffixes[rows]).sum(dim=-1)
+        metric.update(rows, matched.double())  # every rank, even with an empty shard
+        matched = metric.compute().round().long()
+        metric.reset()
+
+        memorized = matched == self.suffix_tokens
+        rate = matched.double() / self.suffix_tokens
+        counts = per_domain(memorized.double(), probes.domain_index, len(probes.domains), "sum")
+        rates = per_domain(rate, probes.domain_index, len(probes.domains), "mean")
+        metrics: dict[str, float] = {}
+        for i, domain in enumerate(probes.domains):
+            metrics[f"extraction/{domain}/memorized"] = float(counts[i])
+            metrics[f"extraction/{domain}/match_rate"] = float(rates[i])
+        if len(probes.domains) > 1:
+            metrics["extraction/memorized"] = float(memorized.sum())
+            metrics["extraction/match_rate"] = float(rate.mean())
+        if self.save_rows and trainer.is_global_zero:
+            self._write_rows(trainer, epoch, matched, memorized)
+        return metrics
+
+    def _write_rows(self, trainer: L.Trainer, epoch: int, matched: torch.Tensor,
+                    memorized: torch.Tensor) -> Path:
+        """Per-row results of one evaluation, written atomically (temp file, then rename)."""
+        probes = self.probes
+        target = (self.run_dir(trainer) / "eval" / self.name
+                  / f"epoch={epoch}-step={trainer.global_step}.parquet")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table({
+            "row": pa.array(range(len(probes)), pa.int64()),
+            "domain": pa.array([probes.domains[i] for i in probes.domain_index.tolist()],
+                               pa.string()),
+            "matched_tokens": pa.array(matched.tolist(), pa.int32()),
+            "memorized": pa.array(memorized.tolist(), pa.bool_()),
+        })
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, staging)
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
+        return target
+
+
+def student_tokenizer(pl_module: L.LightningModule):
+    """The student's tokenizer, usable before its weights are loaded."""
+    load = getattr(pl_module, "load_tokenizer", None)
+    tokenizer = load() if callable(load) else getattr(pl_module, "tokenizer", None)
+    if tokenizer is None:
+        raise SelftrainError(f"{type(pl_module).__name__} has no tokenizer; the probes need "
+                             "the student's tokenizer (use selftrain's StudentLM)")
+    return tokenizer

@@ -1,0 +1,289 @@
+"""Probe sets and the maths of the two memorization probes.
+
+A probe set is a parquet or jsonl file of rows with ``text`` or ``input_ids`` and a ``domain``.
+Each row gives one window: its first ``prefix_tokens`` tokens are the prefix y, the next
+``suffix_tokens`` the true continuation x (32 + 32 by default, as in Biderman et al. 2023 and
+the Pythia memorized-sequence sets). Two measurements use it:
+
+- :func:`greedy_continuations` -- extraction: greedy decoding of ``suffix_tokens`` tokens from
+  each prefix; a row is *memorized* iff every generated token equals the true one.
+- :func:`continuation_logprobs` -- likelihood: log p(x | y), summed over the continuation,
+  teacher-forced in one forward pass.
+
+Both take equal-length rows, so batches need no padding and results do not depend on the
+batch size. :func:`token_nll_rows` / :func:`token_nll_sums` give the next-token NLL of ragged
+rows (the training-corpus sample the likelihood tracker follows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from selftrain.batching import pad_collate
+from selftrain.errors import SelftrainError
+from selftrain.models import tokenizer_fingerprint
+
+METADATA_KEY = b"selftrain"
+"""Parquet schema metadata key of a probe set written by selftrain (JSON: model, tokenizer...)."""
+
+
+@dataclass
+class ProbeSet:
+    """Probe windows ready for the student.
+
+    Args:
+        path: the file it came from.
+        input_ids: ``[N, prefix_tokens + suffix_tokens]`` token ids (long).
+        domain_index: ``[N]`` index into ``domains`` per row.
+        domains: domain names, sorted.
+        prefix_tokens: tokens of each prefix.
+        suffix_tokens: tokens of each true continuation.
+    """
+
+    path: Path
+    input_ids: torch.Tensor
+    domain_index: torch.Tensor
+    domains: list[str]
+    prefix_tokens: int
+    suffix_tokens: int
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def prefixes(self) -> torch.Tensor:
+        """``[N, prefix_tokens]`` prefixes y."""
+        return self.input_ids[:, : self.prefix_tokens]
+
+    @property
+    def suffixes(self) -> torch.Tensor:
+        """``[N, suffix_tokens]`` true continuations x."""
+        return self.input_ids[:, self.prefix_tokens:]
+
+    def fingerprint(self) -> str:
+        """Hash of the ids, domains and split: equal iff the probes are the same."""
+        digest = hashlib.sha256()
+        digest.update(self.input_ids.numpy().astype(np.int64).tobytes())
+        digest.update(self.domain_index.numpy().astype(np.int64).tobytes())
+        digest.update(json.dumps([self.domains, self.prefix_tokens, self.suffix_tokens,
+                                  list(self.input_ids.shape)]).encode())
+        return digest.hexdigest()[:16]
+
+
+def read_probe_rows(path: str | Path, flag: str) -> tuple[dict[str, list], dict]:
+    """Columns of a probe file (parquet or jsonl) and its selftrain metadata (or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelftrainError(f"{flag} {path}: no such file; build one with `selftrain "
+                             "probeset` or `selftrain plant`, or give a parquet/jsonl file")
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+            raise SelftrainError(f"{flag} {path}: not a readable parquet file ({first})") from None
+        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        return table.to_pydict(), json.loads(raw) if raw else {}
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise SelftrainError(f"{flag} {path}: line {number} is not a JSON object; "
+                                     "write one object per line")
+            rows.append(row)
+        names = sorted({name for row in rows for name in row})
+        return {name: [row.get(name) for row in rows] for name in names}, {}
+    raise SelftrainError(f"{flag} {path}: unsupported file type; use .parquet or .jsonl")
+
+
+def load_probe_set(path: str | Path, tokenizer, prefix_tokens: int = 32,
+                   suffix_tokens: int = 32, flag: str = "--probe_set",
+                   same_tokenizer: bool | None = None) -> ProbeSet:
+    """Read a probe set and cut each row to one prefix + continuation window.
+
+    Stored ``input_ids`` are used as they are when they are the student's (the file's
+    tokenizer fingerprint matches, or there is no ``text`` to tokenize); otherwise ``text``
+    is tokenized without special tokens. Rows without a ``domain`` belong to ``all``.
+
+    Args:
+        path: parquet or jsonl file.
+        tokenizer: the student's tokenizer.
+        prefix_tokens: prefix length y.
+        suffix_tokens: continuation length x.
+        flag: the flag the path came from, named in error messages.
+        same_tokenizer: force using (True) or ignoring (False) stored ``input_ids``.
+
+    Raises:
+        SelftrainError: missing or empty file, rows shorter than the window, ids outside the
+            student's vocabulary.
+    """
+    if prefix_tokens < 1 or suffix_tokens < 1:
+        raise SelftrainError(f"{flag}: prefix and suffix lengths must be >= 1, got "
+                             f"{prefix_tokens} + {suffix_tokens}")
+    columns, metadata = read_probe_rows(path, flag)
+    count = len(next(iter(columns.values()), []))
+    if count == 0:
+        raise SelftrainError(f"{flag} {path}: the probe set is empty")
+    if "input_ids" not in columns and "text" not in columns:
+        raise SelftrainError(f"{flag} {path}: rows need a 'text' or 'input_ids' column")
+    use_ids = "input_ids" in columns and (
+        same_tokenizer if same_tokenizer is not None else (
+            "text" not in columns
+            or metadata.get("tokenizer_fingerprint") == tokenizer_fingerprint(tokenizer)))
+    if use_ids:
+        sequences = [list(ids or []) for ids in columns["input_ids"]]
+    else:
+        if "text" not in columns:
+            raise SelftrainError(f"{flag} {path}: its input_ids are not the student's and it "
+                                 "has no 'text' column to tokenize")
+        texts = [text or "" for text in columns["text"]]
+        sequences = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    window = prefix_tokens + suffix_tokens
+    short = sum(len(ids) < window for ids in sequences)
+    if short:
+        raise SelftrainError(
+            f"{flag} {path}: {short} of {count} rows have fewer than {window} tokens (prefix "
+            f"{prefix_tokens} + suffix {suffix_tokens}) under the student's tokenizer; drop "
+            "those rows or lower the prefix/suffix lengths")
+    input_ids = torch.tensor([ids[:window] for ids in sequences], dtype=torch.long)
+    if int(input_ids.max()) >= len(tokenizer) or int(input_ids.min()) < 0:
+        raise SelftrainError(f"{flag} {path}: token ids outside the student's vocabulary "
+                             f"({len(tokenizer)} tokens); store 'text' so it can be tokenized")
+    names = [str(d) if d is not None else "all" for d in columns.get("domain", ["all"] * count)]
+    domains = sorted(set(names))
+    bad = [d for d in domains if not d or "/" in d]
+    if bad:
+        raise SelftrainError(f"{flag} {path}: domain names must be non-empty and contain no "
+                             f"'/' (they become TensorBoard tags): {bad[:3]}")
+    lookup = {name: i for i, name in enumerate(domains)}
+    domain_index = torch.tensor([lookup[d] for d in names], dtype=torch.long)
+    return ProbeSet(Path(path), input_ids, domain_index, domains, prefix_tokens, suffix_tokens)
+
+
+def shard_rows(count: int, rank: int, world_size: int) -> torch.Tensor:
+    """Row indices this rank evaluates: ``rank, rank + W, ...`` (every row exactly once).
+
+    A rank past the last row gets an empty shard (it must still take part in the gather).
+    """
+    return torch.arange(min(rank, count), count, world_size)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy_continuations(model: torch.nn.Module, prefixes: torch.Tensor, new_tokens: int,
+                         batch_size: int = 32) -> torch.Tensor:
+    """Greedy (argmax) continuation of equal-length prefixes, with a KV cache.
+
+    Args:
+        model: a transformers causal LM (eval mode is the caller's job).
+        prefixes: ``[N, P]`` token ids.
+        new_tokens: tokens to generate per row.
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``[N, new_tokens]`` generated ids (on the CPU).
+    """
+    device = _device(model)
+    out = torch.empty((prefixes.shape[0], new_tokens), dtype=torch.long)
+    for start in range(0, prefixes.shape[0], batch_size):
+        ids = prefixes[start:start + batch_size].to(device)
+        step = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        generated = torch.empty((ids.shape[0], new_tokens), dtype=torch.long, device=device)
+        for position in range(new_tokens):
+            token = step.logits[:, -1].argmax(dim=-1)
+            generated[:, position] = token
+            if position + 1 < new_tokens:
+                step = model(input_ids=token[:, None], past_key_values=step.past_key_values,
+                             use_cache=True)
+        out[start:start + ids.shape[0]] = generated.cpu()
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
+                          batch_size: int = 32) -> torch.Tensor:
+    """Log p(x | y) per row, summed over the continuation x = ``input_ids[:, prefix_tokens:]``.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: ``[N, P + S]`` windows.
+        prefix_tokens: P; the first continuation token is predicted from position P - 1.
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``[N]`` float64 log-probabilities (on the CPU).
+    """
+    device = _device(model)
+    suffix = input_ids.shape[1] - prefix_tokens
+    out = torch.empty(input_ids.shape[0], dtype=torch.float64)
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=suffix + 1).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, ids[:, prefix_tokens:, None]).squeeze(-1)
+        out[start:start + ids.shape[0]] = picked.double().sum(dim=-1).cpu()
+    return out
+
+
+@torch.no_grad()
+def token_nll_rows(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
+                   batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and the number of predicted tokens of each ragged row.
+
+    Per-row values can be gathered over ranks and summed in row order, so a corpus NLL does
+    not depend on how the rows were split or batched.
+
+    Args:
+        model: a transformers causal LM.
+        rows: token id lists (each row's first token is context only).
+        pad_id: id used for padding (masked out).
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``([N] float64 NLL sums, [N] long predicted-token counts)``, on the CPU.
+    """
+    device = _device(model)
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    counts = torch.zeros(len(rows), dtype=torch.long)
+    for start in range(0, len(rows), batch_size):
+        batch = pad_collate([{"input_ids": ids} for ids in rows[start:start + batch_size]],
+                            pad_id=pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        labels = batch["labels"][:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        end = start + labels.shape[0]
+        sums[start:end] = nll.double().sum(dim=-1).cpu()
+        counts[start:end] = (labels != -100).sum(dim=-1).cpu()
+    return sums, counts
+
+
+def token_nll_sums(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
+                   batch_size: int = 16) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens over ragged rows.
+
+    Args:
+        model: a transformers causal LM.
+        rows: token id lists (each row's first token is context only).
+        pad_id: id used for padding (masked out).
+        batch_size: rows per forward pass.
+    """
+    sums, counts = token_nll_rows(model, rows, pad_id, batch_size)
+    return float(sums.sum()), int(counts.sum())

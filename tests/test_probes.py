@@ -1,0 +1,258 @@
+"""The probes' core maths (selftrain.probes, selftrain.probe_metrics) against references."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from selftrain.errors import SelftrainError
+from selftrain.models import load_model, load_tokenizer, tokenizer_fingerprint
+from selftrain.probe_metrics import RowResults, per_domain
+from selftrain.probes import (
+    METADATA_KEY,
+    continuation_logprobs,
+    greedy_continuations,
+    load_probe_set,
+    shard_rows,
+    token_nll_rows,
+    token_nll_sums,
+)
+
+
+def random_rows(count, length=64, seed=0, vocab=256):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=generator)
+
+
+def memorize(sequences, steps=300, lr=1e-2):
+    """tiny:qwen2 trained with plain AdamW until greedy decoding reproduces `sequences`."""
+    model = load_model("tiny:qwen2")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=sequences, labels=sequences).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 5e-3:
+            break
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    sequences = random_rows(4, seed=1)
+    return sequences, memorize(sequences)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny:qwen2")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- decoding and scoring ---------------------------------------------------------------
+
+
+def test_greedy_continuations_equal_generate_and_do_not_depend_on_the_batch(planted):
+    sequences, model = planted
+    prefixes = torch.cat([sequences[:, :32], random_rows(3, 32, seed=9)])
+    ours = greedy_continuations(model, prefixes, 32, batch_size=32)
+    assert torch.equal(ours[:4], sequences[:, 32:])  # the planted rows come back verbatim
+    reference = model.generate(prefixes, attention_mask=torch.ones_like(prefixes),
+                               do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                               eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, reference[:, 32:])
+    assert len({tuple(row) for row in ours[4:].tolist()}) == 3  # not a constant output
+    for batch_size in (1, 2, 5):
+        assert torch.equal(greedy_continuations(model, prefixes, 32, batch_size), ours)
+    assert greedy_continuations(model, prefixes[:0], 32).shape == (0, 32)
+
+
+def test_continuation_logprobs_equal_a_full_forward_log_softmax(planted):
+    _, model = planted
+    ids = random_rows(5, 24, seed=2)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+    expected = torch.stack([sum(logprobs[i, t - 1, ids[i, t]] for t in range(10, 24))
+                            for i in range(5)])
+    ours = continuation_logprobs(model, ids, prefix_tokens=10, batch_size=2)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(continuation_logprobs(model, ids, 10, batch_size=5), ours,
+                               rtol=1e-6, atol=1e-5)
+    # one more prefix token scores one token fewer: the two differ by exactly that token
+    shorter = continuation_logprobs(model, ids, prefix_tokens=11)
+    torch.testing.assert_close(ours - shorter, logprobs[torch.arange(5), 9, ids[:, 10]],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_planted_continuations_are_likely_and_random_ones_are_not(planted):
+    sequences, model = planted
+    planted_lp = continuation_logprobs(model, sequences, 32)
+    random_lp = continuation_logprobs(model, random_rows(4, seed=3), 32)
+    assert planted_lp.max() < 0 and planted_lp.min() > -1.0, planted_lp
+    assert random_lp.max() < -32 * 2, random_lp
+
+
+def test_token_nll_sums_equal_hf_loss_times_count(planted):
+    _, model = planted
+    rows = [random_rows(1, n, seed=n)[0].tolist() for n in (5, 17, 2, 9)]
+    expected_sums, expected_counts = [], []
+    for ids in rows:
+        tensor = torch.tensor([ids])
+        with torch.no_grad():
+            loss = model(input_ids=tensor, labels=tensor).loss
+        expected_sums.append(float(loss) * (len(ids) - 1))
+        expected_counts.append(len(ids) - 1)
+    sums, counts = token_nll_rows(model, rows, pad_id=256, batch_size=3)
+    assert counts.tolist() == expected_counts
+    torch.testing.assert_close(sums, torch.tensor(expected_sums, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+    total, count = token_nll_sums(model, rows, pad_id=256, batch_size=2)
+    assert count == 29 and total == pytest.approx(sum(expected_sums), rel=1e-5)
+    assert token_nll_sums(model, [], pad_id=256) == (0.0, 0)
+
+
+# --- probe sets ---------------------------------------------------------------------------
+
+
+def test_text_and_ids_give_the_same_windows(tmp_path, tokenizer):
+    texts = ["the quick brown fox jumps over the lazy dog " * 2, "x" * 70]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    by_text = load_probe_set(write_jsonl(tmp_path / "t.jsonl", [
+        {"text": t, "domain": d} for t, d in zip(texts, ["web", "code"], strict=True)]),
+        tokenizer, 16, 8)
+    by_ids = load_probe_set(write_jsonl(tmp_path / "i.jsonl", [
+        {"input_ids": i, "domain": d} for i, d in zip(ids, ["web", "code"], strict=True)]),
+        tokenizer, 16, 8)
+    assert torch.equal(by_text.input_ids, by_ids.input_ids)
+    assert by_text.input_ids.shape == (2, 24)
+    assert torch.equal(by_text.prefixes, torch.tensor([i[:16] for i in ids]))
+    assert torch.equal(by_text.suffixes, torch.tensor([i[16:24] for i in ids]))
+    assert by_text.domains == ["code", "web"] and by_text.domain_index.tolist() == [1, 0]
+    assert by_text.fingerprint() == by_ids.fingerprint()
+    assert load_probe_set(tmp_path / "t.jsonl", tokenizer, 16, 7).fingerprint() \
+        != by_text.fingerprint()
+    assert load_probe_set(tmp_path / "t.jsonl", tokenizer, 15, 9).fingerprint() \
+        != by_text.fingerprint()
+
+
+def test_stored_ids_are_used_only_when_they_are_the_students(tmp_path, tokenizer):
+    text = "a" * 40
+    table = pa.table({"text": [text], "input_ids": [list(range(100, 140))]})
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(table, foreign)
+    own = tmp_path / "own.parquet"
+    metadata = {METADATA_KEY: json.dumps({"tokenizer_fingerprint":
+                                          tokenizer_fingerprint(tokenizer)})}
+    pq.write_table(table.replace_schema_metadata(metadata), own)
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
+    assert load_probe_set(foreign, tokenizer, 20, 20).input_ids[0].tolist() == text_ids
+    assert load_probe_set(own, tokenizer, 20, 20).input_ids[0].tolist() == list(range(100, 140))
+    assert load_probe_set(foreign, tokenizer, 20, 20, same_tokenizer=True
+                          ).input_ids[0].tolist() == list(range(100, 140))
+    assert load_probe_set(own, tokenizer, 20, 20, same_tokenizer=False
+                          ).input_ids[0].tolist() == text_ids
+    assert load_probe_set(own, tokenizer, 20, 20).domains == ["all"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"input_ids": list(range(64))}, {"input_ids": list(range(10))},
+      {"input_ids": list(range(63))}, {"input_ids": list(range(70))}],
+     "2 of 4 rows have fewer than 64 tokens (prefix 32 + suffix 32)"),
+    ([{"domain": "web"}], "rows need a 'text' or 'input_ids' column"),
+    ([{"input_ids": [5] * 63 + [300]}], "token ids outside the student's vocabulary (257"),
+    ([{"input_ids": [5] * 64, "domain": "a/b"}], "contain no '/'"),
+    ([{"input_ids": [5] * 64, "domain": ""}], "must be non-empty"),
+    ([], "the probe set is empty"),
+])
+def test_bad_probe_sets_fail_with_the_flag_and_the_reason(tmp_path, tokenizer, rows, message):
+    path = write_jsonl(tmp_path / "probes.jsonl", rows)
+    with pytest.raises(SelftrainError) as error:
+        load_probe_set(path, tokenizer, flag="--probe_set")
+    text = str(error.value)
+    assert text.startswith(f"--probe_set {path}") and message in text, text
+    assert "\n" not in text
+
+
+def test_unreadable_probe_files_fail_with_one_line(tmp_path, tokenizer):
+    cases = {tmp_path / "missing.jsonl": "no such file",
+             tmp_path / "probes.csv": "unsupported file type",
+             tmp_path / "broken.parquet": "not a readable parquet file",
+             tmp_path / "broken.jsonl": "line 2 is not a JSON object"}
+    (tmp_path / "probes.csv").write_text("input_ids\n1\n")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "broken.jsonl").write_text('{"input_ids": [1]}\n[1, 2]\n')
+    for path, message in cases.items():
+        with pytest.raises(SelftrainError, match=message) as error:
+            load_probe_set(path, tokenizer, flag="X.probe_set")
+        assert str(error.value).startswith("X.probe_set") and "\n" not in str(error.value)
+    with pytest.raises(SelftrainError, match="must be >= 1"):
+        load_probe_set(tmp_path / "missing.jsonl", tokenizer, prefix_tokens=0)
+
+
+# --- sharding and the DDP reduction -------------------------------------------------------
+
+
+@pytest.mark.parametrize("count, world", [(7, 2), (1, 2), (1, 3), (0, 3), (10, 4)])
+def test_shards_cover_every_row_once(count, world):
+    shards = [shard_rows(count, rank, world) for rank in range(world)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(count))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_row_results_put_values_in_row_order_and_per_domain_reduces():
+    metric = RowResults(5)
+    metric.update(torch.tensor([4, 0]), torch.tensor([1.5, -2.0], dtype=torch.float64))
+    metric.update(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.float64))
+    metric.update(torch.tensor([2, 1, 3]), torch.tensor([0.25, 3.0, 7.0], dtype=torch.float64))
+    values = metric.compute()
+    assert values.tolist() == [-2.0, 3.0, 0.25, 7.0, 1.5] and values.dtype == torch.float64
+    domains = torch.tensor([1, 0, 1, 1, 0])
+    assert per_domain(values, domains, 3).tolist() == [2.25, (-2.0 + 0.25 + 7.0) / 3, 0.0]
+    assert per_domain(values, domains, 3, reduce="sum").tolist() == [4.5, 5.25, 0.0]
+    metric.reset()
+    metric.update(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="3 of 5 rows were not evaluated"):
+        metric.compute()
+    single = RowResults(1)  # torchmetrics squeezes 1-element results; a row vector stays one
+    single.update(torch.tensor([0]), torch.tensor([4.0], dtype=torch.float64))
+    assert single.compute().shape == (1,)
+
+
+def _gather_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        results = {}
+        for count in (5, 1, 4):  # uneven shards, an empty shard on rank 1, even shards
+            metric = RowResults(count)
+            rows = shard_rows(count, rank, world)
+            for part in (rows[:1], rows[1:]):  # two updates: the second may be empty
+                metric.update(part, part.double() * 10 + 0.5)
+            results[count] = metric.compute().tolist()
+            metric.reset()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_results_gather_the_full_vector_on_every_rank_under_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+             join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for count, values in results.items():
+            assert values == [i * 10 + 0.5 for i in range(count)], (rank, count)
