@@ -24,6 +24,9 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                       "drop samples sharing an n-gram with benchmark items"),
     "replay": ("selftrain.replay", "replay",
                "real-text baseline token-matched to a synthetic corpus"),
+    "probeset": ("selftrain.probeset", "probeset",
+                 "held-out windows a model extracts verbatim (probe set)"),
+    "plant": ("selftrain.plant", "plant", "fine-tune canary windows into a base until extracted"),
 }
 """subcommand -> (module, function, one-line summary); imported only when used."""
 
@@ -77,9 +80,21 @@ def main(argv: list[str] | None = None) -> None:
             from selftrain.trainer_cli import SelftrainCLI
 
             SelftrainCLI(args=None if argv_from_sys else argv)
-    except SelftrainError as error:
-        print(f"selftrain: error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
+        print(f"selftrain: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(error: BaseException | None) -> SelftrainError | None:
+    """The SelftrainError behind an error (jsonargparse wraps errors raised by nested classes)."""
+    while error is not None:
+        if isinstance(error, SelftrainError):
+            return error
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,293 @@
+"""BenchmarkEval: lm-eval on the in-memory student, deltas from the base, resume, gating, DDP."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS, REPO
+from lightning.pytorch import Callback, Trainer
+
+from callbacks.benchmark_eval import BenchmarkEval, metric_scores
+from selftrain.cli import main
+from selftrain.errors import SelftrainError
+from selftrain.module import StudentLM
+from selftrain.tb import read_scalars
+from selftrain.trainer_cli import SelftrainCLI
+
+DEBUG = str(CONFIGS / "debug.yaml")
+NO_CALLBACKS = "--trainer.callbacks=[]"  # the debug config's own callbacks off: only ours run
+CORPUS = str(CONFIGS / "data" / "tiny_qwen2_self")
+TASKS = str(CONFIGS / "tasks")
+BENCHMARK = "callbacks.benchmark_eval.BenchmarkEval"
+SETTINGS = {"tasks": {"selftrain_facts": 2, "selftrain_arith": None}, "include_path": TASKS,
+            "limit": 8}
+SHOTS = {"selftrain_facts": 2, "selftrain_arith": 3}  # arith: its YAML's num_fewshot
+METRICS = ["selftrain_facts/acc", "selftrain_facts/acc_norm",
+           "selftrain_arith/exact_match_strict-match",
+           "selftrain_arith/exact_match_flexible-extract"]
+
+
+def callback_config(path, **init_args):
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": BENCHMARK, "init_args": init_args}]}}))
+    return str(path)
+
+
+def cli(run, *flags):
+    return SelftrainCLI(args=["--config", DEBUG, NO_CALLBACKS,
+                              "--trainer.default_root_dir", str(run),
+                              "--data.corpus", CORPUS, "--trainer.enable_progress_bar",
+                              "false", "--model.export_hf", "never", *flags], run=False)
+
+
+class TrainMode(Callback):
+    """Records whether the student is in train mode at every training batch."""
+
+    def __init__(self):
+        self.modes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append((pl_module.training, pl_module.model.training))
+
+
+def benchmark(built):
+    (found,) = [c for c in built.trainer.callbacks if isinstance(c, BenchmarkEval)]
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 epochs, every 2nd evaluated, run from a foreign cwd (data paths must still resolve)."""
+    root = tmp_path_factory.mktemp("benchmark")
+    extra = callback_config(root / "benchmark.yaml", every_n_epochs=2, **SETTINGS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        built = cli(root / "run", "--config", extra, "--trainer.max_epochs", "3")
+        probe = TrainMode()
+        built.trainer.callbacks.append(probe)
+        built.trainer.fit(built.model, built.datamodule)
+    return root / "run", built, probe
+
+
+def test_scores_deltas_cadence_and_results_files(trained):
+    run, built, probe = trained
+    scalars = read_scalars(run / "tb")
+    for metric in METRICS:
+        assert [s for s, _ in scalars[f"benchmark/{metric}"]] == [0, 48, 72]  # epochs 0, 2, 3
+        deltas = dict(scalars[f"benchmark_delta/{metric}"])
+        values = dict(scalars[f"benchmark/{metric}"])
+        assert deltas[0] == 0.0
+        for step in (48, 72):
+            assert deltas[step] == pytest.approx(values[step] - values[0], abs=1e-6)
+    assert [v for _, v in scalars["eval/epochs_completed"]] == [0, 2, 3]
+    assert len(probe.modes) == 72 and set(probe.modes) == {(True, True)}  # train mode restored
+
+    files = sorted(p.name for p in (run / "eval" / "benchmark").iterdir())
+    assert files == ["epoch=0-step=0.json", "epoch=2-step=48.json", "epoch=3-step=72.json"]
+    for name in files:
+        document = json.loads((run / "eval" / "benchmark" / name).read_text())
+        assert set(document["results"]) == set(document["configs"]) == set(SHOTS)
+        assert document["n-shot"] == SHOTS
+        assert {k: v["effective"] for k, v in document["n-samples"].items()} == \
+            {"selftrain_facts": 8, "selftrain_arith": 8}
+        assert "samples" not in document and document["config"]["model"] == "tiny:qwen2"
+        logged = {f"benchmark/{k}": v for k, v in metric_scores(document["results"]).items()}
+        step = document["global_step"]
+        assert {k: pytest.approx(dict(scalars[k])[step], abs=1e-6) for k in logged} == logged
+    history = [json.loads(line) for line in (run / "eval" / "benchmark.jsonl").open()]
+    assert [h["epoch"] for h in history] == [0, 2, 3]
+
+
+def test_metric_names_drop_stderr_alias_and_name_filters():
+    row = {"alias": "t", "sample_len": 8, "acc,none": 0.5, "acc_stderr,none": "N/A",
+           "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1}
+    assert metric_scores({"t": row}) == {"t/acc": 0.5, "t/exact_match_strict-match": 0.25}
+
+
+def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    base = json.loads((run / "eval" / "benchmark" / "epoch=0-step=0.json").read_text())
+    base = metric_scores(base["results"])
+    extra = callback_config(tmp_path / "benchmark.yaml", **SETTINGS)
+
+    resumed = cli(run, "--config", extra, "--trainer.max_epochs", "4")
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path="last")
+    assert benchmark(resumed).state_dict()["base"] == base  # from the checkpoint, not re-run
+    scalars = read_scalars(run / "tb")
+    for metric in METRICS:
+        values = dict(scalars[f"benchmark/{metric}"])
+        assert max(values) == 96
+        assert dict(scalars[f"benchmark_delta/{metric}"])[96] == pytest.approx(
+            values[96] - base[metric], abs=1e-6)
+
+    changed = callback_config(tmp_path / "changed.yaml", **{**SETTINGS, "limit": 4})
+    other = cli(run, "--config", changed, "--trainer.max_epochs", "5")
+    with pytest.raises(SelftrainError, match=r"^BenchmarkEval.limit: differs from the run's"):
+        other.trainer.fit(other.model, other.datamodule, ckpt_path="last")
+    new_task = callback_config(tmp_path / "new.yaml", tasks={"selftrain_facts": 1},
+                               include_path=TASKS, limit=8)  # no base for this task set
+    other = cli(run, "--config", new_task, "--trainer.max_epochs", "5")
+    with pytest.raises(SelftrainError, match=r"^BenchmarkEval.run_at_start: this run resumes"):
+        other.trainer.fit(other.model, other.datamodule, ckpt_path="last")
+
+
+UNSAFE_YAML = """task: unsafe_echo
+dataset_path: json
+dataset_kwargs: {data_files: {test: unsafe_echo.jsonl}}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 4, do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+unsafe_code: true
+"""
+
+
+@pytest.fixture
+def student():
+    module = StudentLM("tiny:qwen2")
+    module.configure_model()
+    return module
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_code_execution_tasks_run_only_when_allowed(tmp_path, monkeypatch, student, allow):
+    tasks_dir = tmp_path / "unsafe"
+    tasks_dir.mkdir()
+    (tasks_dir / "unsafe_echo.yaml").write_text(UNSAFE_YAML)
+    (tasks_dir / "unsafe_echo.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"print({i})\n", "answer": str(i)}) + "\n"
+                for i in range(4)))
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    monkeypatch.chdir(tmp_path)  # lm-eval alone would look for unsafe_echo.jsonl here
+    trainer = Trainer(default_root_dir=tmp_path / "run", logger=False, accelerator="cpu")
+    callback = BenchmarkEval({"selftrain_facts": 3, "unsafe_echo": 0}, limit=4, seed=7,
+                             include_path=[TASKS, str(tasks_dir)], allow_code_execution=allow)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        callback.ensure_checked(trainer, student)
+    mine = [str(w.message) for w in warned if "unsafe_echo" in str(w.message)]
+    rng = random.getstate(), torch.get_rng_state()
+    metrics = callback.evaluate(trainer, student, epoch=0)
+    assert (random.getstate(), torch.get_rng_state().tolist()) == (rng[0], rng[1].tolist())
+    assert callback.evaluate(trainer, student, epoch=1) == metrics  # same few-shot prompts
+    document = json.loads((tmp_path / "run" / "eval" / "benchmark" / "epoch=0-step=0.json")
+                          .read_text())
+    if allow:
+        assert mine == [] and callback.skipped == []
+        assert "benchmark/unsafe_echo/exact_match" in metrics
+        assert set(document["results"]) == {"selftrain_facts", "unsafe_echo"}
+        assert os.environ["HF_ALLOW_CODE_EVAL"] == "1"
+    else:
+        assert mine == ["BenchmarkEval.tasks: skipping unsafe_echo: they execute model-written "
+                        "code; set BenchmarkEval.allow_code_execution true to run them (in a "
+                        "sandbox)"]
+        assert not any("unsafe_echo" in tag for tag in metrics)
+        assert set(document["results"]) == {"selftrain_facts"}
+        assert document["config"]["skipped"] == ["unsafe_echo"]
+        with pytest.raises(SelftrainError, match="every task .* executes model-written code"):
+            BenchmarkEval({"unsafe_echo": 0}, include_path=str(tasks_dir)).check(trainer,
+                                                                                   student)
+
+
+def test_prompts_longer_than_the_context_are_truncated(tmp_path, student):
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu")
+    callback = BenchmarkEval({"selftrain_facts": 8, "selftrain_arith": 8}, include_path=TASKS,
+                             limit=2, max_length=48)  # 8-shot prompts: ~400 bytes = tokens
+    callback.ensure_checked(trainer, student)
+    metrics = callback.evaluate(trainer, student, epoch=0)
+    assert sorted(k for k in metrics if k.startswith("benchmark/")) == \
+        sorted(f"benchmark/{m}" for m in METRICS)
+    document = json.loads((tmp_path / "eval" / "benchmark" / "epoch=0-step=0.json").read_text())
+    assert document["n-shot"] == {"selftrain_facts": 8, "selftrain_arith": 8}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tasks": {}}, "BenchmarkEval.tasks {}: give a mapping"),
+    ({"tasks": {"selftrain_facts": -1}}, "BenchmarkEval.tasks selftrain_facts: -1: num_fewshot"),
+    ({"tasks": {"selftrain_facts": 1}, "limit": 0}, "BenchmarkEval.limit 0: give a number"),
+    ({"tasks": {"selftrain_facts": 1}, "limit": 1.5}, "BenchmarkEval.limit 1.5: give a number"),
+    ({"tasks": {"selftrain_facts": 1}, "batch_size": 0}, "BenchmarkEval.batch_size 0: must be"),
+    ({"tasks": {"selftrain_facts": 1}, "every_n_epochs": 0}, "BenchmarkEval.every_n_epochs 0"),
+])
+def test_bad_arguments_fail_in_init(kwargs, message):
+    with pytest.raises(SelftrainError) as error:
+        BenchmarkEval(**kwargs)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def one_error_line(stderr):
+    errors = [line for line in stderr.splitlines() if line.startswith("selftrain: error")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("init_args, expected", [
+    ({"tasks": {"selftrain_facts": 9}, "include_path": TASKS},
+     "selftrain: error: BenchmarkEval.tasks selftrain_facts: 9-shot needs 9 examples but "
+     "selftrain_facts has 8 in its 'train' split; lower it to at most 8"),
+    ({"tasks": {"selftrain_facts": 1}, "include_path": "/no/such/tasks"},
+     "selftrain: error: BenchmarkEval.include_path /no/such/tasks: no such directory; point it "
+     "at a folder of lm-eval task YAMLs (e.g. configs/tasks)"),
+])
+def test_bad_input_fails_before_training_in_one_line(tmp_path, capsys, init_args, expected):
+    run = tmp_path / "run"
+    extra = callback_config(tmp_path / "benchmark.yaml", **init_args)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", DEBUG, NO_CALLBACKS,
+              "--config", extra, "--trainer.default_root_dir",
+              str(run)])
+    assert exit_.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == expected
+    assert not run.exists()
+
+
+def test_unknown_task_from_the_command_line_names_close_matches(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "selftrain", "fit", "--config", DEBUG, NO_CALLBACKS,
+         "--trainer.default_root_dir", str(run), f"--trainer.callbacks+={BENCHMARK}",
+         "--trainer.callbacks.tasks={selftrain_fact: 1, arc_easy: 0}",
+         f"--trainer.callbacks.include_path={TASKS}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        "selftrain: error: BenchmarkEval.tasks 'selftrain_fact': no such lm-eval task, group or "
+        "tag; did you mean selftrain_facts, selftrain_arith, selftrain_local? List names with "
+        "`lm-eval ls tasks`, or add the "
+        "folder of its YAML to BenchmarkEval.include_path")
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_ddp_splits_tasks_across_two_ranks_and_writes_once(tmp_path, trained):
+    run = tmp_path / "ddp"
+    extra = callback_config(tmp_path / "benchmark.yaml", **SETTINGS)
+    result = subprocess.run(
+        [sys.executable, "-m", "selftrain", "fit", "--config", DEBUG, NO_CALLBACKS,
+         "--config", extra,
+         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "2",
+         "--model.export_hf", "never"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(p.name for p in (run / "eval" / "benchmark").iterdir())
+    assert files == ["epoch=0-step=0.json", "epoch=1-step=12.json", "epoch=2-step=24.json"]
+    assert len((run / "eval" / "benchmark.jsonl").read_text().splitlines()) == 3
+    scalars = read_scalars(run / "tb")
+    for metric in METRICS:  # facts ran on rank 0, arith on rank 1: all reach rank 0's logger
+        assert [s for s, _ in scalars[f"benchmark/{metric}"]] == [0, 12, 24]
+        assert dict(scalars[f"benchmark_delta/{metric}"])[0] == 0.0
+    ddp_base = json.loads((run / "eval" / "benchmark" / files[0]).read_text())
+    one_base = json.loads((trained[0] / "eval" / "benchmark" / files[0]).read_text())
+    assert ddp_base["results"] == one_base["results"]  # same base model, same numbers
+    assert ddp_base["n-shot"] == SHOTS
