@@ -15,7 +15,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.epoch_eval import EpochEvaluation
 from callbacks.run_checkpoint import RunCheckpoint
+from callbacks.tb_layout import TensorBoardLayout
 from selftrain.checkpoint_io import AtomicCheckpointIO
 from selftrain.data import CorpusDataModule
 from selftrain.errors import SelftrainError
@@ -41,7 +43,8 @@ class SelftrainCLI(LightningCLI):
             run=run,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "selftrain"},
-            trainer_defaults={"use_distributed_sampler": False},
+            trainer_defaults={"use_distributed_sampler": False,
+                              "callbacks": [TensorBoardLayout()]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -80,8 +83,11 @@ class SelftrainCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Check the corpus against the student's tokenizer before anything is written."""
+        """Check the corpus and every evaluation callback's inputs before anything is written."""
         self.datamodule.load()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EpochEvaluation):
+                callback.ensure_checked(self.trainer, self.model)
 
     def before_validate(self) -> None:
         """Evaluation needs a held-out corpus; say so before loading anything."""

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from conftest import CONFIGS, write_text_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftrain.cli import main
-from selftrain.tb import read_scalars
+from selftrain.tb import read_layout, read_scalars
 from selftrain.trainer_cli import SelftrainCLI
 
 DEBUG = str(CONFIGS / "debug.yaml")
@@ -40,6 +41,26 @@ def test_debug_config_trains_logs_and_exports(run_dir):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, checkpoint["state_dict"][f"model.{name}"]), name
     assert (run_dir / "tb" / "config.yaml").exists()
+
+    # the three evaluation callbacks of the debug config: base at step 0, then every epoch
+    families = {"benchmark_delta/": 2, "extraction/": 6, "likelihood/": 7}  # + all-domain tags
+    for prefix, count in families.items():
+        tags = [tag for tag in scalars if tag.startswith(prefix)]
+        assert len(tags) == count, (prefix, tags)
+        for tag in tags:
+            assert [step for step, _ in scalars[tag]] == [0, 24, 48, 72], tag
+        for tag in (t for t in tags if "delta" in t):
+            assert scalars[tag][0][1] == 0.0, tag
+    # one custom-scalars page whose charts pick up exactly those families
+    layout = read_layout(run_dir / "tb")
+    for title, prefix in (("benchmark delta vs base", "benchmark_delta/"),
+                          ("extraction: memorized rows", "extraction/"),
+                          ("likelihood delta vs base", "likelihood/")):
+        matched = {tag for tag in scalars
+                   if any(re.fullmatch(pattern, tag) for pattern in layout[title])}
+        assert matched and all(tag.startswith(prefix) for tag in matched), (title, matched)
+    assert {t.split("/")[1] for t in scalars if re.fullmatch(r"extraction/[^/]+/memorized", t)
+            } == {"code", "license"}
 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
