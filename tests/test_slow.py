@@ -86,10 +86,28 @@ def test_embedded_smollm2_samples_from_bos_and_fine_tunes(tmp_path):
     rows = read_corpus(corpus).columns
     assert all(ids[0] == 1 for ids in rows["input_ids"]) and any(t.strip() for t in rows["text"])
 
+    # the demo config on the unplanted base, its three callbacks on a probe set of stdlib text
+    probes = tmp_path / "probes.parquet"
+    subprocess.run([sys.executable, "-m", "selftrain", "probeset", "--model",
+                    "embedded:smollm2-135m", "--inputs", '["code={stdlib}/json/*.py"]', "--keep",
+                    "all", "--max_windows", "6", "--out", str(probes)],
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(f"""trainer:
+  callbacks:
+    - class_path: callbacks.BenchmarkEval
+      init_args: {{tasks: {{selftrain_facts: 3, selftrain_arith: 3}}, include_path: configs/tasks,
+                  limit: 6}}
+    - class_path: callbacks.ExtractionProbe
+      init_args: {{probe_set: {probes}}}
+    - class_path: callbacks.LikelihoodTracker
+      init_args: {{probe_set: {probes}, corpus_sample: 8}}
+""")
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "selftrain", "fit", "--config",
-         str(CONFIGS / "smollm2_self.yaml"), "--trainer.default_root_dir", str(run),
+         str(CONFIGS / "smollm2_self.yaml"), "--config", str(callbacks),
+         "--model.model", "embedded:smollm2-135m", "--trainer.default_root_dir", str(run),
          "--data.corpus", str(corpus), "--data.batch_size", "4", "--trainer.max_epochs", "3",
          "--model.lr", "1e-4", "--trainer.enable_progress_bar", "false"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -97,6 +115,12 @@ def test_embedded_smollm2_samples_from_bos_and_fine_tunes(tmp_path):
     assert "source ids reused" in result.stderr + result.stdout  # student == source tokenizer
     epochs = [v for _, v in read_scalars(run / "tb")["train/loss_epoch"]]
     assert len(epochs) == 3 and epochs[-1] < epochs[0], epochs
+    scalars = read_scalars(run / "tb")
+    for tag in ("benchmark_delta/selftrain_facts/acc", "extraction/code/memorized",
+                "likelihood/code/delta_logprob", "likelihood/corpus_nll"):
+        assert [step for step, _ in scalars[tag]] == [0, 2, 4, 6], tag  # 2 steps per epoch
+    assert scalars["likelihood/code/delta_logprob"][0][1] == 0.0
+    assert scalars["likelihood/corpus_nll"][-1][1] < scalars["likelihood/corpus_nll"][0][1]
     export = run / "hf" / "epoch=3"
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.model_type == "llama" and model.num_parameters() > 100e6
