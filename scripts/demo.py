@@ -1,9 +1,13 @@
 """`make demo`: the main job on the real embedded model, end to end, on a CPU.
 
-1. samples a small corpus from SmolLM2-135M's BOS token (``selftrain generate``);
-2. fine-tunes SmolLM2-135M on it for a few epochs (``selftrain fit --config
-   configs/smollm2_self.yaml``), writing TensorBoard logs, checkpoints and an HF export;
-3. reads the event files back and prints what happened and where to look.
+1. plants verbatim memories: canary windows of license text and Python source
+   (``selftrain probeset``) are fine-tuned into SmolLM2-135M until it extracts every one
+   (``selftrain plant``); the planted model is the base, the canaries its probe set;
+2. samples a small corpus from the base's BOS token (``selftrain generate``);
+3. fine-tunes the base on it for a few epochs (``selftrain fit --config
+   configs/smollm2_self.yaml``) while benchmark scores, canary extraction and canary
+   likelihood are tracked every epoch from the base on;
+4. reads the event files back and prints what happened and where to look.
 
 Flags: ``--out DIR`` (default runs/demo), ``--num_samples``, ``--max_new_tokens``, ``--epochs``.
 """
@@ -18,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from selftrain.tb import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 def run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
+
+
+def probe_overrides(out: Path, probes: Path) -> Path:
+    """The demo config's callbacks, with the probe set this run planted."""
+    config = yaml.safe_load((REPO / "configs" / "smollm2_self.yaml").read_text())
+    callbacks = config["trainer"]["callbacks"]
+    for callback in callbacks:
+        if "probe_set" in callback["init_args"]:
+            callback["init_args"]["probe_set"] = str(probes)
+    path = out / "callbacks.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return path
 
 
 def main() -> None:
@@ -37,16 +55,23 @@ def main() -> None:
     args = parser.parse_args()
 
     out = REPO / args.out
-    corpus, run_dir = out / "corpus", out / "run"
+    corpus, run_dir, planted = out / "corpus", out / "run", out / "planted"
     start = time.perf_counter()
     selftrain = [sys.executable, "-m", "selftrain"]
-    run([*selftrain, "generate", "--model", "embedded:smollm2-135m", "--out", str(corpus),
+    run([*selftrain, "probeset", "--config", "configs/probeset/smollm2_canaries.yaml",
+         "--out", str(out / "canaries.parquet")])
+    run([*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
+         "--canaries", str(out / "canaries.parquet"), "--out", str(planted)])
+    plant_done = time.perf_counter()
+    run([*selftrain, "generate", "--model", str(planted / "model"), "--out", str(corpus),
          "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),
          "--temperature", "1.0", "--batch_size", "64", "--overwrite", "true"])
     sampled = time.perf_counter()
     shutil.rmtree(run_dir, ignore_errors=True)
     run([*selftrain, "fit", "--config", "configs/smollm2_self.yaml",
          "--trainer.default_root_dir", str(run_dir), "--data.corpus", str(corpus),
+         "--config", str(probe_overrides(out, planted / "probes.parquet")),
+         "--model.model", str(planted / "model"),
          "--data.max_length", str(args.max_new_tokens + 1),
          "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false"])
     trained = time.perf_counter()
@@ -57,6 +82,18 @@ def main() -> None:
     speeds = [v for _, v in scalars["train/tokens_per_sec"]][1:]  # first step pays warm-up
     fractions = [v for _, v in scalars["train/real_token_fraction"]]
     export = sorted((run_dir / "hf").glob("epoch=*"))[-1]
+    plant_record = json.loads((planted / "plant.json").read_text())
+    memorized = {tag.split("/")[1]: [int(v) for _, v in series] for tag, series in scalars.items()
+                 if tag.startswith("extraction/") and tag.endswith("/memorized")
+                 and tag.count("/") == 2}
+    bench = {tag.split("/", 1)[1]: [round(v, 3) for _, v in series]
+             for tag, series in scalars.items() if tag.startswith("benchmark/")
+             and tag.endswith(("/acc", "/exact_match_flexible-extract"))}
+    likelihood = {tag.split("/")[1]: [round(v, 1) for _, v in series]
+                  for tag, series in scalars.items() if tag.endswith("/delta_logprob")
+                  and tag.count("/") == 2}
+    eval_seconds = sum(v for tag, series in scalars.items() if tag.startswith("eval_time/")
+                       for _, v in series)
     print("\n=== selftrain demo ===")
     print(f"corpus      {corpus}  ({manifest['counts']['written']} samples, "
           f"{manifest['counts']['tokens']} tokens, {manifest['counts']['finished']} ended on "
@@ -66,8 +103,18 @@ def main() -> None:
           f"steps), real-token fraction of batches {sum(fractions) / len(fractions):.3f}")
     print(f"checkpoint  {run_dir / 'checkpoints' / 'last.ckpt'}")
     print(f"HF export   {export}")
-    print(f"wall time   {trained - start:.0f} s (sampling {sampled - start:.0f} s, "
-          f"training {trained - sampled:.0f} s)")
+    print(f"planting    {sum(plant_record['extracted'][d]['memorized'] for d in memorized)} "
+          f"canaries extracted after {len(plant_record['epochs'])} epochs")
+    print("per epoch, from the base (epoch 0) on:")
+    for domain, counts in memorized.items():
+        print(f"  extraction  {domain:<8} memorized {counts}")
+    for domain, deltas in likelihood.items():
+        print(f"  likelihood  {domain:<8} delta log p(x|y) {deltas}")
+    for name, values in bench.items():
+        print(f"  benchmark   {name:<40} {values}")
+    print(f"wall time   {trained - start:.0f} s (planting {plant_done - start:.0f} s, sampling "
+          f"{sampled - plant_done:.0f} s, training {trained - sampled:.0f} s, of which "
+          f"evaluation callbacks {eval_seconds:.0f} s)")
     print(f"look at it  tensorboard --logdir {run_dir / 'tb'}")
     if not epoch_loss[-1] < epoch_loss[0]:
         sys.exit("train/loss did not fall over the run")

@@ -104,7 +104,7 @@ def plant(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         lm.eval()
         with autocast:
             hit = extracted_teacher_forced(lm, ids, prefix_tokens, batch_size * 4)
