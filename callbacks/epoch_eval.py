@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -103,15 +105,22 @@ class EpochEvaluation(Callback):
         if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
             self._run(trainer, pl_module, epoch=epoch)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+    @staticmethod
+    @contextmanager
+    def evaluation_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+        """Eval mode, no grad and the Trainer's precision context; train mode restored after."""
         was_training = pl_module.training
         pl_module.eval()
-        start = time.perf_counter()
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                metrics = self.evaluate(trainer, pl_module, epoch)
+                yield
         finally:
             pl_module.train(was_training)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        start = time.perf_counter()
+        with self.evaluation_mode(trainer, pl_module):
+            metrics = self.evaluate(trainer, pl_module, epoch)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.evaluations += 1

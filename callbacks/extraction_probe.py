@@ -20,22 +20,20 @@ rows were reproduced and which were forgotten.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from typing_extensions import override
 
-from callbacks.epoch_eval import EpochEvaluation
-from selftrain.errors import SelftrainError
-from selftrain.probe_metrics import RowResults, per_domain
-from selftrain.probes import ProbeSet, greedy_continuations, load_probe_set, shard_rows
+from callbacks.probe_eval import ProbeEvaluation
+from selftrain.corpus import write_parquet_atomic
+from selftrain.probe_metrics import per_domain
+from selftrain.probes import greedy_continuations
 
 
-class ExtractionProbe(EpochEvaluation):
+class ExtractionProbe(ProbeEvaluation):
     """Prefix-completion extraction: greedy continuation of each probe prefix, exact match.
 
     Args:
@@ -61,44 +59,21 @@ class ExtractionProbe(EpochEvaluation):
         run_at_start: bool = True,
         save_rows: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
-        for arg, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens),
-                           ("batch_size", batch_size)):
-            if value < 1:
-                raise SelftrainError(f"{self.flag(arg)} {value}: must be >= 1")
-        if not str(probe_set).strip():
-            raise SelftrainError(f"{self.flag('probe_set')} is empty: give a parquet or jsonl "
-                                 "file of probe rows")
-        self.probe_set = str(probe_set)
-        self.prefix_tokens = prefix_tokens
-        self.suffix_tokens = suffix_tokens
-        self.batch_size = batch_size
+        super().__init__(probe_set, prefix_tokens, suffix_tokens, batch_size, every_n_epochs,
+                         run_at_start)
         self.save_rows = save_rows
-        self.probes: ProbeSet | None = None
-        self._matched: RowResults | None = None
-
-    @override
-    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Load the probe set with the student's tokenizer (bad rows fail before training)."""
-        self.probes = load_probe_set(self.probe_set, student_tokenizer(pl_module),
-                                     self.prefix_tokens, self.suffix_tokens,
-                                     flag=self.flag("probe_set"))
 
     @override
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
                  ) -> dict[str, float]:
         probes = self.probes
-        assert probes is not None, "check() loads the probe set before the first evaluation"
-        if self._matched is None:
-            self._matched = RowResults(len(probes))
-        metric = self._matched.to(pl_module.device)
-        rows = shard_rows(len(probes), trainer.global_rank, trainer.world_size)
-        generated = greedy_continuations(pl_module.model, probes.prefixes[rows],
-                                         self.suffix_tokens, self.batch_size)
-        matched = (generated == probes.suffixes[rows]).sum(dim=-1)
-        metric.update(rows, matched.double())  # every rank, even with an empty shard
-        matched = metric.compute().round().long()
-        metric.reset()
+
+        def matched_tokens(rows: torch.Tensor) -> torch.Tensor:
+            generated = greedy_continuations(pl_module.model, probes.prefixes[rows],
+                                             self.suffix_tokens, self.batch_size)
+            return (generated == probes.suffixes[rows]).sum(dim=-1).double()
+
+        matched = self.measure_rows(trainer, pl_module, "matched", matched_tokens).round().long()
 
         memorized = matched == self.suffix_tokens
         rate = matched.double() / self.suffix_tokens
@@ -117,7 +92,7 @@ class ExtractionProbe(EpochEvaluation):
 
     def _write_rows(self, trainer: L.Trainer, epoch: int, matched: torch.Tensor,
                     memorized: torch.Tensor) -> Path:
-        """Per-row results of one evaluation, written atomically (temp file, then rename)."""
+        """Per-row results of one evaluation, written atomically."""
         probes = self.probes
         target = (self.run_dir(trainer) / "eval" / self.name
                   / f"epoch={epoch}-step={trainer.global_step}.parquet")
@@ -129,20 +104,5 @@ class ExtractionProbe(EpochEvaluation):
             "matched_tokens": pa.array(matched.tolist(), pa.int32()),
             "memorized": pa.array(memorized.tolist(), pa.bool_()),
         })
-        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(table, staging)
-            os.replace(staging, target)
-        finally:
-            staging.unlink(missing_ok=True)
+        write_parquet_atomic(table, target)
         return target
-
-
-def student_tokenizer(pl_module: L.LightningModule):
-    """The student's tokenizer, usable before its weights are loaded."""
-    load = getattr(pl_module, "load_tokenizer", None)
-    tokenizer = load() if callable(load) else getattr(pl_module, "tokenizer", None)
-    if tokenizer is None:
-        raise SelftrainError(f"{type(pl_module).__name__} has no tokenizer; the probes need "
-                             "the student's tokenizer (use selftrain's StudentLM)")
-    return tokenizer

@@ -32,20 +32,13 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from callbacks.epoch_eval import EpochEvaluation
-from callbacks.extraction_probe import student_tokenizer
+from callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from selftrain.errors import SelftrainError
 from selftrain.probe_metrics import RowResults, per_domain
-from selftrain.probes import (
-    ProbeSet,
-    continuation_logprobs,
-    load_probe_set,
-    shard_rows,
-    token_nll_rows,
-)
+from selftrain.probes import continuation_logprobs, shard_rows, token_nll_rows
 
 
-class LikelihoodTracker(EpochEvaluation):
+class LikelihoodTracker(ProbeEvaluation):
     """Log-probability of each probe's true continuation, and its change from the base model.
 
     Args:
@@ -75,24 +68,13 @@ class LikelihoodTracker(EpochEvaluation):
         every_n_epochs: int = 1,
         run_at_start: bool = True,
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
-        for arg, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens),
-                           ("batch_size", batch_size)):
-            if value < 1:
-                raise SelftrainError(f"{self.flag(arg)} {value}: must be >= 1")
+        super().__init__(probe_set, prefix_tokens, suffix_tokens, batch_size, every_n_epochs,
+                         run_at_start)
         if corpus_sample < 0:
             raise SelftrainError(f"{self.flag('corpus_sample')} {corpus_sample}: must be >= 0 "
                                  "(0 disables the corpus NLL)")
-        if not str(probe_set).strip():
-            raise SelftrainError(f"{self.flag('probe_set')} is empty: give a parquet or jsonl "
-                                 "file of probe rows")
-        self.probe_set = str(probe_set)
-        self.prefix_tokens = prefix_tokens
-        self.suffix_tokens = suffix_tokens
-        self.batch_size = batch_size
         self.corpus_sample = corpus_sample
         self.corpus_seed = corpus_seed
-        self.probes: ProbeSet | None = None
         self.student: str | None = None
         self.base: torch.Tensor | None = None
         """``[N]`` float64 log p(x | y) of every probe row under the base model."""
@@ -100,7 +82,6 @@ class LikelihoodTracker(EpochEvaluation):
         """How many times this instance measured the base model (once per fresh run)."""
         self._restored: dict[str, Any] | None = None
         self._sample: torch.Tensor | None = None
-        self._logprobs: RowResults | None = None
         self._nll: tuple[RowResults, RowResults] | None = None
 
     @property
@@ -112,10 +93,8 @@ class LikelihoodTracker(EpochEvaluation):
 
     @override
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Load the probe set with the student's tokenizer (bad rows fail before training)."""
-        self.probes = load_probe_set(self.probe_set, student_tokenizer(pl_module),
-                                     self.prefix_tokens, self.suffix_tokens,
-                                     flag=self.flag("probe_set"))
+        """Load the probe set (bad rows fail before training) and note the student."""
+        super().check(trainer, pl_module)
         self.student = student_spec(pl_module)
 
     @override
@@ -161,18 +140,9 @@ class LikelihoodTracker(EpochEvaluation):
     def _probe_logprobs(self, trainer: L.Trainer, pl_module: L.LightningModule
                         ) -> torch.Tensor:
         """``[N]`` log p(x | y) of every probe row, this rank's shard measured, all gathered."""
-        probes = self.probes
-        assert probes is not None, "check() loads the probe set before the first evaluation"
-        if self._logprobs is None:
-            self._logprobs = RowResults(len(probes))
-        metric = self._logprobs.to(pl_module.device)
-        rows = shard_rows(len(probes), trainer.global_rank, trainer.world_size)
-        values = continuation_logprobs(pl_module.model, probes.input_ids[rows],
-                                       self.prefix_tokens, self.batch_size)
-        metric.update(rows, values)  # every rank, even with an empty shard
-        values = metric.compute()
-        metric.reset()
-        return values
+        return self.measure_rows(trainer, pl_module, "logprob", lambda rows: (
+            continuation_logprobs(pl_module.model, self.probes.input_ids[rows],
+                                  self.prefix_tokens, self.batch_size)))
 
     def _corpus_nll(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Mean per-token NLL of the fixed corpus sample (token-weighted over all ranks)."""
@@ -206,13 +176,8 @@ class LikelihoodTracker(EpochEvaluation):
 
     def _measure_base(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure the base model outside an evaluation (when ``run_at_start`` is off)."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                self._set_base(trainer, self._probe_logprobs(trainer, pl_module))
-        finally:
-            pl_module.train(was_training)
+        with self.evaluation_mode(trainer, pl_module):
+            self._set_base(trainer, self._probe_logprobs(trainer, pl_module))
 
     def _set_base(self, trainer: L.Trainer, values: torch.Tensor) -> None:
         self.base = values.detach().cpu().double()
