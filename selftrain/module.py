@@ -116,9 +116,14 @@ class StudentLM(L.LightningModule):
                           use_cache=False).logits
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token cross-entropy over real tokens (labels -100 are padding)."""
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"], use_cache=False).loss
+        """Mean next-token cross-entropy over real tokens (labels -100 are padding).
+
+        A padded batch carries ``attention_mask``; a packed one (documents concatenated into
+        one row) carries ``position_ids`` restarting at 0 per document instead, from which
+        transformers keeps attention inside each document.
+        """
+        inputs = {key: batch[key] for key in BATCH_KEYS if key in batch}
+        return self.model(**inputs, use_cache=False).loss
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -129,7 +134,7 @@ class StudentLM(L.LightningModule):
                  batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  batch_size=size)
-        self.log("train/real_token_fraction", batch["attention_mask"].float().mean(),
+        self.log("train/real_token_fraction", real_tokens(batch) / batch["input_ids"].numel(),
                  on_step=True, batch_size=size)
         return loss
 
@@ -157,7 +162,7 @@ class StudentLM(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None:
-            tokens = batch["attention_mask"].sum().float()
+            tokens = real_tokens(batch)
             self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_end, 1e-9),
                      on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum",
                      batch_size=batch["input_ids"].shape[0])
@@ -217,6 +222,17 @@ class StudentLM(L.LightningModule):
             shutil.rmtree(staging, ignore_errors=True)
         rank_zero_info(f"exported HF weights + tokenizer to {target}")
         return target
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
+"""Keys of a training batch the model is called with (padded or packed)."""
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real (non-padding) tokens in a padded or packed batch, as a float scalar tensor."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum().float()
+    return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
