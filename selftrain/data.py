@@ -4,7 +4,9 @@ It reads a corpus dir (or a plain jsonl / parquet / txt file), keeps one of K di
 if asked, and reuses the stored ``input_ids`` when the student's tokenizer is the source's
 (same vocabulary fingerprint, or declared so); otherwise it retokenizes ``text`` with the
 student's tokenizer and prepends the student's BOS id. Batching is in
-:mod:`selftrain.batching`: deterministic per epoch, rank-aware, resumable mid-epoch.
+:mod:`selftrain.batching`: deterministic per epoch, rank-aware, resumable mid-epoch. With
+``packing`` each batch's rows go end to end into one row (:mod:`selftrain.packing`) instead of
+being padded; the batches themselves are the same.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from selftrain.batching import LengthGroupedBatchSampler, pad_collate
 from selftrain.corpus import Corpus, read_corpus
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer, resolve_bos_id, tokenizer_fingerprint
+from selftrain.packing import pack_collate, packing_support
 
 # Without --data.eval_corpus, val_dataloader returns no loaders, which is how Lightning is told
 # to skip validation; its warning about that says nothing the user needs to act on.
@@ -52,7 +55,14 @@ class CorpusDataModule(L.LightningDataModule):
             0 sorts the whole epoch.
         pad_to_multiple_of: round padded lengths up (8 helps tensor cores on GPUs).
         num_workers: DataLoader workers (rows are pre-tokenized; 0 is usually enough).
-        min_real_token_fraction: warn when padding makes the real-token share fall below.
+        min_real_token_fraction: warn when padding makes the real-token share fall below
+            (silent with ``packing``, which pads nothing).
+        packing: concatenate each batch's documents into one row without padding; attention
+            stays within each document through position ids; falls back to exact padding,
+            with one warning, where the student's attention implementation cannot keep
+            documents apart. Same batches, same targets, same loss as padding. Saves the
+            padding's compute with flash attention; with sdpa/eager the mask is dense over
+            the packed row, which costs more than light padding (see selftrain.packing).
         eval_corpus: held-out corpus (same formats) for ``selftrain validate`` / ``test`` and
             the per-epoch ``val/loss`` during ``fit``; None trains without one.
     """
@@ -74,6 +84,7 @@ class CorpusDataModule(L.LightningDataModule):
         num_workers: int = 0,
         min_real_token_fraction: float = 0.95,
         eval_corpus: str | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -99,6 +110,7 @@ class CorpusDataModule(L.LightningDataModule):
         self.stats: dict[str, Any] = {}
         self._tokenizer = None
         self._fingerprint: str | None = None
+        self._packing: tuple[int, bool] | None = None  # (id of the student checked, packs)
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning hook: :meth:`load` (a no-op when the CLI already loaded the corpus)."""
@@ -120,15 +132,19 @@ class CorpusDataModule(L.LightningDataModule):
                                                  use_subset=False)
         sampler = self._sampler(rank=0, world_size=1)
         tokens = int(sampler.lengths.sum())
+        padded_fraction = round(sampler.real_token_fraction(0), 4)
         self.stats = {"rows": len(self.rows), "dropped": selected - len(self.rows),
                       "tokens": tokens, "retokenized": not reuse,
-                      "batches_per_epoch": len(sampler),
-                      "real_token_fraction": round(sampler.real_token_fraction(0), 4)}
+                      "batches_per_epoch": len(sampler), "packing": hp.packing,
+                      "padded_real_token_fraction": padded_fraction,
+                      "real_token_fraction": 1.0 if hp.packing else padded_fraction}
+        layout = ("packed into one row per batch (no padding)" if hp.packing
+                  else f"real-token fraction {padded_fraction:.3f}")
         rank_zero_info(
             f"CorpusDataModule: {self.stats['rows']:,} rows, {tokens:,} tokens, "
             f"{'retokenized' if not reuse else 'source ids reused'}, "
             f"{self.stats['batches_per_epoch']} batches/epoch at batch {hp.batch_size}, "
-            f"real-token fraction {self.stats['real_token_fraction']:.3f}")
+            f"{layout}")
         if self.stats["real_token_fraction"] < hp.min_real_token_fraction:
             rank_zero_warn(f"real-token fraction {self.stats['real_token_fraction']:.3f} < "
                            f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
@@ -222,7 +238,32 @@ class CorpusDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
+    def _use_packing(self) -> bool:
+        """Whether batches are packed: the ``packing`` flag, checked against the student.
+
+        Where the loaded student cannot keep packed documents apart, batches are padded and
+        one warning says why. Checked once per model; without a trainer or a loaded model
+        the flag is trusted.
+        """
+        if not self.hparams.packing:
+            return False
+        module = self.trainer.lightning_module if self.trainer else None
+        model = getattr(module, "model", None)
+        if model is None:
+            return True
+        if self._packing is None or self._packing[0] != id(model):
+            supported, reason = packing_support(model)
+            if not supported:
+                fraction = self.stats.get("padded_real_token_fraction", float("nan"))
+                self.stats.update(packing=False, real_token_fraction=fraction)
+                rank_zero_warn(f"--data.packing true: {reason}; padding each batch instead "
+                               f"(real-token fraction {fraction:.3f})")
+            self._packing = (id(model), supported)
+        return self._packing[1]
+
     def _collate(self):
+        if self._use_packing():
+            return pack_collate
         pad_id = self._tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else (self._tokenizer.eos_token_id or 0)
         return partial(pad_collate, pad_id=pad_id,

@@ -81,3 +81,26 @@ def test_empty_or_unfinished_corpus_fails_clearly(tmp_path):
     (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(SelftrainError, match="'text' or 'input_ids'"):
         setup_dm(tmp_path / "nocol.jsonl")
+
+
+def test_packing_packs_the_same_batches_without_padding(qwen_corpus, recwarn):
+    kwargs = {"max_length": 1000, "batch_size": 4, "min_real_token_fraction": 1.0,
+              "eval_corpus": str(qwen_corpus)}
+    padded = setup_dm(qwen_corpus, **kwargs)
+    assert padded.stats["packing"] is False and padded.stats["real_token_fraction"] < 1.0
+    assert any("real-token fraction" in str(w.message) for w in recwarn)
+    recwarn.clear()
+    packed = setup_dm(qwen_corpus, packing=True, **kwargs)
+    assert packed.stats["packing"] is True and packed.stats["real_token_fraction"] == 1.0
+    assert packed.stats["padded_real_token_fraction"] == padded.stats["real_token_fraction"]
+    assert not [w for w in recwarn if "real-token fraction" in str(w.message)]  # nothing padded
+    for loaders in ((padded.train_dataloader(), packed.train_dataloader()),
+                    (padded.val_dataloader(), packed.val_dataloader())):
+        batches = list(zip(*loaders, strict=True))
+        assert len(batches) == 12
+        for pad, pack in batches:  # same documents in the same order, end to end
+            assert "attention_mask" not in pack and pack["input_ids"].shape[0] == 1
+            real = pad["input_ids"][pad["attention_mask"].bool()]
+            assert pack["input_ids"][0].tolist() == real.tolist()
+            assert (pack["labels"] != -100).sum() == (pad["labels"] != -100).sum() - len(
+                pad["input_ids"])
