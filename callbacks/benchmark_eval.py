@@ -30,7 +30,8 @@ Choices worth knowing:
   Splitting whole tasks (not documents) keeps each task's result identical to a one-process
   run and needs no lm-eval distributed plumbing; it is faster than rank-0-only whenever more
   than one task is listed, and a failure on one rank is gathered and raised on all of them,
-  so no rank is left waiting. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused.
+  so no rank is left waiting. Under FSDP every rank evaluates a gathered, unsharded copy
+  (see ``EpochEvaluation.evaluation_mode``); DeepSpeed and model parallel are refused.
 - **Code execution.** Tasks marked ``unsafe_code`` (HumanEval, MBPP, ...) run only with
   ``allow_code_execution``; otherwise they are skipped with one warning.
 """
@@ -167,16 +168,12 @@ class BenchmarkEval(EpochEvaluation):
     @override
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Find and load every task, apply its few-shot count; raise on anything unusable."""
-        from lightning.pytorch.strategies import (
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-        )
+        from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, ModelParallelStrategy)):
             raise SelftrainError(f"{type(self).__name__}: --trainer.strategy "
-                                 f"{type(trainer.strategy).__name__} shards the weights; lm-eval "
-                                 "needs the whole student on every rank (use ddp)")
+                                 f"{type(trainer.strategy).__name__} shards the weights in a way "
+                                 "lm-eval cannot be given a whole student; use ddp or fsdp")
         for given, path in zip(self._include_given, self.include_path, strict=True):
             if not Path(path).is_dir():
                 raise SelftrainError(f"{self.flag('include_path')} {given}: no such directory; "

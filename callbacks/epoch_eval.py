@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
+from selftrain.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
 EPOCH_TAG = "eval/epochs_completed"
 
@@ -108,13 +109,29 @@ class EpochEvaluation(Callback):
     @staticmethod
     @contextmanager
     def evaluation_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
-        """Eval mode, no grad and the Trainer's precision context; train mode restored after."""
+        """Eval mode, no grad and the Trainer's precision context; train mode restored after.
+
+        Under FSDP the student's weights are sharded and its layers all-gather inside their
+        own forward, which every rank would have to call in lockstep. Instead every rank
+        gathers the full weights once and ``pl_module.model`` is, for the evaluation, a plain
+        unsharded copy in FSDP's compute dtype; the sharded student is put back afterwards.
+        """
         was_training = pl_module.training
+        sharded_student = None
+        if is_sharded(trainer):
+            sharded_student = pl_module.model
+            mixed = trainer.strategy.mixed_precision_config
+            pl_module.model = unsharded_copy(sharded_student, consolidated_state_dict(trainer),
+                                             dtype=mixed.param_dtype if mixed else None)
         pl_module.eval()
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 yield
         finally:
+            if sharded_student is not None:
+                pl_module.model = sharded_student
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             pl_module.train(was_training)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:

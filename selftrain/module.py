@@ -13,6 +13,7 @@ as it is built.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -27,6 +28,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
+from selftrain.fsdp import (
+    consolidated_state_dict,
+    decoder_layer_classes,
+    is_sharded,
+    unsharded_copy,
+)
 from selftrain.models import load_model, load_tokenizer, parse_model_spec
 
 
@@ -43,9 +50,18 @@ class StudentLM(L.LightningModule):
         schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at the last step; ``constant``
             holds ``lr`` after warmup.
         min_lr_ratio: floor of the cosine schedule, as a share of ``lr``.
-        gradient_checkpointing: recompute activations in backward to save memory.
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; None lets
-            transformers choose.
+        gradient_checkpointing: recompute activations in backward to save memory (under
+            ``DecoderLayerFSDP`` use its ``activation_checkpointing`` instead).
+        attn_implementation: ``auto`` (``flash_attention_2`` when flash-attn is installed and
+            the student trains on a CUDA GPU, else transformers' default, SDPA for most
+            models), ``sdpa``, ``eager`` or ``flash_attention_2``.
+        optimizer: ``adamw`` (torch's, its fused kernel on CUDA), or bitsandbytes'
+            ``adamw_8bit``, ``paged_adamw_8bit`` (8-bit states: about 1/4 of the optimizer
+            memory) or ``paged_adamw`` (states paged to CPU under memory pressure); the
+            bitsandbytes ones need a CUDA GPU and ``pip install bitsandbytes``.
+        compile: ``torch.compile`` each decoder layer (regional compilation: one compiled
+            graph serves every layer, so compiling takes seconds, and it composes with DDP
+            and FSDP wrapping); the first steps are slow while it compiles.
         export_hf: write HF weights + tokenizer to ``<run>/hf/epoch=N``: ``last`` at the end
             of training, ``every_epoch``, or ``never``.
         revision: hub revision (branch, tag or commit) of the student.
@@ -63,7 +79,9 @@ class StudentLM(L.LightningModule):
         schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
+        attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] | None = "auto",
+        optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = "adamw",
+        compile: bool = False,
         export_hf: Literal["last", "every_epoch", "never"] = "last",
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -78,6 +96,7 @@ class StudentLM(L.LightningModule):
             raise SelftrainError(f"--model.warmup_steps {warmup_steps}: must be >= 0")
         if not 0 <= min_lr_ratio <= 1:
             raise SelftrainError(f"--model.min_lr_ratio {min_lr_ratio}: must be in [0, 1]")
+        check_installed(attn_implementation, optimizer)
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
@@ -91,12 +110,46 @@ class StudentLM(L.LightningModule):
             return
         hp = self.hparams
         self.load_tokenizer()
-        self.model = load_model(hp.model, attn_implementation=hp.attn_implementation,
+        attention = self._attention_implementation()
+        self.model = load_model(hp.model, attn_implementation=attention,
                                 revision=hp.revision, trust_remote_code=hp.trust_remote_code)
+        rank_zero_info(f"student {hp.model}: attention {self.model.config._attn_implementation}")
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.compile:
+            for module in self.model.modules():
+                if type(module) in decoder_layer_classes(self.model):
+                    module.compile()
         self.model.train()
+
+    def _attention_implementation(self) -> str | None:
+        """``auto`` resolved: flash attention where installed and on a CUDA device."""
+        choice = self.hparams.attn_implementation
+        if choice != "auto":
+            return choice
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return "flash_attention_2" if on_cuda and flash_attn_installed() else None
+
+    def check_machine(self, trainer: L.Trainer) -> None:
+        """Refuse settings the Trainer's device cannot run, before any weights are loaded.
+
+        Args:
+            trainer: the Trainer that will fit this module.
+        """
+        hp = self.hparams
+        device = trainer.strategy.root_device.type
+        if hp.optimizer != "adamw" and device != "cuda":
+            raise SelftrainError(f"--model.optimizer {hp.optimizer} needs a CUDA GPU "
+                                 "(bitsandbytes keeps its states there); use --model.optimizer "
+                                 f"adamw on {device}")
+        if hp.attn_implementation == "flash_attention_2" and device != "cuda":
+            raise SelftrainError("--model.attn_implementation flash_attention_2 needs a CUDA GPU; "
+                                 f"use sdpa (or auto) on {device}")
+        if hp.gradient_checkpointing and getattr(trainer.strategy, "checkpoint_layers", False):
+            raise SelftrainError("--model.gradient_checkpointing true and the FSDP strategy's "
+                                 "activation_checkpointing both recompute the decoder layers; "
+                                 "set --model.gradient_checkpointing false")
 
     def load_tokenizer(self):
         """The student's tokenizer, loaded on first use.
@@ -128,7 +181,7 @@ class StudentLM(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        size = batch["input_ids"].shape[0]
+        size = documents(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=size)
@@ -165,7 +218,7 @@ class StudentLM(L.LightningModule):
             tokens = real_tokens(batch)
             self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_end, 1e-9),
                      on_step=True, prog_bar=True, sync_dist=True, reduce_fx="sum",
-                     batch_size=batch["input_ids"].shape[0])
+                     batch_size=documents(batch))
         self._last_batch_end = now
 
     @override
@@ -173,9 +226,9 @@ class StudentLM(L.LightningModule):
         hp = self.hparams
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_ratio * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -204,13 +257,18 @@ class StudentLM(L.LightningModule):
             The export directory on rank 0, None elsewhere.
         """
         self._exported_step = self.global_step
+        model = self.model
+        if is_sharded(self.trainer):  # every rank takes part in gathering the full weights
+            state = consolidated_state_dict(self.trainer, rank0_only=True)
+            if self.trainer.is_global_zero:
+                model = unsharded_copy(self.model, state)
         if not self.trainer.is_global_zero:
             return None
         target = Path(self.trainer.default_root_dir) / "hf" / f"epoch={epoch}"
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            self.model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             (staging / "selftrain_export.json").write_text(json.dumps(
                 {"student": self.hparams.model, "epoch": epoch, "global_step": self.global_step},
@@ -233,6 +291,58 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "attention_mask" in batch:
         return batch["attention_mask"].sum().float()
     return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
+
+
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw": "PagedAdamW"}
+"""``--model.optimizer`` choices served by bitsandbytes -> its class name in ``bnb.optim``."""
+
+
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_installed(attn_implementation: str | None, optimizer: str) -> None:
+    """Refuse choices whose package is missing, naming the flag and the fix.
+
+    Args:
+        attn_implementation: ``--model.attn_implementation``.
+        optimizer: ``--model.optimizer``.
+    """
+    if attn_implementation == "flash_attention_2" and not flash_attn_installed():
+        raise SelftrainError("--model.attn_implementation flash_attention_2: flash-attn is not "
+                             "installed (pip install flash-attn --no-build-isolation on a CUDA "
+                             "machine); use sdpa, or auto to pick it when present")
+    if optimizer in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        raise SelftrainError(f"--model.optimizer {optimizer}: bitsandbytes is not installed "
+                             "(pip install bitsandbytes, on a CUDA machine); or use "
+                             "--model.optimizer adamw")
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float]
+                    ) -> torch.optim.Optimizer:
+    """The optimizer named by ``--model.optimizer`` over parameter groups.
+
+    Args:
+        name: ``adamw`` or a :data:`BNB_OPTIMIZERS` key.
+        groups: parameter groups (each with its own weight decay).
+        lr: peak learning rate.
+        betas: Adam betas.
+    """
+    if name == "adamw":
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, betas=betas)
+
+
+def documents(batch: dict[str, torch.Tensor]) -> int:
+    """Documents in a padded batch (its rows) or a packed one (its position-0 tokens)."""
+    if "attention_mask" in batch or "position_ids" not in batch:
+        return batch["input_ids"].shape[0]
+    return int((batch["position_ids"] == 0).sum())
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,6 +23,7 @@ from callbacks.tb_layout import TensorBoardLayout
 from selftrain.checkpoint_io import AtomicCheckpointIO
 from selftrain.data import CorpusDataModule
 from selftrain.errors import SelftrainError
+from selftrain.fsdp import DecoderLayerFSDP
 from selftrain.module import StudentLM
 
 DEFAULT_ROOT = "runs/default"
@@ -77,13 +80,44 @@ class SelftrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer, with atomic local checkpoint writes unless a plugin already sets them."""
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as error:
+            if "requires a GPU accelerator" in str(error):
+                raise SelftrainError(
+                    "--trainer.strategy fsdp needs CUDA GPUs; on CPU use --trainer.strategy ddp "
+                    "(configs/scale/ddp.yaml)") from None
+            if "No supported gpu backend found" in str(error):
+                raise SelftrainError(
+                    "--trainer.accelerator gpu: this machine has no CUDA GPU (FSDP needs one); "
+                    "use --trainer.accelerator cpu, with --trainer.strategy ddp for several "
+                    "processes") from None
+            raise
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def check_machine(self) -> None:
+        """Refuse a strategy, precision or module setting this machine cannot run.
+
+        Runs before any weights are loaded or anything is written.
+        """
+        trainer = self.trainer
+        strategy = trainer.strategy
+        if isinstance(strategy, DecoderLayerFSDP):
+            strategy.check_machine()
+        device = strategy.root_device
+        precision = str(trainer.precision)
+        if (precision.startswith("bf16") and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise SelftrainError(f"--trainer.precision {precision}: "
+                                 f"{torch.cuda.get_device_name(device)} has no bf16; use "
+                                 "16-mixed (or 32-true)")
+        self.model.check_machine(trainer)
+
     def before_fit(self) -> None:
-        """Check the corpus and every evaluation callback's inputs before anything is written."""
+        """Check the machine, the corpus and every evaluation callback's inputs first."""
+        self.check_machine()
         self.datamodule.load()
         for callback in self.trainer.callbacks:
             if isinstance(callback, EpochEvaluation):
@@ -94,6 +128,7 @@ class SelftrainCLI(LightningCLI):
         if self.datamodule.hparams.eval_corpus is None:
             raise SelftrainError(f"selftrain {self.subcommand} needs --data.eval_corpus "
                                  "(a held-out corpus dir or file)")
+        self.check_machine()
         self.datamodule.load()
 
     before_test = before_validate
