@@ -238,6 +238,16 @@ class StudentLM(L.LightningModule):
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
     @override
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm; under FSDP through the root module, which sees every shard."""
+        if (is_sharded(self._trainer) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    @override
     def on_train_epoch_end(self) -> None:
         if self.hparams.export_hf == "every_epoch":
             self.export_hf(self.current_epoch + 1)

@@ -169,8 +169,9 @@ def fsdp_and_ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     runs = {"fsdp": root / "fsdp", "ddp": root / "ddp"}
     for name, flags in (("fsdp", [FSDP_ON_CPU]), ("ddp", ["--trainer.strategy", "ddp"])):
+        # a clip small enough to act on every step: FSDP clips over all shards (global norm)
         result = run_fit(runs[name], "--trainer.devices", "2", "--trainer.max_epochs", "2",
-                         *flags)
+                         "--trainer.gradient_clip_val", "0.1", *flags)
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
 
@@ -191,7 +192,7 @@ def test_fsdp_on_two_processes_matches_ddp_and_exports_whole_weights(fsdp_and_dd
                     for run in (fsdp, ddp))
     assert sorted(ours) == sorted(theirs)
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=0)  # norm order
     base = load_model("tiny:qwen2").state_dict()
     assert any(not torch.equal(ours[n], base[n]) for n in ours)  # it did train
     loaded = AutoModelForCausalLM.from_pretrained(export).state_dict()
