@@ -213,8 +213,7 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor],
     """A plain transformers model with the given weights, built beside a sharded one.
 
     Parameters are created empty and take the tensors of ``state_dict`` (no copy, no random
-    init); buffers the state dict does not hold (rotary frequencies) come from the sharded
-    model, where FSDP keeps them whole.
+    init); buffers the state dict does not hold (rotary frequencies) are built as usual.
 
     Args:
         sharded: the student as FSDP left it (its config and buffers are read).
@@ -222,12 +221,9 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor],
         dtype: cast the copy to this dtype (None keeps the state dict's).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
-    config = sharded.config
-    with init_empty_weights(include_buffers=False):
-        copy = AutoModelForCausalLM.from_config(
-            config, attn_implementation=getattr(config, "_attn_implementation", None))
+    with init_empty_weights(include_buffers=False):  # same class (remote code too), same config
+        copy = type(sharded)(sharded.config)
     missing, unexpected = copy.load_state_dict(state_dict, strict=False, assign=True)
     tied = set(getattr(copy, "all_tied_weights_keys", None) or {}) | set(
         getattr(copy, "_tied_weights_keys", None) or [])
@@ -235,13 +231,7 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor],
         raise SelftrainError(f"consolidated weights do not fit {type(copy).__name__}: missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}")
     copy.tie_weights()
-    buffers = {clean_name(name): buffer for name, buffer in sharded.named_buffers()}
     device = next(iter(state_dict.values())).device
-    for name, _ in list(copy.named_buffers()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = copy.get_submodule(owner_name) if owner_name else copy
-        if name in buffers:
-            owner._buffers[leaf] = buffers[name].to(device)
     copy = copy.to(device=device, dtype=dtype) if dtype is not None else copy.to(device)
     copy.generation_config = sharded.generation_config
     return copy.eval()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import selftrain.module
 from selftrain.errors import SelftrainError
-from selftrain.fsdp import DecoderLayerFSDP, decoder_layer_classes
+from selftrain.fsdp import DecoderLayerFSDP, decoder_layer_classes, unsharded_copy
 from selftrain.models import load_model
 from selftrain.module import StudentLM, build_optimizer
 from selftrain.trainer_cli import SelftrainCLI
@@ -57,6 +57,22 @@ def test_decoder_layer_class_falls_back_to_the_repeated_block():
     assert decoder_layer_classes(NoHints()) == {Block}
     with pytest.raises(SelftrainError, match="cannot find the decoder-layer class"):
         decoder_layer_classes(NoHints(blocks=1))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt_neox"])
+def test_unsharded_copy_rebuilds_the_student_from_full_weights(family):
+    model = load_model(f"tiny:{family}").eval()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    copy = unsharded_copy(model, state, dtype=torch.bfloat16)
+    assert copy is not model and type(copy) is type(model)
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in copy.parameters())
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        expected = model.to(torch.bfloat16)(ids).logits
+        torch.testing.assert_close(copy(ids).logits, expected, atol=0, rtol=0)
+    del state[next(n for n in state if "layers.0" in n)]
+    with pytest.raises(SelftrainError, match="consolidated weights do not fit"):
+        unsharded_copy(model, state)
 
 
 def cli(*flags):
