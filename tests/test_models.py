@@ -3,13 +3,15 @@ import torch
 
 from selftrain.errors import SelftrainError
 from selftrain.models import (
+    ModelSpec,
     load_model,
     load_tokenizer,
+    model_revision,
     parse_model_spec,
     resolve_bos_id,
     tokenizer_fingerprint,
 )
-from selftrain.tiny import TINY_FAMILIES
+from selftrain.tiny import MODEL_SHAPES, TINY_FAMILIES, shape_config
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
@@ -49,6 +51,7 @@ def test_fingerprint_tells_tokenizers_apart():
     ("tiny:gpt5", "unknown tiny family"),
     ("embedded:gpt2", "unknown embedded model"),
     ("weird:thing", "unknown model scheme"),
+    ("shape:gpt5", "unknown model shape"),
     ("", "is empty"),
 ])
 def test_bad_specs_name_the_flag(spec, fragment):
@@ -66,3 +69,57 @@ def test_hub_ids_and_local_dirs_parse_without_loading(tmp_path):
 def test_unreachable_hub_model_is_one_clear_error():
     with pytest.raises(SelftrainError, match="cannot load"):
         load_tokenizer("no-such-org/no-such-model-xyz")
+
+
+def test_shape_specs_parse_without_building():
+    assert parse_model_spec("shape:qwen2.5-0.5b") == ModelSpec("shape", "qwen2.5-0.5b")
+    assert str(parse_model_spec(" shape:smollm2-135m ")) == "shape:smollm2-135m"
+    assert model_revision("shape:qwen2.5-0.5b", None) == "shape:qwen2.5-0.5b@seed1234"
+
+
+def test_unknown_shape_lists_the_known_ones():
+    with pytest.raises(SelftrainError, match="unknown model shape") as error:
+        parse_model_spec("shape:qwen2.5-7b")
+    for name in MODEL_SHAPES:
+        assert f"shape:{name}" in str(error.value)
+
+
+@pytest.mark.parametrize("name, params, dims", [
+    # the reference checkpoints' sizes (tied embeddings counted once)
+    ("qwen2.5-0.5b", 494_032_768, (896, 4864, 24, 14, 2, 151936)),
+    ("smollm2-135m", 134_515_008, (576, 1536, 30, 9, 3, 49152)),
+])
+def test_shapes_have_the_real_dims_and_size(name, params, dims):
+    config = shape_config(name)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == dims
+    assert config.tie_word_embeddings
+    cls = TINY_FAMILIES[MODEL_SHAPES[name].family].model_cls
+    with torch.device("meta"):  # no memory: sizes only
+        model = cls(config)
+    model.tie_weights()
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_qwen_shape_config_matches_qwen25():
+    config = shape_config("qwen2.5-0.5b")
+    assert config.rms_norm_eps == 1e-6 and config.max_position_embeddings == 32768
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
+    assert rope["rope_theta"] == 1e6
+
+
+def test_shape_model_builds_fixed_seed_in_dtype_with_its_tokenizer():
+    tokenizer = load_tokenizer("shape:smollm2-135m")
+    first = load_model("shape:smollm2-135m", dtype="bfloat16", attn_implementation="sdpa")
+    assert first.dtype == torch.bfloat16
+    assert first.lm_head.weight is first.model.embed_tokens.weight
+    weight = first.model.layers[0].mlp.up_proj.weight
+    assert 0.03 < float(weight.detach().float().std()) < 0.05  # N(0, initializer_range)
+    assert torch.equal(first.model.norm.weight, torch.ones_like(first.model.norm.weight))
+    assert resolve_bos_id(tokenizer, first.config) == (tokenizer.bos_token_id,
+                                                      "tokenizer.bos_token_id")
+    assert first.config.eos_token_id == tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer("hi there")["input_ids"]])
+    assert first(ids).logits.shape == (1, ids.shape[1], 49152)
+    second = load_model("shape:smollm2-135m", dtype="bfloat16")
+    assert torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
