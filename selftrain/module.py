@@ -238,6 +238,17 @@ class StudentLM(L.LightningModule):
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
     @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None
+                       ) -> None:
+        """Step, then free the gradients at once.
+
+        Lightning zeroes them inside the next step's closure, after its forward, so a whole
+        fp32 copy of the gradients would otherwise stay allocated through every forward.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    @override
     def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         """Clip by global norm; under FSDP through the root module, which sees every shard."""
