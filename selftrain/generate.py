@@ -72,7 +72,8 @@ def generate(
     its own shards and rank 0 writes the manifest at the end.
 
     Args:
-        model: source model spec: hub id, local HF dir, embedded:smollm2-135m or tiny:<family>.
+        model: source model spec: hub id, local HF dir, embedded:smollm2-135m, tiny:<family>
+            or shape:<name> (real size, random weights).
         out: corpus dir to write; with a list of temperatures, the parent of one dir each.
         num_samples: sequences to sample (per temperature).
         max_new_tokens: length cap per sequence, BOS not counted.

@@ -41,7 +41,8 @@ class StudentLM(L.LightningModule):
     """Fine-tunes a causal LM on a corpus, many epochs, logging to TensorBoard.
 
     Args:
-        model: student model spec: hub id, local HF dir, embedded:smollm2-135m or tiny:<family>.
+        model: student model spec: hub id, local HF dir, embedded:smollm2-135m, tiny:<family>
+            or shape:<name> (real size, random weights).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to matrices only (not norms or biases).
         betas: AdamW betas.

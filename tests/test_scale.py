@@ -181,13 +181,18 @@ def test_compile_gives_the_same_loss_and_gradients():
 
 @pytest.fixture(scope="module")
 def fsdp_and_ddp_runs(tmp_path_factory):
-    """The debug config (all three evaluation callbacks) on 2 CPU ranks, FSDP and DDP."""
+    """The debug config (all three evaluation callbacks) under each preset on 2 CPU ranks."""
     root = tmp_path_factory.mktemp("scale")
     runs = {"fsdp": root / "fsdp", "ddp": root / "ddp"}
-    for name, flags in (("fsdp", [FSDP_ON_CPU]), ("ddp", ["--trainer.strategy", "ddp"])):
+    # the shipped presets, brought to CPU: 2 gloo processes, fp32
+    on_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.precision", "32-true"]
+    presets = {"fsdp": ["--config", FSDP_PRESET, *on_cpu, "--trainer.strategy.allow_cpu", "true"],
+               "ddp": ["--config", DDP_PRESET, *on_cpu]}
+    for name, flags in presets.items():
         # a clip small enough to act on every step: FSDP clips over all shards (global norm)
-        result = run_fit(runs[name], "--trainer.devices", "2", "--trainer.max_epochs", "2",
-                         "--trainer.gradient_clip_val", "0.1", *flags)
+        result = run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
+                         "--trainer.gradient_clip_val", "0.1")
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
 
