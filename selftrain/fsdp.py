@@ -16,6 +16,8 @@ rebuilds a plain transformers model from them.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -108,6 +110,35 @@ class DecoderLayerFSDP(FSDPStrategy):
                 "CPU anyway, give the strategy with init_args allow_cpu: true")
 
     @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any | None = None) -> None:
+        """Sharded saves land whole or not at all.
+
+        Lightning writes a sharded checkpoint into its directory in place, so a kill mid-save
+        would leave new shards beside old metadata. Here every rank writes into a staging
+        directory; rank 0 then moves the old checkpoint aside as ``<name>-previous.ckpt``
+        (which ``--ckpt_path last`` still finds if the run dies before the next rename), moves
+        the new one into place and deletes the old one.
+        """
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(str(filepath)))
+        staging = target.with_name(f".{target.name}.staging")
+        previous = target.with_name(f"{target.stem}-previous{target.suffix}")
+        if self.global_rank == 0:
+            _remove(staging)
+        self.barrier("staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("saved")
+        if self.global_rank == 0:
+            if target.exists():
+                _remove(previous)
+                target.rename(previous)
+            staging.rename(target)
+            _remove(previous)
+        self.barrier("renamed")
+
+    @override
     def setup_environment(self) -> None:
         self.check_machine()
         super().setup_environment()
@@ -170,6 +201,14 @@ if STRATEGY_NAME not in StrategyRegistry:
                               description="FSDP wrapping each decoder layer of the student")
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def is_sharded(trainer: L.Trainer | None) -> bool:
     """Whether the Trainer's strategy shards the student's weights (FSDP)."""
     return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
@@ -217,11 +256,14 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor],
 
     Args:
         sharded: the student as FSDP left it (its config and buffers are read).
-        state_dict: full weights from :func:`consolidated_state_dict`.
+        state_dict: full weights from :func:`consolidated_state_dict`; consumed (emptied).
         dtype: cast the copy to this dtype (None keeps the state dict's).
     """
     from accelerate import init_empty_weights
 
+    if dtype is not None:  # cast tensor by tensor: one full copy in memory, not two
+        for key in list(state_dict):
+            state_dict[key] = state_dict[key].to(dtype)
     with init_empty_weights(include_buffers=False):  # same class (remote code too), same config
         copy = type(sharded)(sharded.config)
     missing, unexpected = copy.load_state_dict(state_dict, strict=False, assign=True)
@@ -233,5 +275,6 @@ def unsharded_copy(sharded: nn.Module, state_dict: dict[str, torch.Tensor],
     copy.tie_weights()
     device = next(iter(state_dict.values())).device
     copy = copy.to(device=device, dtype=dtype) if dtype is not None else copy.to(device)
+    state_dict.clear()  # the copy holds the tensors now (or their casts); free the originals
     copy.generation_config = sharded.generation_config
     return copy.eval()

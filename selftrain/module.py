@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from selftrain.errors import SelftrainError
 from selftrain.fsdp import (
+    clean_name,
     consolidated_state_dict,
     decoder_layer_classes,
     is_sharded,
@@ -103,6 +104,7 @@ class StudentLM(L.LightningModule):
         self.tokenizer = None
         self._last_batch_end: float | None = None
         self._exported_step = -1
+        self._matrices: set[str] = set()
 
     @override
     def configure_model(self) -> None:
@@ -115,6 +117,7 @@ class StudentLM(L.LightningModule):
         self.model = load_model(hp.model, attn_implementation=attention,
                                 revision=hp.revision, trust_remote_code=hp.trust_remote_code)
         rank_zero_info(f"student {hp.model}: attention {self.model.config._attn_implementation}")
+        self._matrices = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -125,12 +128,20 @@ class StudentLM(L.LightningModule):
         self.model.train()
 
     def _attention_implementation(self) -> str | None:
-        """``auto`` resolved: flash attention where installed and on a CUDA device."""
+        """``auto`` resolved: flash attention or transformers' default.
+
+        Flash attention where flash-attn is installed, on an Ampere or newer GPU, in 16-bit
+        precision.
+        """
         choice = self.hparams.attn_implementation
         if choice != "auto":
             return choice
-        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return "flash_attention_2" if on_cuda and flash_attn_installed() else None
+        if self._trainer is None or not flash_attn_installed():
+            return None
+        device = self.trainer.strategy.root_device
+        half = str(self.trainer.precision).startswith(("bf16", "16"))  # flash runs in 16 bits
+        ampere = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return "flash_attention_2" if half and ampere else None
 
     def check_machine(self, trainer: L.Trainer) -> None:
         """Refuse settings the Trainer's device cannot run, before any weights are loaded.
@@ -144,6 +155,10 @@ class StudentLM(L.LightningModule):
             raise SelftrainError(f"--model.optimizer {hp.optimizer} needs a CUDA GPU "
                                  "(bitsandbytes keeps its states there); use --model.optimizer "
                                  f"adamw on {device}")
+        if hp.optimizer != "adamw" and is_sharded(trainer):
+            raise SelftrainError(f"--model.optimizer {hp.optimizer}: bitsandbytes' states do "
+                                 "not go through FSDP's sharded optimizer checkpoints; use "
+                                 "--model.optimizer adamw with FSDP, or DDP")
         if hp.attn_implementation == "flash_attention_2" and device != "cuda":
             raise SelftrainError("--model.attn_implementation flash_attention_2 needs a CUDA GPU; "
                                  f"use sdpa (or auto) on {device}")
@@ -225,11 +240,21 @@ class StudentLM(L.LightningModule):
     @override
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, betas=tuple(hp.betas))
+        # FSDP has flattened every parameter into a 1-D shard by now: decide by the names
+        # of the matrices recorded when the student was loaded
+        trainable = [(clean_name(name), p) for name, p in self.model.named_parameters()
+                     if p.requires_grad]
+        matrices = self._matrices or {name for name, p in trainable if p.ndim >= 2}
+        groups = [{"params": [p for name, p in trainable if name in matrices],
+                   "weight_decay": hp.weight_decay},
+                  {"params": [p for name, p in trainable if name not in matrices],
+                   "weight_decay": 0.0}]
+        trainer = self.trainer
+        # fused AdamW: CUDA only, and Lightning clips and unscales gradients only for unfused
+        fused = (all(p.is_cuda for _, p in trainable) and not trainer.gradient_clip_val
+                 and not str(trainer.precision).startswith("16"))
+        optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, betas=tuple(hp.betas),
+                                    fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_ratio * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -342,8 +367,8 @@ def check_installed(attn_implementation: str | None, optimizer: str) -> None:
                              "--model.optimizer adamw")
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float]
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
+                    fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by ``--model.optimizer`` over parameter groups.
 
     Args:
@@ -351,10 +376,10 @@ def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float
         groups: parameter groups (each with its own weight decay).
         lr: peak learning rate.
         betas: Adam betas.
+        fused: torch AdamW's fused CUDA kernel (ignored by bitsandbytes).
     """
     if name == "adamw":
-        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     import bitsandbytes as bnb
 
     return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, betas=betas)

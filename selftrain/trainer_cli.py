@@ -109,7 +109,7 @@ class SelftrainCLI(LightningCLI):
         device = strategy.root_device
         precision = str(trainer.precision)
         if (precision.startswith("bf16") and device.type == "cuda"
-                and not torch.cuda.is_bf16_supported()):
+                and not _has_bf16(device)):
             raise SelftrainError(f"--trainer.precision {precision}: "
                                  f"{torch.cuda.get_device_name(device)} has no bf16; use "
                                  "16-mixed (or 32-true)")
@@ -132,3 +132,8 @@ class SelftrainCLI(LightningCLI):
         self.datamodule.load()
 
     before_test = before_validate
+
+
+def _has_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes in bf16 natively (Ampere or newer), not by emulation."""
+    return torch.cuda.get_device_capability(device)[0] >= 8

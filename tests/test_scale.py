@@ -70,6 +70,8 @@ def test_unsharded_copy_rebuilds_the_student_from_full_weights(family):
     with torch.no_grad():
         expected = model.to(torch.bfloat16)(ids).logits
         torch.testing.assert_close(copy(ids).logits, expected, atol=0, rtol=0)
+    assert not state  # consumed: the copy holds the tensors
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     del state[next(n for n in state if "layers.0" in n)]
     with pytest.raises(SelftrainError, match="consolidated weights do not fit"):
         unsharded_copy(model, state)
@@ -191,8 +193,9 @@ def fsdp_and_ddp_runs(tmp_path_factory):
                "ddp": ["--config", DDP_PRESET, *on_cpu]}
     for name, flags in presets.items():
         # a clip small enough to act on every step: FSDP clips over all shards (global norm)
+        # weight decay: FSDP has flattened the matrices by the time the optimizer is built
         result = run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
-                         "--trainer.gradient_clip_val", "0.1")
+                         "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1")
         assert result.returncode == 0, result.stderr[-3000:]
     return runs
 
@@ -207,6 +210,7 @@ def test_fsdp_on_two_processes_matches_ddp_and_exports_whole_weights(fsdp_and_dd
     # sharded checkpoint: a directory with one shard per rank
     shards = sorted(p.name for p in (fsdp / "checkpoints" / "last.ckpt").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (fsdp / "checkpoints").iterdir()) == ["last.ckpt"]  # swapped
     # the consolidated export loads with from_pretrained and equals the DDP run's weights
     export = fsdp / "hf" / "epoch=2"
     ours, theirs = (load_file(run / "hf" / "epoch=2" / "model.safetensors")
