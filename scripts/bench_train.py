@@ -189,7 +189,9 @@ def run_plain(args) -> dict:
               {"params": no_decay, "weight_decay": 0.0}]
     betas = tuple(defaults["betas"].default)
     if hasattr(student, "build_optimizer"):  # fused AdamW on CUDA, as the student uses
-        optimizer = student.build_optimizer("adamw", groups, lr=args.lr, betas=betas)
+        # (the student fuses on CUDA unless gradients are clipped or fp16-scaled: neither here)
+        optimizer = student.build_optimizer("adamw", groups, lr=args.lr, betas=betas,
+                                            fused=device.type == "cuda")
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas)
     mixed = args.precision.endswith("-mixed")
