@@ -165,14 +165,10 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     from selftrain import module as student
 
     defaults = inspect.signature(student.StudentLM).parameters
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": defaults["weight_decay"].default},
-              {"params": no_decay, "weight_decay": 0.0}]
-    betas = tuple(defaults["betas"].default)
-    if hasattr(student, "build_optimizer"):  # fused AdamW on CUDA, as the student uses
-        return student.build_optimizer("adamw", groups, lr=args.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=betas)
+    groups = student.param_groups(model, defaults["weight_decay"].default)
+    on_cuda = next(model.parameters()).is_cuda  # fused there, as the student is (no clipping)
+    return student.build_optimizer("adamw", groups, lr=args.lr,
+                                   betas=tuple(defaults["betas"].default), fused=on_cuda)
 
 
 def run_mode(args, mode: str, model, initial: dict, batches: list[dict], real: list[int],

@@ -79,12 +79,6 @@ def _compute_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "32-true" else torch.bfloat16
 
 
-def _student_accepts_compile() -> bool:
-    from selftrain.module import StudentLM
-
-    return "compile" in inspect.signature(StudentLM).parameters
-
-
 # --------------------------------------------------------------------------------------------
 # measurements shared by both arms
 
@@ -160,6 +154,7 @@ def _arm_result(args, device, times: list[float], losses: list[torch.Tensor], wo
 def run_plain(args) -> dict:
     """The hand-written loop: same model, optimizer, batches and autocast as StudentLM."""
     from selftrain import module as student
+    from selftrain.fsdp import compile_decoder_layers
     from selftrain.models import load_model
 
     device = _device(args)
@@ -175,25 +170,15 @@ def run_plain(args) -> dict:
         model.to(torch.bfloat16)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.compile:  # as StudentLM(compile=True): each decoder layer (regional compilation)
-        from selftrain.fsdp import decoder_layer_classes
-
-        layers = tuple(decoder_layer_classes(model))
-        for layer in [m for m in model.modules() if isinstance(m, layers)]:
-            layer.compile()
-    # StudentLM.configure_optimizers: AdamW, weight decay on matrices only, its default betas
+    if args.compile:  # as StudentLM(compile=True)
+        compile_decoder_layers(model)
+    # StudentLM.configure_optimizers: its parameter groups, default weight decay and betas;
+    # fused on CUDA as the student is (unless gradients are clipped or fp16-scaled: not here)
     defaults = inspect.signature(student.StudentLM).parameters
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": defaults["weight_decay"].default},
-              {"params": no_decay, "weight_decay": 0.0}]
-    betas = tuple(defaults["betas"].default)
-    if hasattr(student, "build_optimizer"):  # fused AdamW on CUDA, as the student uses
-        # (the student fuses on CUDA unless gradients are clipped or fp16-scaled: neither here)
-        optimizer = student.build_optimizer("adamw", groups, lr=args.lr, betas=betas,
-                                            fused=device.type == "cuda")
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas)
+    groups = student.param_groups(model, defaults["weight_decay"].default)
+    optimizer = student.build_optimizer("adamw", groups, lr=args.lr,
+                                        betas=tuple(defaults["betas"].default),
+                                        fused=device.type == "cuda")
     mixed = args.precision.endswith("-mixed")
     total = args.warmup + args.steps
     times: list[float] = []
@@ -495,9 +480,6 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result['steps']} steps ({result['seconds']:.1f} s)")
             print(json.dumps(result), flush=True)
         return
-    if args.compile and not _student_accepts_compile():
-        raise SystemExit("--compile: StudentLM has no `compile` argument in this checkout, so "
-                         "the lightning arm cannot compile the student; drop --compile")
     device = _device(args)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")

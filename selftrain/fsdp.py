@@ -61,6 +61,20 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
                          "--trainer.strategy ddp")
 
 
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (regional compilation).
+
+    One compiled graph serves every layer, so compiling takes seconds; the layers keep their
+    names and state-dict keys, and DDP or FSDP can wrap them afterwards.
+
+    Args:
+        model: the loaded student.
+    """
+    classes = tuple(decoder_layer_classes(model))
+    for layer in [module for module in model.modules() if isinstance(module, classes)]:
+        layer.compile()
+
+
 class DecoderLayerFSDP(FSDPStrategy):
     """Lightning FSDP wrapping (and checkpointing) each decoder layer of whatever student loads.
 

@@ -30,8 +30,8 @@ from typing_extensions import override
 from selftrain.errors import SelftrainError
 from selftrain.fsdp import (
     clean_name,
+    compile_decoder_layers,
     consolidated_state_dict,
-    decoder_layer_classes,
     is_sharded,
     unsharded_copy,
 )
@@ -122,9 +122,7 @@ class StudentLM(L.LightningModule):
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.compile:
-            for module in self.model.modules():
-                if type(module) in decoder_layer_classes(self.model):
-                    module.compile()
+            compile_decoder_layers(self.model)
         self.model.train()
 
     def _attention_implementation(self) -> str | None:
@@ -242,17 +240,11 @@ class StudentLM(L.LightningModule):
         hp = self.hparams
         # FSDP has flattened every parameter into a 1-D shard by now: decide by the names
         # of the matrices recorded when the student was loaded
-        trainable = [(clean_name(name), p) for name, p in self.model.named_parameters()
-                     if p.requires_grad]
-        matrices = self._matrices or {name for name, p in trainable if p.ndim >= 2}
-        groups = [{"params": [p for name, p in trainable if name in matrices],
-                   "weight_decay": hp.weight_decay},
-                  {"params": [p for name, p in trainable if name not in matrices],
-                   "weight_decay": 0.0}]
+        groups = param_groups(self.model, hp.weight_decay, self._matrices or None)
         trainer = self.trainer
         # fused AdamW: CUDA only, and Lightning clips and unscales gradients only for unfused
-        fused = (all(p.is_cuda for _, p in trainable) and not trainer.gradient_clip_val
-                 and not str(trainer.precision).startswith("16"))
+        fused = (all(p.is_cuda for group in groups for p in group["params"])
+                 and not trainer.gradient_clip_val and not str(trainer.precision).startswith("16"))
         optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, betas=tuple(hp.betas),
                                     fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -365,6 +357,26 @@ def check_installed(attn_implementation: str | None, optimizer: str) -> None:
         raise SelftrainError(f"--model.optimizer {optimizer}: bitsandbytes is not installed "
                              "(pip install bitsandbytes, on a CUDA machine); or use "
                              "--model.optimizer adamw")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 matrices: set[str] | None = None) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only, not on norms or biases.
+
+    Args:
+        model: the student (possibly wrapped; wrapper name parts are ignored).
+        weight_decay: decay of the matrix group.
+        matrices: names of the matrices; None takes the parameters with 2+ dims now (wrong
+            once FSDP has flattened them, so the student records them at load time).
+    """
+    trainable = [(clean_name(name), p) for name, p in model.named_parameters()
+                 if p.requires_grad]
+    if matrices is None:
+        matrices = {name for name, p in trainable if p.ndim >= 2}
+    return [{"params": [p for name, p in trainable if name in matrices],
+             "weight_decay": weight_decay},
+            {"params": [p for name, p in trainable if name not in matrices],
+             "weight_decay": 0.0}]
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
