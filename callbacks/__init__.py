@@ -1,8 +1,14 @@
-"""Lightning callbacks of selftrain, one concern per file (``class_path: callbacks.<Name>``)."""
+"""Evaluation: Lightning callbacks that measure the student every epoch, one concern per file.
 
-from callbacks.benchmark_eval import BenchmarkEval
-from callbacks.extraction_probe import ExtractionProbe
-from callbacks.likelihood_tracker import LikelihoodTracker
-from callbacks.run_checkpoint import RunCheckpoint
+Installed as ``selftrain.callbacks`` (``class_path: selftrain.callbacks.<Name>``): the folder
+sits at the top of the repository, as the project's layout names it, and pyproject's
+``package-dir`` maps it under the package.
+May import: the core, ``sampling``, ``curation``, ``training`` and ``probes``.
+"""
+
+from selftrain.callbacks.benchmark_eval import BenchmarkEval
+from selftrain.callbacks.extraction_probe import ExtractionProbe
+from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
+from selftrain.callbacks.run_checkpoint import RunCheckpoint
 
 __all__ = ["BenchmarkEval", "ExtractionProbe", "LikelihoodTracker", "RunCheckpoint"]

@@ -58,9 +58,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from selftrain.callbacks.epoch_eval import EpochEvaluation
 from typing_extensions import override
 
-from callbacks.epoch_eval import EpochEvaluation
 from selftrain.errors import SelftrainError
 
 _MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",

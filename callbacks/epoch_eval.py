@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
-from selftrain.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
+from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
 EPOCH_TAG = "eval/epochs_completed"
 

@@ -12,7 +12,7 @@ continuation. Per domain it logs
 
 plus ``extraction/memorized`` and ``extraction/match_rate`` over all rows when the set has
 more than one domain (two-part tags, so no domain name can collide with them). Rows are
-sharded over ranks and gathered exactly (:class:`selftrain.probe_metrics.RowResults`), so
+sharded over ranks and gathered exactly (:class:`selftrain.probes.metrics.RowResults`), so
 the numbers do not depend on the world size. With ``save_rows`` rank 0 also writes one
 parquet per evaluation, ``<run>/eval/extraction/epoch=E-step=S.parquet``, telling which
 rows were reproduced and which were forgotten.
@@ -25,12 +25,12 @@ from pathlib import Path
 import lightning as L
 import pyarrow as pa
 import torch
+from selftrain.callbacks.probe_eval import ProbeEvaluation
 from typing_extensions import override
 
-from callbacks.probe_eval import ProbeEvaluation
-from selftrain.corpus import write_parquet_atomic
-from selftrain.probe_metrics import per_domain
-from selftrain.probes import greedy_continuations
+from selftrain.io import write_parquet_atomic
+from selftrain.probes.metrics import per_domain
+from selftrain.probes.windows import greedy_continuations
 
 
 class ExtractionProbe(ProbeEvaluation):

@@ -1,7 +1,7 @@
 """`LikelihoodTracker`: log p(true continuation | prefix) against the base model, per epoch.
 
-Extraction (:mod:`callbacks.extraction_probe`) only says whether greedy decoding still hits
-every token; the paper also reports that the log-probability of the true continuation falls
+Extraction (:mod:`selftrain.callbacks.extraction_probe`) only says whether greedy decoding still
+hits every token; the paper also reports that the log-probability of the true continuation falls
 relative to the base model, a smooth signal that moves before exact matches vanish. For each
 probe row (prefix y, continuation x) this callback logs, per domain,
 
@@ -18,7 +18,7 @@ its numbers become the base (``delta_logprob`` is exactly 0 there). They are cac
 ``<run>/eval/likelihood_base.pt`` (with the probe set's fingerprint and the student spec)
 and kept in the callback's checkpoint state, so a resumed run reads them instead of
 measuring a model it no longer has. Rows are sharded over ranks and gathered exactly
-(:class:`selftrain.probe_metrics.RowResults`), so every number is independent of the world
+(:class:`selftrain.probes.metrics.RowResults`), so every number is independent of the world
 size.
 """
 
@@ -30,12 +30,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from selftrain.callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from typing_extensions import override
 
-from callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from selftrain.errors import SelftrainError
-from selftrain.probe_metrics import RowResults, per_domain
-from selftrain.probes import continuation_logprobs, shard_rows, token_nll_rows
+from selftrain.models import pad_token_id
+from selftrain.probes.metrics import RowResults, per_domain
+from selftrain.probes.windows import continuation_logprobs, shard_rows, token_nll_rows
 
 
 class LikelihoodTracker(ProbeEvaluation):
@@ -158,7 +159,7 @@ class LikelihoodTracker(ProbeEvaluation):
         sequences = [rows[int(self._sample[i])]["input_ids"] for i in mine]
         order = sorted(range(len(sequences)), key=lambda j: len(sequences[j]))
         budget = self.batch_size * (self.prefix_tokens + self.suffix_tokens)
-        padding = pad_id(student_tokenizer(pl_module))
+        padding = pad_token_id(student_tokenizer(pl_module))
         for group in _token_batches([len(sequences[j]) for j in order], budget):
             picked = [order[j] for j in group]
             nll, tokens = token_nll_rows(pl_module.model, [sequences[j] for j in picked],
@@ -260,10 +261,3 @@ def student_spec(pl_module: L.LightningModule) -> str:
     spec = getattr(pl_module, "hparams", {}).get("model")
     return str(spec) if spec is not None else type(pl_module).__name__
 
-
-def pad_id(tokenizer) -> int:
-    """The id written into padding (masked out): the tokenizer's pad, else EOS, else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0

@@ -2,7 +2,7 @@
 
 Both read one probe set with the student's tokenizer before training (so a bad file fails
 before any epoch), take the same window arguments, and measure the rows the same way: each
-rank measures its shard (rows r, r + W, ...) and a :class:`~selftrain.probe_metrics.RowResults`
+rank measures its shard (rows r, r + W, ...) and a :class:`~selftrain.probes.metrics.RowResults`
 gathers every rank's values back into row order, so the numbers do not depend on the world
 size. Subclasses say what to measure per row.
 """
@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from selftrain.callbacks.epoch_eval import EpochEvaluation
 
-from callbacks.epoch_eval import EpochEvaluation
 from selftrain.errors import SelftrainError
-from selftrain.probe_metrics import RowResults
-from selftrain.probes import ProbeSet, load_probe_set, shard_rows
+from selftrain.probes.metrics import RowResults
+from selftrain.probes.windows import ProbeSet, load_probe_set, shard_rows
 
 
 class ProbeEvaluation(EpochEvaluation):

@@ -5,7 +5,7 @@ epochs need the step trigger (a killed job loses at most N steps), and ``--ckpt_
 must also find the state of the last finished epoch, or a completed run would resume and
 retrain its tail. This subclass keeps the step trigger and refreshes ``last.ckpt`` when an
 epoch ends (skipped when a step checkpoint was just written at the same global step).
-Writes are atomic through :class:`selftrain.checkpoint_io.AtomicCheckpointIO`.
+Writes are atomic through :class:`selftrain.training.checkpoint_io.AtomicCheckpointIO`.
 """
 
 from __future__ import annotations

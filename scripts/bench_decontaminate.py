@@ -24,8 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from selftrain.corpus import CorpusWriter, read_corpus
-from selftrain.decontaminate import NgramHasher, _benchmark_table, _contaminated, decontaminate
-from selftrain.decontaminate import normalize as normalize_words
+from selftrain.curation.decontaminate import (
+    NgramHasher,
+    _benchmark_table,
+    _contaminated,
+    decontaminate,
+)
+from selftrain.curation.decontaminate import normalize as normalize_words
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 

@@ -1,8 +1,8 @@
 """Sampling speed of `selftrain generate`, measured against the plain ways in one process.
 
 Same model, dtype, batch size, temperature and length cap for all three:
-  * sampler: :class:`selftrain.sampler.BosSampler` (KV cache written in place, finished rows
-    refilled or dropped, per-sample seeds);
+  * sampler: :class:`selftrain.sampling.sampler.BosSampler` (KV cache written in place,
+    finished rows refilled or dropped, per-sample seeds);
   * plain: ``model.generate(do_sample=True, ...)`` over the same number of sequences, the way a
     user would write it;
   * forward: one teacher-forced forward pass over as many tokens (the compute ceiling of
@@ -24,7 +24,7 @@ import time
 import torch
 
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
-from selftrain.sampler import BosSampler, draw_tokens, draw_workspace
+from selftrain.sampling.sampler import BosSampler, draw_tokens, draw_workspace
 
 
 def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:

@@ -8,8 +8,8 @@ shuffled, ``--group_batches`` as ``CorpusDataModule``'s, 1 = no grouping, the mo
 plans one epoch; its first ``--warmup + --steps`` index lists are the batches, and each is
 collated twice over the same indices:
 
-  * padded: ``selftrain.batching.pad_collate`` (``B x longest`` with an attention mask);
-  * packed: ``selftrain.packing.pack_collate`` (``1 x sum(lengths)``, documents kept apart
+  * padded: ``selftrain.training.batching.pad_collate`` (``B x longest`` with an attention mask);
+  * packed: ``selftrain.training.packing.pack_collate`` (``1 x sum(lengths)``, documents kept apart
     by position ids; the model must pass ``packing_support``).
 
 A training step is what ``StudentLM`` does: forward with the HF labels loss
@@ -36,8 +36,8 @@ steps at a loss of ~13).
         --max_len 2048 --attn flash_attention_2 --steps 20 # one GPU
 
 With ``sdpa`` / ``eager`` the packed row gets one dense ``sum x sum`` mask, so attention costs
-the square of the packed length (selftrain.packing); ``flash_attention_2`` computes only the
-diagonal blocks.
+the square of the packed length (selftrain.training.packing); ``flash_attention_2`` computes
+only the diagonal blocks.
 
 The defaults (batch 4 x <= 256 tokens, 2 warm-up + 6 measured steps, 2 rounds) are sized for
 a 2-core CPU, where the embedded SmolLM2-135M trains only ~200 real tokens/s in bf16-mixed
@@ -87,7 +87,7 @@ def make_rows(args) -> tuple[list[dict], dict]:
     """Rows of random ids starting with BOS; lengths a seeded mix of early stops and the cap."""
     import numpy as np
 
-    from selftrain.models import load_tokenizer, resolve_bos_id
+    from selftrain.models import load_tokenizer, pad_token_id, resolve_bos_id
 
     tokenizer = load_tokenizer(args.model)
     bos_id, bos_source = resolve_bos_id(tokenizer)
@@ -101,8 +101,7 @@ def make_rows(args) -> tuple[list[dict], dict]:
         ids = rng.integers(0, vocab, size=int(length))
         ids[0] = bos_id
         rows.append({"input_ids": ids.tolist()})
-    pad_id = tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     info = {"rows": args.rows, "vocab": vocab, "bos_token_id": bos_id, "bos_source": bos_source,
             "pad_id": pad_id, "short_rows": int(short.sum()),
             "mean_length": float(lengths.mean())}
@@ -111,8 +110,8 @@ def make_rows(args) -> tuple[list[dict], dict]:
 
 def make_batches(args, rows: list[dict], pad_id: int) -> tuple[dict, dict]:
     """The first warm-up + measured index lists of one epoch, collated padded and packed."""
-    from selftrain.batching import LengthGroupedBatchSampler, pad_collate
-    from selftrain.packing import pack_collate
+    from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
+    from selftrain.training.packing import pack_collate
 
     sampler = LengthGroupedBatchSampler([len(row["input_ids"]) for row in rows],
                                         batch_size=args.batch_size, seed=args.seed,
@@ -149,7 +148,7 @@ def make_batches(args, rows: list[dict], pad_id: int) -> tuple[dict, dict]:
 def load_student(args, device: torch.device):
     """The student on the device in train mode, after checking it can train packed rows."""
     from selftrain.models import load_model
-    from selftrain.packing import packing_support
+    from selftrain.training.packing import packing_support
 
     model = load_model(args.model, attn_implementation=args.attn)
     supported, reason = packing_support(model)
@@ -162,7 +161,7 @@ def load_student(args, device: torch.device):
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     """StudentLM.configure_optimizers: AdamW, weight decay on matrices only, default betas."""
-    from selftrain import module as student
+    from selftrain.training import module as student
 
     defaults = inspect.signature(student.StudentLM).parameters
     groups = student.param_groups(model, defaults["weight_decay"].default)

@@ -1,6 +1,6 @@
 """What the evaluation callbacks cost, measured in one run.
 
-1. Extraction: the probe's greedy continuation (``selftrain.probes.greedy_continuations``)
+1. Extraction: the probe's greedy continuation (``selftrain.probes.windows.greedy_continuations``)
    against a plain batched ``model.generate(do_sample=False)`` over the same prefixes, same
    batch size, same bf16 autocast, alternating runs; prints sequences/s and the ratio (goal
    >= 0.9) and checks the two give the same tokens.
@@ -21,11 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from selftrain.callbacks.epoch_eval import EpochEvaluation
 
-from callbacks.epoch_eval import EpochEvaluation
 from selftrain.models import load_model, load_tokenizer
-from selftrain.probes import greedy_continuations
-from selftrain.probeset import candidate_windows
+from selftrain.probes.probeset import candidate_windows
+from selftrain.probes.windows import greedy_continuations
 from selftrain.trainer_cli import SelftrainCLI
 
 REPO = Path(__file__).resolve().parents[1]

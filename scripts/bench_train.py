@@ -114,7 +114,7 @@ def memory_figures(device: torch.device) -> dict:
 
 
 def _data_module(args):
-    from selftrain.data import CorpusDataModule
+    from selftrain.training.data import CorpusDataModule
 
     return CorpusDataModule(corpus=args.corpus, tokenizer=args.model, max_length=args.seq_len,
                             batch_size=args.batch_size, shuffle=False, same_tokenizer=True)
@@ -153,9 +153,9 @@ def _arm_result(args, device, times: list[float], losses: list[torch.Tensor], wo
 
 def run_plain(args) -> dict:
     """The hand-written loop: same model, optimizer, batches and autocast as StudentLM."""
-    from selftrain import module as student
-    from selftrain.fsdp import compile_decoder_layers
     from selftrain.models import load_model
+    from selftrain.training import module as student
+    from selftrain.training.fsdp import compile_decoder_layers
 
     device = _device(args)
     begin = time.perf_counter()
@@ -211,7 +211,7 @@ def _strategy(args):
     name = args.strategy
     if name == "fsdp":
         try:
-            from selftrain.fsdp import DecoderLayerFSDP
+            from selftrain.training.fsdp import DecoderLayerFSDP
         except ImportError:
             return "fsdp"
         return DecoderLayerFSDP(activation_checkpointing=args.gradient_checkpointing)
@@ -228,8 +228,9 @@ def run_lightning(args) -> dict:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # its start-up banner
 
-    from callbacks.tb_layout import TensorBoardLayout
-    from selftrain.module import StudentLM
+    from selftrain.callbacks.tb_layout import TensorBoardLayout
+
+    from selftrain.training.module import StudentLM
 
     device = _device(args)
     total = args.warmup + args.steps
@@ -444,7 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--devices", type=int, default=1, help="lightning arm's devices")
     parser.add_argument("--strategy", default="auto",
-                        help="auto, ddp, fsdp (selftrain.fsdp.DecoderLayerFSDP), another "
+                        help="auto, ddp, fsdp (selftrain.training.fsdp.DecoderLayerFSDP), another "
                              "Lightning strategy name, or a class path")
     parser.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")

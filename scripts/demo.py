@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from selftrain.tb import read_scalars
+from selftrain.analysis.tb import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,14 +19,16 @@ from collections.abc import Callable
 from selftrain.errors import SelftrainError
 
 TOOLS: dict[str, tuple[str, str, str]] = {
-    "generate": ("selftrain.generate", "generate", "sample corpora from a model's BOS token"),
-    "decontaminate": ("selftrain.decontaminate", "decontaminate",
+    "generate": ("selftrain.sampling.generate", "generate",
+                 "sample corpora from a model's BOS token"),
+    "decontaminate": ("selftrain.curation.decontaminate", "decontaminate",
                       "drop samples sharing an n-gram with benchmark items"),
-    "replay": ("selftrain.replay", "replay",
+    "replay": ("selftrain.curation.replay", "replay",
                "real-text baseline token-matched to a synthetic corpus"),
-    "probeset": ("selftrain.probeset", "probeset",
+    "probeset": ("selftrain.probes.probeset", "probeset",
                  "held-out windows a model extracts verbatim (probe set)"),
-    "plant": ("selftrain.plant", "plant", "fine-tune canary windows into a base until extracted"),
+    "plant": ("selftrain.probes.plant", "plant",
+              "fine-tune canary windows into a base until extracted"),
 }
 """subcommand -> (module, function, one-line summary); imported only when used."""
 

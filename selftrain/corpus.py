@@ -13,7 +13,6 @@ looks complete. Readers also accept plain ``.jsonl`` / ``.parquet`` / ``.txt`` f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 
 from selftrain import __version__
 from selftrain.errors import SelftrainError
+from selftrain.io import write_parquet_atomic
 
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = ".in_progress.json"
@@ -152,13 +152,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SelftrainError(f"--out {out}: already holds files; choose a new dir or pass "
                              "--overwrite true")
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write a parquet file to a temp name beside ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:

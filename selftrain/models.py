@@ -317,6 +317,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id written into padding (always masked out): the tokenizer's pad, else EOS, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a flag value; None (and ``"auto"``) means the loader's default."""
     if dtype is None or dtype == "auto":

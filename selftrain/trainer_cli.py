@@ -17,14 +17,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.epoch_eval import EpochEvaluation
-from callbacks.run_checkpoint import RunCheckpoint
-from callbacks.tb_layout import TensorBoardLayout
-from selftrain.checkpoint_io import AtomicCheckpointIO
-from selftrain.data import CorpusDataModule
+from selftrain.callbacks.epoch_eval import EpochEvaluation
+from selftrain.callbacks.run_checkpoint import RunCheckpoint
+from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import SelftrainError
-from selftrain.fsdp import DecoderLayerFSDP
-from selftrain.module import StudentLM
+from selftrain.training.checkpoint_io import AtomicCheckpointIO
+from selftrain.training.data import CorpusDataModule
+from selftrain.training.fsdp import DecoderLayerFSDP
+from selftrain.training.module import StudentLM
 
 DEFAULT_ROOT = "runs/default"
 

@@ -61,7 +61,7 @@ def run_dir(tmp_path) -> Path:
 def make_corpus(out: Path, model: str = "tiny:qwen2", num_samples: int = 48,
                 max_new_tokens: int = 24, **kwargs) -> Path:
     """Sample a real corpus dir with `selftrain generate` from a tiny model."""
-    from selftrain.generate import generate
+    from selftrain.sampling.generate import generate
 
     kwargs.setdefault("batch_size", 16)
     (path,) = generate(model=model, out=str(out), num_samples=num_samples,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from selftrain.batching import LengthGroupedBatchSampler, pad_collate
+from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
 
 
 def bos_like_lengths(n=2000, cap=257, seed=0):

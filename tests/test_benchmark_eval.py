@@ -13,19 +13,19 @@ import torch
 import yaml
 from conftest import CONFIGS, REPO
 from lightning.pytorch import Callback, Trainer
+from selftrain.callbacks.benchmark_eval import BenchmarkEval, metric_scores
 
-from callbacks.benchmark_eval import BenchmarkEval, metric_scores
+from selftrain.analysis.tb import read_scalars
 from selftrain.cli import main
 from selftrain.errors import SelftrainError
-from selftrain.module import StudentLM
-from selftrain.tb import read_scalars
 from selftrain.trainer_cli import SelftrainCLI
+from selftrain.training.module import StudentLM
 
 DEBUG = str(CONFIGS / "debug.yaml")
 NO_CALLBACKS = "--trainer.callbacks=[]"  # the debug config's own callbacks off: only ours run
 CORPUS = str(CONFIGS / "data" / "tiny_qwen2_self")
 TASKS = str(CONFIGS / "tasks")
-BENCHMARK = "callbacks.benchmark_eval.BenchmarkEval"
+BENCHMARK = "selftrain.callbacks.benchmark_eval.BenchmarkEval"
 SETTINGS = {"tasks": {"selftrain_facts": 2, "selftrain_arith": None}, "include_path": TASKS,
             "limit": 8}
 SHOTS = {"selftrain_facts": 2, "selftrain_arith": 3}  # arith: its YAML's num_fewshot

@@ -4,9 +4,9 @@ import pytest
 from conftest import write_text_corpus
 
 from selftrain.corpus import read_corpus
-from selftrain.data import CorpusDataModule
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer
+from selftrain.training.data import CorpusDataModule
 
 
 def setup_dm(corpus, **kwargs):

@@ -12,7 +12,7 @@ import jsonargparse
 import pytest
 
 from selftrain.corpus import CorpusWriter, read_corpus
-from selftrain.decontaminate import NgramHasher, decontaminate, normalize
+from selftrain.curation.decontaminate import NgramHasher, decontaminate, normalize
 from selftrain.errors import SelftrainError
 
 FILLER = ("rivers carry silt toward quiet harbors while merchants count copper coins beside "
@@ -133,7 +133,7 @@ def test_limit_caps_items_per_benchmark(tmp_path):
 
 
 def test_hashes_are_the_same_in_another_process():
-    code = ("from selftrain.decontaminate import NgramHasher; "
+    code = ("from selftrain.curation.decontaminate import NgramHasher; "
             "print(NgramHasher(3).hash(['A b c d', 'e f g'])[0].tolist())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True).stdout

@@ -6,8 +6,8 @@ import torch
 from conftest import CONFIGS, write_text_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selftrain.analysis.tb import read_layout, read_scalars
 from selftrain.cli import main
-from selftrain.tb import read_layout, read_scalars
 from selftrain.trainer_cli import SelftrainCLI
 
 DEBUG = str(CONFIGS / "debug.yaml")
@@ -132,7 +132,7 @@ class FailsToSave:
 
 
 def test_checkpoints_are_written_atomically(tmp_path):
-    from selftrain.checkpoint_io import AtomicCheckpointIO
+    from selftrain.training.checkpoint_io import AtomicCheckpointIO
 
     cli = _cli(tmp_path / "run", "--trainer.max_epochs", "1")
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

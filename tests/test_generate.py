@@ -85,7 +85,7 @@ def test_rerun_with_same_settings_is_a_no_op_and_overwrite_replaces(tmp_path):
 
 
 def test_killed_run_resumes_to_exactly_n_unique_ids(tmp_path, monkeypatch):
-    from selftrain.shards import ShardedCorpus
+    from selftrain.sampling.shards import ShardedCorpus
 
     reference = read_corpus(make_corpus(tmp_path / "ref", num_samples=40, shard_size=8))
     real_write = ShardedCorpus.write_shard
@@ -115,7 +115,7 @@ def test_killed_run_resumes_to_exactly_n_unique_ids(tmp_path, monkeypatch):
 
 
 def test_temperature_list_writes_one_corpus_per_value(tmp_path):
-    from selftrain.generate import generate
+    from selftrain.sampling.generate import generate
 
     outs = generate(model="tiny:qwen2", out=str(tmp_path / "sweep"), num_samples=12,
                     max_new_tokens=16, temperature=[0.5, 1.5], batch_size=4)

@@ -2,14 +2,14 @@ import pytest
 import torch
 from conftest import CONFIGS
 
-from selftrain import packing
-from selftrain.batching import pad_collate
+from selftrain.analysis.tb import read_scalars
 from selftrain.cli import main
 from selftrain.models import load_model
-from selftrain.module import real_tokens
-from selftrain.packing import pack_collate, packing_support, packing_supported
-from selftrain.tb import read_scalars
 from selftrain.tiny import TINY_FAMILIES
+from selftrain.training import packing
+from selftrain.training.batching import pad_collate
+from selftrain.training.module import real_tokens
+from selftrain.training.packing import pack_collate, packing_support, packing_supported
 
 LENGTHS = [17, 5, 30, 2, 11]
 
@@ -139,7 +139,7 @@ def test_unsupported_student_falls_back_to_padding(tmp_path, padded_run, monkeyp
         calls.append(type(model).__name__)
         return False, "no masking_utils here"
 
-    monkeypatch.setattr("selftrain.data.packing_support", unsupported)
+    monkeypatch.setattr("selftrain.training.data.packing_support", unsupported)
     with pytest.warns(UserWarning, match="no masking_utils here; padding each batch") as caught:
         fallback = fit(tmp_path / "run", "--data.packing", "true")
     assert calls == ["Qwen2ForCausalLM"]  # checked once, for train and val loaders alike

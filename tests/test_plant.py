@@ -11,9 +11,9 @@ from conftest import REPO
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
-from selftrain.plant import plant
-from selftrain.probes import METADATA_KEY, greedy_continuations, load_probe_set
-from selftrain.probeset import expand_input, probeset
+from selftrain.probes.plant import plant
+from selftrain.probes.probeset import expand_input, probeset
+from selftrain.probes.windows import METADATA_KEY, greedy_continuations, load_probe_set
 
 LICENSE = ("Permission is hereby granted, free of charge, to any person obtaining a copy of "
            "this software and associated documentation files, to deal in the Software.")

@@ -8,24 +8,24 @@ import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import selftrain.callbacks.likelihood_tracker as likelihood_module
 import torch
 from conftest import CONFIGS, REPO
+from selftrain.callbacks.extraction_probe import ExtractionProbe
+from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from test_probes import memorize, random_rows
 
-import callbacks.likelihood_tracker as likelihood_module
-from callbacks.extraction_probe import ExtractionProbe
-from callbacks.likelihood_tracker import LikelihoodTracker
+from selftrain.analysis.tb import read_scalars
 from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model
-from selftrain.module import StudentLM
-from selftrain.tb import read_scalars
 from selftrain.trainer_cli import SelftrainCLI
+from selftrain.training.module import StudentLM
 
 DEBUG = str(CONFIGS / "debug.yaml")
 NO_CALLBACKS = "--trainer.callbacks=[]"  # the debug config's own callbacks off: only ours run
-EXTRACTION = "callbacks.extraction_probe.ExtractionProbe"
-LIKELIHOOD = "callbacks.likelihood_tracker.LikelihoodTracker"
+EXTRACTION = "selftrain.callbacks.extraction_probe.ExtractionProbe"
+LIKELIHOOD = "selftrain.callbacks.likelihood_tracker.LikelihoodTracker"
 
 
 def write_probes(path, rows, domains):
@@ -299,7 +299,7 @@ def test_ddp_on_two_processes_gives_the_numbers_of_one(tmp_path):
             range(7))
 
     # one process, the same (base) student: the core functions on the whole probe set
-    from selftrain.probes import continuation_logprobs, greedy_continuations
+    from selftrain.probes.windows import continuation_logprobs, greedy_continuations
 
     rows = torch.tensor(pq.read_table(probes).to_pydict()["input_ids"])
     base_model = load_model("tiny:qwen2")

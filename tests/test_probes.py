@@ -1,4 +1,4 @@
-"""The probes' core maths (selftrain.probes, selftrain.probe_metrics) against references."""
+"""The probes' core maths (selftrain.probes.windows, .metrics) against references."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import torch
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, tokenizer_fingerprint
-from selftrain.probe_metrics import RowResults, per_domain
-from selftrain.probes import (
+from selftrain.probes.metrics import RowResults, per_domain
+from selftrain.probes.windows import (
     METADATA_KEY,
     continuation_logprobs,
     greedy_continuations,

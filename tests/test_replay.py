@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from selftrain import replay as replay_module
 from selftrain.corpus import SCHEMA, read_corpus
-from selftrain.data import CorpusDataModule
+from selftrain.curation import replay as replay_module
+from selftrain.curation.replay import replay
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer, tokenizer_fingerprint
-from selftrain.replay import replay
+from selftrain.training.data import CorpusDataModule
 
 WORDS = ("the a old new river stone garden city light bright quietly ran over under cat dog "
          "wind rain north south market bridge slowly sang built").split()

@@ -4,7 +4,7 @@ import torch
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
-from selftrain.sampler import BosSampler, draw_tokens, sample_uniforms
+from selftrain.sampling.sampler import BosSampler, draw_tokens, sample_uniforms
 
 
 def _model_with_likely_eos(family: str, bias: float = 3.5):

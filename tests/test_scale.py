@@ -16,17 +16,17 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import selftrain.module
+import selftrain.training.module
 from selftrain.errors import SelftrainError
-from selftrain.fsdp import DecoderLayerFSDP, decoder_layer_classes, unsharded_copy
 from selftrain.models import load_model
-from selftrain.module import StudentLM, build_optimizer
 from selftrain.trainer_cli import SelftrainCLI
+from selftrain.training.fsdp import DecoderLayerFSDP, decoder_layer_classes, unsharded_copy
+from selftrain.training.module import StudentLM, build_optimizer
 
 DEBUG = str(CONFIGS / "debug.yaml")
 FSDP_PRESET = str(CONFIGS / "scale" / "fsdp.yaml")
 DDP_PRESET = str(CONFIGS / "scale" / "ddp.yaml")
-FSDP_ON_CPU = ('--trainer.strategy={"class_path": "selftrain.fsdp.DecoderLayerFSDP", '
+FSDP_ON_CPU = ('--trainer.strategy={"class_path": "selftrain.training.fsdp.DecoderLayerFSDP", '
                '"init_args": {"allow_cpu": true}}')
 
 
@@ -138,7 +138,8 @@ def test_settings_this_machine_cannot_run_fail_in_one_line_before_loading(tmp_pa
     ("attn_implementation", "flash_attention_2", "needs a CUDA GPU; use sdpa"),
 ])
 def test_gpu_only_module_settings_are_refused_on_cpu(monkeypatch, field, value, message):
-    monkeypatch.setattr(selftrain.module, "check_installed", lambda *args: None)  # as if present
+    # as if present
+    monkeypatch.setattr(selftrain.training.module, "check_installed", lambda *args: None)
     module = StudentLM(**{field: value})
     with pytest.raises(SelftrainError, match=message):
         module.check_machine(L.Trainer(accelerator="cpu", devices=1, logger=False))

@@ -12,8 +12,8 @@ import torch
 from conftest import CONFIGS, REPO
 from transformers import AutoModelForCausalLM
 
+from selftrain.analysis.tb import read_scalars
 from selftrain.corpus import read_corpus
-from selftrain.tb import read_scalars
 
 pytestmark = pytest.mark.slow
 DEBUG = str(CONFIGS / "debug.yaml")
@@ -95,12 +95,12 @@ def test_embedded_smollm2_samples_from_bos_and_fine_tunes(tmp_path):
     callbacks = tmp_path / "callbacks.yaml"
     callbacks.write_text(f"""trainer:
   callbacks:
-    - class_path: callbacks.BenchmarkEval
+    - class_path: selftrain.callbacks.BenchmarkEval
       init_args: {{tasks: {{selftrain_facts: 3, selftrain_arith: 3}}, include_path: configs/tasks,
                   limit: 6}}
-    - class_path: callbacks.ExtractionProbe
+    - class_path: selftrain.callbacks.ExtractionProbe
       init_args: {{probe_set: {probes}}}
-    - class_path: callbacks.LikelihoodTracker
+    - class_path: selftrain.callbacks.LikelihoodTracker
       init_args: {{probe_set: {probes}, corpus_sample: 8}}
 """)
     run = tmp_path / "run"
@@ -131,7 +131,7 @@ GENERATE = ["--model", "tiny:qwen2", "--num_samples", "600", "--max_new_tokens",
 
 
 def _generate_reference(out):
-    from selftrain.generate import generate
+    from selftrain.sampling.generate import generate
 
     (path,) = generate(model="tiny:qwen2", out=str(out), num_samples=600, max_new_tokens=48,
                        shard_size=600, seed=11, batch_size=7)

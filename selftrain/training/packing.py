@@ -13,12 +13,12 @@ every document start, with no ``attention_mask``:
 Both need the model's modeling code to be transformers' current mask and attention path; a
 model with its own mask logic (typically remote code) would let every document attend to the
 ones before it, silently. :func:`packing_supported` checks that, and
-:class:`selftrain.data.CorpusDataModule` falls back to padding where it fails.
+:class:`selftrain.training.data.CorpusDataModule` falls back to padding where it fails.
 
 The targets are the padded batch's: every token but each document's first is predicted from
 the tokens of its own document, so the loss, the logits and the gradients match the padded
 batch's (tests/test_packing.py checks all three on every tiny family). Training must run
-without a KV cache (``use_cache=False``, as :class:`selftrain.module.StudentLM` calls the
+without a KV cache (``use_cache=False``, as :class:`selftrain.training.module.StudentLM` calls the
 model): with a cache transformers skips the packed-sequence detection.
 
 Cost: flash attention's varlen kernel only computes the diagonal blocks, so packing saves all

@@ -28,14 +28,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
-from selftrain.fsdp import (
+from selftrain.models import load_model, load_tokenizer, parse_model_spec
+from selftrain.training.fsdp import (
     clean_name,
     compile_decoder_layers,
     consolidated_state_dict,
     is_sharded,
     unsharded_copy,
 )
-from selftrain.models import load_model, load_tokenizer, parse_model_spec
 
 
 class StudentLM(L.LightningModule):

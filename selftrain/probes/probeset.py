@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from selftrain.corpus import refuse_file_path, write_parquet_atomic
+from selftrain.corpus import refuse_file_path
 from selftrain.errors import SelftrainError
+from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
-from selftrain.probes import METADATA_KEY, greedy_continuations
+from selftrain.probes.windows import METADATA_KEY, greedy_continuations
 
 log = logging.getLogger(__name__)
 

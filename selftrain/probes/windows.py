@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from selftrain.batching import pad_collate
 from selftrain.errors import SelftrainError
 from selftrain.models import tokenizer_fingerprint
+from selftrain.training.batching import pad_collate
 
 METADATA_KEY = b"selftrain"
 """Parquet schema metadata key of a probe set written by selftrain (JSON: model, tokenizer...)."""

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from selftrain.benchmarks import load_benchmark
 from selftrain.corpus import (
     SCHEMA,
     Corpus,
@@ -40,6 +39,7 @@ from selftrain.corpus import (
     check_out_dir,
     read_corpus,
 )
+from selftrain.curation.benchmarks import load_benchmark
 from selftrain.errors import SelftrainError
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import torch
 from selftrain.corpus import refuse_file_path
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
-from selftrain.probes import greedy_continuations, load_probe_set, read_probe_rows
-from selftrain.probeset import summarize, write_probe_set
+from selftrain.probes.probeset import summarize, write_probe_set
+from selftrain.probes.windows import greedy_continuations, load_probe_set, read_probe_rows
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ It reads a corpus dir (or a plain jsonl / parquet / txt file), keeps one of K di
 if asked, and reuses the stored ``input_ids`` when the student's tokenizer is the source's
 (same vocabulary fingerprint, or declared so); otherwise it retokenizes ``text`` with the
 student's tokenizer and prepends the student's BOS id. Batching is in
-:mod:`selftrain.batching`: deterministic per epoch, rank-aware, resumable mid-epoch. With
-``packing`` each batch's rows go end to end into one row (:mod:`selftrain.packing`) instead of
-being padded; the batches themselves are the same.
+:mod:`selftrain.training.batching`: deterministic per epoch, rank-aware, resumable mid-epoch. With
+``packing`` each batch's rows go end to end into one row
+(:mod:`selftrain.training.packing`) instead of being padded; the batches themselves are the same.
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from selftrain.batching import LengthGroupedBatchSampler, pad_collate
 from selftrain.corpus import Corpus, read_corpus
 from selftrain.errors import SelftrainError
-from selftrain.models import load_tokenizer, resolve_bos_id, tokenizer_fingerprint
-from selftrain.packing import pack_collate, packing_support
+from selftrain.models import (
+    load_tokenizer,
+    pad_token_id,
+    resolve_bos_id,
+    tokenizer_fingerprint,
+)
+from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
+from selftrain.training.packing import pack_collate, packing_support
 
 # Without --data.eval_corpus, val_dataloader returns no loaders, which is how Lightning is told
 # to skip validation; its warning about that says nothing the user needs to act on.
@@ -62,7 +67,7 @@ class CorpusDataModule(L.LightningDataModule):
             with one warning, where the student's attention implementation cannot keep
             documents apart. Same batches, same targets, same loss as padding. Saves the
             padding's compute with flash attention; with sdpa/eager the mask is dense over
-            the packed row, which costs more than light padding (see selftrain.packing).
+            the packed row, which costs more than light padding (see selftrain.training.packing).
         eval_corpus: held-out corpus (same formats) for ``selftrain validate`` / ``test`` and
             the per-epoch ``val/loss`` during ``fit``; None trains without one.
     """
@@ -264,9 +269,7 @@ class CorpusDataModule(L.LightningDataModule):
     def _collate(self):
         if self._use_packing():
             return pack_collate
-        pad_id = self._tokenizer.pad_token_id
-        pad_id = pad_id if pad_id is not None else (self._tokenizer.eos_token_id or 0)
-        return partial(pad_collate, pad_id=pad_id,
+        return partial(pad_collate, pad_id=pad_token_id(self._tokenizer),
                        pad_to_multiple_of=self.hparams.pad_to_multiple_of)
 
     def _position(self) -> tuple[int, int]:

@@ -2,10 +2,11 @@
 
 No prompt, no chat template, no system text: every sequence starts as the single resolved BOS
 id and the source samples until EOS or ``--max_new_tokens``. Ids go straight to the model
-(never text), so no tokenizer adds a second BOS. Decoding is :class:`selftrain.sampler.
+(never text), so no tokenizer adds a second BOS. Decoding is :class:`selftrain.sampling.sampler.
 BosSampler` (KV cache, finished rows refilled, per-sample seeds), and the output is a corpus dir
-filled shard by shard (:class:`selftrain.shards.ShardedCorpus`): a killed run resumes when the
-same command is run again, and ``torchrun --nproc-per-node P`` splits the shards over P ranks.
+filled shard by shard (:class:`selftrain.sampling.shards.ShardedCorpus`): a killed run resumes
+when the same command is run again, and ``torchrun --nproc-per-node P`` splits the shards over P
+ranks.
 
 Sample i depends only on (model, sampling settings, seed, i), never on the batch size, the
 number of processes or where a run was resumed. A list of temperatures samples one corpus per
@@ -36,8 +37,8 @@ from selftrain.models import (
     resolve_bos_id,
     tokenizer_fingerprint,
 )
-from selftrain.sampler import BosSampler
-from selftrain.shards import ShardedCorpus
+from selftrain.sampling.sampler import BosSampler
+from selftrain.sampling.shards import ShardedCorpus
 
 log = logging.getLogger(__name__)
 

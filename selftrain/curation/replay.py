@@ -7,12 +7,12 @@ txt / jsonl / parquet files or a streamed `datasets` name, a corpus dir in the u
 synthetic counterpart under the student's tokenizer. Same row count, same length multiset,
 same token count, so the two corpora train for the same number of steps on the same shapes.
 
-Lengths are counted the way :class:`~selftrain.data.CorpusDataModule` feeds rows: stored ids
-when the corpus tokenizer is the student's, else student BOS + the text's ids + EOS where the
-row finished. Each replay row is the *start* of one real document, as a BOS-sampled row is the
-start of one: ``input_ids = [BOS, *doc_ids[:w]]`` with ``doc_ids`` the document's ids plus EOS,
-so a window that reaches the end of its document ends on EOS and is ``finished``, like a
-sample that stopped. Documents are handed out best-fit (each to the open row with the longest
+Lengths are counted the way :class:`~selftrain.training.data.CorpusDataModule` feeds rows:
+stored ids when the corpus tokenizer is the student's, else student BOS + the text's ids + EOS
+where the row finished. Each replay row is the *start* of one real document, as a BOS-sampled
+row is the start of one: ``input_ids = [BOS, *doc_ids[:w]]`` with ``doc_ids`` the document's ids
+plus EOS, so a window that reaches the end of its document ends on EOS and is ``finished``, like
+a sample that stopped. Documents are handed out best-fit (each to the open row with the longest
 window it can fill), so short documents fill short rows instead of being skipped, and no row
 ever spans two documents.
 """

@@ -10,7 +10,7 @@ Lightning's and every rank has the same number of steps.
 Resuming mid-epoch: the sampler asks a ``position`` callable for (epoch, batches to skip)
 when iteration actually starts (the first ``next``), not when the iterator is created. Lightning
 creates the training iterator before it restores a checkpoint, so only a lazy read sees the
-restored epoch and position; :class:`selftrain.data.CorpusDataModule` supplies both.
+restored epoch and position; :class:`selftrain.training.data.CorpusDataModule` supplies both.
 """
 
 from __future__ import annotations

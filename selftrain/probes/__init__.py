@@ -1,0 +1,7 @@
+"""Probes: what the evaluation callbacks measure, outside of Lightning.
+
+Probe sets on disk and their prefix/suffix windows with the scoring maths (``windows``), the
+row gather over ranks (``metrics``), building a probe set a model extracts (``probeset``) and
+planting canaries into a base model for the demo (``plant``).
+May import: the core, ``sampling``, ``curation`` and ``training``.
+"""
