@@ -5,16 +5,20 @@ parameters, seed, counts) and ``data/*.parquet`` shards with at least ``id``, ``
 ``input_ids`` (source tokenizer, starting with the BOS id), ``num_tokens``, ``finished`` and
 ``subset``. It loads as it is with ``datasets.load_dataset("parquet", data_files=...)``.
 
-Writers stage everything in a hidden sibling directory and rename it into place at the end,
-and shards are written to a temp file and renamed, so a killed run never leaves a corpus that
-looks complete. Readers also accept plain ``.jsonl`` / ``.parquet`` / ``.txt`` files.
+Writers stage everything in a hidden sibling directory and swap it into place at the end, and
+shards are written to a temp file and renamed (all through :mod:`selftrain.io`), so a killed run
+never leaves a corpus that looks complete. Readers also accept plain ``.jsonl`` / ``.parquet`` /
+``.txt`` files.
+
+Every writer records where the ids come from the same way: :func:`provenance` (tokenizer, BOS
+and EOS ids, the model and its resolved revision) and :func:`stamp` (format, tool version,
+creation time).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +30,7 @@ import pyarrow.parquet as pq
 
 from selftrain import __version__
 from selftrain.errors import SelftrainError
-from selftrain.io import write_parquet_atomic
+from selftrain.io import publish_dir, staging_dir, write_json_atomic, write_parquet_atomic
 
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = ".in_progress.json"
@@ -67,7 +71,7 @@ class Corpus:
 
 @dataclass
 class CorpusWriter:
-    """Writes a corpus dir atomically: shards into a staging dir, then one rename.
+    """Writes a corpus dir atomically: shards into a staging dir, then one swap into place.
 
     Args:
         out: the final corpus directory.
@@ -86,9 +90,7 @@ class CorpusWriter:
     def __enter__(self) -> CorpusWriter:
         self.out = Path(self.out)
         check_out_dir(self.out, self.overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-",
-                                              dir=self.out.parent))
+        self._staging = staging_dir(self.out)
         (self._staging / DATA_DIR).mkdir()
         return self
 
@@ -109,26 +111,72 @@ class CorpusWriter:
         self.rows_written += len(rows)
 
     def finish(self, manifest: dict[str, Any]) -> Path:
-        """Flush the last shard, write the manifest and move the corpus into place."""
+        """Flush the last shard, write the manifest and swap the corpus into place.
+
+        An existing corpus at ``out`` (allowed by ``overwrite``) is removed only once the new
+        one is in place.
+        """
         assert self._staging is not None
         if self._buffer:
             self._flush(self._buffer)
             self._buffer = []
         manifest = dict(manifest)
         manifest["counts"] = {**manifest.get("counts", {}), "written": self.rows_written}
-        manifest = {"format": FORMAT, "tool_version": __version__,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    **manifest}
-        (self._staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self._staging.rename(self.out)
+        write_json_atomic(stamp(manifest), self._staging / MANIFEST_NAME)
+        publish_dir(self._staging, self.out)
         self._staging = None
         return self.out
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def stamp(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest with the corpus format, the tool version and the creation time put first.
+
+    Args:
+        manifest: the writer's own fields.
+    """
+    return {"format": FORMAT, "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
+
+
+def provenance(tokenizer, model: str, bos_token_id: int, bos_source: str,
+               eos_token_id: int | None, source_config=None) -> dict[str, Any]:
+    """The manifest fields that say where a corpus's ids come from.
+
+    A corpus sampled from a model records that model as ``source``, with its resolved revision
+    (hub commit, GGUF sha256 or tiny seed) and family; a corpus of real text tokenized for a
+    student records the student's spec as ``student``. Both record the tokenizer (name, size,
+    fingerprint), the BOS id with where it came from, and the EOS id.
+
+    Args:
+        tokenizer: the tokenizer the ``input_ids`` are in.
+        model: the spec of the model that tokenizer belongs to.
+        bos_token_id: the id every row starts with.
+        bos_source: where ``bos_token_id`` came from (see ``models.resolve_bos_id``).
+        eos_token_id: the id a finished row ends on (None when there is none).
+        source_config: the loaded model's config when the model sampled the corpus; None when
+            the text is real and ``model`` is the student it was tokenized for.
+
+    Returns:
+        ``source`` or ``student``, then ``tokenizer``, ``bos_token_id``, ``bos_source`` and
+        ``eos_token_id``, in the order manifests list them.
+    """
+    # models pulls in torch and transformers, which readers of a corpus never need
+    from selftrain.models import model_revision, tokenizer_fingerprint
+
+    if source_config is not None:
+        record: dict[str, Any] = {"source": {
+            "model": model, "revision": model_revision(model, source_config),
+            "family": source_config.model_type}}
+    else:
+        record = {"student": model}
+    record["tokenizer"] = {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+                           "fingerprint": tokenizer_fingerprint(tokenizer)}
+    record.update(bos_token_id=bos_token_id, bos_source=bos_source, eos_token_id=eos_token_id)
+    return record
 
 
 def refuse_file_path(out: Path) -> None:

@@ -147,6 +147,37 @@ def swap_into_place(staging: Path, target: Path, replace: bool = True,
     return True
 
 
+def staging_dir(path: str | os.PathLike) -> Path:
+    """A new empty hidden dir beside ``path``, to fill and then hand to :func:`publish_dir`.
+
+    For a writer that fills its output across several calls (the corpus writer) and so cannot
+    hold :func:`atomic_dir` open around the work; the caller removes the staging dir when it
+    gives up.
+
+    Args:
+        path: the final directory; its parent directories are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+
+
+def publish_dir(staging: Path, target: Path, replace: bool = True) -> bool:
+    """Fsync every file of a complete staging dir, then swap it in at ``target``.
+
+    Args:
+        staging: the dir from :func:`staging_dir`, now complete.
+        target: where it goes.
+        replace: replace an existing ``target``; if False and one exists, ``staging`` is left
+            for the caller to discard.
+
+    Returns:
+        True when ``staging`` is now at ``target``, False when an existing one was kept.
+    """
+    fsync_tree(staging)
+    return swap_into_place(staging, target, replace=replace)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty staging dir beside ``path``; once the block succeeds, swap it into place.
@@ -156,13 +187,10 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         replace: replace an existing ``path`` (after the new one is complete); if False and
             one appears meanwhile, the new one is discarded and the existing one kept.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = staging_dir(path)
     try:
         yield staging
-        fsync_tree(staging)
-        swap_into_place(staging, target, replace=replace)
+        publish_dir(staging, Path(path), replace=replace)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

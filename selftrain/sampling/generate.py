@@ -16,28 +16,20 @@ the same random stream at every temperature.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
+from selftrain.corpus import provenance
 from selftrain.errors import SelftrainError
-from selftrain.models import (
-    load_model,
-    load_tokenizer,
-    model_revision,
-    parse_model_spec,
-    resolve_bos_id,
-    tokenizer_fingerprint,
-)
-from selftrain.sampling.sampler import BosSampler
+from selftrain.models import load_model, load_tokenizer, parse_model_spec, resolve_bos_id
+from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
+from selftrain.sampling.sampler import BosSampler, Sample
 from selftrain.sampling.shards import ShardedCorpus
 
 log = logging.getLogger(__name__)
@@ -102,40 +94,21 @@ def generate(
              "bos_token_id": bos_token_id}
     targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
                for t in temperatures}
-    for t, target in targets.items():  # refuse before loading anything
-        ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
-            overwrite, compare=FLAG_KEYS)
+    _refuse_before_loading(targets, flags, num_samples, shard_size, overwrite)
 
-    target_device = _device(device)
-    rank, world = _init_distributed(target_device)
+    target_device = pick_device(device)
+    rank, world = init_distributed(target_device)
     tokenizer = load_tokenizer(model)
     source = load_model(model, dtype=dtype).to(target_device).eval()
-    bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (
-        source.config.eos_token_id)
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0]
-    rows = source.get_input_embeddings().weight.shape[0]
-    if not 0 <= bos_id < rows:
-        raise SelftrainError(f"--bos_token_id {bos_id} is outside the model's {rows} embedding "
-                             "rows; leave it unset to use the resolved BOS")
-    resolved = {"revision": model_revision(model, source.config),
-                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "resolved_bos_token_id": bos_id, "eos_token_id": eos_id}
-    description = {
-        "kind": "synthetic",
-        "source": {"model": model, "revision": resolved["revision"],
-                   "family": source.config.model_type},
-        "tokenizer": {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
-                      "fingerprint": resolved["tokenizer_fingerprint"]},
-        "bos_token_id": bos_id, "bos_source": bos_source, "eos_token_id": eos_id,
-        "seed": seed, "num_subsets": num_subsets, "decontamination": None,
-    }
+    record = _source_provenance(model, tokenizer, source, bos_token_id)
+    description = {"kind": "synthetic", **record, "seed": seed, "num_subsets": num_subsets,
+                   "decontamination": None}
     written = []
     for t, target in targets.items():
-        corpus = ShardedCorpus(target, {**flags, "temperature": t, **resolved}, num_samples,
-                               shard_size)
-        sampler = BosSampler(source, bos_id, eos_id, vocab_size=len(tokenizer), temperature=t,
+        corpus = ShardedCorpus(target, {**flags, "temperature": t, **_resolved_spec(record)},
+                               num_samples, shard_size)
+        sampler = BosSampler(source, record["bos_token_id"], record["eos_token_id"],
+                             vocab_size=len(tokenizer), temperature=t,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                              top_k=top_k, top_p=top_p)
         manifest = {**description,
@@ -149,27 +122,111 @@ def generate(
     return written
 
 
+def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], num_samples: int,
+                           shard_size: int, overwrite: bool) -> None:
+    """Refuse an ``--out`` holding something else, on the flags alone (no model loaded yet).
+
+    Args:
+        targets: temperature -> its corpus dir.
+        flags: the spec keys known from the flags.
+        num_samples: sequences per corpus.
+        shard_size: rows per shard.
+        overwrite: an existing different corpus may be replaced.
+    """
+    for t, target in targets.items():
+        ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
+            overwrite, compare=FLAG_KEYS)
+
+
+def _source_provenance(model: str, tokenizer, source, bos_token_id: int | None
+                       ) -> dict[str, Any]:
+    """Resolve the source's BOS and EOS ids, check the BOS id, and record where they came from.
+
+    Args:
+        model: the source's spec.
+        tokenizer: its tokenizer.
+        source: the loaded source model.
+        bos_token_id: the ``--bos_token_id`` override, or None.
+
+    Returns:
+        The manifest's provenance fields (:func:`selftrain.corpus.provenance`).
+    """
+    bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (
+        source.config.eos_token_id)
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    rows = source.get_input_embeddings().weight.shape[0]
+    if not 0 <= bos_id < rows:
+        raise SelftrainError(f"--bos_token_id {bos_id} is outside the model's {rows} embedding "
+                             "rows; leave it unset to use the resolved BOS")
+    return provenance(tokenizer, model, bos_id, bos_source, eos_id, source_config=source.config)
+
+
+def _resolved_spec(record: dict[str, Any]) -> dict[str, Any]:
+    """The spec keys known only once the model is loaded, from its provenance record."""
+    return {"revision": record["source"]["revision"],
+            "tokenizer_fingerprint": record["tokenizer"]["fingerprint"],
+            "resolved_bos_token_id": record["bos_token_id"],
+            "eos_token_id": record["eos_token_id"]}
+
+
 def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manifest: dict,
                    source_name: str, overwrite: bool, rank: int, world: int) -> Path | None:
     """Fill the missing shards this rank owns, then (rank 0) write the manifest."""
     action = corpus.check(overwrite)
-    _barrier(world)  # every rank has looked at --out before rank 0 changes it
+    barrier(world)  # every rank has looked at --out before rank 0 changes it
     if action == "done":
         log.info("%s is already complete with these settings; nothing to do", corpus.out)
         return corpus.out
+    mine = _claim_shards(corpus, action, rank, world)
+    tokens, samples, seconds = _fill_shards(corpus, sampler, tokenizer, mine,
+                                            manifest["num_subsets"], source_name, rank)
+    tokens_all, samples_all = sum_over_ranks([tokens, samples], world)
+    barrier(world)
+    if rank != 0:
+        return None
+    return _finish(corpus, manifest, seconds, world, samples_all, tokens_all)
+
+
+def _claim_shards(corpus: ShardedCorpus, action: str, rank: int, world: int) -> list[int]:
+    """Start (or resume) the dir on rank 0, then give each rank its share of the missing shards.
+
+    Args:
+        corpus: the corpus being filled.
+        action: what :meth:`ShardedCorpus.check` decided ("fresh", "resume" or "replace").
+        rank: this process's rank.
+        world: the number of processes.
+    """
     if rank == 0:
         corpus.start(replace=action == "replace")
-    _barrier(world)
+    barrier(world)
     missing = corpus.missing_shards()
-    _barrier(world)  # every rank has listed the dir before anyone writes to it
-    mine = missing[rank::world]
+    barrier(world)  # every rank has listed the dir before anyone writes to it
     if action == "resume" and rank == 0:
         log.info("resuming %s: %d of %d shards already written", corpus.out,
                  corpus.num_shards - len(missing), corpus.num_shards)
+    return missing[rank::world]
 
-    ids = [i for k in mine for i in corpus.shard_ids(k)]
-    pending: dict[int, list[dict[str, Any]]] = {k: [] for k in mine}
-    num_subsets = manifest["num_subsets"]
+
+def _fill_shards(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, shards: list[int],
+                 num_subsets: int, source_name: str, rank: int) -> tuple[int, int, float]:
+    """Sample every id of the given shards, writing each shard as soon as it is complete.
+
+    Args:
+        corpus: the corpus being filled.
+        sampler: the sampler at this corpus's temperature.
+        tokenizer: the source's tokenizer (decodes the ``text`` column).
+        shards: the shard indices this rank writes.
+        num_subsets: K; row i goes to subset i mod K.
+        source_name: the source's spec, written in every row.
+        rank: this process's rank (only rank 0 shows a progress bar).
+
+    Returns:
+        (tokens sampled, samples sampled, seconds taken) on this rank.
+    """
+    ids = [i for k in shards for i in corpus.shard_ids(k)]
+    pending: dict[int, list[dict[str, Any]]] = {k: [] for k in shards}
     tokens = 0
     start = time.perf_counter()
     with tqdm(total=len(ids), unit="sample", desc=f"generate t={sampler.temperature}",
@@ -177,78 +234,46 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         for sample in sampler.sample(ids):
             shard = sample.id // corpus.shard_size
-            body = sample.tokens[:-1] if sample.finished else sample.tokens
-            input_ids = [sampler.bos_token_id, *sample.tokens]
-            pending[shard].append({
-                "id": sample.id, "input_ids": input_ids, "num_tokens": len(input_ids),
-                "text": tokenizer.decode(body, skip_special_tokens=True),
-                "finished": sample.finished, "subset": sample.id % num_subsets,
-                "source": source_name})
+            pending[shard].append(_row(sample, sampler.bos_token_id, tokenizer, num_subsets,
+                                       source_name))
             if len(pending[shard]) == len(corpus.shard_ids(shard)):
                 corpus.write_shard(shard, pending.pop(shard))
             tokens += len(sample.tokens)
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-    seconds = time.perf_counter() - start
-    tokens_all, samples_all = _sum_over_ranks([tokens, len(ids)], world)
-    _barrier(world)
-    if rank != 0:
-        return None
+    return tokens, len(ids), time.perf_counter() - start
+
+
+def _row(sample: Sample, bos_token_id: int, tokenizer, num_subsets: int,
+         source_name: str) -> dict[str, Any]:
+    """The corpus row of one sample: BOS and the sampled ids, the text without EOS."""
+    body = sample.tokens[:-1] if sample.finished else sample.tokens
+    input_ids = [bos_token_id, *sample.tokens]
+    return {"id": sample.id, "input_ids": input_ids, "num_tokens": len(input_ids),
+            "text": tokenizer.decode(body, skip_special_tokens=True),
+            "finished": sample.finished, "subset": sample.id % num_subsets,
+            "source": source_name}
+
+
+def _finish(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: float, world: int,
+            samples: int, tokens: int) -> Path:
+    """Write the manifest with this run's timing (rank 0, once every rank is done).
+
+    Args:
+        corpus: the filled corpus.
+        manifest: its fields so far.
+        seconds: this run's sampling time on rank 0.
+        world: the number of processes.
+        samples: samples this run sampled, over all ranks.
+        tokens: tokens this run sampled, over all ranks.
+    """
     manifest = {**manifest, "timing": {
-        "seconds": round(seconds, 2), "processes": world, "samples_this_run": samples_all,
-        "tokens_this_run": tokens_all,
-        "tokens_per_sec": round(tokens_all / max(seconds, 1e-9), 1)}}
+        "seconds": round(seconds, 2), "processes": world, "samples_this_run": samples,
+        "tokens_this_run": tokens, "tokens_per_sec": round(tokens / max(seconds, 1e-9), 1)}}
     path = corpus.finish(manifest)
     log.info("wrote %s: %d samples; this run sampled %d tokens at %.0f tokens/s",
-             path, corpus.num_samples, tokens_all, tokens_all / max(seconds, 1e-9))
+             path, corpus.num_samples, tokens, tokens / max(seconds, 1e-9))
     return path
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): from torchrun's environment, with a process group when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # Ranks wait for each other only at the start and the end; a slow rank may be hours
-        # behind on a large corpus.
-        timeout = datetime.timedelta(hours=12)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=timeout, device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _sum_over_ranks(values: list[int], world: int) -> list[int]:
-    """Element-wise sums over all ranks, in one all-reduce."""
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    total = torch.tensor(values, dtype=torch.long,
-                         device=torch.cuda.current_device() if dist.get_backend() == "nccl"
-                         else "cpu")
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def _device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: list[float],

@@ -15,36 +15,22 @@ at the end, and marks the corpus complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from selftrain import __version__
 from selftrain.corpus import (
     DATA_DIR,
-    FORMAT,
     MANIFEST_NAME,
     PLAN_NAME,
     SCHEMA,
     refuse_file_path,
-    write_parquet_atomic,
+    stamp,
 )
 from selftrain.errors import SelftrainError
-
-
-def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write JSON to a temp file beside ``path``, fsync it and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(payload, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+from selftrain.io import TEMP_MARK, remove, write_json_atomic, write_parquet_atomic
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -95,7 +81,7 @@ class ShardedCorpus:
             if entry.name == DATA_DIR and entry.is_dir():
                 if any(not p.name.startswith(".") for p in entry.iterdir()):
                     return False
-            elif not (entry.name.startswith(".") and ".tmp-" in entry.name):
+            elif not (entry.name.startswith(".") and TEMP_MARK in entry.name):
                 return False
         return True
 
@@ -141,10 +127,11 @@ class ShardedCorpus:
 
         Call on one process only (rank 0), then synchronize.
         """
-        if replace and self.out.exists():
-            shutil.rmtree(self.out)
+        if replace:
+            remove(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.out.glob(".*.tmp-*"), *(self.out / DATA_DIR).glob(".*.tmp-*")]:
+        leftovers = f".*{TEMP_MARK}*"
+        for stale in [*self.out.glob(leftovers), *(self.out / DATA_DIR).glob(leftovers)]:
             stale.unlink(missing_ok=True)
         if not (self.out / PLAN_NAME).exists():  # the plan lands first: the dir is ours
             write_json_atomic(self.spec, self.out / PLAN_NAME)
@@ -191,10 +178,9 @@ class ShardedCorpus:
         counts = {"requested": self.num_samples, "written": len(ids),
                   "finished": int(sum(table.column("finished").to_pylist())),
                   "tokens": int(sum(table.column("num_tokens").to_pylist()))}
-        manifest = {"format": FORMAT, "tool_version": __version__,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    **manifest, "counts": counts, "generation": self.spec,
-                    "sharding": {"shard_size": self.shard_size, "num_shards": self.num_shards}}
+        manifest = stamp({**manifest, "counts": counts, "generation": self.spec,
+                          "sharding": {"shard_size": self.shard_size,
+                                       "num_shards": self.num_shards}})
         write_json_atomic(manifest, self.out / MANIFEST_NAME)
         (self.out / PLAN_NAME).unlink(missing_ok=True)
         return self.out

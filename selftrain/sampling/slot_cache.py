@@ -1,0 +1,77 @@
+"""The KV cache of the BOS sampler: fixed capacity, one shared write column per step.
+
+Every row of the sampler feeds exactly one token a step, so all rows write their new key/value
+at the same cache column. A refilled row starts at the current column (the sampler's 4D mask
+hides the columns before its start); when the buffer is full, the sampler shifts the live window
+back to column 0, and once no ids are left it drops finished rows. The transformers ``Cache``
+API is implemented only as far as decoder layers call it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's key/value buffer [rows, heads, columns, head_dim], written one column a step."""
+
+    is_compileable = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys, self.values = (
+            states.new_zeros((*states.shape[:2], self.owner.capacity, states.shape[-1]))
+            for states in (key_states, value_states))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        column = self.owner.column
+        self.keys[:, :, column] = key_states[:, :, -1]
+        self.values[:, :, column] = value_states[:, :, -1]
+        return self.keys[:, :, : column + 1], self.values[:, :, : column + 1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.column + 1, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.column
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class SlotCache(Cache):
+    """KV cache for :class:`BosSampler`: fixed capacity, one shared write column per step.
+
+    Args:
+        num_layers: decoder layers of the model.
+        capacity: columns per layer buffer (``max_new_tokens`` plus headroom).
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
+        self.column = 0
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def shift(self, origin: int) -> None:
+        """Move columns [origin, column) to the front; the write column moves back by origin."""
+        live = self.column - origin
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[:, :, :live] = layer.keys[:, :, origin: self.column].clone()
+                layer.values[:, :, :live] = layer.values[:, :, origin: self.column].clone()
+        self.column = live
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (drops finished rows once no ids are left)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
