@@ -1,42 +1,53 @@
-"""torchmetrics objects for the probes, so the DDP reduction is torchmetrics' and is exact.
+"""Per-row probe values gathered over ranks, exactly, and their per-domain summaries.
 
-Probe rows are sharded over ranks (rank r takes rows r, r + W, ...). :class:`RowResults`
-keeps, per rank, the row ids it evaluated and a value per row; ``compute()`` gathers every
-rank's rows (torchmetrics' ``cat`` reduction pads uneven shards) and returns the values in
-row order, identical on every rank. Per-domain summaries are then plain functions of the full
-vector, so a mean is never a mean of per-rank means and a count is never counted twice.
+Probe rows are sharded over ranks (rank r takes rows r, r + W, ...). :class:`RowResults` keeps,
+per rank, the row ids it evaluated and a value per row; ``compute()`` writes them into a
+``[num_rows]`` vector that is zero elsewhere and sums the vectors over ranks with one
+``torch.distributed`` all-reduce (with a per-row count beside them). The shards are disjoint, so
+each value is added to zeros only and arrives unchanged: every rank gets every value in row
+order. Per-domain summaries are then plain functions of the full vector, so a mean is never a
+mean of per-rank means and a count is never counted twice.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+import torch.distributed as dist
 
 
-class RowResults(Metric):
+class RowResults:
     """Per-row values gathered over ranks and returned in row order.
 
     Args:
         num_rows: rows in the whole probe set (all ranks together).
     """
 
-    full_state_update = False
-
     def __init__(self, num_rows: int) -> None:
-        super().__init__()
         self.num_rows = num_rows
-        self.add_state("rows", default=[], dist_reduce_fx="cat")
-        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.device = torch.device("cpu")
+        self.rows: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def to(self, device: torch.device | str) -> RowResults:
+        """Keep the state (and do the all-reduce) on ``device``; returns self.
+
+        Args:
+            device: the student's device (a CUDA device under NCCL).
+        """
+        self.device = torch.device(device)
+        self.rows = [rows.to(self.device) for rows in self.rows]
+        self.values = [values.to(self.device) for values in self.values]
+        return self
+
+    def reset(self) -> None:
+        """Forget the recorded rows (before the next evaluation)."""
+        self.rows, self.values = [], []
 
     def update(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Record values for some rows.
 
-        Every rank must call it at least once per evaluation (with empty tensors if its shard
-        is empty), or the gather in ``compute`` waits forever.
+        Every rank must call ``compute`` once per evaluation (with nothing recorded if its
+        shard is empty), or the all-reduce in it waits forever.
 
         Args:
             rows: ``[n]`` row indices (long).
@@ -45,39 +56,28 @@ class RowResults(Metric):
         self.rows.append(rows.to(self.device, torch.long))
         self.values.append(values.to(self.device, torch.float64))
 
-    def _wrap_compute(self, compute: Callable) -> Callable:
-        """Wrap compute as torchmetrics does (sync, cache) but keep a 1-row result a vector.
-
-        torchmetrics squeezes a one-element output to a 0-d tensor; a one-row probe set
-        must still give a ``[1]`` vector.
-        """
-        wrapped = super()._wrap_compute(compute)
-
-        @functools.wraps(compute)
-        def keep_shape(*args, **kwargs) -> torch.Tensor:
-            return wrapped(*args, **kwargs).reshape(self.num_rows)
-
-        return keep_shape
-
     def compute(self) -> torch.Tensor:
-        """``[num_rows]`` float64 values in row order (NaN-free only if every row was seen)."""
-        rows = _cat(self.rows, torch.long)
-        values = _cat(self.values, torch.float64)
-        out = torch.full((self.num_rows,), float("nan"), dtype=torch.float64)
-        out[rows.cpu()] = values.cpu()
-        seen = torch.zeros(self.num_rows, dtype=torch.bool)
-        seen[rows.cpu()] = True
-        if not bool(seen.all()):
-            raise RuntimeError(f"RowResults: {int((~seen).sum())} of {self.num_rows} rows "
+        """``[num_rows]`` float64 values in row order, on the CPU (a collective).
+
+        Raises:
+            RuntimeError: a row was evaluated on no rank, or on more than one.
+        """
+        table = torch.zeros((2, self.num_rows), dtype=torch.float64, device=self.device)
+        if self.rows:
+            rows = torch.cat(self.rows)
+            table[0, rows] = torch.cat(self.values)
+            table[1, rows] = 1.0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(table)
+        values, seen = table.cpu()
+        if not bool((seen > 0).all()):
+            raise RuntimeError(f"RowResults: {int((seen == 0).sum())} of {self.num_rows} rows "
                                "were not evaluated on any rank")
-        return out
-
-
-def _cat(state: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A state as one tensor (after a sync it may already be one)."""
-    if isinstance(state, list) and not state:
-        return torch.zeros(0, dtype=dtype)
-    return dim_zero_cat(state)
+        if bool((seen > 1).any()):
+            raise RuntimeError(f"RowResults: {int((seen > 1).sum())} of {self.num_rows} rows "
+                               "were evaluated on more than one rank; shard them with "
+                               "shard_rows")
+        return values
 
 
 def per_domain(values: torch.Tensor, domain_index: torch.Tensor, num_domains: int,

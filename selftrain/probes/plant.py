@@ -10,6 +10,9 @@ files and Python source) until the given share of them is extracted exactly, the
 - ``<out>/probes.parquet``: the canaries it extracts, the extraction and likelihood probe set;
 - ``<out>/plant.json``: settings, epochs, loss and extraction counts per epoch.
 
+The three appear together: the dir is filled beside ``<out>`` and swapped in
+(:func:`selftrain.io.atomic_dir`).
+
 Exact extraction is checked each epoch teacher-forced (one forward pass: greedy decoding
 reproduces the suffix iff the argmax at every suffix position is the true token); the final
 probe set is confirmed with real greedy decoding.
@@ -17,20 +20,24 @@ probe set is confirmed with real greedy decoding.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
 from selftrain.corpus import refuse_file_path
 from selftrain.errors import SelftrainError
+from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.probes.probeset import summarize, write_probe_set
-from selftrain.probes.windows import greedy_continuations, load_probe_set, read_probe_rows
+from selftrain.probes.windows import (
+    ProbeSet,
+    greedy_continuations,
+    load_probe_set,
+    read_probe_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +84,82 @@ def plant(
         seed: order of the canaries.
         overwrite: replace an existing ``out``.
     """
+    check_settings(model, target, max_epochs, lr, batch_size)
+    root = output_dir(out, overwrite)
+    tokenizer = load_tokenizer(model)
+    probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
+    sources = read_probe_rows(canaries, "--canaries")[0].get("source") or [None] * len(probes)
+    lm = load_model(model)
+    autocast = torch.autocast(next(lm.parameters()).device.type, dtype=torch.bfloat16,
+                              enabled=bf16)
+    start = time.perf_counter()
+    history = train_until_extracted(lm, probes, target, max_epochs, lr, batch_size, seed,
+                                    autocast)
+    rows = confirm_by_greedy_decoding(lm, probes, tokenizer, sources, batch_size, autocast)
+    kept = extracted_rows(rows, epochs=len(history))
+    summary = summarize(rows, suffix_tokens)
+    probe_metadata = {
+        "model": str(root / "model"), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "keep": "memorized",
+        "planted_from": canaries, "candidates": summary}
+    record = {"base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
+              "bf16": bf16, "seed": seed, "target": target, "epochs": history,
+              "extracted": summary}
+    write_output(root, lm, tokenizer, kept, probe_metadata, record, started=start)
+    log.info(f"plant: {len(kept)}/{len(rows)} canaries extracted; wrote {root}")
+    return root
+
+
+def check_settings(model: str, target: float, max_epochs: int, lr: float,
+                   batch_size: int) -> None:
+    """Refuse a bad model spec or out-of-range settings before anything is loaded.
+
+    Args:
+        model: the base model spec.
+        target: share of canaries to extract, in (0, 1].
+        max_epochs: passes at most (>= 1).
+        lr: learning rate (> 0).
+        batch_size: canaries per step (>= 1).
+    """
     parse_model_spec(model, flag="--model")
     if not 0 < target <= 1:
         raise SelftrainError(f"--target {target}: must be in (0, 1]")
     if max_epochs < 1 or lr <= 0 or batch_size < 1:
         raise SelftrainError("--max_epochs and --batch_size must be >= 1 and --lr > 0")
+
+
+def output_dir(out: str, overwrite: bool) -> Path:
+    """The output dir, refused if it is a file or a non-empty dir without ``overwrite``.
+
+    Args:
+        out: ``--out``.
+        overwrite: ``--overwrite``.
+    """
     root = Path(out)
     refuse_file_path(root)
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise SelftrainError(f"--out {out} exists and is not empty; pass --overwrite true")
-    tokenizer = load_tokenizer(model)
-    probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
-    columns, _ = read_probe_rows(canaries, "--canaries")
-    lm = load_model(model)
-    device_type = next(lm.parameters()).device.type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+    return root
+
+
+def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
+                          max_epochs: int, lr: float, batch_size: int, seed: int,
+                          autocast: AbstractContextManager) -> list[dict]:
+    """Fine-tune on the canary windows until ``target`` of them are extracted, teacher-forced.
+
+    Args:
+        lm: the base model, trained in place.
+        probes: the canaries.
+        target: share of canaries to extract.
+        max_epochs: passes at most; a warning says so when the target is not met.
+        lr: AdamW learning rate (constant, no weight decay).
+        batch_size: canaries per optimizer step.
+        seed: order of the canaries.
+        autocast: the forward passes' autocast context.
+
+    Returns:
+        Per epoch: ``epoch``, mean ``loss`` and the number ``extracted``.
+    """
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     ids, history, start = probes.input_ids, [], time.perf_counter()
@@ -107,7 +175,7 @@ def plant(
             losses.append(float(loss.detach()))
         lm.eval()
         with autocast:
-            hit = extracted_teacher_forced(lm, ids, prefix_tokens, batch_size * 4)
+            hit = extracted_teacher_forced(lm, ids, probes.prefix_tokens, batch_size * 4)
         share = float(hit.float().mean())
         history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4),
                         "extracted": int(hit.sum())})
@@ -118,36 +186,64 @@ def plant(
     else:
         log.warning(f"plant: {share:.0%} of canaries extracted after {max_epochs} epochs "
                     f"(< --target {target}); raise --max_epochs or --lr")
+    return history
+
+
+def confirm_by_greedy_decoding(lm: torch.nn.Module, probes: ProbeSet, tokenizer,
+                               sources: list, batch_size: int,
+                               autocast: AbstractContextManager) -> list[dict]:
+    """Probe rows of every canary, ``memorized`` by real greedy decoding of its suffix.
+
+    Args:
+        lm: the planted model (eval mode).
+        probes: the canaries.
+        tokenizer: the model's tokenizer (decodes ``text``).
+        sources: each canary's ``source`` (None where the canary file has none).
+        batch_size: canaries per optimizer step (decoding takes four times as many).
+        autocast: the forward passes' autocast context.
+    """
     with autocast:
-        greedy = greedy_continuations(lm, probes.prefixes, suffix_tokens, batch_size * 4)
+        greedy = greedy_continuations(lm, probes.prefixes, probes.suffix_tokens,
+                                      batch_size * 4)
     matched = (greedy == probes.suffixes).sum(1).tolist()
-    rows = [{"domain": probes.domains[int(d)], "text": tokenizer.decode(row.tolist()),
-             "input_ids": row.tolist(), "source": (columns.get("source") or [None] * len(ids))[i],
-             "matched_tokens": count, "memorized": count == suffix_tokens}
-            for i, (row, d, count) in enumerate(zip(ids, probes.domain_index, matched,
-                                                   strict=True))]
+    return [{"domain": probes.domains[int(d)], "text": tokenizer.decode(row.tolist()),
+             "input_ids": row.tolist(), "source": sources[i], "matched_tokens": count,
+             "memorized": count == probes.suffix_tokens}
+            for i, (row, d, count) in enumerate(zip(probes.input_ids, probes.domain_index,
+                                                   matched, strict=True))]
+
+
+def extracted_rows(rows: list[dict], epochs: int) -> list[dict]:
+    """The rows of the canaries greedy decoding extracts; refuses when there is none.
+
+    Args:
+        rows: probe rows from :func:`confirm_by_greedy_decoding`.
+        epochs: epochs trained, named in the error.
+    """
     kept = [row for row in rows if row["memorized"]]
     if not kept:
-        raise SelftrainError(f"plant: no canary is extractable after {len(history)} epochs; "
+        raise SelftrainError(f"plant: no canary is extractable after {epochs} epochs; "
                              "raise --lr or --max_epochs")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".plant-", dir=root.parent))
-    try:
+    return kept
+
+
+def write_output(root: Path, lm: torch.nn.Module, tokenizer, kept: list[dict],
+                 probe_metadata: dict, record: dict, started: float) -> None:
+    """Write ``model/``, ``probes.parquet`` and ``plant.json``: the whole dir appears at once.
+
+    Args:
+        root: the output dir; an existing one is replaced once the new one is complete.
+        lm: the planted model.
+        tokenizer: its tokenizer.
+        kept: the probe rows of the extracted canaries.
+        probe_metadata: the probe set's selftrain metadata.
+        record: ``plant.json``; its ``seconds`` since ``started`` is added once the rest is
+            written.
+        started: ``time.perf_counter()`` when planting began.
+    """
+    with atomic_dir(root) as staging:
         lm.save_pretrained(staging / "model", safe_serialization=True)
         tokenizer.save_pretrained(staging / "model")
-        summary = summarize(rows, suffix_tokens)
-        write_probe_set(kept, staging / "probes.parquet", {
-            "model": str(root / "model"), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "keep": "memorized",
-            "planted_from": canaries, "candidates": summary})
-        (staging / "plant.json").write_text(json.dumps({
-            "base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
-            "bf16": bf16, "seed": seed, "target": target, "epochs": history,
-            "extracted": summary, "seconds": round(time.perf_counter() - start, 1)},
-            indent=2) + "\n")
-        shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info(f"plant: {len(kept)}/{len(rows)} canaries extracted; wrote {root}")
-    return root
+        write_probe_set(kept, staging / "probes.parquet", probe_metadata)
+        write_json_atomic({**record, "seconds": round(time.perf_counter() - started, 1)},
+                          staging / "plant.json")

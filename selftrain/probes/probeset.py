@@ -114,10 +114,15 @@ def candidate_windows(inputs: list[str], tokenizer, window: int, prefix_tokens: 
 
 
 def write_probe_set(rows: list[dict], out: Path, metadata: dict) -> None:
-    """Write probe rows as parquet with selftrain metadata, atomically."""
+    """Write probe rows as parquet with selftrain metadata, atomically.
+
+    Args:
+        rows: probe rows (``domain``, ``text``, ``input_ids`` and the probe's own columns).
+        out: the parquet file; its parent directories are created.
+        metadata: stored as JSON under :data:`METADATA_KEY` in the schema metadata.
+    """
     table = pa.Table.from_pylist(rows)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(table, out)
 
 

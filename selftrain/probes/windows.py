@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from selftrain.errors import SelftrainError
-from selftrain.models import tokenizer_fingerprint
+from selftrain.models import kv_cache_argument, tokenizer_fingerprint
 from selftrain.training.batching import pad_collate
 
 METADATA_KEY = b"selftrain"
@@ -200,6 +200,7 @@ def greedy_continuations(model: torch.nn.Module, prefixes: torch.Tensor, new_tok
         ``[N, new_tokens]`` generated ids (on the CPU).
     """
     device = _device(model)
+    cache_argument = kv_cache_argument(model)
     out = torch.empty((prefixes.shape[0], new_tokens), dtype=torch.long)
     for start in range(0, prefixes.shape[0], batch_size):
         ids = prefixes[start:start + batch_size].to(device)
@@ -209,8 +210,8 @@ def greedy_continuations(model: torch.nn.Module, prefixes: torch.Tensor, new_tok
             token = step.logits[:, -1].argmax(dim=-1)
             generated[:, position] = token
             if position + 1 < new_tokens:
-                step = model(input_ids=token[:, None], past_key_values=step.past_key_values,
-                             use_cache=True)
+                step = model(input_ids=token[:, None], use_cache=True,
+                             **{cache_argument: step[cache_argument]})
         out[start:start + ids.shape[0]] = generated.cpu()
     return out
 

@@ -1,7 +1,9 @@
 """Training: the student under Lightning's Trainer.
 
-``StudentLM`` (``module``), the corpus data module (``data``) with its batch sampler and
-padding (``batching``) or padding-free packing (``packing``), the FSDP strategy (``fsdp``) and
-atomic checkpoint writes (``checkpoint_io``).
+``StudentLM`` (``module``) with its optimizer and schedule (``optim``), the checks of its
+settings against the machine (``checks``) and its HF export (``export``); the corpus data module
+(``data``) with the corpus rows as the student's ids (``rows``), its batch sampler and padding
+(``batching``) or padding-free packing (``packing``); the FSDP strategy (``fsdp``) and atomic
+checkpoint writes (``checkpoint_io``).
 May import: the core, ``sampling`` and ``curation``.
 """

@@ -11,6 +11,9 @@ Resuming mid-epoch: the sampler asks a ``position`` callable for (epoch, batches
 when iteration actually starts (the first ``next``), not when the iterator is created. Lightning
 creates the training iterator before it restores a checkpoint, so only a lazy read sees the
 restored epoch and position; :class:`selftrain.training.data.CorpusDataModule` supplies both.
+
+A batch is padded (:func:`pad_collate`) or packed (:mod:`selftrain.training.packing`);
+:func:`real_tokens` and :func:`documents` count either kind the same way.
 """
 
 from __future__ import annotations
@@ -117,3 +120,21 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
         attention_mask[i, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
+"""Keys of a training batch the model is called with (padded or packed)."""
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real (non-padding) tokens in a padded or packed batch, as a float scalar tensor."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum().float()
+    return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
+
+
+def documents(batch: dict[str, torch.Tensor]) -> int:
+    """Documents in a padded batch (its rows) or a packed one (its position-0 tokens)."""
+    if "attention_mask" in batch or "position_ids" not in batch:
+        return batch["input_ids"].shape[0]
+    return int((batch["position_ids"] == 0).sum())

@@ -1,12 +1,12 @@
 """`CorpusDataModule`: turns a corpus into length-grouped batches for the student.
 
-It reads a corpus dir (or a plain jsonl / parquet / txt file), keeps one of K disjoint subsets
-if asked, and reuses the stored ``input_ids`` when the student's tokenizer is the source's
-(same vocabulary fingerprint, or declared so); otherwise it retokenizes ``text`` with the
-student's tokenizer and prepends the student's BOS id. Batching is in
-:mod:`selftrain.training.batching`: deterministic per epoch, rank-aware, resumable mid-epoch. With
-``packing`` each batch's rows go end to end into one row
-(:mod:`selftrain.training.packing`) instead of being padded; the batches themselves are the same.
+It reads a corpus dir (or a plain jsonl / parquet / txt file) and turns its rows into the
+student's token ids (:mod:`selftrain.training.rows`: one of K disjoint subsets if asked, stored
+``input_ids`` reused when the student's tokenizer is the source's, else ``text`` retokenized
+with the student's BOS). Batching is in :mod:`selftrain.training.batching`: deterministic per
+epoch, rank-aware, resumable mid-epoch. With ``packing`` each batch's rows go end to end into
+one row (:mod:`selftrain.training.packing`) instead of being padded; the batches themselves are
+the same.
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from selftrain.corpus import Corpus, read_corpus
+from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError
-from selftrain.models import (
-    load_tokenizer,
-    pad_token_id,
-    resolve_bos_id,
-    tokenizer_fingerprint,
-)
+from selftrain.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
 from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
 from selftrain.training.packing import pack_collate, packing_support
+from selftrain.training.rows import retokenize, reuse_ids, select_subset, stored_ids
 
 # Without --data.eval_corpus, val_dataloader returns no loaders, which is how Lightning is told
 # to skip validation; its warning about that says nothing the user needs to act on.
@@ -161,19 +157,13 @@ class CorpusDataModule(L.LightningDataModule):
         hp = self.hparams
         corpus = read_corpus(path, flag=flag)
         tokenizer = self._tokenizer
-        keep = self._select_subset(corpus) if use_subset else list(range(len(corpus)))
-        reuse = self._reuse_ids(corpus, tokenizer, path, flag)
+        keep = (select_subset(corpus, hp.subset, hp.num_subsets, hp.corpus) if use_subset
+                else list(range(len(corpus))))
+        reuse = reuse_ids(corpus, hp.same_tokenizer, self._student_fingerprint, path, flag)
         if reuse:
-            sequences = [corpus.columns["input_ids"][i] for i in keep]
-            vocab = len(tokenizer)
-            worst = max((max(ids) for ids in sequences if ids), default=-1)
-            if worst >= vocab:
-                raise SelftrainError(
-                    f"{flag} {path}: token id {worst} is outside the student's "
-                    f"vocabulary ({vocab} tokens) although the tokenizers are treated as equal; "
-                    "set --data.same_tokenizer false to retokenize the text")
+            sequences = stored_ids(corpus, keep, len(tokenizer), path, flag)
         else:
-            sequences = self._retokenize(corpus, keep, tokenizer, path, flag)
+            sequences = retokenize(corpus, keep, tokenizer, hp.bos_token_id, path, flag)
         rows = [{"input_ids": list(ids[: hp.max_length])} for ids in sequences
                 if len(ids[: hp.max_length]) >= 2]
         if not rows:
@@ -181,52 +171,11 @@ class CorpusDataModule(L.LightningDataModule):
                                  f"selection (subset={hp.subset}); check the corpus")
         return rows, reuse, len(keep)
 
-    def _select_subset(self, corpus: Corpus) -> list[int]:
-        hp = self.hparams
-        rows = range(len(corpus))
-        if hp.subset is None:
-            return list(rows)
-        column = corpus.columns.get("subset")
-        stored_k = (corpus.manifest or {}).get("num_subsets")
-        if hp.num_subsets is None or (column is not None and hp.num_subsets == stored_k):
-            if column is None:
-                raise SelftrainError(f"--data.subset {hp.subset}: {hp.corpus} has no 'subset' "
-                                     "column; also set --data.num_subsets K")
-            keep = [i for i in rows if column[i] == hp.subset]
-        else:
-            keep = [i for i in rows if i % hp.num_subsets == hp.subset]
-        if not keep:
-            raise SelftrainError(f"--data.subset {hp.subset}: no rows of {hp.corpus} are in "
-                                 "that subset; pick a subset the corpus has")
-        return keep
-
-    def _reuse_ids(self, corpus: Corpus, tokenizer, path: str, flag: str) -> bool:
-        if "input_ids" not in corpus.columns:
-            if self.hparams.same_tokenizer:
-                raise SelftrainError(f"--data.same_tokenizer true but {flag} {path} has "
-                                     "no input_ids column; leave it unset to tokenize the text")
-            return False
-        if self.hparams.same_tokenizer is not None:
-            return bool(self.hparams.same_tokenizer)
-        stored = ((corpus.manifest or {}).get("tokenizer") or {}).get("fingerprint")
-        if stored is None:
-            return False
-        if self._fingerprint is None:  # once per run, not once per corpus
-            self._fingerprint = tokenizer_fingerprint(tokenizer)
-        return stored == self._fingerprint
-
-    def _retokenize(self, corpus: Corpus, keep: list[int], tokenizer, path: str, flag: str
-                    ) -> list[list[int]]:
-        if "text" not in corpus.columns:
-            raise SelftrainError(f"{flag} {path}: its ids come from "
-                                 "another tokenizer and it has no 'text' column to retokenize")
-        bos_id, _ = resolve_bos_id(tokenizer, None, self.hparams.bos_token_id)
-        texts = [corpus.columns["text"][i] or "" for i in keep]
-        finished = corpus.columns.get("finished")
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        eos = tokenizer.eos_token_id
-        return [[bos_id, *ids, *([eos] if finished and finished[i] and eos is not None else [])]
-                for i, ids in zip(keep, encoded, strict=True)]
+    def _student_fingerprint(self) -> str:
+        """The student's tokenizer fingerprint, computed once per run (not once per corpus)."""
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self._tokenizer)
+        return self._fingerprint
 
     def _sampler(self, rank: int, world_size: int, rows: list[dict[str, Any]] | None = None,
                  shuffle: bool | None = None, position=None) -> LengthGroupedBatchSampler:

@@ -9,6 +9,9 @@ Llama, GPT-NeoX and the rest. Checkpoints are sharded (one ``torch.distributed.c
 directory, every rank writes its own shard) unless ``state_dict_type: full``. Importing this
 module registers the strategy as ``--trainer.strategy fsdp_layers``.
 
+A sharded save lands whole or not at all: every rank writes into a staging directory and rank 0
+swaps it in through :func:`selftrain.io.swap_into_place`.
+
 Whatever reads whole weights (the HF export, the evaluation callbacks) gets them from
 :func:`consolidated_state_dict`, a collective every rank enters, and :func:`unsharded_copy`
 rebuilds a plain transformers model from them.
@@ -16,7 +19,6 @@ rebuilds a plain transformers model from them.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
+from selftrain.io import fsync_tree, remove, swap_into_place
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 """Name parts wrappers (FSDP, activation checkpointing, compile) insert into parameter names."""
@@ -112,6 +115,7 @@ class DecoderLayerFSDP(FSDPStrategy):
         super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
                          cpu_offload=cpu_offload, limit_all_gathers=limit_all_gathers, **kwargs)
         self.checkpoint_layers = activation_checkpointing
+        self.sharded_checkpoints = state_dict_type == "sharded"
         self.allow_cpu = allow_cpu
         self.layer_classes: set[type[nn.Module]] = set()
 
@@ -130,26 +134,28 @@ class DecoderLayerFSDP(FSDPStrategy):
 
         Lightning writes a sharded checkpoint into its directory in place, so a kill mid-save
         would leave new shards beside old metadata. Here every rank writes into a staging
-        directory; rank 0 then moves the old checkpoint aside as ``<name>-previous.ckpt``
-        (which ``--ckpt_path last`` still finds if the run dies before the next rename), moves
-        the new one into place and deletes the old one.
+        directory; rank 0 then swaps it in, the old checkpoint waiting as
+        ``<name>-previous.ckpt`` (which ``--ckpt_path last`` still finds if the run dies
+        before the new one is in place) until it is deleted.
+
+        Args:
+            checkpoint: the state Lightning gathered.
+            filepath: the checkpoint path (rank 0's is used on every rank).
+            storage_options: must be None under FSDP (Lightning's rule).
         """
-        if self._state_dict_type != "sharded":
+        if not self.sharded_checkpoints:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         target = Path(self.broadcast(str(filepath)))
         staging = target.with_name(f".{target.name}.staging")
-        previous = target.with_name(f"{target.stem}-previous{target.suffix}")
         if self.global_rank == 0:
-            _remove(staging)
+            remove(staging)
         self.barrier("staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("saved")
         if self.global_rank == 0:
-            if target.exists():
-                _remove(previous)
-                target.rename(previous)
-            staging.rename(target)
-            _remove(previous)
+            fsync_tree(staging)
+            swap_into_place(staging, target,
+                            previous=target.with_name(f"{target.stem}-previous{target.suffix}"))
         self.barrier("renamed")
 
     @override
@@ -157,8 +163,27 @@ class DecoderLayerFSDP(FSDPStrategy):
         self.check_machine()
         super().setup_environment()
 
+    @override
+    def setup(self, trainer: L.Trainer) -> None:
+        """Set the policies from the loaded student, then let Lightning wrap it.
+
+        Lightning calls this after ``configure_model`` has loaded the weights and before it
+        wraps the model, the first moment the student's layer classes are known.
+
+        Args:
+            trainer: the Trainer being set up.
+        """
+        student = getattr(self.lightning_module, "model", None)
+        if student is None:
+            raise SelftrainError("DecoderLayerFSDP: the LightningModule has no loaded .model")
+        self.configure_policies(student)
+        super().setup(trainer)
+
     def configure_policies(self, student: nn.Module) -> set[type[nn.Module]]:
         """Set the wrap and activation-checkpointing policies from the loaded student.
+
+        They fill what Lightning's ``auto_wrap_policy`` and ``activation_checkpointing_policy``
+        arguments would, which are given when the strategy is built, before any student exists.
 
         Args:
             student: the transformers model (``LightningModule.model``).
@@ -172,6 +197,8 @@ class DecoderLayerFSDP(FSDPStrategy):
         classes = tuple(sorted(self.layer_classes, key=lambda c: c.__name__))
         self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(set(classes))
         if self.checkpoint_layers:
+            # Lightning's private store of the activation-checkpointing arguments, which its
+            # _setup_model applies after wrapping (checked against lightning 2.6.6)
             self._activation_checkpointing_kwargs = {
                 "check_fn": lambda module: isinstance(module, classes)}
         rank_zero_info(f"FSDP: wrapping {', '.join(c.__name__ for c in classes)}"
@@ -180,32 +207,25 @@ class DecoderLayerFSDP(FSDPStrategy):
 
     @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        student = getattr(self.lightning_module, "model", None)
-        if student is None:
-            raise SelftrainError("DecoderLayerFSDP: the LightningModule has no loaded .model")
-        self.configure_policies(student)
-        if self.root_device.type != "cpu":
-            return super()._setup_model(model)
-        return self._setup_model_on_cpu(model)
+        """Lightning's wrapping; on CPU the model is wrapped first with the device torch needs.
 
-    def _setup_model_on_cpu(self, model: nn.Module) -> nn.Module:
-        """Lightning's wrapping, with the CPU device id torch's FSDP needs there.
-
-        Lightning passes ``device_id=None`` on CPU, which torch's FSDP rejects without an
-        accelerator; this is the same sequence with ``device_id=cpu``.
+        The one private hook overridden here (checked against lightning 2.6.6 and torch 2.13):
+        Lightning passes ``device_id=root_device.index``, None on CPU, which torch's FSDP
+        refuses without an accelerator. On CPU the model is wrapped here with
+        ``device_id=cpu``; Lightning then finds it wrapped and does the rest as on a GPU
+        (moving metrics, activation checkpointing).
         """
-        from lightning.fabric.strategies.fsdp import (
-            _move_torchmetrics_to_device,
-            _setup_activation_checkpointing,
-        )
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        model = FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
-        _move_torchmetrics_to_device(model, self.root_device)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
-        return model
+        wrapped = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+        if self.root_device.type == "cpu" and not wrapped:
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device,
+                **self.kwargs)
+            self.kwargs.pop("auto_wrap_policy", None)  # applied (Lightning warns if it is left)
+        return super()._setup_model(model)
 
 
 STRATEGY_NAME = "fsdp_layers"
@@ -213,14 +233,6 @@ STRATEGY_NAME = "fsdp_layers"
 if STRATEGY_NAME not in StrategyRegistry:
     StrategyRegistry.register(STRATEGY_NAME, DecoderLayerFSDP,
                               description="FSDP wrapping each decoder layer of the student")
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a directory tree if it exists."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def is_sharded(trainer: L.Trainer | None) -> bool:

@@ -1,10 +1,12 @@
 """`StudentLM`: the causal-LM student as a LightningModule.
 
 The student is any transformers causal LM resolved by :mod:`selftrain.models`. The module owns
-the loss (next-token cross-entropy over real tokens only; padding carries label -100), AdamW
-with warmup and a cosine or constant schedule, the ``train/*`` TensorBoard scalars, and the
-HF-format export (``<run>/hf/epoch=N``) that ``from_pretrained`` and lm-eval's ``--model hf``
-load as they are. Precision, devices and strategy come from the Trainer.
+the loss (next-token cross-entropy over real tokens only; padding carries label -100) and the
+``train/*`` TensorBoard scalars, and wires in what lives beside it: AdamW with warmup and a
+cosine or constant schedule (:mod:`selftrain.training.optim`), the checks of its settings
+against the installation and the machine (:mod:`selftrain.training.checks`) and the HF-format
+export ``<run>/hf/epoch=N`` (:mod:`selftrain.training.export`). Precision, devices and strategy
+come from the Trainer.
 
 The weights are loaded in :meth:`configure_model`, not ``__init__``, so parsing a config (or
 ``--help``) never downloads or dequantizes anything, and sharded strategies can wrap the model
@@ -13,11 +15,6 @@ as it is built.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,13 +26,32 @@ from typing_extensions import override
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, parse_model_spec
-from selftrain.training.fsdp import (
-    clean_name,
-    compile_decoder_layers,
-    consolidated_state_dict,
-    is_sharded,
-    unsharded_copy,
-)
+from selftrain.training.batching import BATCH_KEYS, documents, real_tokens
+from selftrain.training.checks import check_installed, check_machine, resolve_attention
+from selftrain.training.export import export_student
+from selftrain.training.fsdp import compile_decoder_layers, is_sharded
+from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
+
+# the helpers the bench scripts and tests use with the student are served from here too
+__all__ = ["BATCH_KEYS", "StudentLM", "build_optimizer", "compile_decoder_layers",
+           "documents", "param_groups", "real_tokens"]
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant checkpoints).
+
+    transformers 5.24 calls this ``activation_checkpointing_enable`` and deprecates
+    ``gradient_checkpointing_enable`` (to be removed in v6); releases without the new name
+    get the old one.
+
+    Args:
+        model: the loaded student.
+    """
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 class StudentLM(L.LightningModule):
@@ -113,33 +129,16 @@ class StudentLM(L.LightningModule):
             return
         hp = self.hparams
         self.load_tokenizer()
-        attention = self._attention_implementation()
+        attention = resolve_attention(hp.attn_implementation, self._trainer)
         self.model = load_model(hp.model, attn_implementation=attention,
                                 revision=hp.revision, trust_remote_code=hp.trust_remote_code)
         rank_zero_info(f"student {hp.model}: attention {self.model.config._attn_implementation}")
         self._matrices = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         if hp.compile:
             compile_decoder_layers(self.model)
         self.model.train()
-
-    def _attention_implementation(self) -> str | None:
-        """``auto`` resolved: flash attention or transformers' default.
-
-        Flash attention where flash-attn is installed, on an Ampere or newer GPU, in 16-bit
-        precision.
-        """
-        choice = self.hparams.attn_implementation
-        if choice != "auto":
-            return choice
-        if self._trainer is None or not flash_attn_installed():
-            return None
-        device = self.trainer.strategy.root_device
-        half = str(self.trainer.precision).startswith(("bf16", "16"))  # flash runs in 16 bits
-        ampere = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        return "flash_attention_2" if half and ampere else None
 
     def check_machine(self, trainer: L.Trainer) -> None:
         """Refuse settings the Trainer's device cannot run, before any weights are loaded.
@@ -148,22 +147,7 @@ class StudentLM(L.LightningModule):
             trainer: the Trainer that will fit this module.
         """
         hp = self.hparams
-        device = trainer.strategy.root_device.type
-        if hp.optimizer != "adamw" and device != "cuda":
-            raise SelftrainError(f"--model.optimizer {hp.optimizer} needs a CUDA GPU "
-                                 "(bitsandbytes keeps its states there); use --model.optimizer "
-                                 f"adamw on {device}")
-        if hp.optimizer != "adamw" and is_sharded(trainer):
-            raise SelftrainError(f"--model.optimizer {hp.optimizer}: bitsandbytes' states do "
-                                 "not go through FSDP's sharded optimizer checkpoints; use "
-                                 "--model.optimizer adamw with FSDP, or DDP")
-        if hp.attn_implementation == "flash_attention_2" and device != "cuda":
-            raise SelftrainError("--model.attn_implementation flash_attention_2 needs a CUDA GPU; "
-                                 f"use sdpa (or auto) on {device}")
-        if hp.gradient_checkpointing and getattr(trainer.strategy, "checkpoint_layers", False):
-            raise SelftrainError("--model.gradient_checkpointing true and the FSDP strategy's "
-                                 "activation_checkpointing both recompute the decoder layers; "
-                                 "set --model.gradient_checkpointing false")
+        check_machine(trainer, hp.optimizer, hp.attn_implementation, hp.gradient_checkpointing)
 
     def load_tokenizer(self):
         """The student's tokenizer, loaded on first use.
@@ -249,9 +233,7 @@ class StudentLM(L.LightningModule):
                                     fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, total, warmup, hp.schedule,
-                                                  hp.min_lr_ratio))
+        schedule = lr_schedule(optimizer, total, warmup, hp.schedule, hp.min_lr_ratio)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
 
@@ -289,6 +271,8 @@ class StudentLM(L.LightningModule):
     def export_hf(self, epoch: int) -> Path | None:
         """Write HF weights + tokenizer to ``<run>/hf/epoch=N`` atomically (global rank 0).
 
+        Every rank calls it (under FSDP they gather the full weights together).
+
         Args:
             epoch: epochs completed; 0 would be the base model.
 
@@ -296,127 +280,5 @@ class StudentLM(L.LightningModule):
             The export directory on rank 0, None elsewhere.
         """
         self._exported_step = self.global_step
-        model = self.model
-        if is_sharded(self.trainer):  # every rank takes part in gathering the full weights
-            state = consolidated_state_dict(self.trainer, rank0_only=True)
-            if self.trainer.is_global_zero:
-                model = unsharded_copy(self.model, state)
-        if not self.trainer.is_global_zero:
-            return None
-        target = Path(self.trainer.default_root_dir) / "hf" / f"epoch={epoch}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            model.save_pretrained(staging, safe_serialization=True)
-            self.tokenizer.save_pretrained(staging)
-            (staging / "selftrain_export.json").write_text(json.dumps(
-                {"student": self.hparams.model, "epoch": epoch, "global_step": self.global_step},
-                indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        rank_zero_info(f"exported HF weights + tokenizer to {target}")
-        return target
-
-
-BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
-"""Keys of a training batch the model is called with (padded or packed)."""
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real (non-padding) tokens in a padded or packed batch, as a float scalar tensor."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum().float()
-    return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
-
-
-BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                  "paged_adamw": "PagedAdamW"}
-"""``--model.optimizer`` choices served by bitsandbytes -> its class name in ``bnb.optim``."""
-
-
-def flash_attn_installed() -> bool:
-    """Whether the flash-attn package can be imported."""
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def check_installed(attn_implementation: str | None, optimizer: str) -> None:
-    """Refuse choices whose package is missing, naming the flag and the fix.
-
-    Args:
-        attn_implementation: ``--model.attn_implementation``.
-        optimizer: ``--model.optimizer``.
-    """
-    if attn_implementation == "flash_attention_2" and not flash_attn_installed():
-        raise SelftrainError("--model.attn_implementation flash_attention_2: flash-attn is not "
-                             "installed (pip install flash-attn --no-build-isolation on a CUDA "
-                             "machine); use sdpa, or auto to pick it when present")
-    if optimizer in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
-        raise SelftrainError(f"--model.optimizer {optimizer}: bitsandbytes is not installed "
-                             "(pip install bitsandbytes, on a CUDA machine); or use "
-                             "--model.optimizer adamw")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float,
-                 matrices: set[str] | None = None) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices only, not on norms or biases.
-
-    Args:
-        model: the student (possibly wrapped; wrapper name parts are ignored).
-        weight_decay: decay of the matrix group.
-        matrices: names of the matrices; None takes the parameters with 2+ dims now (wrong
-            once FSDP has flattened them, so the student records them at load time).
-    """
-    trainable = [(clean_name(name), p) for name, p in model.named_parameters()
-                 if p.requires_grad]
-    if matrices is None:
-        matrices = {name for name, p in trainable if p.ndim >= 2}
-    return [{"params": [p for name, p in trainable if name in matrices],
-             "weight_decay": weight_decay},
-            {"params": [p for name, p in trainable if name not in matrices],
-             "weight_decay": 0.0}]
-
-
-def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
-                    fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer named by ``--model.optimizer`` over parameter groups.
-
-    Args:
-        name: ``adamw`` or a :data:`BNB_OPTIMIZERS` key.
-        groups: parameter groups (each with its own weight decay).
-        lr: peak learning rate.
-        betas: Adam betas.
-        fused: torch AdamW's fused CUDA kernel (ignored by bitsandbytes).
-    """
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
-    import bitsandbytes as bnb
-
-    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(groups, lr=lr, betas=betas)
-
-
-def documents(batch: dict[str, torch.Tensor]) -> int:
-    """Documents in a padded batch (its rows) or a packed one (its position-0 tokens)."""
-    if "attention_mask" in batch or "position_ids" not in batch:
-        return batch["input_ids"].shape[0]
-    return int((batch["position_ids"] == 0).sum())
-
-
-def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier at an optimizer step: linear warmup, then cosine or constant.
-
-    Args:
-        step: optimizer steps taken so far.
-        total: optimizer steps in the whole run.
-        warmup: warmup steps.
-        schedule: ``cosine`` or ``constant``.
-        min_ratio: the cosine floor, as a share of the peak.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        info = {"student": self.hparams.model, "epoch": epoch, "global_step": self.global_step}
+        return export_student(self.trainer, self.model, self.tokenizer, info, epoch)

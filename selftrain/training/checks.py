@@ -1,0 +1,88 @@
+"""What the student's settings need from the installation and the machine, checked up front.
+
+A setting the machine cannot run (flash attention without flash-attn or a CUDA GPU, a
+bitsandbytes optimizer on CPU or under FSDP, activation checkpointing asked twice) fails in one
+line naming the flag and the fix, before any weights are loaded. ``--model.attn_implementation
+auto`` is resolved here too, from the installed packages, the GPU and the precision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import lightning as L
+import torch
+
+from selftrain.errors import SelftrainError
+from selftrain.training.fsdp import is_sharded
+from selftrain.training.optim import BNB_OPTIMIZERS
+
+
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_installed(attn_implementation: str | None, optimizer: str) -> None:
+    """Refuse choices whose package is missing, naming the flag and the fix.
+
+    Args:
+        attn_implementation: ``--model.attn_implementation``.
+        optimizer: ``--model.optimizer``.
+    """
+    if attn_implementation == "flash_attention_2" and not flash_attn_installed():
+        raise SelftrainError("--model.attn_implementation flash_attention_2: flash-attn is not "
+                             "installed (pip install flash-attn --no-build-isolation on a CUDA "
+                             "machine); use sdpa, or auto to pick it when present")
+    if optimizer in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        raise SelftrainError(f"--model.optimizer {optimizer}: bitsandbytes is not installed "
+                             "(pip install bitsandbytes, on a CUDA machine); or use "
+                             "--model.optimizer adamw")
+
+
+def check_machine(trainer: L.Trainer, optimizer: str, attn_implementation: str | None,
+                  gradient_checkpointing: bool) -> None:
+    """Refuse settings the Trainer's device or strategy cannot run.
+
+    Args:
+        trainer: the Trainer that will fit the student.
+        optimizer: ``--model.optimizer``.
+        attn_implementation: ``--model.attn_implementation``.
+        gradient_checkpointing: ``--model.gradient_checkpointing``.
+    """
+    device = trainer.strategy.root_device.type
+    if optimizer != "adamw" and device != "cuda":
+        raise SelftrainError(f"--model.optimizer {optimizer} needs a CUDA GPU "
+                             "(bitsandbytes keeps its states there); use --model.optimizer "
+                             f"adamw on {device}")
+    if optimizer != "adamw" and is_sharded(trainer):
+        raise SelftrainError(f"--model.optimizer {optimizer}: bitsandbytes' states do "
+                             "not go through FSDP's sharded optimizer checkpoints; use "
+                             "--model.optimizer adamw with FSDP, or DDP")
+    if attn_implementation == "flash_attention_2" and device != "cuda":
+        raise SelftrainError("--model.attn_implementation flash_attention_2 needs a CUDA GPU; "
+                             f"use sdpa (or auto) on {device}")
+    if gradient_checkpointing and getattr(trainer.strategy, "checkpoint_layers", False):
+        raise SelftrainError("--model.gradient_checkpointing true and the FSDP strategy's "
+                             "activation_checkpointing both recompute the decoder layers; "
+                             "set --model.gradient_checkpointing false")
+
+
+def resolve_attention(choice: str | None, trainer: L.Trainer | None) -> str | None:
+    """``--model.attn_implementation`` with ``auto`` resolved.
+
+    ``auto`` is ``flash_attention_2`` where flash-attn is installed and the student trains on
+    an Ampere or newer GPU in 16-bit precision, else None (transformers' default).
+
+    Args:
+        choice: ``--model.attn_implementation``.
+        trainer: the Trainer the student runs under; None resolves ``auto`` to the default.
+    """
+    if choice != "auto":
+        return choice
+    if trainer is None or not flash_attn_installed():
+        return None
+    device = trainer.strategy.root_device
+    half = str(trainer.precision).startswith(("bf16", "16"))  # flash runs in 16 bits
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return "flash_attention_2" if half and ampere else None
