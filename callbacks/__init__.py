@@ -6,6 +6,10 @@ sits at the top of the repository, as the project's layout names it, and pyproje
 May import: the core, ``sampling``, ``curation``, ``training`` and ``probes``.
 """
 
+if __name__ != "selftrain.callbacks":  # e.g. `import callbacks` with the repo root on sys.path
+    raise ImportError(f"the callbacks are imported as selftrain.callbacks, not {__name__}; "
+                      "in a config write class_path: selftrain.callbacks.<Name>")
+
 from selftrain.callbacks.benchmark_eval import BenchmarkEval
 from selftrain.callbacks.extraction_probe import ExtractionProbe
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker

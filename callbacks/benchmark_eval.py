@@ -18,10 +18,10 @@ Choices worth knowing:
   on its own after re-seeding python, numpy, torch and the few-shot sampler with ``seed``, so
   every epoch sees the same prompts, whatever else is listed and however many ranks run. The
   training RNG state is saved before and restored after, so evaluating never changes training.
-- **Local data paths.** lm-eval hands ``dataset_kwargs.data_files`` to ``datasets`` as they
-  are, relative to the working directory. For task YAMLs under ``include_path`` a relative
-  data file that exists next to its YAML is made absolute first, so ``configs/tasks`` works
-  from any working directory (paths that only exist relative to the cwd keep working).
+- **Local data paths.** For task YAMLs under ``include_path`` a relative data file that exists
+  next to its YAML is read from there, so ``configs/tasks`` works from any working directory
+  (:mod:`selftrain.curation.lm_eval_tasks` finds, indexes and loads the tasks; the results
+  bookkeeping is in :mod:`selftrain.callbacks.benchmark_results`).
 - **DDP.** ``HFLM`` given a model object assumes one process (rank 0 of 1, no collectives),
   and ``simple_evaluate`` returns nothing where ``LOCAL_RANK`` != 0, so this calls lm-eval's
   ``evaluate`` per task instead. The listed tasks are split across ranks (rank r takes tasks r,
@@ -39,18 +39,11 @@ Choices worth knowing:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import glob
-import json
 import logging
 import os
 import random
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +51,20 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from selftrain.callbacks.benchmark_results import (
+    benchmark_metrics,
+    gather_parts,
+    merge_results,
+    metric_scores,
+    write_results,
+)
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from typing_extensions import override
 
+from selftrain.curation.lm_eval_tasks import check_names, code_tasks, load_units, task_manager
 from selftrain.errors import SelftrainError
 
-_MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-                "higher_is_better", "n-samples")
+__all__ = ["BenchmarkEval", "metric_scores"]
 
 
 class BenchmarkEval(EpochEvaluation):
@@ -179,36 +179,14 @@ class BenchmarkEval(EpochEvaluation):
                 raise SelftrainError(f"{self.flag('include_path')} {given}: no such directory; "
                                      "point it at a folder of lm-eval task YAMLs "
                                      "(e.g. configs/tasks)")
-        manager = _task_manager(tuple(self.include_path), tuple(self.tasks))
-        self._check_names(manager)
+        manager = task_manager(self.include_path, names=list(self.tasks))
+        check_names(manager, self.tasks, self.flag)
         self._gate_code_execution(manager)
-        seen: dict[str, str] = {}
-        for task, shots in self.tasks.items():
-            if task in self.skipped:
-                continue
-            loaded = self._load(manager, task)
-            for leaf, task_obj in loaded["tasks"].items():
-                if leaf in seen:
-                    raise SelftrainError(f"{self.flag('tasks')}: {leaf} is in both {seen[leaf]} "
-                                         f"and {task}; list it once")
-                seen[leaf] = task
-                self._set_fewshot(task, leaf, task_obj, shots)
-            self._units[task] = loaded
-
-    def _check_names(self, manager) -> None:
-        """Every name must be an lm-eval task, group or tag; suggest close ones if not."""
-        for task in self.tasks:
-            if task not in manager.all_tasks:
-                close = difflib.get_close_matches(task, manager.all_tasks, n=3, cutoff=0.6)
-                hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise SelftrainError(f"{self.flag('tasks')} {task!r}: no such lm-eval task, "
-                                     f"group or tag; {hint}List names with `lm-eval ls tasks`, "
-                                     f"or add the folder of its YAML to "
-                                     f"{self.flag('include_path')}")
+        self._units = load_units(manager, self.tasks, self.skipped, self.flag)
 
     def _gate_code_execution(self, manager) -> None:
         """Skip tasks that run model-written code, with one warning, unless allowed."""
-        unsafe = [task for task in self.tasks if _declares_unsafe(manager.task_index, task)]
+        unsafe = code_tasks(manager, self.tasks)
         if unsafe and self.allow_code_execution:
             os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # read by HF evaluate's code_eval metric
         elif unsafe:
@@ -220,30 +198,6 @@ class BenchmarkEval(EpochEvaluation):
             rank_zero_warn(f"{self.flag('tasks')}: skipping {', '.join(unsafe)}: they execute "
                            f"model-written code; set {self.flag('allow_code_execution')} true "
                            "to run them (in a sandbox)")
-
-    def _load(self, manager, task: str) -> dict:
-        try:
-            return manager.load([task])
-        except Exception as error:  # datasets raises many types for unreachable data
-            reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-            raise SelftrainError(f"{self.flag('tasks')} {task}: lm-eval could not load it "
-                                 f"({reason}); make its data reachable (offline: in the HF "
-                                 "cache) or use a local task YAML") from error
-
-    def _set_fewshot(self, task: str, leaf: str, task_obj, shots: int | None) -> None:
-        """Apply the few-shot count as simple_evaluate would; check the pool holds enough."""
-        default = task_obj.get_config("num_fewshot")
-        if shots not in (None, 0) and default == 0:
-            raise SelftrainError(f"{self.flag('tasks')} {task}: {leaf} is zero-shot by its "
-                                 f"config and lm-eval would ignore {shots}; set it to 0 or null")
-        shots = (default or 0) if shots is None else shots
-        task_obj.set_config(key="num_fewshot", value=shots)
-        pool, split = _fewshot_pool(task_obj)
-        if shots > pool:
-            source = f"its '{split}' split" if split else "its few-shot samples"
-            raise SelftrainError(f"{self.flag('tasks')} {task}: {shots}-shot needs {shots} "
-                                 f"examples but {leaf} has {pool} in {source}; "
-                                 f"lower it to at most {pool}")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -267,32 +221,12 @@ class BenchmarkEval(EpochEvaluation):
             if world == 1:
                 raise
             error = caught
-        parts = [part]
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * world
-            message = None if error is None else f"rank {rank}: {type(error).__name__}: {error}"
-            torch.distributed.all_gather_object(gathered, (part, message))
-            if error is not None:
-                raise error
-            failures = [failure for _, failure in gathered if failure]
-            if failures:
-                raise RuntimeError(f"{type(self).__name__} failed on " + "; ".join(failures))
-            parts = [gathered_part for gathered_part, _ in gathered]
-        elif error is not None:
-            raise error
-        results = _merge(parts)
+        parts = gather_parts(part, error, rank, world, type(self).__name__)
+        results = merge_results(parts)
         scores = metric_scores(results["results"])
         if epoch == 0:
             self._base = dict(scores)
-        metrics = {f"benchmark/{key}": value for key, value in scores.items()}
-        if self._base is not None:
-            missing = sorted(set(scores) - set(self._base))
-            if missing:
-                raise SelftrainError(f"{self.flag('tasks')}: the base-model scores lack "
-                                     f"{', '.join(missing)}; resume with the tasks the run "
-                                     "started with, or start a new run")
-            metrics.update({f"benchmark_delta/{key}": 0.0 if epoch == 0 else
-                            value - self._base[key] for key, value in scores.items()})
+        metrics = benchmark_metrics(scores, self._base, epoch, self.flag("tasks"))
         if trainer.is_global_zero:
             self._write(trainer, pl_module, epoch, results)
         return metrics
@@ -319,166 +253,18 @@ class BenchmarkEval(EpochEvaluation):
                 parts.append(evaluate(lm=lm, task_dict=loaded, limit=self.limit,
                                       bootstrap_iters=self.bootstrap_iters, log_samples=False,
                                       confirm_run_unsafe_code=self.allow_code_execution))
-        return _merge(parts)
+        return merge_results(parts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
                results: dict) -> Path:
-        """lm-eval's results (no per-sample logs) as JSON, written atomically."""
-        import lm_eval
-        import transformers
-        from lm_eval.utils import handle_non_serializable
-
+        """lm-eval's results (no per-sample logs) and this callback's settings, as JSON."""
         step = trainer.global_step
-        document = {**{k: v for k, v in results.items() if v or k != "groups"},
-                    "config": {"model": getattr(pl_module.hparams, "model", None),
-                               "tasks": self.tasks, "skipped": self.skipped,
-                               "include_path": self.include_path, "limit": self.limit,
-                               "batch_size": self.batch_size, "seed": self.seed,
-                               "bootstrap_iters": self.bootstrap_iters,
-                               "max_length": self.max_length},
-                    "epoch": epoch, "global_step": step, "date": time.time(),
-                    "lm_eval_version": lm_eval.__version__,
-                    "transformers_version": transformers.__version__}
+        config = {"model": getattr(pl_module.hparams, "model", None), "tasks": self.tasks,
+                  "skipped": self.skipped, "include_path": self.include_path,
+                  "limit": self.limit, "batch_size": self.batch_size, "seed": self.seed,
+                  "bootstrap_iters": self.bootstrap_iters, "max_length": self.max_length}
         target = self.run_dir(trainer) / "eval" / self.name / f"epoch={epoch}-step={step}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump(document, out, indent=2, default=handle_non_serializable,
-                          ensure_ascii=False)
-            os.replace(staging, target)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
-        return target
-
-
-def _merge(parts: list[dict]) -> dict:
-    """One lm-eval results dict from several (disjoint tasks): its per-task maps united."""
-    return {key: {k: v for part in parts for k, v in part.get(key, {}).items()}
-            for key in _MERGED_KEYS}
-
-
-def metric_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``<task>/<metric>`` -> value from lm-eval's ``results`` rows.
-
-    ``acc,none`` becomes ``acc``, ``exact_match,strict-match`` ``exact_match_strict-match``;
-    stderrs, ``alias`` and other non-metric entries are left out.
-    """
-    scores = {}
-    for task, row in results.items():
-        for key, value in row.items():
-            metric, comma, filter_name = key.partition(",")
-            if (not comma or "_stderr" in metric or isinstance(value, bool)
-                    or not isinstance(value, (int, float, np.number))):
-                continue
-            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-            scores[f"{task}/{name}"] = float(value)
-    return scores
-
-
-def _task_manager(include_path: tuple[str, ...], names: tuple[str, ...]):
-    """The include path's tasks, plus lm-eval's own unless every name is found locally.
-
-    Indexing lm-eval's 10k+ task YAMLs takes seconds, so it is skipped when it is not needed.
-    """
-    if include_path:
-        local = _indexed(include_path, defaults=False)
-        if set(names) <= set(local.all_tasks):
-            return local
-    return _indexed(include_path, defaults=True)
-
-
-@lru_cache(maxsize=4)
-def _indexed(include_path: tuple[str, ...], defaults: bool):
-    """A TaskManager over these folders (and lm-eval's tasks), local data paths anchored."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=list(include_path) or None, include_defaults=defaults)
-    _anchor_data_files(manager.task_index, [Path(p) for p in include_path])
-    return manager
-
-
-def _anchor_data_files(index: dict, roots: list[Path]) -> None:
-    """Make local tasks' relative ``data_files`` absolute, against their YAML's folder.
-
-    Index entries of YAMLs under ``roots`` whose data files exist next to the YAML are swapped
-    for entries that carry the loaded config (functions resolved as lm-eval does) with absolute
-    paths; lm-eval builds a task from such an entry exactly as from its YAML.
-    """
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    for name, entry in list(index.items()):
-        path = entry.yaml_path
-        if path is None or entry.cfg is None or "task" not in entry.cfg or "group" in entry.cfg:
-            continue
-        if not any(Path(path).is_relative_to(root) for root in roots):
-            continue
-        kwargs = entry.cfg.get("dataset_kwargs")
-        files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
-        anchored = _anchor(files, Path(path).parent)
-        if files is None or anchored == files:
-            continue
-        try:
-            config = load_yaml(path, resolve_func=True)
-        except Exception:  # leave it to lm-eval to report, if the task is ever asked for
-            continue
-        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": anchored}
-        index[name] = dataclasses.replace(entry, yaml_path=None, cfg=config)
-
-
-def _anchor(files: Any, folder: Path) -> Any:
-    """``data_files`` (a path, list or split -> paths) with paths found under ``folder``."""
-    if isinstance(files, dict):
-        return {split: _anchor(value, folder) for split, value in files.items()}
-    if isinstance(files, list):
-        return [_anchor(value, folder) for value in files]
-    if (isinstance(files, str) and "://" not in files and not os.path.isabs(files)
-            and glob.glob(str(folder / files))):
-        return str(folder / files)
-    return files
-
-
-def _declares_unsafe(index: dict, name: str, seen: frozenset[str] = frozenset()) -> bool:
-    """Whether a task, or any task of a group or tag, has ``unsafe_code`` in its config."""
-    entry = index.get(name)
-    if entry is None or name in seen:
-        return False
-    seen = seen | {name}
-    if entry.cfg is None:  # a tag: the names of its tasks
-        return any(_declares_unsafe(index, member, seen) for member in entry.tags)
-    if "group" not in entry.cfg:
-        return bool(entry.cfg.get("unsafe_code", False))
-    members = entry.cfg.get("task") or []
-    for member in members if isinstance(members, list) else [members]:
-        if isinstance(member, dict):
-            if member.get("unsafe_code") or _declares_unsafe(
-                    index, member.get("task") or member.get("group") or "", seen):
-                return True
-        elif isinstance(member, str) and _declares_unsafe(index, member, seen):
-            return True
-    return False
-
-
-def _fewshot_pool(task_obj) -> tuple[int, str | None]:
-    """How many few-shot examples a task can draw per document, and from which split.
-
-    The pool is the fewshot split, else the training, else the validation docs (as lm-eval
-    picks them); drawn from the split being evaluated, it is one smaller, since a document is
-    never its own example.
-    """
-    config, fewshot = task_obj.config, getattr(task_obj, "fewshot_cfg", None)
-    if fewshot is None:  # a Python-defined task without lm-eval's few-shot config
-        return len(list(task_obj.fewshot_docs() or [])), None
-    docs = task_obj.fewshot_docs()
-    pool = 0 if docs is None else len(list(docs))
-    split = fewshot.split or (None if fewshot.samples is not None else
-                              config.training_split or config.validation_split
-                              or config.test_split)
-    evaluated = config.test_split if task_obj.has_test_docs() else config.validation_split
-    if split is not None and split == evaluated:
-        pool -= 1
-    return max(pool, 0), split
+        return write_results(target, results, config, epoch, step)
 
 
 def _seed_all(seed: int) -> None:

@@ -2,8 +2,10 @@
 
 The paper's curves are deltas from the base model, so every evaluation runs once before the
 first optimizer step (epoch 0, global step 0) and then after every ``every_n_epochs``-th epoch,
-always including the last one. A subclass only says what to measure (:meth:`evaluate`) and
-what to check before training (:meth:`check`); this class
+always including the last one: the epoch that ends training, whichever limit ends it
+(``max_epochs``, ``max_steps`` even mid-epoch, or a callback that stops the run). A
+subclass only says what to measure (:meth:`evaluate`) and what to check before training
+(:meth:`check`); this class
 
 - runs :meth:`check` once in ``setup``, so bad input fails before any epoch is trained
   (``selftrain fit`` calls it even earlier, before the run dir is written);
@@ -102,8 +104,7 @@ class EpochEvaluation(Callback):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs == 0 or last or trainer.should_stop:
+        if epoch % self.every_n_epochs == 0 or training_ends(trainer):
             self._run(trainer, pl_module, epoch=epoch)
 
     @staticmethod
@@ -152,3 +153,17 @@ class EpochEvaluation(Callback):
                 handle.write(json.dumps({"epoch": epoch, "global_step": step,
                                          "seconds": round(seconds, 3), "metrics": metrics})
                              + "\n")
+
+
+def training_ends(trainer: L.Trainer) -> bool:
+    """Whether the epoch that is ending (in ``on_train_epoch_end``) is the last of the fit.
+
+    Training stops after ``max_epochs`` epochs, after ``max_steps`` optimizer steps (then the
+    last epoch may be cut short: Lightning still ends it with ``on_train_epoch_end``), or when
+    something sets ``should_stop``; -1 (or None) means no such limit, as in Lightning.
+    """
+    def reached(count: int, limit: int | None) -> bool:
+        return limit is not None and limit != -1 and count >= limit
+
+    return (reached(trainer.current_epoch + 1, trainer.max_epochs)
+            or reached(trainer.global_step, trainer.max_steps) or trainer.should_stop)

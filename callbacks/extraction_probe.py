@@ -37,7 +37,8 @@ class ExtractionProbe(ProbeEvaluation):
     """Prefix-completion extraction: greedy continuation of each probe prefix, exact match.
 
     Args:
-        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``).
+        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``);
+            null: the run's probe set, ``--probes.probe_set``, with its window.
         prefix_tokens: tokens of each row given to the student as the prefix.
         suffix_tokens: tokens the student decodes greedily and must reproduce.
         batch_size: probe rows per forward pass.
@@ -51,7 +52,7 @@ class ExtractionProbe(ProbeEvaluation):
 
     def __init__(
         self,
-        probe_set: str,
+        probe_set: str | None = None,
         prefix_tokens: int = 32,
         suffix_tokens: int = 32,
         batch_size: int = 32,

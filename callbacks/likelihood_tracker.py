@@ -24,7 +24,6 @@ size.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from selftrain.callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
+from selftrain.io import atomic_file
 from selftrain.models import pad_token_id
 from selftrain.probes.metrics import RowResults, per_domain
 from selftrain.probes.windows import continuation_logprobs, shard_rows, token_nll_rows
@@ -43,7 +43,8 @@ class LikelihoodTracker(ProbeEvaluation):
     """Log-probability of each probe's true continuation, and its change from the base model.
 
     Args:
-        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``).
+        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``);
+            null: the run's probe set, ``--probes.probe_set``, with its window.
         prefix_tokens: tokens of each row used as the prefix y.
         suffix_tokens: tokens of the true continuation x scored after the prefix.
         batch_size: probe rows per forward pass; the corpus sample is batched to the same
@@ -60,7 +61,7 @@ class LikelihoodTracker(ProbeEvaluation):
 
     def __init__(
         self,
-        probe_set: str,
+        probe_set: str | None = None,
         prefix_tokens: int = 32,
         suffix_tokens: int = 32,
         batch_size: int = 32,
@@ -204,15 +205,9 @@ class LikelihoodTracker(ProbeEvaluation):
         """Write the base to the run dir atomically (global rank 0)."""
         if not trainer.is_global_zero:
             return
-        target = self.cache_path(trainer)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_file(self.cache_path(trainer)) as staging:
             torch.save({**self._identity(), "probe_set": self.probe_set,
                         "logprobs": self.base}, staging)
-            os.replace(staging, target)
-        finally:
-            staging.unlink(missing_ok=True)
 
     def _resumed_base(self, trainer: L.Trainer) -> torch.Tensor:
         """The base of a resumed run: from the run dir's cache, else from the checkpoint."""

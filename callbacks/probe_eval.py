@@ -5,11 +5,20 @@ before any epoch), take the same window arguments, and measure the rows the same
 rank measures its shard (rows r, r + W, ...) and a :class:`~selftrain.probes.metrics.RowResults`
 gathers every rank's values back into row order, so the numbers do not depend on the world
 size. Subclasses say what to measure per row.
+
+A run usually probes one set with both callbacks, so ``selftrain fit`` also takes the run's
+probe set once, :class:`SharedProbeSet` (``--probes.probe_set``, ``--probes.prefix_tokens``,
+``--probes.suffix_tokens``): a probe callback whose own ``probe_set`` is null reads that one,
+with its window (:func:`share_probe_set`, applied to the parsed config).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,11 +29,80 @@ from selftrain.probes.metrics import RowResults
 from selftrain.probes.windows import ProbeSet, load_probe_set, shard_rows
 
 
+@dataclass
+class SharedProbeSet:
+    """The run's probe set: read by every probe callback that names no ``probe_set`` itself.
+
+    Args:
+        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``);
+            None: no shared probe set (each probe callback names its own).
+        prefix_tokens: tokens of each row used as the prefix.
+        suffix_tokens: tokens of the continuation after the prefix.
+    """
+
+    probe_set: str | None = None
+    prefix_tokens: int = 32
+    suffix_tokens: int = 32
+
+
+_WINDOW = ("prefix_tokens", "suffix_tokens")
+"""The window arguments a probe callback takes with the shared probe set."""
+
+
+def share_probe_set(callbacks: list[Any] | Any | None, shared: Any) -> None:
+    """Give every probe callback config without a ``probe_set`` the shared one, window included.
+
+    Args:
+        callbacks: the parsed ``trainer.callbacks``, a list or one (``class_path`` +
+            ``init_args`` configs; instances and other callbacks are left as they are).
+        shared: the parsed :class:`SharedProbeSet` (``probes``).
+
+    Raises:
+        SelftrainError: the shared window is empty, or such a callback sets a window of its
+            own that differs from the shared one (it would be ignored).
+    """
+    if shared is None or shared.probe_set is None or callbacks is None:
+        return
+    for key in _WINDOW:
+        if shared[key] < 1:
+            raise SelftrainError(f"--probes.{key} {shared[key]}: must be >= 1")
+    for config in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = _config_class(config)
+        if not (isinstance(cls, type) and issubclass(cls, ProbeEvaluation)):
+            continue
+        init_args = config.get("init_args")
+        if init_args is None:
+            config["init_args"] = init_args = type(config)()
+        if init_args.get("probe_set") is not None:
+            continue
+        defaults = inspect.signature(cls).parameters
+        for key in _WINDOW:
+            own = init_args.get(key)
+            if own is not None and own not in (defaults[key].default, shared[key]):
+                raise SelftrainError(f"{cls.__name__}.{key} {own}: this callback reads the run's "
+                                     f"probe set (--probes.probe_set), whose window is "
+                                     f"--probes.{key} {shared[key]}; set it there, or give the "
+                                     "callback its own probe_set")
+        init_args["probe_set"] = shared.probe_set
+        for key in _WINDOW:
+            init_args[key] = shared[key]
+
+
+def _config_class(config: Any) -> type | None:
+    """The class a ``class_path`` callback config names (None for anything else)."""
+    class_path = config.get("class_path") if hasattr(config, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
 class ProbeEvaluation(EpochEvaluation):
     """Base class: a probe set, its window, and exact sharded per-row measurement.
 
     Args:
-        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``).
+        probe_set: parquet or jsonl file of probe rows (``text`` or ``input_ids``, ``domain``);
+            None: the run's (``--probes.probe_set``, filled in by ``selftrain fit``).
         prefix_tokens: tokens of each row used as the prefix.
         suffix_tokens: tokens of the continuation after the prefix.
         batch_size: probe rows per forward pass.
@@ -32,13 +110,17 @@ class ProbeEvaluation(EpochEvaluation):
         run_at_start: evaluate the base model before the first optimizer step (epoch 0).
     """
 
-    def __init__(self, probe_set: str, prefix_tokens: int, suffix_tokens: int,
+    def __init__(self, probe_set: str | None, prefix_tokens: int, suffix_tokens: int,
                  batch_size: int, every_n_epochs: int, run_at_start: bool) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
         for arg, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens),
                            ("batch_size", batch_size)):
             if value < 1:
                 raise SelftrainError(f"{self.flag(arg)} {value}: must be >= 1")
+        if probe_set is None:
+            raise SelftrainError(f"{self.flag('probe_set')}: none given; name a parquet or "
+                                 "jsonl file of probe rows here, or the run's in "
+                                 "--probes.probe_set")
         if not str(probe_set).strip():
             raise SelftrainError(f"{self.flag('probe_set')} is empty: give a parquet or jsonl "
                                  "file of probe rows")

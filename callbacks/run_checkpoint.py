@@ -4,11 +4,29 @@ Lightning's ModelCheckpoint saves either every N steps or every N epochs, not bo
 epochs need the step trigger (a killed job loses at most N steps), and ``--ckpt_path last``
 must also find the state of the last finished epoch, or a completed run would resume and
 retrain its tail. This subclass keeps the step trigger and refreshes ``last.ckpt`` when an
-epoch ends (skipped when a step checkpoint was just written at the same global step).
-Writes are atomic through :class:`selftrain.training.checkpoint_io.AtomicCheckpointIO`.
+epoch ends, through Lightning's public API only:
+
+- it writes with ``trainer.save_checkpoint`` to ModelCheckpoint's ``last_model_path`` (the
+  run's checkpoint IO, :class:`selftrain.training.checkpoint_io.AtomicCheckpointIO`, makes
+  the write atomic) and tells the loggers, as ModelCheckpoint does after a save;
+- it skips the refresh as ModelCheckpoint skips a save: never twice at the same global step
+  (ModelCheckpoint's own saves are noted through the ``on_save_checkpoint`` hook, which
+  Lightning calls for every full checkpoint; with ``save_weights_only`` it is not called, and
+  a refresh may rewrite a step's checkpoint once more), never before the first step, during
+  the sanity check or under ``fast_dev_run``;
+- before ModelCheckpoint has written ``last.ckpt`` once in this run (no ``last_model_path``
+  yet), the refresh is ModelCheckpoint's own ``on_train_end``, which writes it exactly when
+  nothing was saved yet, choosing its name (and version) as every later save will.
+
+Checked against lightning 2.6.6.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -18,8 +36,58 @@ from typing_extensions import override
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``last.ckpt`` is also refreshed at the end of every epoch."""
 
+    _noting = False
+    """Inside one of ModelCheckpoint's saving hooks: its saves are noted."""
+    _saved_step = 0
+    """Global step of the newest checkpoint this callback wrote; 0: none is due before a step."""
+    _refreshed = False
+    """An epoch-end refresh wrote ``last.ckpt`` itself, so ``on_train_end`` has nothing to do."""
+
+    @contextmanager
+    def _noting_saves(self) -> Iterator[None]:
+        self._noting = True
+        try:
+            yield
+        finally:
+            self._noting = False
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._noting:
+            self._saved_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        with self._noting_saves():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with self._noting_saves():
+            super().on_validation_end(trainer, pl_module)
+
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        with self._noting_saves():
+            super().on_train_epoch_end(trainer, pl_module)
+        if (not self.save_last or trainer.sanity_checking or trainer.fast_dev_run
+                or self._saved_step == trainer.global_step):
+            return
+        if not self.last_model_path:
+            with self._noting_saves():
+                super().on_train_end(trainer, pl_module)
+            return
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        self._saved_step = trainer.global_step
+        self._refreshed = True
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._refreshed:
+            super().on_train_end(trainer, pl_module)

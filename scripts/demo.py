@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from selftrain.analysis.tb import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,18 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 def run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
-
-
-def probe_overrides(out: Path, probes: Path) -> Path:
-    """The demo config's callbacks, with the probe set this run planted."""
-    config = yaml.safe_load((REPO / "configs" / "smollm2_self.yaml").read_text())
-    callbacks = config["trainer"]["callbacks"]
-    for callback in callbacks:
-        if "probe_set" in callback["init_args"]:
-            callback["init_args"]["probe_set"] = str(probes)
-    path = out / "callbacks.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    return path
 
 
 def main() -> None:
@@ -70,7 +56,7 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     run([*selftrain, "fit", "--config", "configs/smollm2_self.yaml",
          "--trainer.default_root_dir", str(run_dir), "--data.corpus", str(corpus),
-         "--config", str(probe_overrides(out, planted / "probes.parquet")),
+         "--probes.probe_set", str(planted / "probes.parquet"),
          "--model.model", str(planted / "model"),
          "--data.max_length", str(args.max_new_tokens + 1),
          "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false"])

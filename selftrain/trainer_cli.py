@@ -4,20 +4,27 @@ Everything of a run goes under ``--trainer.default_root_dir`` (``runs/default`` 
 ``tb/`` (TensorBoard events and the resolved ``config.yaml``), ``checkpoints/`` (``last.ckpt``,
 refreshed every ``--checkpoint.every_n_train_steps`` and at each epoch end) and ``hf/epoch=N``
 (HF exports). Resume a killed run with the same command plus ``--ckpt_path last``.
+
+``--probes.*`` is the run's probe set, read by every probe callback (ExtractionProbe,
+LikelihoodTracker) that names no ``probe_set`` of its own, so a config writes the probe set and
+its window once and one flag swaps it for both.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
+from selftrain.callbacks.probe_eval import SharedProbeSet, share_probe_set
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import SelftrainError
@@ -51,9 +58,10 @@ class SelftrainCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the student's spec into the data and add the checkpoint callback."""
+        """Link the student's spec into the data; add the checkpoint callback and probe set."""
         parser.link_arguments("model.model", "data.tokenizer")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_class_arguments(SharedProbeSet, "probes", instantiate=False)
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 0,
@@ -61,8 +69,9 @@ class SelftrainCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        """Put the TensorBoard logger and checkpoints under the run dir unless configured."""
+        """Put the logger and checkpoints under the run dir; share the run's probe set."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        share_probe_set(config.trainer.callbacks, config.get("probes"))
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root
         if config.trainer.logger in (None, True):
@@ -80,19 +89,9 @@ class SelftrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer, with atomic local checkpoint writes unless a plugin already sets them."""
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except (ValueError, MisconfigurationException) as error:
-            if "requires a GPU accelerator" in str(error):
-                raise SelftrainError(
-                    "--trainer.strategy fsdp needs CUDA GPUs; on CPU use --trainer.strategy ddp "
-                    "(configs/scale/ddp.yaml)") from None
-            if "No supported gpu backend found" in str(error):
-                raise SelftrainError(
-                    "--trainer.accelerator gpu: this machine has no CUDA GPU (FSDP needs one); "
-                    "use --trainer.accelerator cpu, with --trainer.strategy ddp for several "
-                    "processes") from None
-            raise
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        _check_gpu_request({**config.get("trainer", {}), **kwargs})
+        trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -137,3 +136,36 @@ class SelftrainCLI(LightningCLI):
 def _has_bf16(device: torch.device) -> bool:
     """Whether a CUDA device computes in bf16 natively (Ampere or newer), not by emulation."""
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _check_gpu_request(trainer: dict[str, Any]) -> None:
+    """Refuse, in one line, a GPU accelerator or FSDP on a machine Lightning would refuse them on.
+
+    Lightning (2.6.6) resolves ``--trainer.accelerator gpu`` (and ``auto``) to MPS where it
+    is available, else CUDA, and refuses ``gpu`` with neither; its string-named ``fsdp``
+    strategies (and a plain ``FSDPStrategy``) need the accelerator to resolve to CUDA.
+    """
+    accelerator, strategy = trainer.get("accelerator", "auto"), trainer.get("strategy", "auto")
+    name = accelerator.lower() if isinstance(accelerator, str) else None
+    if ((name == "gpu" and not (CUDAAccelerator.is_available() or MPSAccelerator.is_available()))
+            or (name == "cuda" and not CUDAAccelerator.is_available())):
+        raise SelftrainError(f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU "
+                             "(FSDP needs one); use --trainer.accelerator cpu, with "
+                             "--trainer.strategy ddp for several processes")
+    fsdp = (isinstance(strategy, str)
+            and strategy.lower() in FSDPStrategy.get_registered_strategies()
+            ) or type(strategy) is FSDPStrategy
+    if fsdp and not _resolves_to_cuda(accelerator):
+        raise SelftrainError("--trainer.strategy fsdp needs CUDA GPUs; on CPU use "
+                             "--trainer.strategy ddp (configs/scale/ddp.yaml)")
+
+
+def _resolves_to_cuda(accelerator: str | Accelerator | None) -> bool:
+    """Whether Lightning runs this ``--trainer.accelerator`` on CUDA (MPS wins where present)."""
+    if isinstance(accelerator, Accelerator):
+        return isinstance(accelerator, CUDAAccelerator)
+    name = str(accelerator or "auto").lower()
+    if name == "cuda":
+        return True
+    return (name in ("gpu", "auto") and not MPSAccelerator.is_available()
+            and CUDAAccelerator.is_available())

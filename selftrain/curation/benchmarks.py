@@ -3,8 +3,9 @@
 `selftrain decontaminate` compares corpus samples with the texts of benchmark items. An item is
 the list of its texts (kept apart, so n-grams never run from a question into its answer):
 every string of a jsonl row, or an lm-eval doc's text, target and choices. lm-eval tasks are
-loaded through its ``TaskManager``: a local task YAML with its own directory as the include
-path, a task name from ``include_path`` or lm-eval's built-in tasks.
+loaded through :func:`selftrain.curation.lm_eval_tasks.task_manager`: a local task YAML with
+its own directory as the include path, a task name from ``include_path`` or lm-eval's built-in
+tasks. Data paths in task YAMLs are read as lm-eval reads them, relative to the working dir.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from selftrain.curation.lm_eval_tasks import task_manager
 from selftrain.errors import SelftrainError
 
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -120,11 +122,7 @@ def _task_items(name: str, spec: str, include: list[str], defaults: bool | None,
 
     ``defaults`` None means: index the built-in tasks only if ``include`` lacks ``name``.
     """
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    manager = TaskManager(include_path=include or None, include_defaults=bool(defaults))
-    if defaults is None and name not in manager.all_tasks:
-        manager = TaskManager(include_path=include or None)
+    manager = task_manager(include, names=[name], defaults=defaults, anchor=False)
     if name not in manager.all_tasks and defaults is False:
         raise SelftrainError(f"--benchmarks {spec}: lm-eval could not index task {name!r} from "
                              "it; check the YAML against lm-eval's task format")
@@ -132,7 +130,7 @@ def _task_items(name: str, spec: str, include: list[str], defaults: bool | None,
         raise SelftrainError(f"--benchmarks {spec}: not a file and not an lm-eval task name; "
                              "check the name (`lm-eval ls tasks`) or pass --include_path")
     try:
-        tasks = _leaf_tasks(get_task_dict([name], manager))
+        tasks = manager.load([name])["tasks"]
     except Exception as error:  # datasets raises many types for an unreachable hub dataset
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         raise SelftrainError(f"--benchmarks {spec}: the task's data could not be loaded "
@@ -148,10 +146,3 @@ def _task_items(name: str, spec: str, include: list[str], defaults: bool | None,
                 items.append(texts)
     return name, items
 
-
-def _leaf_tasks(task_dict: dict) -> dict:
-    """Flatten get_task_dict's nested {group: {name: Task}} into {name: Task}."""
-    flat = {}
-    for key, value in task_dict.items():
-        flat.update(_leaf_tasks(value) if isinstance(value, dict) else {key: value})
-    return flat
