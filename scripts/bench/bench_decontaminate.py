@@ -8,8 +8,8 @@ punctuation added. Prints the end-to-end time, the n-gram hashing time alone, an
 pure-Python baseline (a set of word tuples) against our hashing + lookup on the same
 ``--baseline`` samples, as a ratio measured in this run.
 
-    .venv/bin/python scripts/bench_decontaminate.py                      # 100k samples, 50k items
-    .venv/bin/python scripts/bench_decontaminate.py --samples 2000 --items 1000   # a quick look
+    .venv/bin/python scripts/bench/bench_decontaminate.py              # 100k samples, 50k items
+    .venv/bin/python scripts/bench/bench_decontaminate.py --samples 2000 --items 1000  # quick
 """
 
 from __future__ import annotations

@@ -10,21 +10,22 @@ Same model, dtype, batch size, temperature and length cap for all three:
 
 Tokens count what a corpus keeps: each sequence up to and including its EOS.
 
-    python scripts/bench_generate.py                      # embedded SmolLM2-135M, bf16, batch 64
-    python scripts/bench_generate.py --model tiny:qwen2 --dtype float32 --batch_size 16
+    python scripts/bench/bench_generate.py            # embedded SmolLM2-135M, bf16, batch 64
+    python scripts/bench/bench_generate.py --model tiny:qwen2 --dtype float32 --batch_size 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
+from _common import machine, sync, write_figures
 
-from selftrain.models import load_model, load_tokenizer, resolve_bos_id
-from selftrain.sampling.sampler import BosSampler, draw_tokens, draw_workspace
+from selftrain.models import load_model, load_tokenizer, pad_token_id, resolve_bos_id
+from selftrain.sampling.draw import draw_tokens, draw_workspace
+from selftrain.sampling.sampler import BosSampler
 
 
 def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
@@ -44,7 +45,7 @@ def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args) -> d
 
 
 @torch.inference_mode()
-def bench_plain_generate(model, bos_id: int, eos_id: int | None, args) -> dict:
+def bench_plain_generate(model, bos_id: int, eos_id: int | None, pad_id: int, args) -> dict:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     rows: list[list[int]] = []
@@ -54,7 +55,7 @@ def bench_plain_generate(model, bos_id: int, eos_id: int | None, args) -> dict:
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
                              max_new_tokens=args.max_new_tokens, eos_token_id=eos_id,
-                             pad_token_id=eos_id if eos_id is not None else 0)
+                             pad_token_id=pad_id)
         rows += out[:, 1:].tolist()
     seconds = time.perf_counter() - start
     tokens = _useful_tokens(rows, eos_id)
@@ -95,13 +96,11 @@ def bench_draw(vocab: int, args, repeats: int = 20) -> dict:
                                                             workspace=workspace)),
                        ("flat_float64_draw", flat)):
         draw()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(logits.device)
         start = time.perf_counter()
         for _ in range(repeats):
             draw()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(logits.device)
         timings[name] = 1000 * (time.perf_counter() - start) / repeats
     return timings
 
@@ -125,17 +124,18 @@ def main() -> None:
     model = load_model(args.model, dtype=args.dtype).to(args.device).eval()
     bos_id, _ = resolve_bos_id(tokenizer, model.config)
     eos_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     vocab = len(tokenizer)
 
     # One short warm-up of each path (allocator, kernels, lazy inits) outside the timings.
     warm = argparse.Namespace(**{**vars(args), "num_samples": 2, "batch_size": 2,
                                  "max_new_tokens": 4})
     bench_sampler(model, bos_id, eos_id, vocab, warm)
-    bench_plain_generate(model, bos_id, eos_id, warm)
+    bench_plain_generate(model, bos_id, eos_id, pad_id, warm)
     bench_forward(model, bos_id, vocab, warm)
 
     results = {"sampler": bench_sampler(model, bos_id, eos_id, vocab, args),
-               "plain_generate": bench_plain_generate(model, bos_id, eos_id, args),
+               "plain_generate": bench_plain_generate(model, bos_id, eos_id, pad_id, args),
                "teacher_forced_forward": bench_forward(model, bos_id, vocab, args)}
     draws = bench_draw(vocab, args)
     sampler = results["sampler"]["tokens_per_sec"]
@@ -145,10 +145,8 @@ def main() -> None:
               "plain_generate/teacher_forced_forward":
                   results["plain_generate"]["tokens_per_sec"]
                   / results["teacher_forced_forward"]["tokens_per_sec"]}
-    setup = {"model": args.model, "dtype": args.dtype, "device": args.device,
-             "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                             else platform.processor() or platform.machine()),
-             "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+    setup = {"model": args.model, "dtype": args.dtype, **machine(torch.device(args.device)),
+             "device": args.device, "batch_size": args.batch_size,
              "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
              "temperature": args.temperature}
     print(f"setup: {json.dumps(setup)}")
@@ -162,10 +160,8 @@ def main() -> None:
     print(f"draw of {args.batch_size} x {vocab} logits: sampler {draws['sampler_draw']:.1f} ms, "
           f"flat float64 cumsum {draws['flat_float64_draw']:.1f} ms, ratio "
           f"{draws['flat_float64_draw'] / draws['sampler_draw']:.2f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"setup": setup, "results": results, "ratios": ratios, "draw_ms": draws},
-                      handle, indent=2)
+    write_figures(args.json, {"setup": setup, "results": results, "ratios": ratios,
+                              "draw_ms": draws})
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ the same, so only float noise: at the first step, from identical weights, ~1e-3 
 autocast and ~1e-6 in 32-true; later steps drift a little further apart, ~2e-2 after 8 bf16
 steps at a loss of ~13).
 
-    python scripts/bench_packing.py                        # CPU: embedded SmolLM2-135M, ~2.5 min
-    python scripts/bench_packing.py --group_batches 1      # no length grouping: most padding
-    python scripts/bench_packing.py --model shape:qwen2.5-0.5b --batch_size 16 \\
-        --max_len 2048 --attn flash_attention_2 --steps 20 # one GPU
+    python scripts/bench/bench_packing.py                    # CPU: embedded SmolLM2-135M, ~2.5 min
+    python scripts/bench/bench_packing.py --group_batches 1  # no length grouping: most padding
+    python scripts/bench/bench_packing.py --model shape:qwen2.5-0.5b --batch_size 16 \\
+        --max_len 2048 --attn flash_attention_2 --steps 20   # one GPU
 
 With ``sdpa`` / ``eager`` the packed row gets one dense ``sum x sum`` mask, so attention costs
 the square of the packed length (selftrain.training.packing); ``flash_attention_2`` computes
@@ -47,36 +47,17 @@ a 2-core CPU, where the embedded SmolLM2-135M trains only ~200 real tokens/s in 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
-import platform
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
+import _common as common
 import torch
 
 PRECISIONS = ("bf16-mixed", "32-true")
 MODES = ("padded", "packed")
 NOISY_SPREAD = 1.5
 """A step that took this many times longer in one round than in another was disturbed."""
-
-
-def _progress(message: str) -> None:
-    print(f"[bench_packing] {message}", file=sys.stderr, flush=True)
-
-
-def _device(args) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,44 +140,29 @@ def load_student(args, device: torch.device):
     return model, reason
 
 
-def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """StudentLM.configure_optimizers: AdamW, weight decay on matrices only, default betas."""
-    from selftrain.training import module as student
-
-    defaults = inspect.signature(student.StudentLM).parameters
-    groups = student.param_groups(model, defaults["weight_decay"].default)
-    on_cuda = next(model.parameters()).is_cuda  # fused there, as the student is (no clipping)
-    return student.build_optimizer("adamw", groups, lr=args.lr,
-                                   betas=tuple(defaults["betas"].default), fused=on_cuda)
-
-
 def run_mode(args, mode: str, model, initial: dict, batches: list[dict], real: list[int],
              device: torch.device, round_: int) -> dict:
     """Train on every batch from the initial weights; per-step times, losses and tokens/s."""
     model.load_state_dict(initial)
-    optimizer = build_optimizer(args, model)
+    optimizer = common.student_optimizer(model, args.lr)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    mixed = args.precision.endswith("-mixed")
     times: list[float] = []
     losses: list[float] = []
     total = len(batches)
     for step, batch in enumerate(batches):
-        _sync(device)
+        common.sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        loss = common.train_step(model, optimizer, batch, args.precision)
+        common.sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss.detach().float().item())
         tag = "warm-up" if step < args.warmup else "step"
-        _progress(f"round {round_ + 1} {mode} {tag} {step + 1}/{total}: {times[-1]:.3f} s, "
-                  f"{real[step]} real tokens in {batch['input_ids'].numel()} positions")
+        common.progress(f"round {round_ + 1} {mode} {tag} {step + 1}/{total}: "
+                        f"{times[-1]:.3f} s, {real[step]} real tokens in "
+                        f"{batch['input_ids'].numel()} positions")
     window = times[args.warmup:]
     tokens = sum(real[args.warmup:])
     result = {"mode": mode, "round": round_, "real_tokens_per_sec": tokens / sum(window),
@@ -229,81 +195,61 @@ def report(args, device: torch.device, data_info: dict, batch_info: dict, reason
             "real_token_fraction": real_per_step / positions,
             # the same step (same batch) across rounds: the batches differ in size, the
             # rounds should not
-            "round_spread": max(max(s) / min(s) for s in zip(
+            "round_spread": max(common.spread(s) for s in zip(
                 *(r["step_s"][measured] for r in results), strict=True))}
         if device.type == "cuda":
             summary[mode]["cuda_max_allocated_mib"] = max(r["cuda_max_allocated_mib"]
                                                           for r in results)
     ratio = summary["packed"]["real_tokens_per_sec"] / summary["padded"]["real_tokens_per_sec"]
     median_step_ratio = summary["padded"]["median_step_s"] / summary["packed"]["median_step_s"]
-    paired = [packed["real_tokens_per_sec"] / padded["real_tokens_per_sec"]
-              for padded, packed in zip(runs["padded"], runs["packed"], strict=True)]
-    loss_diff = max(abs(a - b) for padded, packed in zip(runs["padded"], runs["packed"],
-                                                         strict=True)
-                    for a, b in zip(padded["losses"], packed["losses"], strict=True))
-    first_diff = max(abs(padded["losses"][0] - packed["losses"][0])
-                     for padded, packed in zip(runs["padded"], runs["packed"], strict=True))
+    paired = common.paired_ratios(runs["padded"], runs["packed"],
+                                  lambda run: run["real_tokens_per_sec"])
+    losses = common.loss_diff(runs["padded"], runs["packed"])
+    first_diff = common.loss_diff(runs["padded"], runs["packed"], slice(0, 1))
     noisy = max(row["round_spread"] for row in summary.values()) > NOISY_SPREAD
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine())
-    setup = {"model": args.model, "device": device.type, "device_name": name,
-             "threads": torch.get_num_threads(), "precision": args.precision,
-             "attn": args.attn, "batch_size": args.batch_size, "max_len": args.max_len,
-             "min_len": args.min_len, "short_fraction": args.short_fraction,
-             "rows": args.rows, "group_batches": args.group_batches, "seed": args.seed,
-             "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats,
-             "lr": args.lr, "vocab": data_info["vocab"], "packing_support": reason}
-    print(f"bench_packing: {args.model} on {name} ({device.type}, {torch.get_num_threads()} "
-          f"threads), batch {args.batch_size} rows of <= {args.max_len} tokens, "
-          f"{args.precision}, attn {args.attn}, group_batches {args.group_batches}, "
-          f"{args.warmup} warm-up + {args.steps} measured steps, {args.repeats} rounds")
+    setup = {"model": args.model, **common.machine(device),
+             **{key: getattr(args, key) for key in (
+                 "precision", "attn", "batch_size", "max_len", "min_len", "short_fraction",
+                 "rows", "group_batches", "seed", "warmup", "steps", "repeats", "lr")},
+             "vocab": data_info["vocab"], "packing_support": reason}
+    print(f"bench_packing: {args.model} on {common.machine_text(device)}, batch "
+          f"{args.batch_size} rows of <= {args.max_len} tokens, {args.precision}, attn "
+          f"{args.attn}, group_batches {args.group_batches}, {args.warmup} warm-up + "
+          f"{args.steps} measured steps, {args.repeats} rounds")
     print(f"corpus: {args.rows} rows, {args.short_fraction:.0%} stopped early (uniform in "
           f"[{args.min_len}, {args.max_len})), mean length {data_info['mean_length']:.1f}; "
           f"padded real-token fraction {batch_info['real_token_fraction']:.3f} over the "
           f"measured batches ({batch_info['epoch_real_token_fraction']:.3f} over the epoch's "
           f"{batch_info['epoch_batches']} batches); measured padded shapes "
           f"{', '.join('x'.join(map(str, s)) for s in batch_info['padded_shapes'][measured])}")
-    cuda = device.type == "cuda"
-    print(f"{'mode':<8} {'real tok/s':>10} {'per round':<20} {'median step s':>13} "
-          f"{'positions/step':>14} {'real frac':>9}"
-          + (f" {'CUDA alloc MiB':>14}" if cuda else "") + f" {'round max/min':>13}")
-    for mode in MODES:
-        row = summary[mode]
-        runs_text = ", ".join(f"{rate:.1f}" for rate in row["runs"])
-        line = (f"{mode:<8} {row['real_tokens_per_sec']:>10.1f} {runs_text:<20} "
-                f"{row['median_step_s']:>13.3f} {row['positions_per_step']:>14.1f} "
-                f"{row['real_token_fraction']:>9.3f}")
-        if cuda:
-            line += f" {row['cuda_max_allocated_mib']:>14,.0f}"
-        print(line + f" {row['round_spread']:>13.2f}")
-    print(f"ratio packed / padded = {ratio:.3f} real tokens/s (paired rounds: "
-          f"{', '.join(f'{r:.3f}' for r in paired)}; median step: {median_step_ratio:.3f})")
-    print(f"per-step losses of the two modes differ by at most {loss_diff:.2e} ({first_diff:.2e} "
+    columns = [("real tok/s", ">10.1f", "real_tokens_per_sec"),
+               ("per round", "<20", lambda row: common.rounds_text(row["runs"])),
+               ("median step s", ">13.3f", "median_step_s"),
+               ("positions/step", ">14.1f", "positions_per_step"),
+               ("real frac", ">9.3f", "real_token_fraction")]
+    if device.type == "cuda":
+        columns.append(("CUDA alloc MiB", ">14", common.mib_cell("cuda_max_allocated_mib")))
+    columns.append(("round max/min", ">13.2f", "round_spread"))
+    common.print_table(("mode", "<8"), columns, summary)
+    print(common.ratio_text("packed / padded", ratio, "real tokens/s", paired,
+                            median_step_ratio))
+    print(f"per-step losses of the two modes differ by at most {losses:.2e} ({first_diff:.2e} "
           "at the first step, from identical weights; same documents and targets: float noise "
           "only)")
-    if noisy:
-        print(f"WARNING: a step took over {NOISY_SPREAD}x longer in one round than in another "
-              "(same mode, same batch): other load on the machine; rerun when it is idle")
-    print(f"wall time {wall_s:.0f} s")
     result = {"setup": setup, "modes": summary, "ratio": ratio, "paired_ratios": paired,
-              "median_step_ratio": median_step_ratio, "loss_max_abs_diff": loss_diff,
+              "median_step_ratio": median_step_ratio, "loss_max_abs_diff": losses,
               "first_step_loss_abs_diff": first_diff,
               "padded_real_token_fraction": batch_info["real_token_fraction"],
               "epoch_real_token_fraction": batch_info["epoch_real_token_fraction"],
               "noisy": noisy, "wall_s": wall_s}
-    print(json.dumps(result))
-    return result
+    return common.close_report(result, f"a step took over {NOISY_SPREAD}x longer in one round "
+                               "than in another (same mode, same batch): other load on the "
+                               "machine; rerun when it is idle")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m",
-                        help="student spec (hub id, local dir, embedded:, tiny:, shape:)")
-    parser.add_argument("--attn", default="sdpa",
-                        choices=("sdpa", "eager", "flash_attention_2"))
-    parser.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--batch_size", type=int, default=4, help="rows per step")
+    parser = common.training_parser(__doc__, PRECISIONS, "padded, packed", warmup=2, steps=6,
+                                    repeats=2)
     parser.add_argument("--max_len", type=int, default=256,
                         help="length cap in tokens, BOS incl.; cut rows have exactly this")
     parser.add_argument("--min_len", type=int, default=16, help="shortest early-stopped row")
@@ -314,11 +260,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="batches per length-sorted group (CorpusDataModule's default 64; "
                              "1 = no grouping, the most padding; 0 sorts the epoch)")
     parser.add_argument("--seed", type=int, default=0, help="corpus and batch-order seed")
-    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from timing")
-    parser.add_argument("--steps", type=int, default=6, help="measured steps")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of padded, packed")
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup must be >= 0, --steps and --repeats >= 1")
@@ -331,31 +272,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = _device(args)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
+    device = common.resolve_device(args.device)
     start = time.perf_counter()
     rows, data_info = make_rows(args)
     batches, batch_info = make_batches(args, rows, data_info["pad_id"])
-    _progress(f"corpus: {args.rows} rows (vocab {data_info['vocab']}, BOS "
-              f"{data_info['bos_token_id']}); padded real-token fraction "
-              f"{batch_info['real_token_fraction']:.3f} over the measured batches")
+    common.progress(f"corpus: {args.rows} rows (vocab {data_info['vocab']}, BOS "
+                    f"{data_info['bos_token_id']}); padded real-token fraction "
+                    f"{batch_info['real_token_fraction']:.3f} over the measured batches")
     model, reason = load_student(args, device)
-    _progress(f"packing support: {reason}")
+    common.progress(f"packing support: {reason}")
     initial = {key: value.detach().clone() for key, value in model.state_dict().items()}
     batches = {mode: [{key: value.to(device) for key, value in batch.items()}
                       for batch in batches[mode]] for mode in MODES}
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for round_ in range(args.repeats):
         for mode in MODES:
-            _progress(f"round {round_ + 1}/{args.repeats}: {mode}")
+            common.progress(f"round {round_ + 1}/{args.repeats}: {mode}")
             runs[mode].append(run_mode(args, mode, model, initial, batches[mode],
                                        batch_info["real_tokens"], device, round_))
     result = report(args, device, data_info, batch_info, reason, runs,
                     time.perf_counter() - start)
-    if args.json:
-        Path(args.json).write_text(json.dumps({**result, "batches": batch_info, "runs": runs},
-                                              indent=2) + "\n")
+    common.write_figures(args.json, {**result, "batches": batch_info, "runs": runs})
 
 
 if __name__ == "__main__":

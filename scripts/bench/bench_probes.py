@@ -8,7 +8,7 @@
    ``make demo`` made its planted base, probe set and corpus) with all three callbacks; prints
    the seconds of the training epoch and of each callback's end-of-epoch evaluation.
 
-Usage: python scripts/bench_probes.py [--demo runs/demo] [--rows 64] [--batch_size 32]
+Usage: python scripts/bench/bench_probes.py [--demo runs/demo] [--rows 64] [--batch_size 32]
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import torch
 import yaml
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 
-from selftrain.models import load_model, load_tokenizer
+from selftrain.models import load_model, load_tokenizer, pad_token_id
 from selftrain.probes.probeset import candidate_windows
 from selftrain.probes.windows import greedy_continuations
 from selftrain.trainer_cli import SelftrainCLI
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def bench_extraction(model_spec: str, rows: int, batch_size: int, repeats: int) -> dict:
@@ -44,7 +44,7 @@ def bench_extraction(model_spec: str, rows: int, batch_size: int, repeats: int) 
     def plain() -> torch.Tensor:
         out = [model.generate(chunk, attention_mask=torch.ones_like(chunk), do_sample=False,
                               max_new_tokens=32, min_new_tokens=32,
-                              pad_token_id=tokenizer.eos_token_id)[:, 32:]
+                              pad_token_id=pad_token_id(tokenizer))[:, 32:]
                for chunk in prefixes.split(batch_size)]
         return torch.cat(out)
 
