@@ -51,6 +51,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
 from selftrain.callbacks.benchmark_results import (
     benchmark_metrics,
     gather_parts,
@@ -59,12 +61,8 @@ from selftrain.callbacks.benchmark_results import (
     write_results,
 )
 from selftrain.callbacks.epoch_eval import EpochEvaluation
-from typing_extensions import override
-
 from selftrain.curation.lm_eval_tasks import check_names, code_tasks, load_units, task_manager
 from selftrain.errors import SelftrainError
-
-__all__ = ["BenchmarkEval", "metric_scores"]
 
 
 class BenchmarkEval(EpochEvaluation):

@@ -25,9 +25,9 @@ from pathlib import Path
 import lightning as L
 import pyarrow as pa
 import torch
-from selftrain.callbacks.probe_eval import ProbeEvaluation
 from typing_extensions import override
 
+from selftrain.callbacks.probe_eval import ProbeEvaluation
 from selftrain.io import write_parquet_atomic
 from selftrain.probes.metrics import per_domain
 from selftrain.probes.windows import greedy_continuations

@@ -29,9 +29,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from selftrain.callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from typing_extensions import override
 
+from selftrain.callbacks.probe_eval import ProbeEvaluation, student_tokenizer
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_file
 from selftrain.models import pad_token_id

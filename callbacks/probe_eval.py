@@ -22,8 +22,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from selftrain.callbacks.epoch_eval import EpochEvaluation
 
+from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.errors import SelftrainError
 from selftrain.probes.metrics import RowResults
 from selftrain.probes.windows import ProbeSet, load_probe_set, shard_rows

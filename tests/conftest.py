@@ -1,4 +1,8 @@
-"""Shared fixtures: a hermetic network guard, tiny corpora written under tmp_path, paths."""
+"""Shared fixtures: a hermetic network guard, tiny corpora, planted memories, probe sources.
+
+Plain functions (running `selftrain`, fitting the debug config, writing inputs) are in
+``helpers.py``; ``REPO`` and ``CONFIGS`` are importable from here too.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,20 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+pytest.register_assert_rewrite("helpers")
+
+from helpers import (  # noqa: E402
+    CODE,
+    CONFIGS,
+    LICENSE,
+    REPO,
+    make_corpus,
+    memorize,
+    random_ids,
+    write_probes,
+)
+
+__all__ = ["CONFIGS", "REPO"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -58,17 +74,6 @@ def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
 
 
-def make_corpus(out: Path, model: str = "tiny:qwen2", num_samples: int = 48,
-                max_new_tokens: int = 24, **kwargs) -> Path:
-    """Sample a real corpus dir with `selftrain generate` from a tiny model."""
-    from selftrain.sampling.generate import generate
-
-    kwargs.setdefault("batch_size", 16)
-    (path,) = generate(model=model, out=str(out), num_samples=num_samples,
-                       max_new_tokens=max_new_tokens, **kwargs)
-    return path
-
-
 @pytest.fixture(scope="session")
 def qwen_corpus(tmp_path_factory) -> Path:
     """48 BOS samples of tiny:qwen2 in 2 subsets (shared, read-only)."""
@@ -81,12 +86,32 @@ def llama_corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus") / "llama", model="tiny:llama")
 
 
-def write_text_corpus(path: Path, rows: int = 64) -> Path:
-    """A learnable jsonl corpus: short, repetitive English sentences."""
-    import json
+@pytest.fixture(scope="session")
+def planted():
+    """4 random 64-token rows and tiny:qwen2 trained until it reproduces them (read-only)."""
+    sequences = random_ids(4, seed=1)
+    return sequences, memorize(sequences)
 
-    words = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing at dawn."]
-    lines = [json.dumps({"text": " ".join(words[(i + j) % 3] for j in range(3))})
-             for i in range(rows)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+
+@pytest.fixture(scope="module")
+def planted_probes(tmp_path_factory, planted):
+    """A probe set of 4 memorized rows, 1 memorized prefix with a wrong last token, 4 random
+    rows (domains planted, random), and the model that memorized them."""
+    import torch
+
+    rows, model = planted
+    altered = rows[0].clone()
+    altered[-1] = (altered[-1] + 1) % 256
+    table = torch.cat([rows, altered[None], random_ids(4, seed=7)])
+    path = write_probes(tmp_path_factory.mktemp("probes") / "probes.parquet", table,
+                        ["planted"] * 5 + ["random"] * 4)
+    return path, model
+
+
+@pytest.fixture
+def probe_sources(tmp_path) -> list[str]:
+    """Two `selftrain probeset` inputs: a license text and a Python file (LICENSE, CODE)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "LICENSE").write_text(LICENSE)
+    (tmp_path / "src" / "bisect_like.py").write_text(CODE)
+    return [f"license={tmp_path}/src/LICENSE", f"code={tmp_path}/src/*.py"]

@@ -1,3 +1,5 @@
+"""selftrain.training.batching: length-grouped, deterministic, rank-aware, resumable batches."""
+
 import numpy as np
 import pytest
 

@@ -1,31 +1,42 @@
-"""BenchmarkEval: lm-eval on the in-memory student, deltas from the base, resume, gating, DDP."""
+"""selftrain.callbacks.benchmark_eval: BenchmarkEval runs lm-eval on the in-memory student.
+
+Scores and deltas from the base on the evaluation cadence, the results files, resume, code
+execution gated, prompts truncated to the context, one-line errors, tasks split over 2 DDP
+ranks (slow).
+"""
 
 import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-import yaml
-from conftest import CONFIGS, REPO
-from lightning.pytorch import Callback, Trainer
-from selftrain.callbacks.benchmark_eval import BenchmarkEval, metric_scores
+from helpers import (
+    BENCHMARK,
+    DEBUG_CORPUS,
+    TASKS,
+    callback,
+    callbacks_config,
+    cli,
+    fit,
+    history,
+    make_student,
+    one_error_line,
+    refused_fit,
+    run_fit,
+    succeeded,
+    train_modes,
+    write_jsonl,
+)
+from lightning.pytorch import Trainer
 
 from selftrain.analysis.tb import read_scalars
-from selftrain.cli import main
+from selftrain.callbacks.benchmark_eval import BenchmarkEval
+from selftrain.callbacks.benchmark_results import metric_scores
 from selftrain.errors import SelftrainError
-from selftrain.trainer_cli import SelftrainCLI
-from selftrain.training.module import StudentLM
 
-DEBUG = str(CONFIGS / "debug.yaml")
-NO_CALLBACKS = "--trainer.callbacks=[]"  # the debug config's own callbacks off: only ours run
-CORPUS = str(CONFIGS / "data" / "tiny_qwen2_self")
-TASKS = str(CONFIGS / "tasks")
-BENCHMARK = "selftrain.callbacks.benchmark_eval.BenchmarkEval"
 SETTINGS = {"tasks": {"selftrain_facts": 2, "selftrain_arith": None}, "include_path": TASKS,
             "limit": 8}
 SHOTS = {"selftrain_facts": 2, "selftrain_arith": 3}  # arith: its YAML's num_fewshot
@@ -35,31 +46,13 @@ METRICS = ["selftrain_facts/acc", "selftrain_facts/acc_norm",
 
 
 def callback_config(path, **init_args):
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": BENCHMARK, "init_args": init_args}]}}))
-    return str(path)
+    """A config file adding one BenchmarkEval with ``init_args``."""
+    return callbacks_config(path, (BENCHMARK, init_args))
 
 
-def cli(run, *flags):
-    return SelftrainCLI(args=["--config", DEBUG, NO_CALLBACKS,
-                              "--trainer.default_root_dir", str(run),
-                              "--data.corpus", CORPUS, "--trainer.enable_progress_bar",
-                              "false", "--model.export_hf", "never", *flags], run=False)
-
-
-class TrainMode(Callback):
-    """Records whether the student is in train mode at every training batch."""
-
-    def __init__(self):
-        self.modes = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.modes.append((pl_module.training, pl_module.model.training))
-
-
-def benchmark(built):
-    (found,) = [c for c in built.trainer.callbacks if isinstance(c, BenchmarkEval)]
-    return found
+def benchmark_cli(run, *flags):
+    """The debug config with only the BenchmarkEval a test adds, on the debug corpus."""
+    return cli(run, "--data.corpus", DEBUG_CORPUS, *flags, callbacks=False, export=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +62,8 @@ def trained(tmp_path_factory):
     extra = callback_config(root / "benchmark.yaml", every_n_epochs=2, **SETTINGS)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        built = cli(root / "run", "--config", extra, "--trainer.max_epochs", "3")
-        probe = TrainMode()
+        probe = train_modes()
+        built = benchmark_cli(root / "run", "--config", extra, "--trainer.max_epochs", "3")
         built.trainer.callbacks.append(probe)
         built.trainer.fit(built.model, built.datamodule)
     return root / "run", built, probe
@@ -101,14 +94,7 @@ def test_scores_deltas_cadence_and_results_files(trained):
         logged = {f"benchmark/{k}": v for k, v in metric_scores(document["results"]).items()}
         step = document["global_step"]
         assert {k: pytest.approx(dict(scalars[k])[step], abs=1e-6) for k in logged} == logged
-    history = [json.loads(line) for line in (run / "eval" / "benchmark.jsonl").open()]
-    assert [h["epoch"] for h in history] == [0, 2, 3]
-
-
-def test_metric_names_drop_stderr_alias_and_name_filters():
-    row = {"alias": "t", "sample_len": 8, "acc,none": 0.5, "acc_stderr,none": "N/A",
-           "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1}
-    assert metric_scores({"t": row}) == {"t/acc": 0.5, "t/exact_match_strict-match": 0.25}
+    assert [h["epoch"] for h in history(run, "benchmark")] == [0, 2, 3]
 
 
 def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp_path):
@@ -118,9 +104,10 @@ def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp
     base = metric_scores(base["results"])
     extra = callback_config(tmp_path / "benchmark.yaml", **SETTINGS)
 
-    resumed = cli(run, "--config", extra, "--trainer.max_epochs", "4")
+    resumed = benchmark_cli(run, "--config", extra, "--trainer.max_epochs", "4")
     resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path="last")
-    assert benchmark(resumed).state_dict()["base"] == base  # from the checkpoint, not re-run
+    # from the checkpoint, not re-run
+    assert callback(resumed, BenchmarkEval).state_dict()["base"] == base
     scalars = read_scalars(run / "tb")
     for metric in METRICS:
         values = dict(scalars[f"benchmark/{metric}"])
@@ -129,12 +116,12 @@ def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp
             values[96] - base[metric], abs=1e-6)
 
     changed = callback_config(tmp_path / "changed.yaml", **{**SETTINGS, "limit": 4})
-    other = cli(run, "--config", changed, "--trainer.max_epochs", "5")
+    other = benchmark_cli(run, "--config", changed, "--trainer.max_epochs", "5")
     with pytest.raises(SelftrainError, match=r"^BenchmarkEval.limit: differs from the run's"):
         other.trainer.fit(other.model, other.datamodule, ckpt_path="last")
     new_task = callback_config(tmp_path / "new.yaml", tasks={"selftrain_facts": 1},
                                include_path=TASKS, limit=8)  # no base for this task set
-    other = cli(run, "--config", new_task, "--trainer.max_epochs", "5")
+    other = benchmark_cli(run, "--config", new_task, "--trainer.max_epochs", "5")
     with pytest.raises(SelftrainError, match=r"^BenchmarkEval.run_at_start: this run resumes"):
         other.trainer.fit(other.model, other.datamodule, ckpt_path="last")
 
@@ -154,9 +141,7 @@ unsafe_code: true
 
 @pytest.fixture
 def student():
-    module = StudentLM("tiny:qwen2")
-    module.configure_model()
-    return module
+    return make_student()
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -164,9 +149,8 @@ def test_code_execution_tasks_run_only_when_allowed(tmp_path, monkeypatch, stude
     tasks_dir = tmp_path / "unsafe"
     tasks_dir.mkdir()
     (tasks_dir / "unsafe_echo.yaml").write_text(UNSAFE_YAML)
-    (tasks_dir / "unsafe_echo.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"print({i})\n", "answer": str(i)}) + "\n"
-                for i in range(4)))
+    write_jsonl(tasks_dir / "unsafe_echo.jsonl",
+                ({"prompt": f"print({i})\n", "answer": str(i)} for i in range(4)))
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     monkeypatch.chdir(tmp_path)  # lm-eval alone would look for unsafe_echo.jsonl here
     trainer = Trainer(default_root_dir=tmp_path / "run", logger=False, accelerator="cpu")
@@ -225,12 +209,6 @@ def test_bad_arguments_fail_in_init(kwargs, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def one_error_line(stderr):
-    errors = [line for line in stderr.splitlines() if line.startswith("selftrain: error")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    return errors[0]
-
-
 @pytest.mark.parametrize("init_args, expected", [
     ({"tasks": {"selftrain_facts": 9}, "include_path": TASKS},
      "selftrain: error: BenchmarkEval.tasks selftrain_facts: 9-shot needs 9 examples but "
@@ -243,43 +221,29 @@ def test_bad_input_fails_before_training_in_one_line(tmp_path, capsys, init_args
     run = tmp_path / "run"
     extra = callback_config(tmp_path / "benchmark.yaml", **init_args)
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", DEBUG, NO_CALLBACKS,
-              "--config", extra, "--trainer.default_root_dir",
-              str(run)])
+        fit(run, "--config", extra, callbacks=False, quiet=False)
     assert exit_.value.code == 2
     assert one_error_line(capsys.readouterr().err) == expected
     assert not run.exists()
 
 
 def test_unknown_task_from_the_command_line_names_close_matches(tmp_path):
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "selftrain", "fit", "--config", DEBUG, NO_CALLBACKS,
-         "--trainer.default_root_dir", str(run), f"--trainer.callbacks+={BENCHMARK}",
-         "--trainer.callbacks.tasks={selftrain_fact: 1, arc_easy: 0}",
-         f"--trainer.callbacks.include_path={TASKS}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert one_error_line(result.stderr) == (
+    assert refused_fit(tmp_path / "run", f"--trainer.callbacks+={BENCHMARK}",
+                       "--trainer.callbacks.tasks={selftrain_fact: 1, arc_easy: 0}",
+                       f"--trainer.callbacks.include_path={TASKS}", callbacks=False) == (
         "selftrain: error: BenchmarkEval.tasks 'selftrain_fact': no such lm-eval task, group or "
         "tag; did you mean selftrain_facts, selftrain_arith, selftrain_local? List names with "
         "`lm-eval ls tasks`, or add the "
         "folder of its YAML to BenchmarkEval.include_path")
-    assert not run.exists()
 
 
 @pytest.mark.slow
 def test_ddp_splits_tasks_across_two_ranks_and_writes_once(tmp_path, trained):
     run = tmp_path / "ddp"
     extra = callback_config(tmp_path / "benchmark.yaml", **SETTINGS)
-    result = subprocess.run(
-        [sys.executable, "-m", "selftrain", "fit", "--config", DEBUG, NO_CALLBACKS,
-         "--config", extra,
-         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
-         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "2",
-         "--model.export_hf", "never"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    succeeded(run_fit(run, "--config", extra, "--trainer.strategy", "ddp", "--trainer.devices",
+                      "2", "--trainer.max_epochs", "2", "--model.export_hf", "never",
+                      callbacks=False))
     files = sorted(p.name for p in (run / "eval" / "benchmark").iterdir())
     assert files == ["epoch=0-step=0.json", "epoch=1-step=12.json", "epoch=2-step=24.json"]
     assert len((run / "eval" / "benchmark.jsonl").read_text().splitlines()) == 3

@@ -1,7 +1,13 @@
+"""selftrain.training.data (and .rows): CorpusDataModule's rows from a corpus.
+
+Stored ids reused under the same tokenizer, retokenized with the student's BOS under another,
+the vocabulary check, subsets, plain jsonl and txt files, truncation, packing, bad arguments.
+"""
+
 import json
 
 import pytest
-from conftest import write_text_corpus
+from helpers import write_text_corpus
 
 from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError

@@ -1,4 +1,8 @@
-"""`selftrain decontaminate`: exact n-gram removal, per-benchmark counts, lm-eval YAMLs, errors."""
+"""selftrain.curation.decontaminate: exact n-gram removal, per-benchmark counts, errors.
+
+Benchmarks come as local jsonl, lm-eval task YAMLs and task or group names
+(selftrain.curation.benchmarks and .lm_eval_tasks, through ``--benchmarks``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import jsonargparse
 import pytest
+from helpers import load_with_datasets, manifest_of, write_jsonl
 
 from selftrain.corpus import CorpusWriter, read_corpus
 from selftrain.curation.decontaminate import NgramHasher, decontaminate, normalize
@@ -37,15 +41,6 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
             rows), "finished": sum(row["finished"] for row in rows)}})
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
-
-
 @pytest.fixture
 def benchmark(tmp_path) -> Path:
     return write_jsonl(tmp_path / "quiz.jsonl", [
@@ -66,14 +61,14 @@ def test_removes_exactly_the_planted_samples(tmp_path, benchmark):
     assert kept["id"] == [100 + i for i in range(10) if i not in (2, 7)]
     assert kept["text"] == [t for i, t in enumerate(texts) if i not in (2, 7)]
     assert kept["input_ids"] == [[1, i] for i in range(10) if i not in (2, 7)]
-    record = manifest(out)["decontamination"]
+    record = manifest_of(out)["decontamination"]
     assert record["benchmarks"]["quiz"] == {"source": str(benchmark), "items": 2,
                                             "items_too_short": 1, "removed": 2,
                                             "ngrams": (15 - 8 + 1) + (13 - 8 + 1)}
     assert (record["removed"], record["kept"], record["ngram"]) == (2, 8, 8)
-    counts = manifest(out)["counts"]
+    counts = manifest_of(out)["counts"]
     assert counts == {"requested": 10, "tokens": 16, "finished": 4, "written": 8}
-    assert manifest(out)["seed"] == 7 and manifest(corpus)["counts"]["written"] == 10
+    assert manifest_of(out)["seed"] == 7 and manifest_of(corpus)["counts"]["written"] == 10
 
 
 def test_normalization_lowercases_and_splits_on_punctuation():
@@ -106,7 +101,7 @@ def test_ngrams_never_span_two_fields_of_an_item(tmp_path):
     out = decontaminate(str(write_corpus(tmp_path / "c", texts)), str(tmp_path / "o"),
                         [str(bench)], ngram=6)
     assert read_corpus(out).columns["text"] == texts[:2] + texts[3:4]  # [1] spans both fields
-    assert manifest(out)["decontamination"]["benchmarks"]["b"]["ngrams"] == 2
+    assert manifest_of(out)["decontamination"]["benchmarks"]["b"]["ngrams"] == 2
 
 
 def test_counts_per_benchmark_and_a_double_match_once_in_total(tmp_path, benchmark):
@@ -116,7 +111,7 @@ def test_counts_per_benchmark_and_a_double_match_once_in_total(tmp_path, benchma
 
     out = decontaminate(str(corpus), str(tmp_path / "clean"), [str(benchmark), str(other)])
 
-    record = manifest(out)["decontamination"]
+    record = manifest_of(out)["decontamination"]
     assert record["benchmarks"]["quiz"]["removed"] == 3  # QUESTION, QUESTION+STORY, CHOICE
     assert record["benchmarks"]["stories"]["removed"] == 2  # STORY, QUESTION+STORY
     assert record["benchmarks"]["stories"]["items"] == 2
@@ -128,7 +123,7 @@ def test_limit_caps_items_per_benchmark(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", [filler(0), QUESTION])
     bench = write_jsonl(tmp_path / "b.jsonl", [{"t": STORY}, {"t": QUESTION}])
     out = decontaminate(str(corpus), str(tmp_path / "o"), [str(bench)], limit=1)
-    assert manifest(out)["decontamination"]["benchmarks"]["b"]["items"] == 1
+    assert manifest_of(out)["decontamination"]["benchmarks"]["b"]["items"] == 1
     assert len(read_corpus(out)) == 2
 
 
@@ -161,17 +156,15 @@ def test_matches_a_plain_python_reference(qwen_corpus, tmp_path):
     original = read_corpus(qwen_corpus).columns
     assert clean["id"] == [original["id"][i] for i in expected] and len(expected) <= 45
     assert clean["input_ids"] == [original["input_ids"][i] for i in expected]
-    assert manifest(out)["counts"]["tokens"] == sum(original["num_tokens"][i] for i in expected)
-    assert manifest(out)["bos_token_id"] == manifest(qwen_corpus)["bos_token_id"]
+    assert manifest_of(out)["counts"]["tokens"] == sum(original["num_tokens"][i] for i in expected)
+    assert manifest_of(out)["bos_token_id"] == manifest_of(qwen_corpus)["bos_token_id"]
 
 
 def test_output_loads_with_datasets_parquet(tmp_path, benchmark):
     texts = [filler(i) for i in range(5)] + [QUESTION]
     out = decontaminate(str(write_corpus(tmp_path / "c", texts)), str(tmp_path / "o"),
                         [str(benchmark)])
-    files = sorted(str(p) for p in (out / "data").glob("*.parquet"))
-    loaded = datasets.load_dataset("parquet", data_files=files, split="train",
-                                   cache_dir=str(tmp_path / "hf"))
+    loaded = load_with_datasets(out, tmp_path / "hf")
     assert loaded["text"] == texts[:5] and loaded["subset"] == [0, 1, 0, 1, 0]
 
 
@@ -180,7 +173,7 @@ def test_plain_text_corpus_gets_row_numbers_as_ids(tmp_path, benchmark):
     corpus.write_text(f"{filler(0)}\n{QUESTION}\n{filler(1)}\n")
     out = decontaminate(str(corpus), str(tmp_path / "o"), [str(benchmark)])
     assert read_corpus(out).columns["id"] == [0, 2]
-    assert manifest(out)["decontamination"]["input"] == str(corpus)
+    assert manifest_of(out)["decontamination"]["input"] == str(corpus)
 
 
 def task_yaml(path: Path, data: Path, task: str, hf_cache: Path, **extra: str) -> Path:
@@ -216,7 +209,7 @@ def test_lm_eval_task_yaml_and_task_name(tmp_path, task_dir):
                         [str(task_dir / "quiz_mc.yaml"), "stories_gen"],
                         include_path=str(task_dir))
 
-    record = manifest(out)["decontamination"]["benchmarks"]
+    record = manifest_of(out)["decontamination"]["benchmarks"]
     assert record["quiz_mc"]["removed"] == 2 and record["quiz_mc"]["items"] == 2
     assert record["quiz_mc"]["items_too_short"] == 1  # "Question: Too short to count. Answer:"
     assert record["stories_gen"] == {"source": "stories_gen", "items": 1, "items_too_short": 0,
@@ -229,11 +222,11 @@ def test_lm_eval_group_counts_as_one_benchmark(tmp_path, task_dir):
     corpus = write_corpus(tmp_path / "corpus", texts)
     out = decontaminate(str(corpus), str(tmp_path / "clean"), ["quiz_and_stories"],
                         include_path=str(task_dir))
-    record = manifest(out)["decontamination"]["benchmarks"]["quiz_and_stories"]
+    record = manifest_of(out)["decontamination"]["benchmarks"]["quiz_and_stories"]
     assert (record["items"], record["removed"]) == (3, 2)
     capped = decontaminate(str(corpus), str(tmp_path / "capped"), ["quiz_and_stories"],
                            include_path=str(task_dir), limit=2)
-    assert manifest(capped)["decontamination"]["benchmarks"]["quiz_and_stories"]["items"] == 2
+    assert manifest_of(capped)["decontamination"]["benchmarks"]["quiz_and_stories"]["items"] == 2
 
 
 def test_unreachable_task_data_is_one_line_error(tmp_path, task_dir):
@@ -318,7 +311,7 @@ def test_cli_flags_and_help(tmp_path, benchmark, capsys):
     out = jsonargparse.CLI(decontaminate, as_positional=False, args=[
         "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--benchmarks",
         json.dumps([str(benchmark)]), "--ngram", "6", "--limit", "5"])
-    assert manifest(out)["decontamination"]["ngram"] == 6 and len(read_corpus(out)) == 1
+    assert manifest_of(out)["decontamination"]["ngram"] == 6 and len(read_corpus(out)) == 1
     single = jsonargparse.CLI(decontaminate, as_positional=False, args=[
         "--corpus", str(corpus), "--out", str(tmp_path / "single"), "--benchmarks",
         str(benchmark), "--ngram", "6", "--limit", "5"])

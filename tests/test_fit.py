@@ -1,21 +1,30 @@
+"""selftrain.trainer_cli: `selftrain fit` end to end on the debug config (SelftrainCLI).
+
+What one fit writes (TensorBoard tags, the evaluation callbacks' cadence, the custom-scalars
+layout, the HF export that lm-eval loads, the checkpoint), that the loss falls, validation, and
+resuming: from a mid-epoch checkpoint, and (slow) after a SIGKILL; DDP on 2 CPU processes (slow).
+"""
+
 import json
 import re
 
 import pytest
 import torch
-from conftest import CONFIGS, write_text_corpus
+from helpers import (
+    DEBUG,
+    cli,
+    fit,
+    fit_cli,
+    fit_command,
+    kill_when,
+    run_fit,
+    succeeded,
+    write_text_corpus,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftrain.analysis.tb import read_layout, read_scalars
 from selftrain.cli import main
-from selftrain.trainer_cli import SelftrainCLI
-
-DEBUG = str(CONFIGS / "debug.yaml")
-
-
-def fit(run_dir, *flags):
-    main(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(run_dir),
-          "--trainer.enable_progress_bar", "false", *flags])
 
 
 def test_debug_config_trains_logs_and_exports(run_dir):
@@ -91,12 +100,7 @@ def test_eval_corpus_gives_val_loss_and_validate_runs(tmp_path, qwen_corpus):
                                                                         "last.ckpt")])
 
 
-
-
-def _cli(run_dir, *flags):
-    return SelftrainCLI(args=["--config", DEBUG, "--trainer.default_root_dir", str(run_dir),
-                              "--trainer.enable_progress_bar", "false",
-                              "--checkpoint.every_n_train_steps", "10", *flags], run=False)
+EVERY_10_STEPS = ("--checkpoint.every_n_train_steps", "10")
 
 
 def test_mid_epoch_checkpoint_resumes_to_the_same_step_and_weights(tmp_path):
@@ -107,10 +111,9 @@ def test_mid_epoch_checkpoint_resumes_to_the_same_step_and_weights(tmp_path):
             if trainer.global_step == 15:
                 raise RuntimeError("simulated crash")
 
-    reference = _cli(tmp_path / "ref", "--trainer.max_epochs", "2")
-    reference.trainer.fit(reference.model, reference.datamodule)
+    reference = fit_cli(tmp_path / "ref", *EVERY_10_STEPS, "--trainer.max_epochs", "2")
 
-    crashed = _cli(tmp_path / "run", "--trainer.max_epochs", "2")
+    crashed = cli(tmp_path / "run", *EVERY_10_STEPS, "--trainer.max_epochs", "2")
     crashed.trainer.callbacks.append(Crash())
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.trainer.fit(crashed.model, crashed.datamodule)
@@ -118,39 +121,53 @@ def test_mid_epoch_checkpoint_resumes_to_the_same_step_and_weights(tmp_path):
     assert state["global_step"] == 10  # mid-epoch: 10 of 24 batches
     assert state["CorpusDataModule"] == {"epoch": 0, "batches_done": 10}
 
-    resumed = _cli(tmp_path / "run", "--trainer.max_epochs", "2")
-    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path="last")
+    resumed = fit_cli(tmp_path / "run", *EVERY_10_STEPS, "--trainer.max_epochs", "2",
+                      ckpt_path="last")
     assert resumed.trainer.global_step == reference.trainer.global_step == 48
     for (name, a), b in zip(reference.model.model.state_dict().items(),
                             resumed.model.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-class FailsToSave:
-    def __reduce__(self):
-        raise RuntimeError("disk full")
+# --- real processes -------------------------------------------------------------------------
 
 
-def test_checkpoints_are_written_atomically(tmp_path):
-    from selftrain.training.checkpoint_io import AtomicCheckpointIO
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    run = tmp_path / "ddp"
+    succeeded(run_fit(run, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--trainer.max_epochs", "2"))
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2 * (24 // 2)  # each rank takes half of every epoch
+    steps = [s for s, _ in read_scalars(run / "tb")["train/loss"]]
+    assert steps == sorted(set(steps)) and len(steps) == 24  # rank 0 logs, once per step
+    assert json.loads((run / "hf" / "epoch=2" / "selftrain_export.json").read_text())[
+        "global_step"] == 24
 
-    cli = _cli(tmp_path / "run", "--trainer.max_epochs", "1")
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": 1}, target)
-    with pytest.raises(RuntimeError, match="disk full"):  # a save that dies half-way
-        io.save_checkpoint({"step": 2, "blob": b"x" * 100_000, "last": FailsToSave()}, target)
-    assert torch.load(target)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+def _last_step(run):
+    try:
+        return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
 
 
-@pytest.mark.parametrize("flags", [
-    ["--model.gradient_checkpointing", "true", "--model.attn_implementation", "eager"],
-    ["--model.schedule", "constant", "--model.warmup_ratio", "0"],
-])
-def test_student_options_train(run_dir, flags):
-    fit(run_dir, "--trainer.max_epochs", "1", "--model.export_hf", "never", *flags)
-    scalars = read_scalars(run_dir / "tb")
-    assert len(scalars["train/loss"]) == 24
-    if "constant" in flags:
-        assert {round(v, 8) for _, v in scalars["train/lr"]} == {3e-3}
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_reaches_the_same_step_and_weights(tmp_path):
+    flags = ("--trainer.max_epochs", "12", "--checkpoint.every_n_train_steps", "5")
+    reference = tmp_path / "reference"
+    succeeded(run_fit(reference, *flags))
+
+    run = tmp_path / "killed"
+    kill_when(fit_command(run, *flags), lambda: _last_step(run) >= 40, poll=0.05)
+    killed_at = _last_step(run)
+    assert 40 <= killed_at < 12 * 24, "the run must be killed mid-way through training"
+
+    result = succeeded(run_fit(run, *flags, "--ckpt_path", "last"))
+    assert "Restored all states" in result.stderr + result.stdout
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == expected["global_step"] == 12 * 24
+    for name, tensor in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=1e-5, atol=1e-6,
+                                   msg=name)

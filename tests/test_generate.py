@@ -1,8 +1,22 @@
-import json
+"""selftrain.sampling.generate: the corpus dir it writes, determinism, resume, refusals.
 
-import datasets
+Slow: SIGKILLed twice and rerun, and under torchrun with 2 processes; both end with the
+uninterrupted one-process corpus, id for id.
+"""
+
+import subprocess
+import sys
+
 import pytest
-from conftest import make_corpus
+from helpers import (
+    REPO,
+    kill_when,
+    load_with_datasets,
+    make_corpus,
+    manifest_of,
+    selftrain,
+    succeeded,
+)
 
 from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError
@@ -10,7 +24,7 @@ from selftrain.models import load_tokenizer, tokenizer_fingerprint
 
 
 def test_corpus_dir_schema_and_bos(qwen_corpus):
-    manifest = json.loads((qwen_corpus / "manifest.json").read_text())
+    manifest = manifest_of(qwen_corpus)
     corpus = read_corpus(qwen_corpus)
     bos = manifest["bos_token_id"]
     assert manifest["bos_source"] == "tokenizer.eos_token_id"  # Qwen2-style: no BOS token
@@ -44,9 +58,7 @@ def test_padded_vocab_ids_are_never_sampled(tmp_path):
 
 
 def test_loads_with_datasets_parquet(qwen_corpus, tmp_path):
-    files = sorted(str(p) for p in (qwen_corpus / "data").glob("*.parquet"))
-    loaded = datasets.load_dataset("parquet", data_files=files, split="train",
-                                   cache_dir=str(tmp_path / "hf"))
+    loaded = load_with_datasets(qwen_corpus, tmp_path / "hf")
     assert len(loaded) == 48
     assert {"id", "text", "input_ids", "num_tokens", "finished", "subset"} <= set(
         loaded.column_names)
@@ -80,7 +92,7 @@ def test_rerun_with_same_settings_is_a_no_op_and_overwrite_replaces(tmp_path):
     make_corpus(out, num_samples=16, seed=1)
     assert (out / "manifest.json").read_text() == manifest
     make_corpus(out, num_samples=8, seed=2, overwrite=True)
-    assert json.loads((out / "manifest.json").read_text())["counts"]["written"] == 8
+    assert manifest_of(out)["counts"]["written"] == 8
     assert len(read_corpus(out)) == 8
 
 
@@ -110,7 +122,7 @@ def test_killed_run_resumes_to_exactly_n_unique_ids(tmp_path, monkeypatch):
     resumed = read_corpus(out)
     assert resumed.columns["id"] == list(range(40))
     assert resumed.columns["input_ids"] == reference.columns["input_ids"]
-    assert json.loads((out / "manifest.json").read_text())["timing"]["samples_this_run"] == 24
+    assert manifest_of(out)["timing"]["samples_this_run"] == 24
     assert sorted(p.name for p in out.rglob(".*")) == []  # no plan, no temp files left
 
 
@@ -121,7 +133,7 @@ def test_temperature_list_writes_one_corpus_per_value(tmp_path):
                     max_new_tokens=16, temperature=[0.5, 1.5], batch_size=4)
     assert [p.name for p in outs] == ["t0.5", "t1.5"]
     cold, hot = (read_corpus(p) for p in outs)
-    assert [json.loads((p / "manifest.json").read_text())["sampling"]["temperature"]
+    assert [manifest_of(p)["sampling"]["temperature"]
             for p in outs] == [0.5, 1.5]
     assert cold.columns["input_ids"] != hot.columns["input_ids"]
     alone = read_corpus(make_corpus(tmp_path / "alone", num_samples=12, max_new_tokens=16,
@@ -178,3 +190,53 @@ def test_unreadable_manifest_is_refused_then_replaced_with_overwrite(tmp_path):
     with pytest.raises(SelftrainError, match="not a selftrain corpus"):
         make_corpus(out, num_samples=4)
     assert len(read_corpus(make_corpus(out, num_samples=4, overwrite=True))) == 4
+
+
+# --- real processes -------------------------------------------------------------------------
+
+GENERATE = ["--model", "tiny:qwen2", "--num_samples", "600", "--max_new_tokens", "48",
+            "--shard_size", "25", "--seed", "11"]
+
+
+def assert_is_the_one_process_corpus(out, reference):
+    """The corpus in ``out`` is ids 0..599 of GENERATE, as one process writes them."""
+    from selftrain.sampling.generate import generate
+
+    (path,) = generate(model="tiny:qwen2", out=str(reference), num_samples=600,
+                       max_new_tokens=48, shard_size=600, seed=11, batch_size=7)
+    corpus = read_corpus(out).columns
+    assert corpus["id"] == list(range(600))
+    assert corpus["input_ids"] == read_corpus(path).columns["input_ids"]
+
+
+@pytest.mark.slow
+def test_generate_killed_twice_with_sigkill_resumes_to_the_same_corpus(tmp_path):
+    out = tmp_path / "corpus"
+    args = ["generate", *GENERATE, "--out", str(out), "--batch_size", "16"]
+    for shards_before_kill in (2, 10):
+        kill_when([sys.executable, "-m", "selftrain", *args],
+                  lambda n=shards_before_kill: len(list((out / "data").glob("*.parquet"))) >= n,
+                  poll=0.005)
+        assert not (out / "manifest.json").exists(), "the run must be killed before the end"
+
+    result = succeeded(selftrain(*args, timeout=600))
+    assert "resuming" in result.stderr
+    assert_is_the_one_process_corpus(out, tmp_path / "reference")
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    manifest = manifest_of(out)
+    assert manifest["counts"]["written"] == 600 and manifest["sharding"]["num_shards"] == 24
+    assert manifest["timing"]["samples_this_run"] < 600
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_splits_shards_and_matches_one_process(tmp_path):
+    out = tmp_path / "corpus"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--module", "selftrain", "generate", *GENERATE, "--out", str(out), "--batch_size", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    succeeded(result)
+    assert_is_the_one_process_corpus(out, tmp_path / "reference")
+    manifest = manifest_of(out)
+    assert manifest["timing"]["processes"] == 2
+    assert manifest["timing"]["samples_this_run"] == 600

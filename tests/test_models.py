@@ -1,3 +1,5 @@
+"""selftrain.models and selftrain.tiny: model specs, tiny and shape models, BOS, fingerprints."""
+
 import pytest
 import torch
 

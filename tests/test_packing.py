@@ -1,14 +1,18 @@
+"""selftrain.training.packing: packed batches give the padded batches' loss, logits, gradients.
+
+On every tiny family and attention, the rule for which students support packing, and in a fit:
+the same losses as padding, and a fallback to padding where the student is not supported.
+"""
+
 import pytest
 import torch
-from conftest import CONFIGS
+from helpers import DEBUG_CORPUS, fit
 
 from selftrain.analysis.tb import read_scalars
-from selftrain.cli import main
 from selftrain.models import load_model
 from selftrain.tiny import TINY_FAMILIES
 from selftrain.training import packing
-from selftrain.training.batching import pad_collate
-from selftrain.training.module import real_tokens
+from selftrain.training.batching import pad_collate, real_tokens
 from selftrain.training.packing import pack_collate, packing_support, packing_supported
 
 LENGTHS = [17, 5, 30, 2, 11]
@@ -102,17 +106,16 @@ def test_packing_supported_rule():
     assert not supported and "my_custom_attention" in reason
 
 
-def fit(run_dir, *flags):
-    main(["fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.callbacks=[]",
-          "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
-          "--trainer.max_epochs", "1", "--model.export_hf", "never",
-          "--data.eval_corpus", str(CONFIGS / "data" / "tiny_qwen2_self"), *flags])
+def fit_one_epoch(run_dir, *flags):
+    """One epoch of the debug config, no evaluation callbacks, validated; its scalars."""
+    fit(run_dir, "--trainer.max_epochs", "1", "--model.export_hf", "never",
+        "--data.eval_corpus", DEBUG_CORPUS, *flags, callbacks=False)
     return read_scalars(run_dir / "tb")
 
 
 @pytest.fixture(scope="module")
 def padded_run(tmp_path_factory):
-    return fit(tmp_path_factory.mktemp("padded") / "run")
+    return fit_one_epoch(tmp_path_factory.mktemp("padded") / "run")
 
 
 def losses(scalars):
@@ -120,7 +123,7 @@ def losses(scalars):
 
 
 def test_fit_with_packing_matches_padded(tmp_path, padded_run):
-    packed_run = fit(tmp_path / "run", "--data.packing", "true")
+    packed_run = fit_one_epoch(tmp_path / "run", "--data.packing", "true")
     packed, padded = losses(packed_run), losses(padded_run)
     assert len(packed) == len(padded) == 24
     # same batches, same targets: only float summation order differs (measured: <= 2e-7 rel)
@@ -141,7 +144,7 @@ def test_unsupported_student_falls_back_to_padding(tmp_path, padded_run, monkeyp
 
     monkeypatch.setattr("selftrain.training.data.packing_support", unsupported)
     with pytest.warns(UserWarning, match="no masking_utils here; padding each batch") as caught:
-        fallback = fit(tmp_path / "run", "--data.packing", "true")
+        fallback = fit_one_epoch(tmp_path / "run", "--data.packing", "true")
     assert calls == ["Qwen2ForCausalLM"]  # checked once, for train and val loaders alike
     assert len([w for w in caught if "padding each batch" in str(w.message)]) == 1
     assert losses(fallback) == losses(padded_run)  # exactly the padded run

@@ -1,3 +1,10 @@
+"""selftrain.curation.replay: the token-matched real-text baseline for a synthetic corpus.
+
+Lengths matched exactly (same tokenizer) or as the data module counts them (another), sources
+as files, folders and streamed `datasets` names (selftrain.curation.documents), determinism,
+training on it, and one-line errors.
+"""
+
 import itertools
 import json
 import random
@@ -7,6 +14,7 @@ import jsonargparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import manifest_of, write_jsonl
 
 from selftrain.corpus import SCHEMA, read_corpus
 from selftrain.curation import replay as replay_module
@@ -38,14 +46,9 @@ def text_file(tmp_path_factory, paragraphs):
     return path
 
 
-def write_jsonl(path, texts, field="text"):
-    path.write_text("".join(json.dumps({field: text, "id": i}) + "\n"
-                            for i, text in enumerate(texts)))
-    return path
-
-
-def manifest_of(path):
-    return json.loads((path / "manifest.json").read_text())
+def write_texts(path, texts, field="text"):
+    """A jsonl file of ``texts``, each in ``field``, with its index as ``id``."""
+    return write_jsonl(path, ({field: text, "id": i} for i, text in enumerate(texts)))
 
 
 def rows_of(path):
@@ -118,11 +121,11 @@ def test_txt_jsonl_json_parquet_and_dirs_give_the_same_corpus(qwen_corpus, parag
     src = tmp_path / "src"
     (src / "dir").mkdir(parents=True)
     (src / "real.txt").write_text("\n\n".join(paragraphs))
-    write_jsonl(src / "real.jsonl", paragraphs, field="body")
+    write_texts(src / "real.jsonl", paragraphs, field="body")
     (src / "real.json").write_text(json.dumps([{"body": p} for p in paragraphs]))
     pq.write_table(pa.table({"body": paragraphs}), src / "real.parquet")
     half = len(paragraphs) // 2  # a dir: files read in sorted order, then pooled and shuffled
-    write_jsonl(src / "dir" / "a.jsonl", paragraphs[:half], field="body")
+    write_texts(src / "dir" / "a.jsonl", paragraphs[:half], field="body")
     pq.write_table(pa.table({"body": paragraphs[half:]}), src / "dir" / "b.parquet")
     (src / "dir" / ".hidden.txt").write_text("not a document of the corpus")
     results = {name: rows_of(replay(str(qwen_corpus), str(tmp_path / name.replace(".", "_")),
@@ -176,10 +179,10 @@ def test_schema_and_datasets_parquet_loading(qwen_corpus, text_file, tmp_path):
 def test_best_fit_fills_short_rows_with_whole_short_documents(tmp_path):
     # windows 9, 19, 29 (text lengths; no BOS, no EOS in a plain file); documents one byte
     # shorter (the EOS closes them), in the wrong order for a first-come fill
-    match = write_jsonl(tmp_path / "match.jsonl", ["x" * 9, "y" * 19, "z" * 29])
+    match = write_texts(tmp_path / "match.jsonl", ["x" * 9, "y" * 19, "z" * 29])
     docs = ["c" * 28, "a" * 8, "b" * 18]
     out = replay(str(match), str(tmp_path / "rep"),
-                 str(write_jsonl(tmp_path / "docs.jsonl", docs)), "tiny:qwen2")
+                 str(write_texts(tmp_path / "docs.jsonl", docs)), "tiny:qwen2")
     rows, manifest = rows_of(out), manifest_of(out)
     assert all(rows["finished"]) and sorted(rows["text"]) == sorted(docs)
     assert manifest["source"]["documents"] == {"read": 3, "used": 3, "too_short": 0}
@@ -187,19 +190,19 @@ def test_best_fit_fills_short_rows_with_whole_short_documents(tmp_path):
 
 
 def test_book_length_document_gives_a_cut_prefix(tmp_path):
-    match = write_jsonl(tmp_path / "match.jsonl", ["x" * 40])
+    match = write_texts(tmp_path / "match.jsonl", ["x" * 40])
     book = " ".join(make_paragraphs(400, seed=3))  # far past the tokenization budget
     assert len(book) > 16 * (40 + 16)
     out = replay(str(match), str(tmp_path / "rep"),
-                 str(write_jsonl(tmp_path / "book.jsonl", [book])), "tiny:qwen2")
+                 str(write_texts(tmp_path / "book.jsonl", [book])), "tiny:qwen2")
     rows = rows_of(out)
     assert rows["text"] == [book[:40]] and rows["finished"] == [False]
 
 
 def test_tolerance_allows_a_small_shortfall_and_no_more(tmp_path):
-    match = write_jsonl(tmp_path / "match.jsonl", ["x" * 99] * 200)  # 200 rows of 100 tokens
+    match = write_texts(tmp_path / "match.jsonl", ["x" * 99] * 200)  # 200 rows of 100 tokens
     docs = ["w" * 98] * 100 + ["v" * 150] * 99  # 199 documents: 99.5% of the tokens
-    source = str(write_jsonl(tmp_path / "docs.jsonl", docs))
+    source = str(write_texts(tmp_path / "docs.jsonl", docs))
     out = replay(str(match), str(tmp_path / "rep"), source, "tiny:qwen2")
     rows, manifest = rows_of(out), manifest_of(out)
     assert manifest["counts"]["tokens"] == 19_900 and manifest["matched"]["tokens"] == 20_000
@@ -210,7 +213,7 @@ def test_tolerance_allows_a_small_shortfall_and_no_more(tmp_path):
 
 
 def test_too_little_text_fails_on_one_line_and_writes_nothing(qwen_corpus, tmp_path):
-    source = write_jsonl(tmp_path / "small.jsonl", make_paragraphs(5))
+    source = write_texts(tmp_path / "small.jsonl", make_paragraphs(5))
     out = tmp_path / "runs" / "rep"
     with pytest.raises(SelftrainError) as error:
         jsonargparse.CLI(replay, as_positional=False, args=[
@@ -252,7 +255,7 @@ def test_existing_out_is_refused_without_overwrite(qwen_corpus, text_file, tmp_p
     ({"match": "/nonexistent/corpus"}, "--match /nonexistent/corpus"),
 ])
 def test_bad_flags_name_the_flag(qwen_corpus, tmp_path, change, fragment):
-    source = write_jsonl(tmp_path / "docs.jsonl", make_paragraphs(200))
+    source = write_texts(tmp_path / "docs.jsonl", make_paragraphs(200))
     kwargs = {"match": str(qwen_corpus), "out": str(tmp_path / "rep"),
               "sources": [str(source)], "student": "tiny:qwen2", **change}
     with pytest.raises(SelftrainError, match=fragment):

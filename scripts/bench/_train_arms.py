@@ -136,7 +136,6 @@ def run_lightning(args) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # its start-up banner
 
     from selftrain.callbacks.tb_layout import TensorBoardLayout
-
     from selftrain.training.module import StudentLM
 
     device = resolve_device(args.device)

@@ -21,8 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from selftrain.callbacks.epoch_eval import EpochEvaluation
 
+from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.models import load_model, load_tokenizer, pad_token_id
 from selftrain.probes.probeset import candidate_windows
 from selftrain.probes.windows import greedy_continuations

@@ -32,10 +32,6 @@ from selftrain.training.export import export_student
 from selftrain.training.fsdp import compile_decoder_layers, is_sharded
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
 
-# the helpers the bench scripts and tests use with the student are served from here too
-__all__ = ["BATCH_KEYS", "StudentLM", "build_optimizer", "compile_decoder_layers",
-           "documents", "param_groups", "real_tokens"]
-
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each layer's activations in backward (non-reentrant checkpoints).

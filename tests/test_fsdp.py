@@ -1,33 +1,29 @@
-"""Scale options: FSDP strategy and wrap policy from config, optimizers, attention, compile.
+"""selftrain.training.fsdp: the decoder-layer wrap unit, the FSDP preset, sharded checkpoints.
 
-FSDP runs for real here on 2 CPU processes (gloo) through ``allow_cpu``; the GPU run is
-``scripts/bench_train.py --strategy fsdp`` on a GPU machine.
+FSDP runs for real here on 2 CPU processes (gloo) through ``allow_cpu``; the GPU run is in
+``tests/test_gpu.py`` and ``scripts/bench/bench_train.py --strategy fsdp`` on a GPU machine.
 """
 
-import json
-import subprocess
-import sys
-
-import lightning as L
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+from helpers import (
+    DDP_PRESET,
+    FSDP_ON_CPU,
+    FSDP_PRESET,
+    FailsToSave,
+    cli,
+    evaluations,
+    history,
+    run_fit,
+    succeeded,
+)
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import selftrain.training.module
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model
-from selftrain.trainer_cli import SelftrainCLI
 from selftrain.training.fsdp import DecoderLayerFSDP, decoder_layer_classes, unsharded_copy
-from selftrain.training.module import StudentLM, build_optimizer
-
-DEBUG = str(CONFIGS / "debug.yaml")
-FSDP_PRESET = str(CONFIGS / "scale" / "fsdp.yaml")
-DDP_PRESET = str(CONFIGS / "scale" / "ddp.yaml")
-FSDP_ON_CPU = ('--trainer.strategy={"class_path": "selftrain.training.fsdp.DecoderLayerFSDP", '
-               '"init_args": {"allow_cpu": true}}')
 
 
 @pytest.mark.parametrize("family, expected", [("qwen2", "Qwen2DecoderLayer"),
@@ -77,12 +73,9 @@ def test_unsharded_copy_rebuilds_the_student_from_full_weights(family):
         unsharded_copy(model, state)
 
 
-def cli(*flags):
-    return SelftrainCLI(args=["--config", DEBUG, *flags], run=False)
-
-
 def test_fsdp_preset_builds_the_strategy_and_its_policies_on_cpu():
-    built = cli("--config", FSDP_PRESET, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    built = cli(None, "--config", FSDP_PRESET, "--trainer.accelerator", "cpu",
+                "--trainer.devices", "1")
     strategy = built.trainer.strategy
     assert isinstance(strategy, DecoderLayerFSDP)
     assert strategy.sharding_strategy.name == "FULL_SHARD"
@@ -100,86 +93,19 @@ def test_fsdp_preset_builds_the_strategy_and_its_policies_on_cpu():
     assert check(student.model.layers[0]) and not check(student.model.embed_tokens)
 
 
-def test_ddp_preset_parses_with_an_experiment_config():
-    built = cli("--config", DDP_PRESET, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
-    assert built.trainer.strategy.__class__.__name__ == "DDPStrategy"
-    assert built.trainer.strategy._ddp_kwargs["gradient_as_bucket_view"] is True
-
-
-def run_fit(run_dir, *flags, timeout=600):
-    return subprocess.run([sys.executable, "-m", "selftrain", "fit", "--config", DEBUG,
-                           "--trainer.default_root_dir", str(run_dir),
-                           "--trainer.enable_progress_bar", "false", *flags],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--trainer.strategy", "fsdp"], "--trainer.strategy fsdp needs CUDA GPUs; on CPU use"),
-    (["--trainer.strategy", "fsdp_layers"], "fsdp_layers (DecoderLayerFSDP) needs CUDA GPUs"),
-    (["--config", FSDP_PRESET], "--trainer.accelerator gpu: this machine has no CUDA GPU"),
-    (["--model.attn_implementation", "flash_attention_2"], "flash-attn is not installed"),
-    ([FSDP_ON_CPU, "--model.gradient_checkpointing", "true"],
-     "set --model.gradient_checkpointing false"),
-    (["--model.optimizer", "paged_adamw_8bit"], "bitsandbytes is not installed"),
-], ids=["fsdp", "fsdp_layers", "fsdp-preset", "flash", "double-checkpointing", "bnb"])
-def test_settings_this_machine_cannot_run_fail_in_one_line_before_loading(tmp_path, flags,
-                                                                          message):
-    run = tmp_path / "run"
-    result = run_fit(run, "--trainer.callbacks=[]", *flags, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("selftrain: error:") and message in last, last
-    assert "Traceback" not in result.stderr
-    assert not run.exists()  # nothing written
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("optimizer", "adamw_8bit", "--model.optimizer adamw_8bit needs a CUDA GPU"),
-    ("attn_implementation", "flash_attention_2", "needs a CUDA GPU; use sdpa"),
-])
-def test_gpu_only_module_settings_are_refused_on_cpu(monkeypatch, field, value, message):
-    # as if present
-    monkeypatch.setattr(selftrain.training.module, "check_installed", lambda *args: None)
-    module = StudentLM(**{field: value})
-    with pytest.raises(SelftrainError, match=message):
-        module.check_machine(L.Trainer(accelerator="cpu", devices=1, logger=False))
-
-
-def test_attention_auto_is_the_transformers_default_on_cpu():
-    module = StudentLM(model="tiny:qwen2")
-    module.configure_model()
-    assert module.hparams.attn_implementation == "auto"
-    assert module.model.config._attn_implementation == "sdpa"
-
-
-def test_adamw_keeps_decay_off_norms_and_biases():
-    model = load_model("tiny:qwen2")
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = build_optimizer("adamw", [{"params": decay, "weight_decay": 0.1},
-                                          {"params": rest, "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.95))
-    assert isinstance(optimizer, torch.optim.AdamW)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
-
-
-@pytest.mark.slow
-def test_compile_gives_the_same_loss_and_gradients():
-    torch.manual_seed(0)
-    ids = torch.randint(3, 200, (4, 32))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    results = []
-    for compiled in (False, True):
-        module = StudentLM(model="tiny:qwen2", compile=compiled)
-        module.configure_model()
-        layers = module.model.model.layers
-        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
-        loss = module._loss(batch)
-        loss.backward()
-        results.append((loss.detach(), layers[0].mlp.up_proj.weight.grad.clone()))
-    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_save_swaps_in_a_complete_checkpoint_or_keeps_the_old_one(tmp_path):
+    strategy = DecoderLayerFSDP(allow_cpu=True)  # one process: no collective runs
+    target = tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, target)
+    assert sorted(p.name for p in target.iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
+    with pytest.raises(RuntimeError, match="disk full"):  # dies after the shards are written
+        strategy.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "epoch": 2,
+                                  "last": FailsToSave()}, target)
+    assert torch.load(target / "meta.pt") == {"epoch": 1}
+    strategy.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, target)
+    assert torch.load(target / "meta.pt") == {"epoch": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging, no -previous
 
 
 @pytest.fixture(scope="module")
@@ -195,14 +121,9 @@ def fsdp_and_ddp_runs(tmp_path_factory):
     for name, flags in presets.items():
         # a clip small enough to act on every step: FSDP clips over all shards (global norm)
         # weight decay: FSDP has flattened the matrices by the time the optimizer is built
-        result = run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
-                         "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1")
-        assert result.returncode == 0, result.stderr[-3000:]
+        succeeded(run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
+                          "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1"))
     return runs
-
-
-def history(run, name):
-    return [json.loads(line) for line in (run / "eval" / f"{name}.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -226,9 +147,8 @@ def test_fsdp_on_two_processes_matches_ddp_and_exports_whole_weights(fsdp_and_dd
         assert torch.equal(loaded[name], ours[name]), name
     # every evaluation callback ran on the gathered weights: same numbers as DDP
     for name in ("benchmark", "extraction", "likelihood"):
-        ours_h, theirs_h = history(fsdp, name), history(ddp, name)
-        assert [h["global_step"] for h in ours_h] == [0, 12, 24]
-        for a, b in zip(ours_h, theirs_h, strict=True):
+        assert evaluations(fsdp, name) == [0, 12, 24]
+        for a, b in zip(history(fsdp, name), history(ddp, name), strict=True):
             assert a["metrics"].keys() == b["metrics"].keys()
             for key in a["metrics"]:
                 assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-5), key
@@ -239,14 +159,11 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path):
     # a constant LR: the schedule's length depends on max_epochs, which the first leg changes
     flags = ["--trainer.devices", "2", FSDP_ON_CPU, "--model.schedule", "constant",
              "--model.warmup_ratio", "0", "--trainer.callbacks=[]"]
-    straight = run_fit(tmp_path / "straight", *flags, "--trainer.max_epochs", "2")
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    succeeded(run_fit(tmp_path / "straight", *flags, "--trainer.max_epochs", "2"))
     run = tmp_path / "resumed"
-    first = run_fit(run, *flags, "--trainer.max_epochs", "1")
-    assert first.returncode == 0, first.stderr[-3000:]
+    succeeded(run_fit(run, *flags, "--trainer.max_epochs", "1"))
     assert (run / "checkpoints" / "last.ckpt").is_dir()
-    second = run_fit(run, *flags, "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    assert second.returncode == 0, second.stderr[-3000:]
+    succeeded(run_fit(run, *flags, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     resumed = load_file(run / "hf" / "epoch=2" / "model.safetensors")
     reference = load_file(tmp_path / "straight" / "hf" / "epoch=2" / "model.safetensors")
     for name in reference:

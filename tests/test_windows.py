@@ -1,16 +1,22 @@
-"""The probes' core maths (selftrain.probes.windows, .metrics) against references."""
+"""selftrain.probes.windows: probe-set loading and the probes' maths against references.
+
+Greedy continuations against ``generate`` (and the KV cache passed by the name the model's
+forward takes), log-probabilities and token NLLs against a full forward, probe-set windows from
+text or stored ids, one-line errors, and the row sharding over ranks.
+"""
 
 import json
-import os
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import random_ids, write_jsonl
+from torch import nn
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, tokenizer_fingerprint
-from selftrain.probes.metrics import RowResults, per_domain
 from selftrain.probes.windows import (
     METADATA_KEY,
     continuation_logprobs,
@@ -22,40 +28,9 @@ from selftrain.probes.windows import (
 )
 
 
-def random_rows(count, length=64, seed=0, vocab=256):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (count, length), generator=generator)
-
-
-def memorize(sequences, steps=300, lr=1e-2):
-    """tiny:qwen2 trained with plain AdamW until greedy decoding reproduces `sequences`."""
-    model = load_model("tiny:qwen2")
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(input_ids=sequences, labels=sequences).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 5e-3:
-            break
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def planted():
-    sequences = random_rows(4, seed=1)
-    return sequences, memorize(sequences)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("tiny:qwen2")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 # --- decoding and scoring ---------------------------------------------------------------
@@ -63,7 +38,7 @@ def write_jsonl(path, rows):
 
 def test_greedy_continuations_equal_generate_and_do_not_depend_on_the_batch(planted):
     sequences, model = planted
-    prefixes = torch.cat([sequences[:, :32], random_rows(3, 32, seed=9)])
+    prefixes = torch.cat([sequences[:, :32], random_ids(3, 32, seed=9)])
     ours = greedy_continuations(model, prefixes, 32, batch_size=32)
     assert torch.equal(ours[:4], sequences[:, 32:])  # the planted rows come back verbatim
     reference = model.generate(prefixes, attention_mask=torch.ones_like(prefixes),
@@ -76,9 +51,47 @@ def test_greedy_continuations_equal_generate_and_do_not_depend_on_the_batch(plan
     assert greedy_continuations(model, prefixes[:0], 32).shape == (0, 32)
 
 
+class OldOutput(dict):
+    """An output keyed as before the rename: ``logits`` and ``past_key_values``."""
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self["logits"]
+
+
+class OldCacheName(nn.Module):
+    """A causal LM whose forward takes the KV cache as ``past_key_values`` (older releases)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, logits_to_keep=0):
+        out = self.model(input_ids=input_ids, cache=past_key_values, use_cache=use_cache,
+                         logits_to_keep=logits_to_keep)
+        return OldOutput(logits=out.logits, past_key_values=out["cache"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt_neox"])
+def test_greedy_probing_raises_no_deprecation_warning(family):
+    model = load_model(f"tiny:{family}").eval()
+    prefixes = torch.randint(3, 200, (3, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        greedy = greedy_continuations(model, prefixes, 6, batch_size=2)
+    assert greedy.shape == (3, 6)
+
+
+def test_a_forward_taking_past_key_values_gets_the_cache_by_that_name():
+    model = load_model("tiny:qwen2").eval()
+    prefixes = torch.randint(3, 200, (3, 8))
+    expected = greedy_continuations(model, prefixes, 6)
+    assert torch.equal(greedy_continuations(OldCacheName(model), prefixes, 6), expected)
+
+
 def test_continuation_logprobs_equal_a_full_forward_log_softmax(planted):
     _, model = planted
-    ids = random_rows(5, 24, seed=2)
+    ids = random_ids(5, 24, seed=2)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
     expected = torch.stack([sum(logprobs[i, t - 1, ids[i, t]] for t in range(10, 24))
@@ -97,14 +110,14 @@ def test_continuation_logprobs_equal_a_full_forward_log_softmax(planted):
 def test_planted_continuations_are_likely_and_random_ones_are_not(planted):
     sequences, model = planted
     planted_lp = continuation_logprobs(model, sequences, 32)
-    random_lp = continuation_logprobs(model, random_rows(4, seed=3), 32)
+    random_lp = continuation_logprobs(model, random_ids(4, seed=3), 32)
     assert planted_lp.max() < 0 and planted_lp.min() > -1.0, planted_lp
     assert random_lp.max() < -32 * 2, random_lp
 
 
 def test_token_nll_sums_equal_hf_loss_times_count(planted):
     _, model = planted
-    rows = [random_rows(1, n, seed=n)[0].tolist() for n in (5, 17, 2, 9)]
+    rows = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 17, 2, 9)]
     expected_sums, expected_counts = [], []
     for ids in rows:
         tensor = torch.tensor([ids])
@@ -199,7 +212,7 @@ def test_unreadable_probe_files_fail_with_one_line(tmp_path, tokenizer):
         load_probe_set(tmp_path / "missing.jsonl", tokenizer, prefix_tokens=0)
 
 
-# --- sharding and the DDP reduction -------------------------------------------------------
+# --- sharding -------------------------------------------------------
 
 
 @pytest.mark.parametrize("count, world", [(7, 2), (1, 2), (1, 3), (0, 3), (10, 4)])
@@ -207,52 +220,3 @@ def test_shards_cover_every_row_once(count, world):
     shards = [shard_rows(count, rank, world) for rank in range(world)]
     assert sorted(torch.cat(shards).tolist()) == list(range(count))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
-def test_row_results_put_values_in_row_order_and_per_domain_reduces():
-    metric = RowResults(5)
-    metric.update(torch.tensor([4, 0]), torch.tensor([1.5, -2.0], dtype=torch.float64))
-    metric.update(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.float64))
-    metric.update(torch.tensor([2, 1, 3]), torch.tensor([0.25, 3.0, 7.0], dtype=torch.float64))
-    values = metric.compute()
-    assert values.tolist() == [-2.0, 3.0, 0.25, 7.0, 1.5] and values.dtype == torch.float64
-    domains = torch.tensor([1, 0, 1, 1, 0])
-    assert per_domain(values, domains, 3).tolist() == [2.25, (-2.0 + 0.25 + 7.0) / 3, 0.0]
-    assert per_domain(values, domains, 3, reduce="sum").tolist() == [4.5, 5.25, 0.0]
-    metric.reset()
-    metric.update(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="3 of 5 rows were not evaluated"):
-        metric.compute()
-    single = RowResults(1)  # torchmetrics squeezes 1-element results; a row vector stays one
-    single.update(torch.tensor([0]), torch.tensor([4.0], dtype=torch.float64))
-    assert single.compute().shape == (1,)
-
-
-def _gather_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        results = {}
-        for count in (5, 1, 4):  # uneven shards, an empty shard on rank 1, even shards
-            metric = RowResults(count)
-            rows = shard_rows(count, rank, world)
-            for part in (rows[:1], rows[1:]):  # two updates: the second may be empty
-                metric.update(part, part.double() * 10 + 0.5)
-            results[count] = metric.compute().tolist()
-            metric.reset()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_row_results_gather_the_full_vector_on_every_rank_under_gloo(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_gather_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
-             join=True)
-    for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        for count, values in results.items():
-            assert values == [i * 10 + 0.5 for i in range(count)], (rank, count)

@@ -1,0 +1,50 @@
+"""selftrain.callbacks.epoch_eval: EpochEvaluation's cadence.
+
+Epoch 0, every n-th epoch, and the last step, whatever ends the fit.
+"""
+
+from helpers import fit_cli
+
+from selftrain.callbacks.epoch_eval import EpochEvaluation
+
+
+class Recorder(EpochEvaluation):
+    """Measures nothing; notes (epochs completed, global step) of every evaluation."""
+
+    name = "recorder"
+
+    def __init__(self, every_n_epochs: int = 2) -> None:
+        super().__init__(every_n_epochs=every_n_epochs)
+        self.evaluated: list[tuple[int, int]] = []
+
+    def evaluate(self, trainer, pl_module, epoch):
+        self.evaluated.append((epoch, trainer.global_step))
+        return {}
+
+
+def evaluated(run_dir, *flags):
+    """Fit the debug student on 4 batches per epoch; where the recorder evaluated."""
+    recorder = Recorder()
+    fit_cli(run_dir, "--trainer.limit_train_batches", "4", *flags, extra_callbacks=[recorder],
+            callbacks=False, export=False)
+    return recorder.evaluated
+
+
+def test_max_steps_alone_keeps_the_cadence_and_ends_on_the_last_step(tmp_path):
+    # Lightning sets max_epochs to -1 here: no epoch is the last by count
+    assert evaluated(tmp_path / "run", "--trainer.max_epochs", "null",
+                     "--trainer.max_steps", "12") == [(0, 0), (2, 8), (3, 12)]
+
+
+def test_max_steps_alone_ending_mid_epoch_evaluates_the_last_step(tmp_path):
+    assert evaluated(tmp_path / "run", "--trainer.max_epochs", "null",
+                     "--trainer.max_steps", "10") == [(0, 0), (2, 8), (3, 10)]
+
+
+def test_max_steps_reached_before_max_epochs_evaluates_the_last_step(tmp_path):
+    assert evaluated(tmp_path / "run", "--trainer.max_epochs", "5",
+                     "--trainer.max_steps", "10") == [(0, 0), (2, 8), (3, 10)]
+
+
+def test_max_epochs_alone_evaluates_every_nth_and_the_last_epoch(tmp_path):
+    assert evaluated(tmp_path / "run", "--trainer.max_epochs", "3") == [(0, 0), (2, 8), (3, 12)]

@@ -1,0 +1,173 @@
+"""The package layout: stages import only downward, and the callbacks install under our name.
+
+Read with ``ast``, no imports run: every ``selftrain`` import in ``selftrain/`` and
+``callbacks/`` must name a stage at or below the importing module's own (the order in
+``selftrain/__init__.py``'s docstring). The callbacks folder sits at the top of the repository
+but is importable only as ``selftrain.callbacks``: in this editable install, from a source
+checkout that is not installed, and from a built wheel installed into a fresh venv.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+STAGES = ["core", "sampling", "curation", "training", "probes", "callbacks", "analysis", "top"]
+"""Lowest first; a module may import its own stage and the ones before it."""
+TOP_MODULES = {"cli", "trainer_cli", "__main__"}
+
+
+def stage_of(module: str) -> str:
+    """The stage of a dotted module name under ``selftrain``."""
+    parts = module.split(".")
+    assert parts[0] == "selftrain", module
+    if len(parts) == 1:
+        return "core"
+    if parts[1] in TOP_MODULES:
+        return "top"
+    return parts[1] if parts[1] in STAGES else "core"
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted name -> file for every module of the installed package."""
+    modules = {}
+    for root, package in ((REPO / "selftrain", "selftrain"), (REPO / "callbacks",
+                                                              "selftrain.callbacks")):
+        for path in root.rglob("*.py"):
+            parts = [*path.relative_to(root).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join([package, *parts])] = path
+    return modules
+
+
+def selftrain_imports(path: Path, module: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of a ``selftrain`` module in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing package
+                package = module.split(".")
+                if path.name != "__init__.py":
+                    package.pop()
+                package = package[: len(package) - node.level + 1]
+                base = ".".join(package + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.append((node.lineno, base))
+            # `from selftrain import training` imports a stage, not the core
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names
+                      if base == "selftrain" and alias.name in STAGES]
+    return [(line, name) for line, name in found if name.split(".")[0] == "selftrain"]
+
+
+def test_no_stage_imports_a_later_one():
+    upward = []
+    for module, path in project_modules().items():
+        own = STAGES.index(stage_of(module))
+        for line, imported in selftrain_imports(path, module):
+            if STAGES.index(stage_of(imported)) > own:
+                upward.append(f"{path.relative_to(REPO)}:{line} ({stage_of(module)}) imports "
+                              f"{imported} ({stage_of(imported)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    path = tmp_path / "sampler.py"
+    path.write_text("from selftrain.training.module import StudentLM\nimport selftrain.io\n"
+                    "from ..probes import windows\nfrom selftrain import analysis\n")
+    imports = selftrain_imports(path, "selftrain.sampling.sampler")
+    assert [stage_of(name) for _, name in imports] == [
+        "training", "core", "probes", "core", "analysis"]
+
+
+def test_every_stage_package_is_listed_in_pyproject():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {"selftrain", "selftrain.callbacks"} | {
+        f"selftrain.{p.parent.name}" for p in (REPO / "selftrain").glob("*/__init__.py")}
+    assert set(config["packages"]) == on_disk
+    assert config["package-dir"] == {"selftrain.callbacks": "callbacks"}
+    assert set(STAGES) - {"core", "top"} == {name.split(".")[1] for name in on_disk
+                                             if "." in name}
+
+
+def test_every_stage_says_what_it_may_import():
+    for init in [*(REPO / "selftrain").glob("*/__init__.py"), REPO / "callbacks/__init__.py"]:
+        docstring = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in docstring, init
+
+
+def import_callbacks(*python_args: str, cwd: Path, env: dict | None = None) -> str:
+    """The file ``selftrain.callbacks`` is imported from, in a fresh interpreter."""
+    code = ("import selftrain.callbacks as c; from selftrain.callbacks import BenchmarkEval; "
+            "print(c.__file__)")
+    done = subprocess.run([*python_args, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_editable_install_maps_the_callbacks_folder(tmp_path):
+    assert Path(import_callbacks(sys.executable, cwd=tmp_path)) == REPO / "callbacks/__init__.py"
+
+
+def test_source_checkout_finds_the_callbacks_without_an_install(tmp_path):
+    """No site processing (so no editable finder): the repo on sys.path, deps appended."""
+    site = sysconfig.get_paths()["purelib"]
+    code = f"import sys; sys.path[:0] = [{str(REPO)!r}]; sys.path.append({site!r}); "
+    bootstrap = [sys.executable, "-S", "-c", code + "exec(sys.argv[1])"]
+    done = subprocess.run([*bootstrap, "import selftrain.callbacks as c; print(c.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.split()[-1]) == REPO / "callbacks/__init__.py"
+
+
+@pytest.mark.slow
+def test_built_wheel_installs_callbacks_only_under_selftrain(tmp_path):
+    source, dist = tmp_path / "source", tmp_path / "dist"  # a copy: the build writes build/
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".*_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--quiet", "-w", str(dist), str(source)], check=True, timeout=600,
+                   capture_output=True)
+    wheel = next(dist.glob("selftrain-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "selftrain/callbacks/benchmark_eval.py" in names
+    assert not [name for name in names if name.startswith("callbacks/")]
+    assert not [name for name in names if name.startswith(("tests/", "scripts/"))]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    # the dependencies come from this venv's site-packages, appended after the new venv's own
+    # (a path line in a .pth file; the editable install's own .pth files are not processed)
+    venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                     "['purelib'])"], capture_output=True, text=True,
+                                    check=True).stdout.strip())
+    (venv_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    location = Path(import_callbacks(str(python), cwd=tmp_path, env=env))
+    assert location == venv_site / "selftrain" / "callbacks" / "__init__.py"
+
+
+def test_the_callbacks_folder_is_not_a_top_level_package():
+    """With the repo root on sys.path, ``import callbacks`` refuses and names the right path."""
+    done = subprocess.run([sys.executable, "-c", "import callbacks"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "ImportError: the callbacks are imported as selftrain.callbacks" in done.stderr
