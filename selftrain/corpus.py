@@ -30,7 +30,13 @@ import pyarrow.parquet as pq
 
 from selftrain import __version__
 from selftrain.errors import SelftrainError
-from selftrain.io import publish_dir, staging_dir, write_json_atomic, write_parquet_atomic
+from selftrain.io import (
+    publish_dir,
+    staging_dir,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from selftrain.outputs import check_out_dir
 
 MANIFEST_NAME = "manifest.json"
 PLAN_NAME = ".in_progress.json"
@@ -89,7 +95,7 @@ class CorpusWriter:
 
     def __enter__(self) -> CorpusWriter:
         self.out = Path(self.out)
-        check_out_dir(self.out, self.overwrite)
+        check_corpus_out(self.out, self.overwrite)
         self._staging = staging_dir(self.out)
         (self._staging / DATA_DIR).mkdir()
         return self
@@ -179,27 +185,15 @@ def provenance(tokenizer, model: str, bos_token_id: int, bos_source: str,
     return record
 
 
-def refuse_file_path(out: Path) -> None:
-    """Refuse an ``--out`` that is a file or lies under one (a dir can never be made there)."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "it" if path == out else str(path)
-                raise SelftrainError(f"--out {out}: {where} is a file; choose a new directory")
-            return
+CORPUS_MARKERS = (MANIFEST_NAME, PLAN_NAME)
+"""Either marks a directory as a corpus this project wrote (finished, or being filled)."""
+CORPUS_ENTRIES = (*CORPUS_MARKERS, DATA_DIR)
+"""Every name a corpus dir holds, besides hidden temp files."""
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that is a file or already holds files, unless ``overwrite``.
-
-    Args:
-        out: the directory a corpus is about to be written to.
-        overwrite: an existing non-empty directory may be replaced.
-    """
-    refuse_file_path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SelftrainError(f"--out {out}: already holds files; choose a new dir or pass "
-                             "--overwrite true")
+def check_corpus_out(out: Path, overwrite: bool) -> bool:
+    """:func:`selftrain.outputs.check_out_dir` for a corpus dir (see there)."""
+    return check_out_dir(out, overwrite, CORPUS_MARKERS, CORPUS_ENTRIES, "corpus")
 
 
 def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:

@@ -293,17 +293,23 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, benchmark, cas
     assert len(read_corpus(corpus)) == 2
 
 
-def test_existing_out_needs_overwrite(tmp_path, benchmark):
+def test_existing_out_needs_overwrite_and_other_files_are_never_replaced(tmp_path, benchmark):
     corpus = write_corpus(tmp_path / "corpus", [filler(0), QUESTION])
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    decontaminate(str(corpus), str(out), [str(benchmark)], ngram=20)
     with pytest.raises(SelftrainError, match=r"^--out \S+out: already holds files"):
         decontaminate(str(corpus), str(out), [str(benchmark)])
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert read_corpus(out).columns["text"] == [filler(0), QUESTION]
     decontaminate(str(corpus), str(out), [str(benchmark)], overwrite=True)
     assert read_corpus(out).columns["text"] == [filler(0)]
-    assert not (out / "notes.txt").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(SelftrainError, match=r"^--out \S+mine: holds files selftrain did "
+                                                 r"not write there \(notes\.txt\)"):
+            decontaminate(str(corpus), str(mine), [str(benchmark)], overwrite=overwrite)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_cli_flags_and_help(tmp_path, benchmark, capsys):

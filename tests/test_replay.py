@@ -236,13 +236,19 @@ def test_unknown_dataset_offline_fails_on_one_line(qwen_corpus, tmp_path):
 
 def test_existing_out_is_refused_without_overwrite(qwen_corpus, text_file, tmp_path):
     out = tmp_path / "rep"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    replay(str(qwen_corpus), str(out), str(text_file), "tiny:qwen2", seed=1)
+    first = rows_of(out)
     with pytest.raises(SelftrainError, match="--out .* already holds files"):
         replay(str(qwen_corpus), str(out), str(text_file), "tiny:qwen2")
-    assert (out / "keep.txt").read_text() == "precious"
+    assert rows_of(out) == first
     replay(str(qwen_corpus), str(out), str(text_file), "tiny:qwen2", overwrite=True)
-    assert not (out / "keep.txt").exists() and manifest_of(out)["counts"]["written"] == 48
+    assert rows_of(out) != first and manifest_of(out)["counts"]["written"] == 48
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    with pytest.raises(SelftrainError, match="--out .* holds files selftrain did not write"):
+        replay(str(qwen_corpus), str(mine), str(text_file), "tiny:qwen2", overwrite=True)
+    assert (mine / "keep.txt").read_text() == "precious"
 
 
 @pytest.mark.parametrize("change, fragment", [

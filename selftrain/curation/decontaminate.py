@@ -40,11 +40,12 @@ from selftrain.corpus import (
     SCHEMA,
     Corpus,
     CorpusWriter,
-    check_out_dir,
+    check_corpus_out,
     read_corpus,
 )
 from selftrain.curation.benchmarks import load_benchmark
 from selftrain.errors import SelftrainError
+from selftrain.outputs import refuse_input_overlap
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ def _validate(corpus: str, out: str, benchmarks: Sequence[str], ngram: int, limi
     target = Path(out)
     if target.is_dir() and target.resolve() == Path(corpus).resolve():
         raise SelftrainError(f"--out {out}: is --corpus itself; write to a new directory")
-    check_out_dir(target, overwrite)
+    refuse_input_overlap(target, [("--corpus", corpus),
+                                  *(("--benchmarks", spec) for spec in benchmarks)])
+    check_corpus_out(target, overwrite)
 
 
 @functools.cache

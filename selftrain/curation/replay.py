@@ -32,6 +32,7 @@ from selftrain.corpus import Corpus, CorpusWriter, provenance, read_corpus
 from selftrain.curation.documents import documents, encoded, is_local, local_files
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer, parse_model_spec, resolve_bos_id
+from selftrain.outputs import refuse_input_overlap
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def _validate(match: str, out: str, sources: list[str], student: str, text_field
     for ok, message in checks:
         if not ok:
             raise SelftrainError(message)
+    refuse_input_overlap(Path(out), [("--match", match), *(("--sources", s) for s in sources)])
     local = [s for s in sources if is_local(s)]
     for source in local:
         local_files(source)  # fails now on a missing path or an empty dir

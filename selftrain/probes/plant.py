@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from selftrain.corpus import refuse_file_path
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
+from selftrain.outputs import check_out_dir, refuse_input_overlap
 from selftrain.probes.probeset import summarize, write_probe_set
 from selftrain.probes.windows import (
     ProbeSet,
@@ -85,7 +85,7 @@ def plant(
         overwrite: replace an existing ``out``.
     """
     check_settings(model, target, max_epochs, lr, batch_size)
-    root = output_dir(out, overwrite)
+    root = output_dir(out, overwrite, [("--model", model), ("--canaries", canaries)])
     tokenizer = load_tokenizer(model)
     probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
     sources = read_probe_rows(canaries, "--canaries")[0].get("source") or [None] * len(probes)
@@ -128,17 +128,24 @@ def check_settings(model: str, target: float, max_epochs: int, lr: float,
         raise SelftrainError("--max_epochs and --batch_size must be >= 1 and --lr > 0")
 
 
-def output_dir(out: str, overwrite: bool) -> Path:
-    """The output dir, refused if it is a file or a non-empty dir without ``overwrite``.
+PLANT_ENTRIES = ("plant.json", "model", "probes.parquet")
+"""What a plant output dir holds; ``plant.json`` marks it as one."""
+
+
+def output_dir(out: str, overwrite: bool, inputs: list[tuple[str, str]]) -> Path:
+    """The output dir, refused if ours to write it is not (:mod:`selftrain.outputs`).
+
+    That is: a file, a dir that is or holds an input, one that holds anything but an earlier
+    plant output, or one that holds such an output while ``overwrite`` is off.
 
     Args:
         out: ``--out``.
         overwrite: ``--overwrite``.
+        inputs: (flag, path) of what plant reads (the base model, the canaries).
     """
     root = Path(out)
-    refuse_file_path(root)
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise SelftrainError(f"--out {out} exists and is not empty; pass --overwrite true")
+    refuse_input_overlap(root, inputs)
+    check_out_dir(root, overwrite, PLANT_ENTRIES[:1], PLANT_ENTRIES, "planted model")
     return root
 
 

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from selftrain.corpus import refuse_file_path
 from selftrain.errors import SelftrainError
 from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
+from selftrain.outputs import refuse_file_path
 from selftrain.probes.windows import METADATA_KEY, greedy_continuations
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,14 @@ def candidate_windows(inputs: list[str], tokenizer, window: int, prefix_tokens: 
     return chosen
 
 
+def _is_probe_set(path: Path) -> bool:
+    """Whether a file is a probe set this project wrote (its schema carries our metadata)."""
+    try:
+        return METADATA_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def write_probe_set(rows: list[dict], out: Path, metadata: dict) -> None:
     """Write probe rows as parquet with selftrain metadata, atomically.
 
@@ -159,6 +167,11 @@ def probeset(
     if target.suffix != ".parquet":
         raise SelftrainError(f"--out {out}: the probe set is one .parquet file; name it *.parquet")
     refuse_file_path(target.parent)
+    if target.is_dir():
+        raise SelftrainError(f"--out {out}: is a directory; name a new *.parquet file")
+    if target.exists() and not _is_probe_set(target):
+        raise SelftrainError(f"--out {out}: is a file selftrain did not write (no probe-set "
+                             "metadata); name a new *.parquet file")
     if target.exists() and not overwrite:
         raise SelftrainError(f"--out {out} exists; pass --overwrite true to replace it")
     if prefix_tokens < 1 or suffix_tokens < 1 or batch_size < 1:

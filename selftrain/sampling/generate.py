@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from selftrain.corpus import provenance
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, resolve_bos_id
+from selftrain.outputs import refuse_input_overlap
 from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
 from selftrain.sampling.sampler import BosSampler, Sample
 from selftrain.sampling.shards import ShardedCorpus
@@ -94,6 +95,8 @@ def generate(
              "bos_token_id": bos_token_id}
     targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
                for t in temperatures}
+    for target in targets.values():
+        refuse_input_overlap(target, [("--model", model)])
     _refuse_before_loading(targets, flags, num_samples, shard_size, overwrite)
 
     target_device = pick_device(device)

@@ -22,15 +22,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selftrain.corpus import (
+    CORPUS_ENTRIES,
+    CORPUS_MARKERS,
     DATA_DIR,
     MANIFEST_NAME,
     PLAN_NAME,
     SCHEMA,
-    refuse_file_path,
     stamp,
 )
 from selftrain.errors import SelftrainError
 from selftrain.io import TEMP_MARK, remove, write_json_atomic, write_parquet_atomic
+from selftrain.outputs import refuse_file_path, refuse_foreign
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -103,6 +105,7 @@ class ShardedCorpus:
         state, existing = self.existing_spec()
         if state == "empty":
             return "fresh"
+        refuse_foreign(self.out, CORPUS_MARKERS, CORPUS_ENTRIES)
         keys = compare if compare is not None else tuple(self.spec)
         same = existing is not None and all(existing.get(key) == self.spec.get(key)
                                             for key in keys)
@@ -111,8 +114,9 @@ class ShardedCorpus:
         if overwrite:
             return "replace"
         if state == "foreign":
-            raise SelftrainError(f"--out {self.out} already holds files that are not a "
-                                 "selftrain corpus; choose a new dir or pass --overwrite true")
+            raise SelftrainError(f"--out {self.out}: its manifest or plan is unreadable, so it "
+                                 "is not a selftrain corpus this run can resume; choose a new "
+                                 "dir or pass --overwrite true to replace it")
         differing = sorted(key for key in keys
                            if existing is None or existing.get(key) != self.spec.get(key))
         what = "a finished corpus" if state == "complete" else "an unfinished corpus"

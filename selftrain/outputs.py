@@ -1,0 +1,111 @@
+"""Where a command may write: never over something it did not write, never over its inputs.
+
+``--overwrite`` replaces only an output this project recognisably wrote (its manifest or
+in-progress marker is there) and that holds nothing else; a directory of other files, or one
+that is or holds an input of the same command, is refused in one line whatever the flags. The
+replacement itself is atomic (:mod:`selftrain.io`): the old output goes only once the new one is
+in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from selftrain.errors import SelftrainError
+from selftrain.io import TEMP_MARK
+
+
+def refuse_file_path(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies under one (a dir can never be made there)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "it" if path == out else str(path)
+                raise SelftrainError(f"--out {out}: {where} is a file; choose a new directory")
+            return
+
+
+def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an ``--out`` that is, holds or lies inside an input of the same command.
+
+    Replacing such an ``--out`` would delete the input, and writing inside one would change it.
+
+    Args:
+        out: the output path.
+        inputs: (flag, path) of what the command reads; None and paths that do not exist
+            (hub ids, dataset names) are skipped.
+    """
+    target = out.resolve()
+    for flag, value in inputs:
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            where = ("is" if source == target else "holds" if target in source.parents
+                     else "lies inside")
+            raise SelftrainError(f"--out {out}: it {where} {flag} {value}, an input of this "
+                                 "command; choose a directory apart from the inputs")
+
+
+def check_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...],
+                  entries: tuple[str, ...], what: str) -> bool:
+    """Refuse an ``--out`` this command may not write to; say whether it replaces one.
+
+    Only an output this project recognisably wrote (one of ``markers`` in it) is ever
+    replaced, with ``overwrite``, and only when it holds nothing but such an output's
+    ``entries`` (and hidden temp files); an empty dir is free.
+
+    Args:
+        out: the directory about to be written.
+        overwrite: an existing output of this kind may be replaced.
+        markers: names whose presence marks the dir as this kind of output.
+        entries: every name such an output may hold.
+        what: the kind of output, for messages.
+
+    Returns:
+        True when ``out`` holds an output that is to be replaced.
+
+    Raises:
+        SelftrainError: ``out`` is a file, holds something else, or holds an output of
+            this kind and ``overwrite`` is off.
+    """
+    refuse_file_path(out)
+    refuse_foreign(out, markers, entries)
+    names = sorted(entry.name for entry in out.iterdir() if not _is_temp(entry.name)) if (
+        out.is_dir()) else []
+    if not names:
+        return False
+    if not overwrite:
+        raise SelftrainError(f"--out {out}: already holds files of a selftrain {what} "
+                             f"({', '.join(names)}); choose a new dir or pass --overwrite true "
+                             "to replace it")
+    return True
+
+
+def refuse_foreign(out: Path, markers: tuple[str, ...], entries: tuple[str, ...]) -> None:
+    """Refuse a non-empty ``out`` that is not wholly an output of the kind ``markers`` mark.
+
+    Whatever ``--overwrite`` says: a directory without a marker, or with anything besides
+    ``entries`` (and hidden temp files), holds files this project did not write.
+
+    Args:
+        out: the output directory (nothing happens if it does not exist).
+        markers: names whose presence marks the dir as this kind of output.
+        entries: every name such an output may hold.
+    """
+    if not out.is_dir():
+        return
+    names = sorted(entry.name for entry in out.iterdir() if not _is_temp(entry.name))
+    foreign = [name for name in names if name not in entries]
+    if names and (foreign or not set(markers) & set(names)):
+        shown = foreign or names
+        listed = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
+        raise SelftrainError(f"--out {out}: holds files selftrain did not write there "
+                             f"({listed}); choose a new or empty directory")
+
+
+def _is_temp(name: str) -> bool:
+    """A hidden staging or temp entry of an atomic write (``.x.tmp-N``, ``.x.partial-...``)."""
+    return name.startswith(".") and (TEMP_MARK in name or ".partial-" in name
+                                     or ".previous-" in name)
