@@ -25,6 +25,11 @@ TEMP_MARK = ".tmp-"
 """In the name of every temp file this module writes (``.<name>.tmp-<pid>``)."""
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of this module's temp files (a leftover once a run died)."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries (a rename into it) to disk; a no-op where unsupported."""
     try:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from selftrain.errors import SelftrainError
-from selftrain.io import TEMP_MARK
+from selftrain.io import is_temp_name
 
 
 def refuse_file_path(out: Path) -> None:
@@ -41,9 +41,11 @@ def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | Non
         if value is None or not Path(value).exists():
             continue
         source = Path(value).resolve()
-        if source == target or target in source.parents or source in target.parents:
-            where = ("is" if source == target else "holds" if target in source.parents
-                     else "lies inside")
+        if source == target:
+            raise SelftrainError(f"--out {out}: is {flag} itself, an input of this command; "
+                                 "write to a new directory")
+        if target in source.parents or source in target.parents:
+            where = "holds" if target in source.parents else "lies inside"
             raise SelftrainError(f"--out {out}: it {where} {flag} {value}, an input of this "
                                  "command; choose a directory apart from the inputs")
 
@@ -71,9 +73,7 @@ def check_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...],
             this kind and ``overwrite`` is off.
     """
     refuse_file_path(out)
-    refuse_foreign(out, markers, entries)
-    names = sorted(entry.name for entry in out.iterdir() if not _is_temp(entry.name)) if (
-        out.is_dir()) else []
+    names = refuse_foreign(out, markers, entries)
     if not names:
         return False
     if not overwrite:
@@ -83,7 +83,8 @@ def check_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...],
     return True
 
 
-def refuse_foreign(out: Path, markers: tuple[str, ...], entries: tuple[str, ...]) -> None:
+def refuse_foreign(out: Path, markers: tuple[str, ...], entries: tuple[str, ...]
+                   ) -> list[str]:
     """Refuse a non-empty ``out`` that is not wholly an output of the kind ``markers`` mark.
 
     Whatever ``--overwrite`` says: a directory without a marker, or with anything besides
@@ -93,19 +94,18 @@ def refuse_foreign(out: Path, markers: tuple[str, ...], entries: tuple[str, ...]
         out: the output directory (nothing happens if it does not exist).
         markers: names whose presence marks the dir as this kind of output.
         entries: every name such an output may hold.
+
+    Returns:
+        The names in ``out``, temp files left out (empty when it does not exist).
     """
     if not out.is_dir():
-        return
-    names = sorted(entry.name for entry in out.iterdir() if not _is_temp(entry.name))
+        return []
+    names = sorted(entry.name for entry in out.iterdir() if not is_temp_name(entry.name))
     foreign = [name for name in names if name not in entries]
     if names and (foreign or not set(markers) & set(names)):
         shown = foreign or names
         listed = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
         raise SelftrainError(f"--out {out}: holds files selftrain did not write there "
                              f"({listed}); choose a new or empty directory")
+    return names
 
-
-def _is_temp(name: str) -> bool:
-    """A hidden staging or temp entry of an atomic write (``.x.tmp-N``, ``.x.partial-...``)."""
-    return name.startswith(".") and (TEMP_MARK in name or ".partial-" in name
-                                     or ".previous-" in name)

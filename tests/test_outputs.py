@@ -78,7 +78,7 @@ CASES = {
     "decontaminate_over_its_benchmark_file": (
         lambda w: decontaminate(str(w / "inputs" / "corpus"), str(w / "bench.jsonl"),
                                 [str(w / "bench.jsonl")], overwrite=True),
-        r"it is --benchmarks"),
+        r"is --benchmarks itself"),
     "replay_over_the_parent_of_its_match": (
         lambda w: replay(str(w / "inputs" / "corpus"), str(w / "inputs"),
                          str(w / "text" / "docs.jsonl"), "tiny:qwen2", overwrite=True),

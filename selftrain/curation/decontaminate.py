@@ -136,8 +136,6 @@ def _validate(corpus: str, out: str, benchmarks: Sequence[str], ngram: int, limi
         raise SelftrainError("--benchmarks: none given; pass at least one .jsonl, task .yaml or "
                              "lm-eval task name")
     target = Path(out)
-    if target.is_dir() and target.resolve() == Path(corpus).resolve():
-        raise SelftrainError(f"--out {out}: is --corpus itself; write to a new directory")
     refuse_input_overlap(target, [("--corpus", corpus),
                                   *(("--benchmarks", spec) for spec in benchmarks)])
     check_corpus_out(target, overwrite)

@@ -95,8 +95,6 @@ def generate(
              "bos_token_id": bos_token_id}
     targets = {t: Path(out) / f"t{float(t)}" if isinstance(temperature, list) else Path(out)
                for t in temperatures}
-    for target in targets.values():
-        refuse_input_overlap(target, [("--model", model)])
     _refuse_before_loading(targets, flags, num_samples, shard_size, overwrite)
 
     target_device = pick_device(device)
@@ -127,7 +125,7 @@ def generate(
 
 def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], num_samples: int,
                            shard_size: int, overwrite: bool) -> None:
-    """Refuse an ``--out`` holding something else, on the flags alone (no model loaded yet).
+    """Refuse an ``--out`` holding something else or a local ``--model``, on the flags alone.
 
     Args:
         targets: temperature -> its corpus dir.
@@ -137,6 +135,7 @@ def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], nu
         overwrite: an existing different corpus may be replaced.
     """
     for t, target in targets.items():
+        refuse_input_overlap(target, [("--model", flags["model"])])
         ShardedCorpus(target, {**flags, "temperature": t}, num_samples, shard_size).check(
             overwrite, compare=FLAG_KEYS)
 

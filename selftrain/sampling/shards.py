@@ -31,7 +31,7 @@ from selftrain.corpus import (
     stamp,
 )
 from selftrain.errors import SelftrainError
-from selftrain.io import TEMP_MARK, remove, write_json_atomic, write_parquet_atomic
+from selftrain.io import TEMP_MARK, is_temp_name, remove, write_json_atomic, write_parquet_atomic
 from selftrain.outputs import refuse_file_path, refuse_foreign
 
 
@@ -83,7 +83,7 @@ class ShardedCorpus:
             if entry.name == DATA_DIR and entry.is_dir():
                 if any(not p.name.startswith(".") for p in entry.iterdir()):
                     return False
-            elif not (entry.name.startswith(".") and TEMP_MARK in entry.name):
+            elif not is_temp_name(entry.name):
                 return False
         return True
 
