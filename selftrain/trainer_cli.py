@@ -29,6 +29,7 @@ from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import SelftrainError
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
+from selftrain.training.checks import ampere_or_newer
 from selftrain.training.data import CorpusDataModule
 from selftrain.training.fsdp import DecoderLayerFSDP
 from selftrain.training.module import StudentLM
@@ -107,8 +108,7 @@ class SelftrainCLI(LightningCLI):
             strategy.check_machine()
         device = strategy.root_device
         precision = str(trainer.precision)
-        if (precision.startswith("bf16") and device.type == "cuda"
-                and not _has_bf16(device)):
+        if precision.startswith("bf16") and device.type == "cuda" and not ampere_or_newer(device):
             raise SelftrainError(f"--trainer.precision {precision}: "
                                  f"{torch.cuda.get_device_name(device)} has no bf16; use "
                                  "16-mixed (or 32-true)")
@@ -131,11 +131,6 @@ class SelftrainCLI(LightningCLI):
         self.datamodule.load()
 
     before_test = before_validate
-
-
-def _has_bf16(device: torch.device) -> bool:
-    """Whether a CUDA device computes in bf16 natively (Ampere or newer), not by emulation."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _check_gpu_request(trainer: dict[str, Any]) -> None:

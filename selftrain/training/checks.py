@@ -18,6 +18,11 @@ from selftrain.training.fsdp import is_sharded
 from selftrain.training.optim import BNB_OPTIMIZERS
 
 
+def ampere_or_newer(device: torch.device) -> bool:
+    """Whether a CUDA device is Ampere or newer: bf16 natively (not emulated), flash attention."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def flash_attn_installed() -> bool:
     """Whether the flash-attn package can be imported."""
     return importlib.util.find_spec("flash_attn") is not None
@@ -84,5 +89,4 @@ def resolve_attention(choice: str | None, trainer: L.Trainer | None) -> str | No
         return None
     device = trainer.strategy.root_device
     half = str(trainer.precision).startswith(("bf16", "16"))  # flash runs in 16 bits
-    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    return "flash_attention_2" if half and ampere else None
+    return "flash_attention_2" if half and ampere_or_newer(device) else None
