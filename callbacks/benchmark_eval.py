@@ -149,10 +149,11 @@ class BenchmarkEval(EpochEvaluation):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"base": self._base, "settings": self.settings}
+        return {**super().state_dict(), "base": self._base, "settings": self.settings}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         base, settings = state_dict.get("base"), state_dict.get("settings")
         if base is not None and settings != self.settings:
             changed = sorted(k for k in self.settings if (settings or {}).get(k)

@@ -14,7 +14,12 @@ subclass only says what to measure (:meth:`evaluate`) and what to check before t
   (bf16 autocast under ``bf16-mixed``), and restores train mode afterwards;
 - logs the returned scalars to every logger at the global step, beside
   ``eval/epochs_completed`` (the epoch axis) and ``eval_time/<name>`` (seconds spent);
-- appends one JSON line per evaluation to ``<run>/eval/<name>.jsonl``.
+- appends one JSON line per evaluation to ``<run>/eval/<name>.jsonl``;
+- keeps that history in every checkpoint, so a resumed run holds each evaluation exactly
+  once: on resume the file is rewritten from the checkpoint's history (dropping what the
+  killed process evaluated after its checkpoint, which is evaluated again), and what the
+  checkpoint holds at its own step is logged again, since ``selftrain fit`` purges
+  TensorBoard from that step on.
 
 Every rank calls :meth:`evaluate`; a subclass shards its work or lets rank 0 do it, and makes
 sure all ranks take part in the same collectives.
@@ -27,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -34,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
+from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
 EPOCH_TAG = "eval/epochs_completed"
@@ -57,6 +64,10 @@ class EpochEvaluation(Callback):
         self.run_at_start = run_at_start
         self.seconds = 0.0
         self.evaluations = 0
+        self.history: list[dict[str, Any]] = []
+        """This run's evaluations, one record per line of ``<run>/eval/<name>.jsonl``."""
+        self._restored_history: list[dict[str, Any]] | None = None
+        self._resume_step: int | None = None
         self._checked = False
 
     def flag(self, name: str) -> str:
@@ -96,10 +107,55 @@ class EpochEvaluation(Callback):
         if stage == "fit":
             self.ensure_checked(trainer, pl_module)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_history = list(state_dict.get("history", []))
+
+    def history_path(self, trainer: L.Trainer) -> Path:
+        """``<run>/eval/<name>.jsonl``."""
+        return self.run_dir(trainer) / "eval" / f"{self.name}.jsonl"
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._resume_step = int(checkpoint["global_step"])
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the checkpoint's callback states are restored, before training resumes (or,
+        # for a finished run, instead of it)
+        if self._resume_step is not None:
+            self._resume(trainer, self._resume_step)
+
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.run_at_start and trainer.global_step == 0:
+        if self.run_at_start and trainer.global_step == 0 and self._resume_step is None:
             self._run(trainer, pl_module, epoch=0)
+
+    def _resume(self, trainer: L.Trainer, step: int) -> None:
+        """Take the history back to the checkpoint's: the file, and the curves at its step.
+
+        Args:
+            trainer: the resuming Trainer.
+            step: the checkpoint's global step.
+        """
+        self.history = self._restored_history or []
+        self._restored_history = None
+        for record in self.history:
+            if record["global_step"] >= step:
+                self._log(trainer, record)
+        if trainer.is_global_zero:
+            lines = "".join(json.dumps(record) + "\n" for record in self.history)
+            write_text_atomic(lines, self.history_path(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,17 +198,22 @@ class EpochEvaluation(Callback):
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.evaluations += 1
-        step = trainer.global_step
-        scalars = {**metrics, EPOCH_TAG: float(epoch), f"eval_time/{self.name}": seconds}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+        record = {"epoch": epoch, "global_step": trainer.global_step,
+                  "seconds": round(seconds, 3), "metrics": metrics}
+        self.history.append(record)
+        self._log(trainer, record)
         if trainer.is_global_zero:
-            history = self.run_dir(trainer) / "eval" / f"{self.name}.jsonl"
+            history = self.history_path(trainer)
             history.parent.mkdir(parents=True, exist_ok=True)
             with history.open("a") as handle:
-                handle.write(json.dumps({"epoch": epoch, "global_step": step,
-                                         "seconds": round(seconds, 3), "metrics": metrics})
-                             + "\n")
+                handle.write(json.dumps(record) + "\n")
+
+    def _log(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
+        """Log one evaluation's scalars to every logger at its global step."""
+        scalars = {**record["metrics"], EPOCH_TAG: float(record["epoch"]),
+                   f"eval_time/{self.name}": record["seconds"]}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=record["global_step"])
 
 
 def training_ends(trainer: L.Trainer) -> bool:

@@ -232,12 +232,13 @@ class LikelihoodTracker(ProbeEvaluation):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self.base is None or self.probes is None:
-            return {}
-        return {**self._identity(), "logprobs": self.base}
+            return super().state_dict()
+        return {**super().state_dict(), **self._identity(), "logprobs": self.base}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) if state_dict else None
+        super().load_state_dict(state_dict)
+        self._restored = dict(state_dict) if "logprobs" in state_dict else None
 
 
 def _token_batches(lengths: list[int], budget: int) -> list[list[int]]:

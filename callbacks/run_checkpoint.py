@@ -14,6 +14,9 @@ epoch ends, through Lightning's public API only:
   Lightning calls for every full checkpoint; with ``save_weights_only`` it is not called, and
   a refresh may rewrite a step's checkpoint once more), never before the first step, during
   the sanity check or under ``fast_dev_run``;
+- it leaves the step trigger out on an epoch's last batch (and the fit's last step): the
+  epoch-end refresh saves that step a moment later, after the epoch's evaluations, so a
+  checkpoint at an epoch's end always holds them and a resume never evaluates that step again;
 - before ModelCheckpoint has written ``last.ckpt`` once in this run (no ``last_model_path``
   yet), the refresh is ModelCheckpoint's own ``on_train_end``, which writes it exactly when
   nothing was saved yet, choosing its name (and version) as every later save will.
@@ -61,6 +64,8 @@ class RunCheckpoint(ModelCheckpoint):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        if self.save_last and ends_epoch(trainer, batch_idx):
+            return  # on_train_epoch_end saves this step, after the evaluations at it
         with self._noting_saves():
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -91,3 +96,10 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._refreshed:
             super().on_train_end(trainer, pl_module)
+
+
+def ends_epoch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended is the epoch's last (or the fit's last step)."""
+    limit = trainer.max_steps
+    return (batch_idx + 1 >= trainer.num_training_batches
+            or (limit not in (None, -1) and trainer.global_step >= limit))

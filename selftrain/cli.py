@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from selftrain.errors import SelftrainError
+from selftrain.errors import Interrupted, SelftrainError
 
 TOOLS: dict[str, tuple[str, str, str]] = {
     "generate": ("selftrain.sampling.generate", "generate",
@@ -82,12 +82,24 @@ def main(argv: list[str] | None = None) -> None:
             from selftrain.trainer_cli import SelftrainCLI
 
             SelftrainCLI(args=None if argv_from_sys else argv)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
+        command = f"selftrain {argv[0]}" if argv else "selftrain"
+        print(f"{command}: {_interrupt_message(interrupt)}", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:
         cause = _user_error(error)
         if cause is None:
             raise
         print(f"selftrain: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _interrupt_message(interrupt: KeyboardInterrupt) -> str:
+    """What was kept: the command's own :class:`Interrupted` message, else the general rule."""
+    if isinstance(interrupt, Interrupted) and str(interrupt):
+        return str(interrupt)
+    return ("interrupted; outputs appear only once complete, so nothing half-written was left: "
+            "rerun the command")
 
 
 def _user_error(error: BaseException | None) -> SelftrainError | None:

@@ -10,3 +10,12 @@ from __future__ import annotations
 
 class SelftrainError(ValueError):
     """A user-fixable problem: bad flag, missing file, incompatible inputs."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a long command, with a message saying what was kept and how to resume.
+
+    A long-running loop catches its ``KeyboardInterrupt`` and raises this instead, naming its
+    progress (``interrupted after 3 of 8 shards; rerun the same command to resume``); the CLI
+    prints the message as one line and exits with status 130.
+    """

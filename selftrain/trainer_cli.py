@@ -5,6 +5,12 @@ Everything of a run goes under ``--trainer.default_root_dir`` (``runs/default`` 
 refreshed every ``--checkpoint.every_n_train_steps`` and at each epoch end) and ``hf/epoch=N``
 (HF exports). Resume a killed run with the same command plus ``--ckpt_path last``.
 
+One run per run dir (:mod:`selftrain.training.run_dir`): a ``fit`` into a run dir that already
+holds a run is refused unless it resumes it (``--ckpt_path last``) or starts it over
+(``--overwrite true``); a resume must be of the same run (corpus, student, tokenizer), and the
+checkpoint is read and checked before anything is written. A resume purges from TensorBoard
+what the killed process logged after its checkpoint, so every curve holds each step once.
+
 ``--probes.*`` is the run's probe set, read by every probe callback (ExtractionProbe,
 LikelihoodTracker) that names no ``probe_set`` of its own, so a config writes the probe set and
 its window once and one flag swaps it for both.
@@ -12,7 +18,9 @@ its window once and one flag swaps it for both.
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,21 +28,35 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator, MPSAccelerator
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.callbacks.probe_eval import SharedProbeSet, share_probe_set
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
-from selftrain.errors import SelftrainError
+from selftrain.errors import Interrupted, SelftrainError
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
 from selftrain.training.checks import ampere_or_newer
 from selftrain.training.data import CorpusDataModule
+from selftrain.training.flags import check_trainer_flags
 from selftrain.training.fsdp import DecoderLayerFSDP
 from selftrain.training.module import StudentLM
+from selftrain.training.run_dir import (
+    IDENTITY_KEY,
+    check_identity,
+    earlier_run,
+    find_last_checkpoint,
+    read_checkpoint_meta,
+    remove_earlier_run,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs/default"
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values Lightning resolves itself (``last`` for fit is resolved here)."""
 
 
 class SelftrainCLI(LightningCLI):
@@ -58,11 +80,32 @@ class SelftrainCLI(LightningCLI):
                               "callbacks": [TensorBoardLayout()]},
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first; merge its hyperparameters for validate and test only.
+
+        LightningCLI (2.6.6) loads a ``--ckpt_path`` file whole and overwrites the command's
+        ``--model.*`` with the hyperparameters saved in it. A missing or truncated file would
+        end in its traceback, so it is read (memory-mapped) and checked here first. For
+        ``fit`` the command's own flags stay what runs, and a checkpoint of another run is
+        refused by the run-identity check instead of silently training the checkpoint's
+        student; ``validate`` and ``test`` still take the student from the checkpoint.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if isinstance(ckpt, str) and ckpt not in CKPT_KEYWORDS and "://" not in ckpt:
+            read_checkpoint_meta(Path(ckpt))
+        if subcommand != "fit":
+            super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the student's spec into the data; add the checkpoint callback and probe set."""
         parser.link_arguments("model.model", "data.tokenizer")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_class_arguments(SharedProbeSet, "probes", instantiate=False)
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: start over in a run dir that holds an earlier run, "
+                                 "deleting its tb/, checkpoints/, eval/ and hf/ (without it "
+                                 "such a run dir is refused unless --ckpt_path resumes it)")
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 0,
@@ -72,6 +115,7 @@ class SelftrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Put the logger and checkpoints under the run dir; share the run's probe set."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_flags(config.trainer, config.get("checkpoint"))
         share_probe_set(config.trainer.callbacks, config.get("probes"))
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root
@@ -82,6 +126,52 @@ class SelftrainCLI(LightningCLI):
                                     default_hp_metric=False))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if config.get("weights_only") is False:
+            rank_zero_warn("--weights_only false: the checkpoint is unpickled, which runs any "
+                           "code it carries; use it only on checkpoints you trust")
+        self._plan_run(config)
+
+    def _plan_run(self, config: Namespace) -> None:
+        """Check the run dir and the checkpoint to resume, before anything is built or written.
+
+        Sets what :meth:`before_fit` acts on: the checkpoint's state (``self.resume_meta``)
+        and whether an earlier run is to be removed (``self.start_over``).
+        """
+        root = Path(config.trainer.default_root_dir)
+        checkpoint_dir = Path(config.checkpoint.dirpath)
+        _refuse_unwritable(root, "--trainer.default_root_dir")
+        self.resume_meta: dict[str, Any] | None = None
+        self.start_over = False
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last" and self.subcommand == "fit":
+            found = find_last_checkpoint(checkpoint_dir)
+            if found is None:
+                log.info("--ckpt_path last: no checkpoint in %s yet; starting from step 0",
+                         checkpoint_dir)
+                ckpt = config.ckpt_path = None
+                # what a run that died before its first checkpoint logged is redone from step 0
+                self.start_over = True
+            else:
+                ckpt = config.ckpt_path = str(found)
+        if ckpt is not None and ckpt not in CKPT_KEYWORDS and "://" not in str(ckpt):
+            self.resume_meta = read_checkpoint_meta(Path(ckpt))
+        if self.subcommand != "fit":
+            return
+        overwrite, config.overwrite = config.get("overwrite", False), False  # not saved as set
+        if self.resume_meta is None and not self.start_over:
+            found = earlier_run(root, checkpoint_dir)
+            if found and not overwrite:
+                listed = ", ".join(found[:4])
+                raise SelftrainError(
+                    f"--trainer.default_root_dir {root}: already holds a run ({listed}); resume "
+                    "it with --ckpt_path last, start it over with --overwrite true, or give a "
+                    "new run dir")
+            self.start_over = bool(found)
+        if self.resume_meta is not None and isinstance(config.trainer.logger, Namespace) \
+                and config.trainer.logger.class_path.endswith("TensorBoardLogger"):
+            # TensorBoard drops what the killed process logged at or after the checkpoint's
+            # step; the evaluation callbacks log again what the checkpoint holds at that step
+            config.trainer.logger.init_args.purge_step = int(self.resume_meta["global_step"])
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -115,12 +205,30 @@ class SelftrainCLI(LightningCLI):
         self.model.check_machine(trainer)
 
     def before_fit(self) -> None:
-        """Check the machine, the corpus and every evaluation callback's inputs first."""
+        """Check the machine, the corpus, the run and every callback's inputs, then clear.
+
+        Only once everything is checked does an earlier run (``--overwrite true``, or one
+        that died before its first checkpoint) leave the run dir.
+        """
         self.check_machine()
         self.datamodule.load()
         for callback in self.trainer.callbacks:
             if isinstance(callback, EpochEvaluation):
                 callback.ensure_checked(self.trainer, self.model)
+        self.model.run_identity = self.model.identity(self.datamodule.rows)
+        if self.resume_meta is not None:
+            check_identity(self.resume_meta.get(IDENTITY_KEY), self.model.run_identity,
+                           Path(self.config_init[self.subcommand]["ckpt_path"]))
+            step = int(self.resume_meta["global_step"])
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, SaveConfigCallback):  # the run's first config stays
+                    callback.config_filename = f"config.resumed-at-step={step}.yaml"
+        elif self.start_over and self.trainer.is_global_zero:
+            config = self.config_init[self.subcommand]
+            root = Path(config.trainer.default_root_dir)
+            log.info("starting %s over: removing the earlier run's %s", root,
+                     ", ".join(earlier_run(root, Path(config.checkpoint.dirpath))))
+            remove_earlier_run(root, Path(config.checkpoint.dirpath))
 
     def before_validate(self) -> None:
         """Evaluation needs a held-out corpus; say so before loading anything."""
@@ -129,8 +237,71 @@ class SelftrainCLI(LightningCLI):
                                  "(a held-out corpus dir or file)")
         self.check_machine()
         self.datamodule.load()
+        if self.resume_meta is not None:
+            check_identity(self.resume_meta.get(IDENTITY_KEY),
+                           self.model.identity(self.datamodule.eval_rows),
+                           Path(self.config_init[self.subcommand]["ckpt_path"]),
+                           fields=("student", "tokenizer"))
 
     before_test = before_validate
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; Ctrl-C ends it with :class:`Interrupted`, saying how to resume.
+
+        Lightning shuts a fit down gracefully on Ctrl-C and then exits with status 1; the
+        CLI turns :class:`Interrupted` into one line and status 130.
+
+        Args:
+            kwargs: ``trainer.fit``'s arguments, as LightningCLI gathered them.
+        """
+        try:
+            self.trainer.fit(**kwargs)
+        except SystemExit:
+            if not self.trainer.interrupted:
+                raise
+            config = self.config_init[self.subcommand]
+            found = find_last_checkpoint(Path(config.checkpoint.dirpath))
+            saved = (f"the last checkpoint is at step {read_checkpoint_meta(found)['global_step']}"
+                     if found is not None else "no checkpoint was written yet")
+            raise Interrupted(f"interrupted at step {self.trainer.global_step}; {saved}: rerun "
+                              "the same command with --ckpt_path last to resume") from None
+
+    def validate(self, **kwargs: Any) -> None:
+        """``trainer.validate``; Ctrl-C ends it with one line and status 130.
+
+        Args:
+            kwargs: ``trainer.validate``'s arguments, as LightningCLI gathered them.
+        """
+        self._evaluate(self.trainer.validate, kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        """``trainer.test``; Ctrl-C ends it with one line and status 130.
+
+        Args:
+            kwargs: ``trainer.test``'s arguments, as LightningCLI gathered them.
+        """
+        self._evaluate(self.trainer.test, kwargs)
+
+    def _evaluate(self, run, kwargs: dict[str, Any]) -> None:
+        try:
+            run(**kwargs)
+        except SystemExit:
+            if not self.trainer.interrupted:
+                raise
+            raise Interrupted("interrupted; it wrote nothing to keep: rerun the command") from None
+
+
+def _refuse_unwritable(path: Path, flag: str) -> None:
+    """Refuse a directory that cannot be made or written (a file in the way, no permission)."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "it" if existing == path else str(existing)
+                raise SelftrainError(f"{flag} {path}: {where} is a file; give a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise SelftrainError(f"{flag} {path}: {existing} is not writable; give a "
+                                     "directory you can write")
+            return
 
 
 def _check_gpu_request(trainer: dict[str, Any]) -> None:

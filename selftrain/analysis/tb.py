@@ -7,24 +7,38 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series under a log dir, merged over event files, sorted by step.
+def scalar_events(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar point under a log dir as TensorBoard shows it, duplicates included.
+
+    The event files are read in order as one run, as TensorBoard reads them: a resumed run's
+    file starts with a purge at its checkpoint's step, which drops what the killed process
+    logged from that step on.
 
     Args:
         logdir: a directory holding ``events.out.tfevents.*`` files (a resumed run adds more).
 
     Returns:
-        tag -> [(step, value), ...]; a step logged twice (a resumed run) keeps the later value.
+        tag -> [(step, value), ...] in the order logged.
     """
-    series: dict[str, dict[int, float]] = {}
-    for event_file in sorted(Path(logdir).glob("events.out.tfevents.*"),
-                             key=lambda p: p.stat().st_mtime):
-        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            for event in accumulator.Scalars(tag):
-                series.setdefault(tag, {})[event.step] = event.value
-    return {tag: sorted(points.items()) for tag, points in series.items()}
+    if not any(Path(logdir).glob("events.out.tfevents.*")):
+        return {}
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series under a log dir, sorted by step (:func:`scalar_events`, one per step).
+
+    Args:
+        logdir: a directory holding ``events.out.tfevents.*`` files.
+
+    Returns:
+        tag -> [(step, value), ...]; a step logged twice keeps the later value.
+    """
+    return {tag: sorted(dict(points).items())
+            for tag, points in scalar_events(logdir).items()}
 
 
 def read_layout(logdir: str | Path) -> dict[str, list[str]]:

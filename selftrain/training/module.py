@@ -25,12 +25,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from selftrain.errors import SelftrainError
-from selftrain.models import load_model, load_tokenizer, parse_model_spec
+from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.training.batching import BATCH_KEYS, documents, real_tokens
 from selftrain.training.checks import check_installed, check_machine, resolve_attention
 from selftrain.training.export import export_student
 from selftrain.training.fsdp import compile_decoder_layers, is_sharded
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
+from selftrain.training.run_dir import IDENTITY_KEY, run_identity
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -117,6 +118,8 @@ class StudentLM(L.LightningModule):
         self._last_batch_end: float | None = None
         self._exported_step = -1
         self._matrices: set[str] = set()
+        self.run_identity: dict[str, str] | None = None
+        """The run this student trains (:func:`selftrain.training.run_dir.run_identity`)."""
 
     @override
     def configure_model(self) -> None:
@@ -154,6 +157,28 @@ class StudentLM(L.LightningModule):
             hp = self.hparams
             self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code)
         return self.tokenizer
+
+    def identity(self, rows: list[dict]) -> dict[str, str]:
+        """The identity of a run of this student on ``rows``, recorded in every checkpoint.
+
+        Args:
+            rows: the training rows (``CorpusDataModule.rows``).
+        """
+        hp = self.hparams
+        spec = parse_model_spec(hp.model, flag="--model.model")
+        name = (str(Path(spec.name).resolve()) if spec.kind == "hub" and Path(spec.name).exists()
+                else str(spec))
+        return run_identity(name, hp.revision, tokenizer_fingerprint(self.load_tokenizer()), rows)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the run's identity, so a resume on other inputs is refused."""
+        if self.run_identity is None:
+            rows = getattr(self.trainer.datamodule, "rows", None)
+            if rows:
+                self.run_identity = self.identity(rows)
+        if self.run_identity is not None:
+            checkpoint[IDENTITY_KEY] = self.run_identity
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
