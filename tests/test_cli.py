@@ -1,15 +1,32 @@
 """selftrain.cli: the `selftrain` command as a whole, and the configs it ships.
 
 Every config parses and documents itself, ``--help`` lists the commands and their flags, bad
-input is one error line with nothing written, ``python -m selftrain`` equals the console script.
+input is one error line with nothing written, ``python -m selftrain`` equals the console script,
+Ctrl-C ends a command with one line and status 130.
 """
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS, DDP_PRESET, cli, one_error_line, refused_fit, selftrain
+import torch
+from helpers import (
+    CONFIGS,
+    DDP_PRESET,
+    REPO,
+    cli,
+    fit_args,
+    fit_command,
+    one_error_line,
+    refused_fit,
+    selftrain,
+)
+from lightning.pytorch import Callback
+
+from selftrain.cli import main
 
 SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml"))
 
@@ -132,3 +149,54 @@ def test_corpus_tool_bad_input_is_one_line_and_writes_nothing(tmp_path, qwen_cor
     flag = {"decontaminate": "--benchmarks", "replay": "--sources"}[tool]
     assert one_error_line(result.stderr).startswith(f"selftrain: error: {flag}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "short.txt"]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+
+class InterruptAt(Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) after a given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_fit_is_one_line_that_says_how_to_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    interrupt = ('--trainer.callbacks+={"class_path": "test_cli.InterruptAt", '
+                 '"init_args": {"step": 15}}')
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(run, "--trainer.max_epochs", "1", interrupt, callbacks=False))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "selftrain fit: interrupted at step 15; the last checkpoint is at step 10: rerun the "
+        "same command with --ckpt_path last to resume")
+    main(fit_args(run, "--trainer.max_epochs", "1", "--ckpt_path", "last", callbacks=False))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+@pytest.mark.slow
+def test_a_real_sigint_ends_fit_with_status_130_and_one_line(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(fit_command(run, "--trainer.max_epochs", "50", callbacks=False),
+                               cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("selftrain fit: interrupted at step ") and "--ckpt_path last" in last

@@ -210,3 +210,13 @@ def test_a_sigkill_at_a_random_moment_leaves_each_evaluation_once(reference, tmp
     kill_when(fit_command(run, *TWO_EPOCHS), moment, poll=0.01)
     succeeded(run_fit(run, *TWO_EPOCHS, "--ckpt_path", "last"))
     assert_same_run(run, reference)
+
+
+def test_weights_only_false_is_warned_about_loudly(one_epoch, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    with pytest.warns(UserWarning, match="--weights_only false: the checkpoint is unpickled"):
+        main(fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", "--weights_only", "false",
+                      callbacks=False))
