@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -53,9 +52,9 @@ def main() -> None:
          "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),
          "--temperature", "1.0", "--batch_size", "64", "--overwrite", "true"])
     sampled = time.perf_counter()
-    shutil.rmtree(run_dir, ignore_errors=True)
     run([*selftrain, "fit", "--config", "configs/smollm2_self.yaml",
-         "--trainer.default_root_dir", str(run_dir), "--data.corpus", str(corpus),
+         "--trainer.default_root_dir", str(run_dir), "--overwrite", "true",
+         "--data.corpus", str(corpus),
          "--probes.probe_set", str(planted / "probes.parquet"),
          "--model.model", str(planted / "model"),
          "--data.max_length", str(args.max_new_tokens + 1),
