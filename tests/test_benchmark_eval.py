@@ -1,8 +1,12 @@
 """selftrain.callbacks.benchmark_eval: BenchmarkEval runs lm-eval on the in-memory student.
 
-Scores and deltas from the base on the evaluation cadence, the results files, resume, code
-execution gated, prompts truncated to the context, one-line errors, tasks split over 2 DDP
-ranks (slow).
+Scores and deltas from the base on the evaluation cadence, the results files, the scores equal
+to lm-eval's own ``simple_evaluate`` on the run's HF export, resume, code execution gated,
+prompts truncated to the context, one-line errors, tasks split over 2 DDP ranks (slow).
+
+Besides the project's tasks (``configs/tasks``) the runs here evaluate the tests' own
+``selftrain_ppl`` (``tests/tasks``): rolling log-likelihood, whose bits per byte are continuous,
+where the project's tasks give counts out of 8 that two different models often share.
 """
 
 import json
@@ -10,6 +14,7 @@ import os
 import random
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,12 +42,18 @@ from selftrain.callbacks.benchmark_eval import BenchmarkEval
 from selftrain.callbacks.benchmark_results import metric_scores
 from selftrain.errors import SelftrainError
 
-SETTINGS = {"tasks": {"selftrain_facts": 2, "selftrain_arith": None}, "include_path": TASKS,
-            "limit": 8}
-SHOTS = {"selftrain_facts": 2, "selftrain_arith": 3}  # arith: its YAML's num_fewshot
+TEST_TASKS = str(Path(__file__).parent / "tasks")
+"""The tests' own lm-eval task: selftrain_ppl."""
+SETTINGS = {"tasks": {"selftrain_facts": 2, "selftrain_arith": None, "selftrain_ppl": 0},
+            "include_path": [TASKS, TEST_TASKS], "limit": 8}
+SHOTS = {"selftrain_facts": 2, "selftrain_arith": 3,  # arith: its YAML's num_fewshot
+         "selftrain_ppl": 0}
+FLOAT32 = 2e-6
+"""TensorBoard keeps float32: scores up to 16 (bits per byte is about 8) are rounded by at most
+half an ulp, 9.5e-7, so a difference of two of them by at most 1.9e-6."""
 METRICS = ["selftrain_facts/acc", "selftrain_facts/acc_norm",
            "selftrain_arith/exact_match_strict-match",
-           "selftrain_arith/exact_match_flexible-extract"]
+           "selftrain_arith/exact_match_flexible-extract", "selftrain_ppl/bits_per_byte"]
 
 
 def callback_config(path, **init_args):
@@ -50,20 +61,22 @@ def callback_config(path, **init_args):
     return callbacks_config(path, (BENCHMARK, init_args))
 
 
-def benchmark_cli(run, *flags):
+def benchmark_cli(run, *flags, export=False):
     """The debug config with only the BenchmarkEval a test adds, on the debug corpus."""
-    return cli(run, "--data.corpus", DEBUG_CORPUS, *flags, callbacks=False, export=False)
+    return cli(run, "--data.corpus", DEBUG_CORPUS, *flags, callbacks=False, export=export)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """3 epochs, every 2nd evaluated, run from a foreign cwd (data paths must still resolve)."""
+    """3 epochs, every 2nd evaluated, run from a foreign cwd (data paths must still resolve);
+    the HF export of the last epoch is written."""
     root = tmp_path_factory.mktemp("benchmark")
     extra = callback_config(root / "benchmark.yaml", every_n_epochs=2, **SETTINGS)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         probe = train_modes()
-        built = benchmark_cli(root / "run", "--config", extra, "--trainer.max_epochs", "3")
+        built = benchmark_cli(root / "run", "--config", extra, "--trainer.max_epochs", "3",
+                              export=True)
         built.trainer.callbacks.append(probe)
         built.trainer.fit(built.model, built.datamodule)
     return root / "run", built, probe
@@ -78,7 +91,7 @@ def test_scores_deltas_cadence_and_results_files(trained):
         values = dict(scalars[f"benchmark/{metric}"])
         assert deltas[0] == 0.0
         for step in (48, 72):
-            assert deltas[step] == pytest.approx(values[step] - values[0], abs=1e-6)
+            assert deltas[step] == pytest.approx(values[step] - values[0], abs=FLOAT32)
     assert [v for _, v in scalars["eval/epochs_completed"]] == [0, 2, 3]
     assert len(probe.modes) == 72 and set(probe.modes) == {(True, True)}  # train mode restored
 
@@ -89,12 +102,67 @@ def test_scores_deltas_cadence_and_results_files(trained):
         assert set(document["results"]) == set(document["configs"]) == set(SHOTS)
         assert document["n-shot"] == SHOTS
         assert {k: v["effective"] for k, v in document["n-samples"].items()} == \
-            {"selftrain_facts": 8, "selftrain_arith": 8}
+            dict.fromkeys(SHOTS, 8)
         assert "samples" not in document and document["config"]["model"] == "tiny:qwen2"
         logged = {f"benchmark/{k}": v for k, v in metric_scores(document["results"]).items()}
         step = document["global_step"]
-        assert {k: pytest.approx(dict(scalars[k])[step], abs=1e-6) for k in logged} == logged
+        assert {k: pytest.approx(dict(scalars[k])[step], abs=FLOAT32) for k in logged} == logged
     assert [h["epoch"] for h in history(run, "benchmark")] == [0, 2, 3]
+
+
+def lm_eval_name(key: str) -> str | None:
+    """lm-eval's ``<metric>,<filter>`` result key as BenchmarkEval names the metric; None for
+    what is no metric (stderrs, alias, name, sample_len)."""
+    metric, comma, filter_name = key.partition(",")
+    if not comma or metric.endswith("_stderr"):
+        return None
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
+
+
+def test_scores_equal_lm_evals_simple_evaluate_on_the_export(trained, monkeypatch):
+    """The last evaluation, rebuilt from what BenchmarkEval recorded, as a user would run it:
+    lm-eval's ``simple_evaluate`` with ``--model hf`` on ``<run>/hf/epoch=3``, per task with
+    its shots, the same limit, batch size, bootstrap iterations and seeds, and lm-eval's own
+    task manager (its data paths are relative to each YAML's folder: run from there)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    run = trained[0]
+    (record,) = [r for r in history(run, "benchmark") if r["epoch"] == 3]
+    document = json.loads((run / "eval" / "benchmark" / "epoch=3-step=72.json").read_text())
+    config = document["config"]
+    assert config["skipped"] == [] and config["max_length"] is None
+    manager = TaskManager(include_path=config["include_path"], include_defaults=False)
+    seed = config["seed"]
+    export = run / "hf" / "epoch=3"
+    assert json.loads((export / "selftrain_export.json").read_text())["global_step"] == 72
+    ours = {k.removeprefix("benchmark/"): v for k, v in record["metrics"].items()
+            if k.startswith("benchmark/")}
+    theirs = {}
+    for task, shots in config["tasks"].items():
+        monkeypatch.chdir(Path(manager.task_index[task].yaml_path).parent)
+        results = simple_evaluate(
+            model="hf", model_args={"pretrained": str(export)}, tasks=[task],
+            num_fewshot=shots, batch_size=config["batch_size"], device="cpu",
+            limit=config["limit"], bootstrap_iters=config["bootstrap_iters"],
+            log_samples=False, task_manager=manager, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed)
+        assert results["n-shot"] == {task: document["n-shot"][task]}
+        assert results["n-samples"][task]["effective"] == 8
+        row = results["results"][task]
+        theirs.update({f"{task}/{lm_eval_name(k)}": v for k, v in row.items()
+                       if lm_eval_name(k)})
+        # the results file holds lm-eval's own row
+        assert {k: v for k, v in document["results"][task].items() if lm_eval_name(k)} == \
+            pytest.approx({k: v for k, v in row.items() if lm_eval_name(k)}, rel=1e-6)
+    assert sorted(ours) == sorted(theirs) == sorted(METRICS)
+    # the same float32 weights (the export is the checkpoint's, bit for bit), tokenizer, batch
+    # composition and CPU kernels: equal up to rounding; the counts of 8 differ by >= 1/8 when
+    # they differ, and 1e-6 of bits per byte (about 8) is far below what one step changes
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    assert ours["selftrain_ppl/bits_per_byte"] != pytest.approx(
+        history(run, "benchmark")[0]["metrics"]["benchmark/selftrain_ppl/bits_per_byte"],
+        rel=1e-3)  # training moved it: the comparison can tell the base from the trained
 
 
 def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp_path):
@@ -113,7 +181,7 @@ def test_resume_keeps_the_base_and_refuses_a_changed_or_missing_one(trained, tmp
         values = dict(scalars[f"benchmark/{metric}"])
         assert max(values) == 96
         assert dict(scalars[f"benchmark_delta/{metric}"])[96] == pytest.approx(
-            values[96] - base[metric], abs=1e-6)
+            values[96] - base[metric], abs=FLOAT32)
 
     changed = callback_config(tmp_path / "changed.yaml", **{**SETTINGS, "limit": 4})
     other = benchmark_cli(run, "--config", changed, "--trainer.max_epochs", "5")
@@ -190,7 +258,7 @@ def test_prompts_longer_than_the_context_are_truncated(tmp_path, student):
     callback.ensure_checked(trainer, student)
     metrics = callback.evaluate(trainer, student, epoch=0)
     assert sorted(k for k in metrics if k.startswith("benchmark/")) == \
-        sorted(f"benchmark/{m}" for m in METRICS)
+        sorted(f"benchmark/{m}" for m in METRICS if not m.startswith("selftrain_ppl"))
     document = json.loads((tmp_path / "eval" / "benchmark" / "epoch=0-step=0.json").read_text())
     assert document["n-shot"] == {"selftrain_facts": 8, "selftrain_arith": 8}
 
@@ -248,7 +316,7 @@ def test_ddp_splits_tasks_across_two_ranks_and_writes_once(tmp_path, trained):
     assert files == ["epoch=0-step=0.json", "epoch=1-step=12.json", "epoch=2-step=24.json"]
     assert len((run / "eval" / "benchmark.jsonl").read_text().splitlines()) == 3
     scalars = read_scalars(run / "tb")
-    for metric in METRICS:  # facts ran on rank 0, arith on rank 1: all reach rank 0's logger
+    for metric in METRICS:  # facts, ppl ran on rank 0, arith on rank 1: all reach rank 0
         assert [s for s, _ in scalars[f"benchmark/{metric}"]] == [0, 12, 24]
         assert dict(scalars[f"benchmark_delta/{metric}"])[0] == 0.0
     ddp_base = json.loads((run / "eval" / "benchmark" / files[0]).read_text())

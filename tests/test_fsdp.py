@@ -2,8 +2,14 @@
 
 FSDP runs for real here on 2 CPU processes (gloo) through ``allow_cpu``; the GPU run is in
 ``tests/test_gpu.py`` and ``scripts/bench/bench_train.py --strategy fsdp`` on a GPU machine.
+Those runs also record the optimizer's parameter groups (:class:`RecordParamGroups`): FSDP's
+flattened shards must be grouped as DDP's whole parameters are.
 """
 
+import json
+import os
+
+import lightning as L
 import pytest
 import torch
 from helpers import (
@@ -23,7 +29,12 @@ from transformers import AutoModelForCausalLM
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model
-from selftrain.training.fsdp import DecoderLayerFSDP, decoder_layer_classes, unsharded_copy
+from selftrain.training.fsdp import (
+    DecoderLayerFSDP,
+    clean_name,
+    decoder_layer_classes,
+    unsharded_copy,
+)
 
 
 @pytest.mark.parametrize("family, expected", [("qwen2", "Qwen2DecoderLayer"),
@@ -108,6 +119,34 @@ def test_sharded_save_swaps_in_a_complete_checkpoint_or_keeps_the_old_one(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging, no -previous
 
 
+class RecordParamGroups(L.Callback):
+    """Writes the optimizer's groups to ``<run>/param_groups/rank<r>.json`` at train start.
+
+    Loaded by class path in a ``selftrain fit`` subprocess (``test_fsdp.RecordParamGroups``,
+    with ``tests`` on ``PYTHONPATH``). Each group: its weight decay and its parameters as
+    ``[name, numel, ndim]``, names as the student's own (wrapper parts removed).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = {id(p): clean_name(n) for n, p in pl_module.model.named_parameters()}
+        optimizer = trainer.optimizers[0]
+        record = {"optimizer": type(optimizer).__name__,
+                  "groups": [{"weight_decay": group["weight_decay"],
+                              "params": [[names[id(p)], p.numel(), p.ndim]
+                                         for p in group["params"]]}
+                             for group in optimizer.param_groups]}
+        out = os.path.join(trainer.default_root_dir, "param_groups")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as file:
+            json.dump(record, file)
+
+
+def recorded_groups(run) -> list[dict]:
+    """:class:`RecordParamGroups`' records of a run, rank 0 first."""
+    return [json.loads((run / "param_groups" / f"rank{rank}.json").read_text())
+            for rank in range(2)]
+
+
 @pytest.fixture(scope="module")
 def fsdp_and_ddp_runs(tmp_path_factory):
     """The debug config (all three evaluation callbacks) under each preset on 2 CPU ranks."""
@@ -118,12 +157,47 @@ def fsdp_and_ddp_runs(tmp_path_factory):
               "--trainer.precision", "32-true"]
     presets = {"fsdp": ["--config", FSDP_PRESET, *on_cpu, "--trainer.strategy.allow_cpu", "true"],
                "ddp": ["--config", DDP_PRESET, *on_cpu]}
-    for name, flags in presets.items():
-        # a clip small enough to act on every step: FSDP clips over all shards (global norm)
-        # weight decay: FSDP has flattened the matrices by the time the optimizer is built
-        succeeded(run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
-                          "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1"))
+    tests = os.path.dirname(__file__)
+    with pytest.MonkeyPatch.context() as patch:  # RecordParamGroups, imported by class path
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests,
+                                                                 os.environ.get("PYTHONPATH")])))
+        for name, flags in presets.items():
+            # a clip small enough to act on every step: FSDP clips over all shards (global norm)
+            # weight decay: FSDP has flattened the matrices by the time the optimizer is built
+            succeeded(run_fit(runs[name], *flags, "--trainer.max_epochs", "2",
+                              "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1",
+                              "--trainer.callbacks+=test_fsdp.RecordParamGroups"))
     return runs
+
+
+@pytest.mark.slow
+def test_fsdp_groups_its_flattened_shards_as_ddp_groups_whole_parameters(fsdp_and_ddp_runs):
+    whole = recorded_groups(fsdp_and_ddp_runs["ddp"])
+    sharded = recorded_groups(fsdp_and_ddp_runs["fsdp"])
+    assert whole[0] == whole[1]  # DDP: every rank holds the whole student
+    decay, no_decay = whole[0]["groups"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert {ndim for _, _, ndim in decay["params"]} == {2}  # matrices decay
+    assert {ndim for _, _, ndim in no_decay["params"]} == {1}  # norms and biases do not
+    sizes = {name: numel for group in (decay, no_decay) for name, numel, _ in group["params"]}
+    assert len(sizes) == len(decay["params"]) + len(no_decay["params"])  # each once
+
+    for rank in sharded:
+        assert rank["optimizer"] == whole[0]["optimizer"] == "AdamW"
+        assert [g["weight_decay"] for g in rank["groups"]] == [0.1, 0.0]
+        # flattened: every parameter is a 1-D piece of its rank's shard (some are empty), so
+        # only the names recorded at load can tell a matrix from a norm
+        assert {ndim for g in rank["groups"] for _, _, ndim in g["params"]} == {1}
+        for group, expected in zip(rank["groups"], (decay, no_decay), strict=True):
+            assert sorted(name for name, _, _ in group["params"]) == sorted(
+                name for name, _, _ in expected["params"])
+    # the two ranks' pieces of each parameter add up to the whole of it: nothing lost or doubled
+    pieces = {name: 0 for name in sizes}
+    for rank in sharded:
+        for group in rank["groups"]:
+            for name, numel, _ in group["params"]:
+                pieces[name] += numel
+    assert pieces == sizes
 
 
 @pytest.mark.slow
