@@ -10,6 +10,12 @@ shards are written to a temp file and renamed (all through :mod:`selftrain.io`),
 never leaves a corpus that looks complete. Readers also accept plain ``.jsonl`` / ``.parquet`` /
 ``.txt`` files.
 
+The readers here are every command's: :func:`read_parquet`, :func:`read_json_records` and
+:func:`read_text` turn a damaged shard, a line that is not JSON or bytes that are not UTF-8
+into one line naming the file (and the line), and :func:`check_rows` refuses a ``text`` that is
+not a string or ``input_ids`` that are not token ids, wherever rows come from (corpora, probe
+sets, probe-set inputs). :func:`check_seed` holds every command's seed to what is recorded.
+
 Every writer records where the ids come from the same way: :func:`provenance` (tokenizer, BOS
 and EOS ids, the model and its resolved revision) and :func:`stamp` (format, tool version,
 creation time).
@@ -19,7 +25,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +38,9 @@ import pyarrow.parquet as pq
 from selftrain import __version__
 from selftrain.errors import SelftrainError
 from selftrain.io import (
+    missing_parents,
     publish_dir,
+    remove_empty_dirs,
     staging_dir,
     write_json_atomic,
     write_parquet_atomic,
@@ -79,6 +88,9 @@ class Corpus:
 class CorpusWriter:
     """Writes a corpus dir atomically: shards into a staging dir, then one swap into place.
 
+    Left without :meth:`finish` (an error, Ctrl-C), it removes the staging dir and the parent
+    dirs it made, so a failed command leaves nothing behind.
+
     Args:
         out: the final corpus directory.
         shard_size: rows per parquet shard.
@@ -89,6 +101,7 @@ class CorpusWriter:
     shard_size: int = 10_000
     overwrite: bool = False
     _staging: Path | None = field(default=None, init=False, repr=False)
+    _made: list[Path] = field(default_factory=list, init=False, repr=False)
     _buffer: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
     _shards: int = field(default=0, init=False, repr=False)
     rows_written: int = field(default=0, init=False)
@@ -96,6 +109,7 @@ class CorpusWriter:
     def __enter__(self) -> CorpusWriter:
         self.out = Path(self.out)
         check_corpus_out(self.out, self.overwrite)
+        self._made = missing_parents(self.out)
         self._staging = staging_dir(self.out)
         (self._staging / DATA_DIR).mkdir()
         return self
@@ -134,8 +148,11 @@ class CorpusWriter:
         return self.out
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Abandoned before :meth:`finish`: remove the staging dir and the parents made for it."""
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+            remove_empty_dirs(self._made)
 
 
 def stamp(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -191,60 +208,265 @@ CORPUS_ENTRIES = (*CORPUS_MARKERS, DATA_DIR)
 """Every name a corpus dir holds, besides hidden temp files."""
 
 
+SEED_MAX = 2**63 - 1
+"""The largest seed any command takes: seeds are recorded (manifests, probe-set metadata,
+checkpoints) and read back as signed 64-bit integers."""
+
+
+def check_seed(seed: int, flag: str = "--seed", maximum: int = SEED_MAX) -> None:
+    """Refuse a seed outside ``0..maximum`` instead of letting a consumer wrap or reject it.
+
+    Args:
+        seed: the seed given.
+        flag: the flag it came from.
+        maximum: the largest seed the consumer takes (:data:`SEED_MAX` unless it takes fewer).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= maximum:
+        raise SelftrainError(f"{flag} {seed}: a seed is an integer in 0..{maximum}; pick one "
+                             "in that range")
+
+
 def check_corpus_out(out: Path, overwrite: bool) -> bool:
     """:func:`selftrain.outputs.check_out_dir` for a corpus dir (see there)."""
     return check_out_dir(out, overwrite, CORPUS_MARKERS, CORPUS_ENTRIES, "corpus")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def read_text(path: Path, flag: str) -> str:
+    """A file's text (UTF-8), refused in one line naming the file when it cannot be read.
+
+    Args:
+        path: the file.
+        flag: the flag it came from, named in the error.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SelftrainError(f"{flag} {path}: not UTF-8 text (a bad byte at offset "
+                             f"{error.start}); give a text file") from None
+    except OSError as error:
+        raise SelftrainError(f"{flag} {path}: cannot read it ({error.strerror or error}); "
+                             "fix the path or its permissions") from None
+
+
+@contextmanager
+def readable_parquet(path: Path, flag: str, fix: str) -> Iterator[None]:
+    """Turn pyarrow's failure to read a parquet file (garbage, cut short) into one line.
+
+    Every parquet reader of the project reads inside this block (:func:`read_parquet`), so a
+    damaged file is named the same way wherever it is read.
+
+    Args:
+        path: the parquet file read in the block.
+        flag: the flag it came from.
+        fix: what to do, e.g. "the corpus is damaged: regenerate it".
+    """
+    try:
+        yield
+    except (OSError, pa.ArrowException) as error:  # ArrowInvalid is a ValueError too
+        reason = first_line(error)
+        if reason.startswith("Could not open") and "': " in reason:  # it repeats the path
+            reason = reason.split("': ", 1)[1]
+        reason = reason.split(". ")[0].rstrip(".")  # pyarrow adds sentences of guesses
+        raise SelftrainError(f"{flag} {path}: not a readable parquet file ({reason}); "
+                             f"{fix}") from None
+
+
+def read_parquet(path: Path, flag: str, fix: str, columns: list[str] | None = None
+                 ) -> pa.Table:
+    """A parquet file as a table, refused in one line when it cannot be read.
+
+    Args:
+        path: the parquet file.
+        flag: the flag it came from.
+        fix: what to do about a damaged file.
+        columns: the columns to read (None: all).
+    """
+    with readable_parquet(path, flag, fix):
+        return pq.read_table(path, columns=columns)
+
+
+def read_json_records(path: Path, flag: str, objects: bool = True) -> list[Any]:
+    """The records of a JSON-lines file, or of a ``.json`` file holding one JSON document.
+
+    A ``.json`` file that parses whole gives its list's items (or itself, when it is not a
+    list); otherwise (and always for ``.jsonl``) each non-blank line is one record.
+
+    Args:
+        path: the file.
+        flag: the flag it came from, named in errors with the line at fault.
+        objects: each record must be a JSON object (a row with named fields).
+
+    Raises:
+        SelftrainError: the file cannot be read, a line is not JSON, or (``objects``) a
+            record is not an object.
+    """
+    text = read_text(path, flag)
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSON lines in a .json file: read below, line by line
+        else:
+            records = document if isinstance(document, list) else [document]
+            for number, record in enumerate(records, start=1):
+                if objects and not isinstance(record, dict):
+                    raise SelftrainError(f"{flag} {path}: record {number} is not a JSON "
+                                         "object; write a list of objects")
+            return records
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SelftrainError(f"{flag} {path}: line {number} is not valid JSON "
+                                 f"({error.msg}); fix or remove that line") from None
+        if objects and not isinstance(record, dict):
+            raise SelftrainError(f"{flag} {path}: line {number} is not a JSON object; write "
+                                 "one object per line")
+        records.append(record)
+    return records
+
+
+def is_token_ids(value: Any) -> bool:
+    """Whether a value is a list of token ids (integers >= 0; a bool is no token id)."""
+    return isinstance(value, list) and all(
+        type(token) is int and token >= 0 for token in value)
+
+
+def check_rows(columns: dict[str, list[Any]], path: Path, flag: str,
+               schema: pa.Schema | None = None) -> None:
+    """Refuse a ``text`` that is not a string and ``input_ids`` that are not token ids.
+
+    A missing value (None) passes: what needs it refuses it where it is needed.
+
+    Args:
+        columns: column name -> values.
+        path: the file or dir they came from, named in the error with the row.
+        flag: the flag it came from.
+        schema: the parquet schema they were read with; a column it types as strings, or
+            as lists of integers, is not checked value by value (only for negative ids).
+    """
+    texts = columns.get("text")
+    if texts is not None and not (schema is not None and "text" in schema.names
+                                  and _is_strings(schema.field("text").type)):
+        for row, text in enumerate(texts, start=1):
+            if text is not None and not isinstance(text, str):
+                raise SelftrainError(f"{flag} {path}: row {row} has text {_shown(text)}, not "
+                                     "a string; fix that row")
+    ids = columns.get("input_ids")
+    if ids is None:
+        return
+    typed = schema is not None and "input_ids" in schema.names and _is_integer_lists(
+        schema.field("input_ids").type)
+    for row, value in enumerate(ids, start=1):
+        if value is not None and not (min(value, default=0) >= 0 if typed
+                                      else is_token_ids(value)):
+            raise SelftrainError(f"{flag} {path}: row {row} has input_ids {_shown(value)}, "
+                                 "not a list of token ids (integers >= 0); fix that row, or "
+                                 "drop the input_ids to tokenize the text")
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON, cut to 40 characters, for an error message."""
+    shown = json.dumps(value, default=str)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _is_strings(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_integer_lists(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(
+        kind.value_type)
 
 
 def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:
     """Read a corpus dir, or a plain ``.parquet`` / ``.jsonl`` / ``.txt`` file.
 
     Plain text files give one document per non-empty line. jsonl and parquet rows need
-    ``text`` or ``input_ids``.
+    ``text`` or ``input_ids``; a ``text`` must be a string and ``input_ids`` a list of
+    token ids (:func:`check_rows`).
 
     Args:
         path: the corpus dir or file.
         flag: the flag the path came from, named in error messages.
 
     Raises:
-        SelftrainError: missing path, empty corpus, or rows without ``text`` / ``input_ids``.
+        SelftrainError: missing path, a damaged shard, manifest or file, an empty corpus,
+            rows without ``text`` / ``input_ids`` or with values of the wrong kind.
     """
     path = Path(path)
     if not path.exists():
         raise SelftrainError(f"{flag} {path}: no such file or directory; run `selftrain "
                              "generate --out DIR` first or point it at a corpus")
-    manifest = None
+    manifest, schema = None, None
     if path.is_dir():
-        manifest_path = path / MANIFEST_NAME
-        shards = sorted((path / DATA_DIR).glob("*.parquet")) if (path / DATA_DIR).is_dir() else []
-        if not manifest_path.exists() and not shards:
-            shards = sorted(path.glob("*.parquet"))
-        if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-        elif (path / PLAN_NAME).exists():
-            raise SelftrainError(f"{flag} {path}: the corpus is unfinished; rerun the same "
-                                 "`selftrain generate` command to complete it")
-        if not shards:
-            raise SelftrainError(f"{flag} {path}: no data/*.parquet shards; the corpus is "
-                                 "empty or unfinished: regenerate it")
-        table = pa.concat_tables([pq.read_table(shard) for shard in shards],
-                                 promote_options="default")
-        columns = table.to_pydict()
+        columns, manifest, schema = _read_corpus_dir(path, flag)
     elif path.suffix == ".parquet":
-        columns = pq.read_table(path).to_pydict()
+        table = read_parquet(path, flag, "replace the file or point at another corpus")
+        columns, schema = table.to_pydict(), table.schema
     elif path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        names = {name for row in rows for name in row}
+        rows = read_json_records(path, flag)
+        names = {name: None for row in rows for name in row}
         columns = {name: [row.get(name) for row in rows] for name in names}
     elif path.suffix in (".txt", ".text", ".md"):
-        columns = {"text": [line for line in path.read_text().splitlines() if line.strip()]}
+        columns = {"text": [line for line in read_text(path, flag).splitlines()
+                            if line.strip()]}
     else:
         raise SelftrainError(f"{flag} {path}: unsupported file type; use a corpus dir or a "
                              ".jsonl, .parquet or .txt file")
+    if not columns or not any(columns.values()):
+        raise SelftrainError(f"{flag} {path}: the corpus is empty (no rows); regenerate it or "
+                             "point at a non-empty corpus")
     if "text" not in columns and "input_ids" not in columns:
         raise SelftrainError(f"{flag} {path}: rows need a 'text' or 'input_ids' column")
-    corpus = Corpus(path=path, columns=columns, manifest=manifest)
-    if len(corpus) == 0:
-        raise SelftrainError(f"{flag} {path}: the corpus is empty; regenerate it or point "
-                             "at a non-empty corpus")
-    return corpus
+    check_rows(columns, path, flag, schema)
+    return Corpus(path=path, columns=columns, manifest=manifest)
+
+
+def _read_corpus_dir(path: Path, flag: str
+                     ) -> tuple[dict[str, list[Any]], dict[str, Any] | None, pa.Schema]:
+    """A corpus dir's columns, its manifest (None without one) and its shards' schema."""
+    manifest_path = path / MANIFEST_NAME
+    shards = sorted((path / DATA_DIR).glob("*.parquet")) if (path / DATA_DIR).is_dir() else []
+    if not manifest_path.exists() and not shards:
+        shards = sorted(path.glob("*.parquet"))
+    manifest = None
+    if manifest_path.exists():
+        manifest = _read_manifest(manifest_path, flag)
+    elif (path / PLAN_NAME).exists():
+        raise SelftrainError(f"{flag} {path}: the corpus is unfinished; rerun the same "
+                             "`selftrain generate` command to complete it")
+    if not shards:
+        raise SelftrainError(f"{flag} {path}: no data/*.parquet shards; the corpus is "
+                             "empty or unfinished: regenerate it")
+    damaged = "the corpus is damaged: regenerate it"
+    tables = [read_parquet(shard, flag, damaged) for shard in shards]
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as error:
+        raise SelftrainError(f"{flag} {path}: its shards disagree on their columns "
+                             f"({first_line(error)}); {damaged}") from None
+    return table.to_pydict(), manifest, table.schema
+
+
+def _read_manifest(path: Path, flag: str) -> dict[str, Any]:
+    """A corpus dir's manifest, refused in one line unless it is a JSON object."""
+    try:
+        manifest = json.loads(read_text(path, flag))
+    except json.JSONDecodeError as error:
+        raise SelftrainError(f"{flag} {path}: not valid JSON (line {error.lineno}: "
+                             f"{error.msg}); the corpus is damaged: regenerate it") from None
+    if not isinstance(manifest, dict):
+        raise SelftrainError(f"{flag} {path}: not a JSON object; the corpus is damaged: "
+                             "regenerate it")
+    return manifest

@@ -152,6 +152,30 @@ def swap_into_place(staging: Path, target: Path, replace: bool = True,
     return True
 
 
+def missing_parents(path: str | os.PathLike) -> list[Path]:
+    """The parent directories of ``path`` that do not exist yet, deepest first.
+
+    A writer notes them before it starts and, if it gives up, hands them to
+    :func:`remove_empty_dirs`: a refused or failed command leaves no empty dirs behind.
+    """
+    return [parent for parent in Path(path).parents if not parent.exists()]
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove each of ``dirs`` (deepest first) that exists and is empty; stop at one that is not.
+
+    Args:
+        dirs: what :func:`missing_parents` returned before the writer made them.
+    """
+    for folder in dirs:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (another writer's files), or not ours to remove
+            return
+
+
 def staging_dir(path: str | os.PathLike) -> Path:
     """A new empty hidden dir beside ``path``, to fill and then hand to :func:`publish_dir`.
 
@@ -187,15 +211,22 @@ def publish_dir(staging: Path, target: Path, replace: bool = True) -> bool:
 def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty staging dir beside ``path``; once the block succeeds, swap it into place.
 
+    When the block raises, the staging dir goes, and so do the parent dirs made for it.
+
     Args:
         path: the final directory; its parent directories are created.
         replace: replace an existing ``path`` (after the new one is complete); if False and
             one appears meanwhile, the new one is discarded and the existing one kept.
     """
+    made = missing_parents(path)
     staging = staging_dir(path)
+    published = False
     try:
         yield staging
         publish_dir(staging, Path(path), replace=replace)
+        published = True
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            remove_empty_dirs(made)

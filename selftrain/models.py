@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from selftrain.corpus import first_line
 from selftrain.embedded import (
     EMBEDDED_MODELS,
     embedded_cache_dir,
@@ -98,7 +99,48 @@ def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
     if sep and "/" not in prefix and not Path(spec).exists():
         raise SelftrainError(f"{flag} {spec!r}: unknown model scheme {prefix!r}; use a hub id, "
                              "a local HF dir, embedded:<name>, tiny:<family> or shape:<name>")
+    check_local_model(spec, flag)
     return ModelSpec("hub", spec)
+
+
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+"""A spec starting so is a local path, never a hub id."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "spiece.model", "vocab.txt")
+
+
+def check_local_model(spec: str, flag: str) -> None:
+    """Refuse a local model path that transformers could not load whole, before loading it.
+
+    A local HF model dir holds ``config.json``, weights and a tokenizer (what
+    ``save_pretrained`` of the model and of its tokenizer write); a spec that is an existing
+    file, a dir lacking one of the three, or a path (``/``, ``./``, ``../``, ``~``) that does
+    not exist is refused. Other specs are hub ids and left to the loader.
+
+    Args:
+        spec: the model spec, a hub id or a local path.
+        flag: the flag it came from.
+    """
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.startswith(LOCAL_PATH_PREFIXES):
+            raise SelftrainError(f"{flag} {spec}: no such directory; give a local HF model dir "
+                                 "or a hub id")
+        return
+    if not path.is_dir():
+        raise SelftrainError(f"{flag} {spec}: is a file; give the model's directory (with "
+                             "config.json) or a hub id")
+    missing = [what for what, present in (
+        ("config.json", (path / "config.json").is_file()),
+        ("weights (*.safetensors or *.bin)", any(any(path.glob(p)) for p in WEIGHT_PATTERNS)),
+        ("tokenizer files (tokenizer.json or tokenizer_config.json)",
+         any((path / name).is_file() for name in TOKENIZER_FILES)),
+    ) if not present]
+    if missing:
+        raise SelftrainError(f"{flag} {spec}: the directory has no {' and no '.join(missing)}; "
+                             "give a HF model dir (save_pretrained of the model and its "
+                             "tokenizer) or a hub id")
 
 
 def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
@@ -108,15 +150,21 @@ def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]
     return kwargs
 
 
-def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False,
+                   flag: str = "--model"):
     """Load the tokenizer of a model spec.
 
     Args:
         spec: model spec (see module docstring).
         revision: hub revision (branch, tag or commit) for hub ids.
         trust_remote_code: allow repository code for hub models (off unless asked).
+        flag: the flag the spec came from, named in errors.
+
+    Raises:
+        SelftrainError: the spec is bad, the tokenizer cannot be loaded, or what loads has no
+            vocabulary (transformers builds an empty one from a config without tokenizer files).
     """
-    parsed = parse_model_spec(spec)
+    parsed = parse_model_spec(spec, flag)
     if parsed.kind == "tiny":
         return build_tiny_tokenizer(parsed.name)
     if parsed.kind == "shape":
@@ -125,10 +173,15 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
         return tokenizer
     path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
     try:
-        return AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision, trust_remote_code))
-    except OSError as error:
-        raise SelftrainError(f"cannot load the tokenizer of {spec!r}: {_first_line(error)} "
-                             "(offline? give a local HF dir or pre-download it)") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision,
+                                                                      trust_remote_code))
+    except (OSError, ValueError) as error:  # ValueError: files there, but no tokenizer in them
+        raise SelftrainError(f"{flag} {spec}: cannot load its tokenizer ({first_line(error)}); "
+                             "offline? give a local HF dir or pre-download it") from None
+    if len(tokenizer) < 2:
+        raise SelftrainError(f"{flag} {spec}: its tokenizer has no vocabulary (no tokenizer "
+                             "files); save the tokenizer beside the model or give another spec")
+    return tokenizer
 
 
 def load_model(
@@ -137,6 +190,7 @@ def load_model(
     attn_implementation: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    flag: str = "--model",
 ) -> PreTrainedModel:
     """Load the causal LM of a model spec.
 
@@ -146,29 +200,30 @@ def load_model(
         attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"`` or None (default).
         revision: hub revision (branch, tag or commit) for hub ids.
         trust_remote_code: allow repository code for hub models (off unless asked).
+        flag: the flag the spec came from, named in errors.
     """
-    parsed = parse_model_spec(spec)
+    parsed = parse_model_spec(spec, flag)
     if parsed.kind == "tiny":
         model = build_tiny_model(parsed.name, build_tiny_tokenizer(parsed.name))
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
-        return model.to(_as_dtype(dtype) or torch.float32)
+        return model.to(as_dtype(dtype) or torch.float32)
     if parsed.kind == "shape":
         model = build_shape_model(parsed.name, load_tokenizer(spec),
-                                  dtype=_as_dtype(dtype) or torch.float32)
+                                  dtype=as_dtype(dtype) or torch.float32)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
         return model
     path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
     kwargs = _hub_kwargs(revision, trust_remote_code)
-    kwargs["dtype"] = _as_dtype(dtype) or torch.float32
+    kwargs["dtype"] = as_dtype(dtype) or torch.float32
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
-        raise SelftrainError(f"cannot load model {spec!r}: {_first_line(error)} "
-                             "(offline? give a local HF dir or pre-download it)") from None
+        raise SelftrainError(f"{flag} {spec}: cannot load the model ({first_line(error)}); "
+                             "offline? give a local HF dir or pre-download it") from None
 
 
 def model_revision(spec: str, config) -> str | None:
@@ -249,8 +304,13 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from a flag value; None (and ``"auto"``) means the loader's default."""
+def as_dtype(dtype: torch.dtype | str | None, flag: str = "--dtype") -> torch.dtype | None:
+    """A torch dtype from a flag value; None (and ``"auto"``) means the loader's default.
+
+    Args:
+        dtype: a torch dtype, or its name (``float32``, ``bf16``, ...).
+        flag: the flag it came from, named in the error.
+    """
     if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, torch.dtype):
@@ -258,10 +318,22 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise SelftrainError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+        raise SelftrainError(f"{flag} {dtype}: unknown dtype; use one of {', '.join(names)}")
     return names[dtype]
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def check_token_id(token_id: int | None, size: int | None, flag: str) -> None:
+    """Refuse a token id flag (``--bos_token_id``) that is negative or past the embedding.
+
+    Args:
+        token_id: the id given (None: unset, nothing to check).
+        size: the ids there are (the vocabulary or the embedding rows); None checks the sign
+            only.
+        flag: the flag it came from.
+    """
+    if token_id is None:
+        return
+    if token_id < 0 or (size is not None and token_id >= size):
+        within = f"in 0..{size - 1}" if size is not None else ">= 0"
+        raise SelftrainError(f"{flag} {token_id}: a token id must be {within}; leave it unset to "
+                             "use the resolved BOS")

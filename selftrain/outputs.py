@@ -1,5 +1,8 @@
 """Where a command may write: never over something it did not write, never over its inputs.
 
+An output whose directory cannot be made or written (a file in the way, no permission) is
+refused before anything is read or computed, not when the first file is written.
+
 ``--overwrite`` replaces only an output this project recognisably wrote (its manifest or
 in-progress marker is there) and that holds nothing else; a directory of other files, or one
 that is or holds an input of the same command, is refused in one line whatever the flags. The
@@ -9,6 +12,7 @@ in place.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,14 +20,28 @@ from selftrain.errors import SelftrainError
 from selftrain.io import is_temp_name
 
 
-def refuse_file_path(out: Path) -> None:
-    """Refuse an ``--out`` that is a file or lies under one (a dir can never be made there)."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "it" if path == out else str(path)
-                raise SelftrainError(f"--out {out}: {where} is a file; choose a new directory")
-            return
+def refuse_unwritable(out: Path, flag: str = "--out", beside: bool = True) -> None:
+    """Refuse an output dir that can never be made or written: a file in the way, no permission.
+
+    The nearest existing one of ``out`` and its parents must be a directory this process may
+    write into (a dir can never be made under a file), and so must ``out``'s parent be when the
+    output is staged beside ``out`` and swapped in (:mod:`selftrain.io`).
+
+    Args:
+        out: the output directory.
+        flag: the flag it came from.
+        beside: the output is staged in a sibling of ``out`` (every dir output but
+            ``selftrain generate``'s, which fills ``out`` itself).
+    """
+    existing = next(path for path in (out, *out.parents, Path(".")) if path.exists())
+    if not existing.is_dir():
+        where = "it" if existing == out else str(existing)
+        raise SelftrainError(f"{flag} {out}: {where} is a file; choose a new directory")
+    written = [existing, existing.parent] if beside and existing == out else [existing]
+    for path in written:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SelftrainError(f"{flag} {out}: {path} is not writable; choose a directory "
+                                 "you can write to")
 
 
 def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
@@ -52,11 +70,12 @@ def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | Non
 
 def check_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...],
                   entries: tuple[str, ...], what: str) -> bool:
-    """Refuse an ``--out`` this command may not write to; say whether it replaces one.
+    """Refuse an ``--out`` this command may not or cannot write to; say whether it replaces one.
 
-    Only an output this project recognisably wrote (one of ``markers`` in it) is ever
-    replaced, with ``overwrite``, and only when it holds nothing but such an output's
-    ``entries`` (and hidden temp files); an empty dir is free.
+    A file in the way or a directory without write permission is refused
+    (:func:`refuse_unwritable`). Only an output this project recognisably wrote (one of
+    ``markers`` in it) is ever replaced, with ``overwrite``, and only when it holds nothing
+    but such an output's ``entries`` (and hidden temp files); an empty dir is free.
 
     Args:
         out: the directory about to be written.
@@ -69,10 +88,10 @@ def check_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...],
         True when ``out`` holds an output that is to be replaced.
 
     Raises:
-        SelftrainError: ``out`` is a file, holds something else, or holds an output of
-            this kind and ``overwrite`` is off.
+        SelftrainError: ``out`` is a file or cannot be written, holds something else, or
+            holds an output of this kind and ``overwrite`` is off.
     """
-    refuse_file_path(out)
+    refuse_unwritable(out)
     names = refuse_foreign(out, markers, entries)
     if not names:
         return False

@@ -5,9 +5,10 @@ the vocabulary check, subsets, plain jsonl and txt files, truncation, packing, b
 """
 
 import json
+import logging
 
 import pytest
-from helpers import write_text_corpus
+from helpers import write_jsonl, write_text_corpus
 
 from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError
@@ -71,6 +72,14 @@ def test_max_length_truncates(qwen_corpus):
     ({"batch_size": 0}, "--data.batch_size"),
     ({"corpus": "/nonexistent/corpus"}, "--data.corpus"),
     ({"subset": 3, "num_subsets": 2}, "--data.subset"),
+    ({"group_batches": -1}, "--data.group_batches -1"),
+    ({"pad_to_multiple_of": 0}, "--data.pad_to_multiple_of 0"),
+    ({"num_workers": -1}, "--data.num_workers -1"),
+    ({"min_real_token_fraction": 1.5}, "--data.min_real_token_fraction 1.5"),
+    ({"seed": -1}, "--data.seed -1"),
+    ({"seed": 2**64}, "--data.seed 18446744073709551616"),
+    ({"bos_token_id": -1}, "--data.bos_token_id -1"),
+    ({"tokenizer": "tiny:nope"}, "--model.model 'tiny:nope'"),
 ])
 def test_bad_arguments_fail_in_init(qwen_corpus, kwargs, fragment):
     with pytest.raises(SelftrainError, match=fragment):
@@ -82,11 +91,41 @@ def test_empty_or_unfinished_corpus_fails_clearly(tmp_path):
     with pytest.raises(SelftrainError, match="no data/\\*.parquet shards"):
         setup_dm(tmp_path / "empty")
     (tmp_path / "blank.jsonl").write_text("\n")
-    with pytest.raises(SelftrainError, match="empty"):
+    with pytest.raises(SelftrainError, match="the corpus is empty"):
         setup_dm(tmp_path / "blank.jsonl")
     (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(SelftrainError, match="'text' or 'input_ids'"):
         setup_dm(tmp_path / "nocol.jsonl")
+
+
+def test_a_corpus_of_mostly_empty_rows_is_refused_a_few_are_dropped(tmp_path, caplog):
+    rows = [{"text": "the cat sat on the mat." if i % 4 else ""} for i in range(40)]
+    few = write_jsonl(tmp_path / "few.jsonl", rows)  # 10 of 40 empty: dropped, and said so
+    with caplog.at_level(logging.INFO):
+        assert setup_dm(few).stats["dropped"] == 10
+    assert "dropped 10 of 40 rows" in caplog.text
+    most = write_jsonl(tmp_path / "most.jsonl", [{"text": "" if i % 4 else "a cat."}
+                                                 for i in range(40)])
+    with pytest.raises(SelftrainError, match=r"most.jsonl: 30 of 40 selected rows have no "
+                                             r"token to train on"):
+        setup_dm(most)
+
+
+def test_bos_outside_the_students_vocabulary_is_refused_at_load(llama_corpus):
+    with pytest.raises(SelftrainError, match=r"^--data.bos_token_id 257: a token id must be "
+                                             r"in 0..256"):
+        setup_dm(llama_corpus, bos_token_id=257)
+
+
+def test_the_students_revision_reaches_its_tokenizer(qwen_corpus, monkeypatch):
+    import selftrain.training.data as data
+
+    seen = []
+    real = data.load_tokenizer
+    monkeypatch.setattr(data, "load_tokenizer",
+                        lambda spec, **kwargs: seen.append(kwargs) or real(spec, **kwargs))
+    setup_dm(qwen_corpus, revision="v1.0")
+    assert seen == [{"revision": "v1.0", "flag": "--model.model"}]
 
 
 def test_packing_packs_the_same_batches_without_padding(qwen_corpus, recwarn):

@@ -126,6 +126,35 @@ def test_killed_run_resumes_to_exactly_n_unique_ids(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.rglob(".*")) == []  # no plan, no temp files left
 
 
+def test_ctrl_c_names_the_shards_kept_over_every_temperature(tmp_path, monkeypatch):
+    from selftrain.errors import Interrupted
+    from selftrain.sampling.generate import generate
+    from selftrain.sampling.shards import ShardedCorpus
+
+    real_write = ShardedCorpus.write_shard
+    written = []
+
+    def write_until_ctrl_c(self, index, rows):
+        if len(written) == 5:
+            raise KeyboardInterrupt  # Ctrl-C while the sixth shard is being sampled
+        real_write(self, index, rows)
+        written.append(index)
+
+    sweep = {"model": "tiny:qwen2", "out": str(tmp_path / "sweep"), "num_samples": 8,
+             "max_new_tokens": 8, "temperature": [0.5, 1.5], "batch_size": 4, "shard_size": 2}
+    monkeypatch.setattr(ShardedCorpus, "write_shard", write_until_ctrl_c)
+    with pytest.raises(Interrupted) as interrupted:  # 4 shards of t0.5, then 1 of t1.5
+        generate(**sweep)
+    assert str(interrupted.value) == ("interrupted after 5 of 8 shards; rerun the same command "
+                                      "to resume")
+    monkeypatch.setattr(ShardedCorpus, "write_shard", real_write)
+    assert manifest_of(tmp_path / "sweep" / "t0.5")["counts"]["written"] == 8
+    cold, hot = generate(**sweep)
+    assert manifest_of(cold)["timing"]["samples_this_run"] == 8  # from its first run
+    assert manifest_of(hot)["timing"]["samples_this_run"] == 6  # 3 shards resumed
+    assert read_corpus(hot).columns["id"] == list(range(8))
+
+
 def test_temperature_list_writes_one_corpus_per_value(tmp_path):
     from selftrain.sampling.generate import generate
 
@@ -157,6 +186,12 @@ def test_progress_bar_shows_samples_rate_and_eta(tmp_path, capsys):
     ({"top_k": -1}, "--top_k"),
     ({"shard_size": 0}, "--shard_size"),
     ({"bos_token_id": 10_000}, "--bos_token_id"),
+    ({"bos_token_id": -1}, "--bos_token_id"),
+    ({"seed": -1}, "--seed"),
+    ({"seed": 2**64}, "--seed"),
+    ({"dtype": "float8"}, "--dtype"),
+    ({"device": "cuda:99"}, "--device"),
+    ({"device": "tpu"}, "--device"),
 ])
 def test_bad_flags_fail_before_writing(tmp_path, kwargs, flag):
     params = {"num_samples": 4, "max_new_tokens": 4, **kwargs}

@@ -100,6 +100,20 @@ def test_atomic_dir_keeps_the_old_dir_intact_when_the_block_raises(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_failed_dir_write_removes_the_parents_it_made_and_no_others(tmp_path):
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    with pytest.raises(Boom), atomic_dir(tmp_path / "runs" / "new" / "deeper" / "out") as staging:
+        (staging / "part.txt").write_text("half")
+        raise Boom
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["old", "runs"]  # runs/ was there
+    made = io.missing_parents(tmp_path / "a" / "b" / "c")
+    assert made == [tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "keep.txt").write_text("not ours")
+    io.remove_empty_dirs(made)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["keep.txt"]
+
+
 def test_atomic_dir_without_replace_keeps_an_existing_target(tmp_path):
     target = tmp_path / "cache" / "model"
     with atomic_dir(target, replace=False) as staging:  # nothing there yet: it goes in

@@ -1,4 +1,10 @@
-"""selftrain.models and selftrain.tiny: model specs, tiny and shape models, BOS, fingerprints."""
+"""selftrain.models and selftrain.tiny: model specs, tiny and shape models, BOS, fingerprints.
+
+Also what a spec is refused for before anything loads: a local dir missing config, weights or
+tokenizer, a tokenizer without vocabulary, token-id and dtype flags.
+"""
+
+import re
 
 import pytest
 import torch
@@ -6,6 +12,8 @@ import torch
 from selftrain.errors import SelftrainError
 from selftrain.models import (
     ModelSpec,
+    as_dtype,
+    check_token_id,
     load_model,
     load_tokenizer,
     model_revision,
@@ -65,11 +73,56 @@ def test_bad_specs_name_the_flag(spec, fragment):
 
 def test_hub_ids_and_local_dirs_parse_without_loading(tmp_path):
     assert parse_model_spec("Qwen/Qwen2.5-0.5B").kind == "hub"
+    load_model("tiny:qwen2").save_pretrained(tmp_path)
+    load_tokenizer("tiny:qwen2").save_pretrained(tmp_path)
     assert parse_model_spec(str(tmp_path)).kind == "hub"
 
 
+@pytest.mark.parametrize("make, fragment", [
+    (lambda path: path.mkdir(), "no config.json and no weights"),
+    (lambda path: load_model("tiny:qwen2").config.save_pretrained(path),
+     "no weights (*.safetensors or *.bin) and no tokenizer files"),
+    (lambda path: load_model("tiny:qwen2").save_pretrained(path), "no tokenizer files"),
+    (lambda path: path.write_text("weights"), "is a file"),
+    (lambda path: None, "no such directory"),
+])
+def test_a_local_model_dir_must_hold_config_weights_and_tokenizer(tmp_path, make, fragment):
+    path = tmp_path / "model"
+    make(path)
+    for load in (parse_model_spec, load_tokenizer, load_model):
+        with pytest.raises(SelftrainError, match=re.escape(fragment)) as error:
+            load(str(path), flag="--student")
+        assert str(error.value).startswith(f"--student {path}: ")
+
+
+def test_a_tokenizer_without_vocabulary_is_refused(tmp_path):
+    """transformers builds a one-token tokenizer from a config without vocabulary files."""
+    load_model("tiny:qwen2").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    with pytest.raises(SelftrainError, match="has no vocabulary"):
+        load_tokenizer(str(tmp_path), flag="--model.model")
+
+
+@pytest.mark.parametrize("token_id, size, message", [
+    (-1, None, "--bos_token_id -1: a token id must be >= 0"),
+    (257, 257, "--bos_token_id 257: a token id must be in 0..256"),
+])
+def test_token_id_flags_are_checked_against_the_vocabulary(token_id, size, message):
+    check_token_id(None, 5, "--bos_token_id")
+    check_token_id(256, 257, "--bos_token_id")
+    with pytest.raises(SelftrainError, match=re.escape(message)):
+        check_token_id(token_id, size, "--bos_token_id")
+
+
+def test_unknown_dtype_names_the_flag():
+    assert as_dtype("bf16") is torch.bfloat16 and as_dtype("auto") is None
+    with pytest.raises(SelftrainError, match=r"^--dtype float8: unknown dtype"):
+        as_dtype("float8")
+
+
 def test_unreachable_hub_model_is_one_clear_error():
-    with pytest.raises(SelftrainError, match="cannot load"):
+    with pytest.raises(SelftrainError, match="^--model no-such-org/no-such-model-xyz: cannot "
+                                             "load its tokenizer"):
         load_tokenizer("no-such-org/no-such-model-xyz")
 
 

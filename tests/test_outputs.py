@@ -12,12 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import one_error_line, selftrain, write_jsonl
+from helpers import modes_enforced, one_error_line, selftrain, write_jsonl
 
 from selftrain.curation.decontaminate import decontaminate
 from selftrain.curation.replay import replay
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
+from selftrain.outputs import refuse_unwritable
 from selftrain.probes.plant import plant
 from selftrain.probes.probeset import probeset
 from selftrain.sampling.generate import generate
@@ -140,3 +141,27 @@ def test_the_cli_refusal_is_one_line_and_exit_2(world):
     assert done.returncode == 2
     assert "it holds --corpus" in one_error_line(done.stderr)
     assert (world / "inputs" / "corpus" / "manifest.json").is_file()
+
+
+def test_an_out_under_a_file_is_refused_wherever_the_file_is(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SelftrainError, match=r"^--out \S+/file/a/b: \S+/file is a file"):
+        refuse_unwritable(tmp_path / "file" / "a" / "b")
+    refuse_unwritable(tmp_path / "new" / "a" / "b")  # made later, under a writable dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(not modes_enforced(), reason="this process (root) writes into 0o500 dirs")
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    locked = tmp_path / "locked"
+    (locked / "corpus").mkdir(parents=True)
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(SelftrainError, match=r"^--out \S+/locked/new: \S+/locked is not "
+                                                 r"writable"):
+            refuse_unwritable(locked / "new")
+        refuse_unwritable(locked / "corpus", beside=False)  # filled in place: it is writable
+        with pytest.raises(SelftrainError, match="locked is not writable"):
+            refuse_unwritable(locked / "corpus")  # staged beside it, in the locked dir
+    finally:
+        locked.chmod(0o700)

@@ -39,6 +39,11 @@ def test_probeset_refuses_bad_inputs_with_one_line(tmp_path, probe_sources):
         probeset("tiny:qwen2", ["code=/nonexistent/*.py"], str(tmp_path / "x.parquet"))
     with pytest.raises(SelftrainError, match=r"\.parquet"):
         probeset("tiny:qwen2", probe_sources, str(tmp_path / "x.jsonl"))
+    for kwargs, message in (({"max_windows": 0}, "--max_windows 0: must be >= 1, or null"),
+                            ({"seed": -1}, "--seed -1"),
+                            ({"suffix_tokens": 0}, "--suffix_tokens 0: must be >= 1")):
+        with pytest.raises(SelftrainError, match=message):
+            probeset("tiny:qwen2", probe_sources, str(tmp_path / "x.parquet"), **kwargs)
     with pytest.raises(SelftrainError, match="extracts none"):  # a random model memorized nothing
         probeset("tiny:qwen2", probe_sources, str(tmp_path / "x.parquet"), prefix_tokens=8,
                  suffix_tokens=8)

@@ -221,7 +221,7 @@ def test_too_little_text_fails_on_one_line_and_writes_nothing(qwen_corpus, tmp_p
             "--student", "tiny:qwen2"])
     message = str(error.value)
     assert message.startswith(f"--sources {source}: only ") and "\n" not in message
-    assert not out.exists() and list(out.parent.iterdir()) == []  # no staging dir left
+    assert not out.parent.exists()  # no staging dir left, nor the parent made for it
 
 
 def test_unknown_dataset_offline_fails_on_one_line(qwen_corpus, tmp_path):
@@ -259,14 +259,17 @@ def test_existing_out_is_refused_without_overwrite(qwen_corpus, text_file, tmp_p
     ({"tolerance": 1.0}, "--tolerance"),
     ({"num_subsets": 0}, "--num_subsets"),
     ({"match": "/nonexistent/corpus"}, "--match /nonexistent/corpus"),
+    ({"seed": -1}, "--seed -1"),
+    ({"bos_token_id": -4}, "--bos_token_id -4: a token id must be in 0..256"),
+    ({"bos_token_id": 257}, "--bos_token_id 257"),
 ])
 def test_bad_flags_name_the_flag(qwen_corpus, tmp_path, change, fragment):
     source = write_texts(tmp_path / "docs.jsonl", make_paragraphs(200))
-    kwargs = {"match": str(qwen_corpus), "out": str(tmp_path / "rep"),
+    kwargs = {"match": str(qwen_corpus), "out": str(tmp_path / "new" / "rep"),
               "sources": [str(source)], "student": "tiny:qwen2", **change}
     with pytest.raises(SelftrainError, match=fragment):
         replay(**kwargs)
-    assert not (tmp_path / "rep").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no out, no parent
 
 
 def test_out_cannot_be_the_matched_corpus(qwen_corpus, text_file):

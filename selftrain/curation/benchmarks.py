@@ -10,12 +10,11 @@ tasks. Data paths in task YAMLs are read as lm-eval reads them, relative to the 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from selftrain.corpus import read_json_records, read_text
 from selftrain.curation.lm_eval_tasks import task_manager
 from selftrain.errors import SelftrainError
 
@@ -68,30 +67,11 @@ def _strings(value: Any) -> list[str]:
 
 
 def _json_items(path: Path, spec: str, limit: int | None) -> list[list[str]]:
-    try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SelftrainError(f"--benchmarks {spec}: cannot read it ({error}); fix the file or "
-                             "its permissions") from error
-    if not content.strip():
+    """The items of a .jsonl / .json benchmark: every string of each row, in order."""
+    if not read_text(path, "--benchmarks").strip():
         raise SelftrainError(f"--benchmarks {spec}: the file is empty; point it at a benchmark "
                              "with items")
-    rows: Iterable[Any] | None = None
-    if path.suffix.lower() == ".json":  # one JSON document (a list of rows), else JSON lines
-        try:
-            document = json.loads(content)
-            rows = document if isinstance(document, list) else [document]
-        except json.JSONDecodeError:
-            rows = None
-    if rows is None:
-        rows = []
-        for number, line in enumerate(content.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise SelftrainError(f"--benchmarks {spec}: line {number} is not valid JSON "
-                                         f"({error.msg}); fix or remove that line") from error
+    rows = read_json_records(path, "--benchmarks", objects=False)
     items = (texts for texts in map(_strings, rows) if texts)
     return list(islice(items, limit))
 

@@ -11,7 +11,6 @@ only as far as the longest row needs (:func:`encoded`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -20,6 +19,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from selftrain.corpus import (
+    first_line,
+    read_json_records,
+    read_parquet,
+    read_text,
+    readable_parquet,
+)
 from selftrain.errors import SelftrainError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -28,6 +34,8 @@ ENCODE_BATCH = 256
 CHARS_PER_TOKEN = 16
 """A document is first tokenized only up to this many characters per token of the longest
 window; book-length documents (common in Common Corpus) are never tokenized whole."""
+PARQUET_FIX = "replace the file or leave it out of --sources"
+"""What to do about a damaged parquet source."""
 CUT_MARGIN = 16
 """Tokens before a character cut that are not trusted (the tokenizer may merge there)."""
 
@@ -85,19 +93,23 @@ def documents(local: list[str], names: list[str], text_field: str, split: str, s
 
 
 def _read_file(path: Path, text_field: str) -> list[tuple[str, str]]:
-    """The non-empty documents of one local file, each with the file's path as its source."""
+    """The non-empty documents of one local file, each with the file's path as its source.
+
+    Files are read through :mod:`selftrain.corpus`'s readers, so a damaged parquet file, a
+    line that is not JSON or bytes that are not UTF-8 are refused in one line naming the file.
+    """
+    flag = "--sources"
     if path.suffix in TEXT_SUFFIXES:
-        texts = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+        texts = [p.strip() for p in re.split(r"\n\s*\n", read_text(path, flag))]
     elif path.suffix == ".parquet":
-        names = pq.read_schema(path).names
+        with readable_parquet(path, flag, PARQUET_FIX):
+            names = pq.read_schema(path).names
         if text_field not in names:
             raise SelftrainError(f"--text_field {text_field}: {path} has no such column; it has "
                                  f"{', '.join(names)}")
-        texts = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
+        texts = read_parquet(path, flag, PARQUET_FIX, columns=[text_field]).column(0).to_pylist()
     else:
-        raw = path.read_text(encoding="utf-8")
-        records = (json.loads(raw) if raw.lstrip().startswith("[") else
-                   [json.loads(line) for line in raw.splitlines() if line.strip()])
+        records = read_json_records(path, flag, objects=False)
         if records and not any(isinstance(r, dict) and text_field in r for r in records):
             fields = sorted({k for r in records if isinstance(r, dict) for k in r})
             raise SelftrainError(f"--text_field {text_field}: no record of {path} has that "
@@ -123,9 +135,8 @@ def _stream(name: str, split: str, text_field: str, seed: int,
     except SelftrainError:
         raise
     except Exception as error:  # the hub, the cache and the split all fail in their own types
-        lines = str(error).strip().splitlines() or [type(error).__name__]
         raise SelftrainError(f"--sources {name}: cannot stream split {split!r} of this dataset "
-                             f"({lines[0]}); unreachable offline: pass local .txt/.jsonl/"
+                             f"({first_line(error)}); unreachable offline: pass local .txt/.jsonl/"
                              ".parquet files or a dir instead") from None
 
 

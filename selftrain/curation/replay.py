@@ -28,10 +28,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from selftrain.corpus import Corpus, CorpusWriter, provenance, read_corpus
+from selftrain.corpus import (
+    Corpus,
+    CorpusWriter,
+    check_corpus_out,
+    check_seed,
+    provenance,
+    read_corpus,
+)
 from selftrain.curation.documents import documents, encoded, is_local, local_files
 from selftrain.errors import SelftrainError
-from selftrain.models import load_tokenizer, parse_model_spec, resolve_bos_id
+from selftrain.models import check_token_id, load_tokenizer, parse_model_spec, resolve_bos_id
 from selftrain.outputs import refuse_input_overlap
 
 log = logging.getLogger(__name__)
@@ -69,13 +76,15 @@ def replay(
             tiny:<family>); lengths are counted and rows written in its tokenizer.
         text_field: the field / column holding the text in jsonl, parquet and datasets.
         split: the split of a `datasets` source.
-        seed: orders the documents and the rows; the same seed gives the same corpus.
+        seed: orders the documents and the rows; the same seed gives the same corpus
+            (0..2**63-1).
         tolerance: how far short of the synthetic token count (as a fraction) the replay may
             end when the sources run out; rows left unfilled are then dropped. 0 demands an
             exact match.
         num_subsets: K disjoint subsets (row i gets subset i mod K); None takes the matched
             corpus's K (1 when it has none).
-        bos_token_id: override the student's BOS id (as --data.bos_token_id does in training).
+        bos_token_id: override the student's BOS id (as --data.bos_token_id does in training);
+            an id of the student's vocabulary.
         shard_size: rows per parquet shard.
         overwrite: replace an existing corpus at --out.
 
@@ -84,13 +93,14 @@ def replay(
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
     local = _validate(match, out, sources, student, text_field, tolerance, num_subsets,
-                      shard_size)
+                      shard_size, seed, overwrite)
+    tokenizer = load_tokenizer(student, flag="--student")
+    check_token_id(bos_token_id, len(tokenizer), "--bos_token_id")
+    bos_id, bos_source = resolve_bos_id(tokenizer, None, bos_token_id)
+    eos_id = tokenizer.eos_token_id
+    record = provenance(tokenizer, student, bos_id, bos_source, eos_id)
+    matched = read_corpus(match, flag="--match")
     with CorpusWriter(Path(out), shard_size=shard_size, overwrite=overwrite) as writer:
-        tokenizer = load_tokenizer(student)
-        bos_id, bos_source = resolve_bos_id(tokenizer, None, bos_token_id)
-        eos_id = tokenizer.eos_token_id
-        record = provenance(tokenizer, student, bos_id, bos_source, eos_id)
-        matched = read_corpus(match, flag="--match")
         lengths, reused = _student_lengths(matched, tokenizer, record["tokenizer"]["fingerprint"],
                                            bos_id, eos_id)
         target = sum(lengths)
@@ -209,16 +219,19 @@ def _matched_record(match: str, matched: Corpus, lengths: list[int],
 
 
 def _validate(match: str, out: str, sources: list[str], student: str, text_field: str,
-              tolerance: float, num_subsets: int | None, shard_size: int) -> list[str]:
+              tolerance: float, num_subsets: int | None, shard_size: int, seed: int,
+              overwrite: bool) -> list[str]:
     """Check the flags before anything is read; return the sources that are local paths."""
     parse_model_spec(student, flag="--student")
+    check_seed(seed, "--seed")
     checks = [
         (bool(sources), "--sources is empty: give .txt/.jsonl/.parquet files, a dir of them, "
                         "or a datasets name such as PleIAs/common_corpus"),
         (bool(text_field), "--text_field is empty: name the field that holds the text"),
-        (0 <= tolerance < 1, "--tolerance must be in [0, 1); 0.01 allows a 1% shortfall"),
-        (num_subsets is None or num_subsets >= 1, "--num_subsets must be >= 1"),
-        (shard_size >= 1, "--shard_size must be >= 1"),
+        (0 <= tolerance < 1, f"--tolerance {tolerance}: must be in [0, 1); 0.01 allows a 1% "
+                             "shortfall"),
+        (num_subsets is None or num_subsets >= 1, f"--num_subsets {num_subsets}: must be >= 1"),
+        (shard_size >= 1, f"--shard_size {shard_size}: must be >= 1"),
         (Path(out).resolve() != Path(match).resolve(),
          f"--out {out} is the --match corpus; write the replay to a new dir"),
     ]
@@ -226,6 +239,7 @@ def _validate(match: str, out: str, sources: list[str], student: str, text_field
         if not ok:
             raise SelftrainError(message)
     refuse_input_overlap(Path(out), [("--match", match), *(("--sources", s) for s in sources)])
+    check_corpus_out(Path(out), overwrite)
     local = [s for s in sources if is_local(s)]
     for source in local:
         local_files(source)  # fails now on a missing path or an empty dir

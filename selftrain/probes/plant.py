@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from selftrain.corpus import check_seed
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
@@ -81,15 +82,16 @@ def plant(
         lr: AdamW learning rate (constant).
         batch_size: canaries per optimizer step.
         bf16: bf16 autocast for the forward passes (weights stay fp32).
-        seed: order of the canaries.
+        seed: order of the canaries (0..2**63-1).
         overwrite: replace an existing ``out``.
     """
-    check_settings(model, target, max_epochs, lr, batch_size)
+    check_settings(model, target, max_epochs, lr, batch_size, prefix_tokens, suffix_tokens,
+                   seed)
     root = output_dir(out, overwrite, [("--model", model), ("--canaries", canaries)])
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, flag="--model")
     probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
     sources = read_probe_rows(canaries, "--canaries")[0].get("source") or [None] * len(probes)
-    lm = load_model(model)
+    lm = load_model(model, flag="--model")
     autocast = torch.autocast(next(lm.parameters()).device.type, dtype=torch.bfloat16,
                               enabled=bf16)
     start = time.perf_counter()
@@ -110,8 +112,8 @@ def plant(
     return root
 
 
-def check_settings(model: str, target: float, max_epochs: int, lr: float,
-                   batch_size: int) -> None:
+def check_settings(model: str, target: float, max_epochs: int, lr: float, batch_size: int,
+                   prefix_tokens: int = 32, suffix_tokens: int = 32, seed: int = 0) -> None:
     """Refuse a bad model spec or out-of-range settings before anything is loaded.
 
     Args:
@@ -120,12 +122,20 @@ def check_settings(model: str, target: float, max_epochs: int, lr: float,
         max_epochs: passes at most (>= 1).
         lr: learning rate (> 0).
         batch_size: canaries per step (>= 1).
+        prefix_tokens: prefix length (>= 1).
+        suffix_tokens: continuation length (>= 1).
+        seed: order of the canaries (0..2**63-1).
     """
     parse_model_spec(model, flag="--model")
+    check_seed(seed, "--seed")
     if not 0 < target <= 1:
         raise SelftrainError(f"--target {target}: must be in (0, 1]")
-    if max_epochs < 1 or lr <= 0 or batch_size < 1:
-        raise SelftrainError("--max_epochs and --batch_size must be >= 1 and --lr > 0")
+    for flag, value in (("--max_epochs", max_epochs), ("--batch_size", batch_size),
+                        ("--prefix_tokens", prefix_tokens), ("--suffix_tokens", suffix_tokens)):
+        if value < 1:
+            raise SelftrainError(f"{flag} {value}: must be >= 1")
+    if not lr > 0:
+        raise SelftrainError(f"--lr {lr}: must be > 0")
 
 
 PLANT_ENTRIES = ("plant.json", "model", "probes.parquet")

@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from selftrain.corpus import check_rows, check_seed, read_json_records, read_parquet
 from selftrain.errors import SelftrainError
 from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
-from selftrain.outputs import refuse_file_path
+from selftrain.outputs import refuse_unwritable
 from selftrain.probes.windows import METADATA_KEY, greedy_continuations
 
 log = logging.getLogger(__name__)
@@ -60,18 +61,26 @@ def expand_input(spec: str, flag: str = "--inputs") -> list[tuple[str | None, Pa
 
 
 def read_documents(domain: str | None, path: Path) -> list[tuple[str, str]]:
-    """(domain, text) documents of one file: rows of jsonl / parquet, else the whole file."""
+    """(domain, text) documents of one file: rows of jsonl / parquet, else the whole file.
+
+    Rows are read and checked as a corpus's are (:mod:`selftrain.corpus`): a damaged file, a
+    line that is not a JSON object or a ``text`` that is not a string is refused in one line.
+    """
+    flag = "--inputs"
     if path.suffix in (".jsonl", ".parquet"):
         if path.suffix == ".parquet":
-            columns = pq.read_table(path).to_pydict()
+            columns = read_parquet(path, flag, "replace the file or leave it out of "
+                                               "--inputs").to_pydict()
             rows = [dict(zip(columns, values, strict=True))
                     for values in zip(*columns.values(), strict=True)]
         else:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = read_json_records(path, flag)
+            columns = {"text": [row.get("text") for row in rows]}
+        check_rows({"text": columns.get("text", [])}, path, flag)
         if domain is None and any("domain" not in row for row in rows):
             raise SelftrainError(f"--inputs {path}: rows have no 'domain'; write the input as "
                                  "DOMAIN=PATH")
-        return [(domain or str(row["domain"]), str(row.get("text") or "")) for row in rows]
+        return [(domain or str(row["domain"]), row.get("text") or "") for row in rows]
     if domain is None:
         raise SelftrainError(f"--inputs {path}: plain files need a domain; write DOMAIN=PATH")
     try:
@@ -107,7 +116,7 @@ def candidate_windows(inputs: list[str], tokenizer, window: int, prefix_tokens: 
     for name in sorted(by_domain):
         windows = by_domain[name]
         rng.shuffle(windows)
-        chosen += windows[:max_windows] if max_windows else windows
+        chosen += windows if max_windows is None else windows[:max_windows]
     if not chosen:
         raise SelftrainError(f"--inputs: no document has {window} tokens; give longer texts")
     return chosen
@@ -157,16 +166,20 @@ def probeset(
             candidate (canaries to plant with ``selftrain plant``).
         prefix_tokens: prefix length.
         suffix_tokens: continuation length.
-        max_windows: candidate windows per domain, drawn at random (seeded); None: all.
+        max_windows: candidate windows per domain (>= 1), drawn at random (seeded); None: all.
         batch_size: windows per forward pass.
-        seed: which candidates are drawn.
+        seed: which candidates are drawn (0..2**63-1).
         overwrite: replace an existing ``out``.
     """
     parse_model_spec(model, flag="--model")
+    check_seed(seed, "--seed")
+    if max_windows is not None and max_windows < 1:
+        raise SelftrainError(f"--max_windows {max_windows}: must be >= 1, or null for every "
+                             "candidate window")
     target = Path(out)
     if target.suffix != ".parquet":
         raise SelftrainError(f"--out {out}: the probe set is one .parquet file; name it *.parquet")
-    refuse_file_path(target.parent)
+    refuse_unwritable(target.parent, beside=False)
     if target.is_dir():
         raise SelftrainError(f"--out {out}: is a directory; name a new *.parquet file")
     if target.exists() and not _is_probe_set(target):
@@ -174,12 +187,14 @@ def probeset(
                              "metadata); name a new *.parquet file")
     if target.exists() and not overwrite:
         raise SelftrainError(f"--out {out} exists; pass --overwrite true to replace it")
-    if prefix_tokens < 1 or suffix_tokens < 1 or batch_size < 1:
-        raise SelftrainError("--prefix_tokens, --suffix_tokens and --batch_size must be >= 1")
-    tokenizer = load_tokenizer(model)
+    for flag, value in (("--prefix_tokens", prefix_tokens), ("--suffix_tokens", suffix_tokens),
+                        ("--batch_size", batch_size)):
+        if value < 1:
+            raise SelftrainError(f"{flag} {value}: must be >= 1")
+    tokenizer = load_tokenizer(model, flag="--model")
     rows = candidate_windows(inputs, tokenizer, prefix_tokens + suffix_tokens, prefix_tokens,
                              max_windows, seed)
-    lm = load_model(model).eval()
+    lm = load_model(model, flag="--model").eval()
     ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
     matched = torch.empty(len(rows), dtype=torch.long)
     with tqdm(total=len(rows), unit="window", desc="probeset") as bar:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from selftrain.corpus import check_rows, read_json_records, read_parquet
 from selftrain.errors import SelftrainError
 from selftrain.models import kv_cache_argument, tokenizer_fingerprint
 from selftrain.training.batching import pad_collate
@@ -78,32 +78,22 @@ class ProbeSet:
 
 
 def read_probe_rows(path: str | Path, flag: str) -> tuple[dict[str, list], dict]:
-    """Columns of a probe file (parquet or jsonl) and its selftrain metadata (or {})."""
+    """Columns of a probe file (parquet or jsonl) and its selftrain metadata (or {}).
+
+    Read through :mod:`selftrain.corpus`'s readers: a damaged parquet file or a line that is
+    not a JSON object is refused in one line naming the file (and the line).
+    """
     path = Path(path)
     if not path.is_file():
         raise SelftrainError(f"{flag} {path}: no such file; build one with `selftrain "
                              "probeset` or `selftrain plant`, or give a parquet/jsonl file")
     if path.suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-            raise SelftrainError(f"{flag} {path}: not a readable parquet file ({first})") from None
+        table = read_parquet(path, flag, "rebuild it with `selftrain probeset` or give another "
+                                         "probe set")
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         return table.to_pydict(), json.loads(raw) if raw else {}
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise SelftrainError(f"{flag} {path}: line {number} is not a JSON object; "
-                                     "write one object per line")
-            rows.append(row)
+        rows = read_json_records(path, flag)
         names = sorted({name for row in rows for name in row})
         return {name: [row.get(name) for row in rows] for name in names}, {}
     raise SelftrainError(f"{flag} {path}: unsupported file type; use .parquet or .jsonl")
@@ -127,8 +117,9 @@ def load_probe_set(path: str | Path, tokenizer, prefix_tokens: int = 32,
         same_tokenizer: force using (True) or ignoring (False) stored ``input_ids``.
 
     Raises:
-        SelftrainError: missing or empty file, rows shorter than the window, ids outside the
-            student's vocabulary.
+        SelftrainError: missing, damaged or empty file, a ``text`` that is not a string or
+            ``input_ids`` that are not token ids, rows shorter than the window, ids outside
+            the student's vocabulary.
     """
     if prefix_tokens < 1 or suffix_tokens < 1:
         raise SelftrainError(f"{flag}: prefix and suffix lengths must be >= 1, got "
@@ -139,6 +130,7 @@ def load_probe_set(path: str | Path, tokenizer, prefix_tokens: int = 32,
         raise SelftrainError(f"{flag} {path}: the probe set is empty")
     if "input_ids" not in columns and "text" not in columns:
         raise SelftrainError(f"{flag} {path}: rows need a 'text' or 'input_ids' column")
+    check_rows(columns, Path(path), flag)
     use_ids = "input_ids" in columns and (
         same_tokenizer if same_tokenizer is not None else (
             "text" not in columns

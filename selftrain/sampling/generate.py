@@ -8,6 +8,9 @@ filled shard by shard (:class:`selftrain.sampling.shards.ShardedCorpus`): a kill
 when the same command is run again, and ``torchrun --nproc-per-node P`` splits the shards over P
 ranks.
 
+Ctrl-C ends the run with :class:`selftrain.errors.Interrupted`, which says how many shards are
+on disk; the same command resumes from them.
+
 Sample i depends only on (model, sampling settings, seed, i), never on the batch size, the
 number of processes or where a run was resumed. A list of temperatures samples one corpus per
 temperature under ``--out`` (``t0.75/``, ``t1.0/``, ...), loading the model once; sample i uses
@@ -20,14 +23,23 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from selftrain.corpus import provenance
-from selftrain.errors import SelftrainError
-from selftrain.models import load_model, load_tokenizer, parse_model_spec, resolve_bos_id
+from selftrain.corpus import check_seed, provenance
+from selftrain.errors import Interrupted, SelftrainError
+from selftrain.models import (
+    as_dtype,
+    check_token_id,
+    load_model,
+    load_tokenizer,
+    parse_model_spec,
+    resolve_bos_id,
+)
 from selftrain.outputs import refuse_input_overlap
 from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
 from selftrain.sampling.sampler import BosSampler, Sample
@@ -75,7 +87,7 @@ def generate(
         top_p: nucleus mass; 1.0 turns it off (pure sampling at the temperature).
         top_k: keep the k most likely tokens; 0 turns it off.
         batch_size: rows decoded together; finished rows are refilled at once.
-        seed: base seed; sample i draws its randomness from (seed, i) alone.
+        seed: base seed (0..2**63-1); sample i draws its randomness from (seed, i) alone.
         num_subsets: K disjoint subsets (row i gets subset i mod K), one student per subset.
         shard_size: rows per parquet shard, the unit of resuming and of splitting over ranks.
         bos_token_id: override the resolved BOS id.
@@ -88,7 +100,7 @@ def generate(
     """
     temperatures = temperature if isinstance(temperature, list) else [temperature]
     _validate(model, num_samples, max_new_tokens, temperatures, top_p, top_k, batch_size,
-              num_subsets, shard_size, bos_token_id)
+              num_subsets, shard_size, bos_token_id, seed, dtype, device)
     flags = {"model": model, "dtype": dtype, "sampler": SAMPLER_VERSION, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
              "num_samples": num_samples, "num_subsets": num_subsets, "shard_size": shard_size,
@@ -99,28 +111,51 @@ def generate(
 
     target_device = pick_device(device)
     rank, world = init_distributed(target_device)
-    tokenizer = load_tokenizer(model)
-    source = load_model(model, dtype=dtype).to(target_device).eval()
+    tokenizer = load_tokenizer(model, flag="--model")
+    source = load_model(model, dtype=dtype, flag="--model").to(target_device).eval()
     record = _source_provenance(model, tokenizer, source, bos_token_id)
     description = {"kind": "synthetic", **record, "seed": seed, "num_subsets": num_subsets,
                    "decontamination": None}
+    corpora = {t: ShardedCorpus(target, {**flags, "temperature": t, **_resolved_spec(record)},
+                                num_samples, shard_size) for t, target in targets.items()}
     written = []
-    for t, target in targets.items():
-        corpus = ShardedCorpus(target, {**flags, "temperature": t, **_resolved_spec(record)},
-                               num_samples, shard_size)
-        sampler = BosSampler(source, record["bos_token_id"], record["eos_token_id"],
-                             vocab_size=len(tokenizer), temperature=t,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                             top_k=top_k, top_p=top_p)
-        manifest = {**description,
-                    "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
-                                 "max_new_tokens": max_new_tokens, "dtype": dtype,
-                                 "sampler": SAMPLER_VERSION}}
-        path = _sample_corpus(corpus, sampler, tokenizer, manifest, model, overwrite, rank,
-                              world)
-        if path is not None:
-            written.append(path)
+    try:
+        for t, corpus in corpora.items():
+            sampler = BosSampler(source, record["bos_token_id"], record["eos_token_id"],
+                                 vocab_size=len(tokenizer), temperature=t,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 seed=seed, top_k=top_k, top_p=top_p)
+            manifest = {**description,
+                        "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
+                                     "max_new_tokens": max_new_tokens, "dtype": dtype,
+                                     "sampler": SAMPLER_VERSION}}
+            path = _sample_corpus(corpus, sampler, tokenizer, manifest, model, overwrite, rank,
+                                  world)
+            if path is not None:
+                written.append(path)
+    except KeyboardInterrupt as interrupt:
+        total = sum(corpus.num_shards for corpus in corpora.values())
+        raise Interrupted(f"interrupted after {_shards_done(corpora.values())} of {total} "
+                          "shards; rerun the same command to resume") from interrupt
     return written
+
+
+def _shards_done(corpora: Iterable[ShardedCorpus]) -> int:
+    """Shards on disk that belong to this run's corpora, over every temperature.
+
+    A dir counts when it holds this run's spec (its plan or its manifest): the corpus this run
+    was filling, finished ones, and ones an earlier run of the same command left. Shards of an
+    older corpus with other settings, not replaced yet, do not.
+
+    Args:
+        corpora: this run's corpora, one per temperature.
+    """
+    done = 0
+    for corpus in corpora:
+        with suppress(SelftrainError):
+            if corpus.check(overwrite=False) in ("done", "resume"):
+                done += corpus.complete_shards()
+    return done
 
 
 def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], num_samples: int,
@@ -158,10 +193,7 @@ def _source_provenance(model: str, tokenizer, source, bos_token_id: int | None
         source.config.eos_token_id)
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
-    rows = source.get_input_embeddings().weight.shape[0]
-    if not 0 <= bos_id < rows:
-        raise SelftrainError(f"--bos_token_id {bos_id} is outside the model's {rows} embedding "
-                             "rows; leave it unset to use the resolved BOS")
+    check_token_id(bos_id, source.get_input_embeddings().weight.shape[0], "--bos_token_id")
     return provenance(tokenizer, model, bos_id, bos_source, eos_id, source_config=source.config)
 
 
@@ -280,22 +312,29 @@ def _finish(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: float, wor
 
 def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: list[float],
               top_p: float, top_k: int, batch_size: int, num_subsets: int, shard_size: int,
-              bos_token_id: int | None) -> None:
+              bos_token_id: int | None, seed: int, dtype: str, device: str) -> None:
+    """Refuse bad flags before anything is loaded or written (see :func:`generate`)."""
     parse_model_spec(model, flag="--model")
+    check_seed(seed, "--seed")
+    as_dtype(dtype, "--dtype")
+    pick_device(device)
+    shown = temperatures[0] if len(temperatures) == 1 else temperatures
     checks = [
-        (num_samples > 0, "--num_samples must be > 0"),
-        (max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
-        (len(temperatures) > 0, "--temperature is an empty list; give one value or several"),
-        (all(t > 0 and math.isfinite(t) for t in temperatures),
-         "--temperature must be > 0 (greedy decoding is not sampling)"),
-        (len(set(temperatures)) == len(temperatures), "--temperature lists a value twice"),
-        (0 < top_p <= 1, "--top_p must be in (0, 1]; 1 turns it off"),
-        (top_k >= 0, "--top_k must be >= 0; 0 turns it off"),
-        (batch_size >= 1, "--batch_size must be >= 1"),
-        (num_subsets >= 1, "--num_subsets must be >= 1"),
-        (shard_size >= 1, "--shard_size must be >= 1"),
-        (bos_token_id is None or bos_token_id >= 0, "--bos_token_id must be >= 0"),
+        (num_samples > 0, "--num_samples", num_samples, "must be > 0"),
+        (max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "must be >= 1"),
+        (len(temperatures) > 0, "--temperature", shown, "an empty list; give one value or "
+                                                        "several"),
+        (all(t > 0 and math.isfinite(t) for t in temperatures), "--temperature", shown,
+         "must be > 0 (greedy decoding is not sampling)"),
+        (len(set(temperatures)) == len(temperatures), "--temperature", shown,
+         "lists a value twice"),
+        (0 < top_p <= 1, "--top_p", top_p, "must be in (0, 1]; 1 turns it off"),
+        (top_k >= 0, "--top_k", top_k, "must be >= 0; 0 turns it off"),
+        (batch_size >= 1, "--batch_size", batch_size, "must be >= 1"),
+        (num_subsets >= 1, "--num_subsets", num_subsets, "must be >= 1"),
+        (shard_size >= 1, "--shard_size", shard_size, "must be >= 1"),
     ]
-    for ok, message in checks:
+    for ok, flag, value, rule in checks:
         if not ok:
-            raise SelftrainError(message)
+            raise SelftrainError(f"{flag} {value}: {rule}")
+    check_token_id(bos_token_id, None, "--bos_token_id")

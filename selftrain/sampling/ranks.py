@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from selftrain.errors import SelftrainError
+
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size): from torchrun's environment, with a process group when world > 1.
@@ -67,9 +69,28 @@ def pick_device(device: str) -> torch.device:
 
     Args:
         device: "auto", "cpu" or "cuda[:N]".
+
+    Raises:
+        SelftrainError: not a device name, or a CUDA device this machine does not have.
     """
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise SelftrainError(f"--device {device}: not a device; use auto, cpu or cuda[:N]"
+                             ) from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SelftrainError(f"--device {device}: this machine has no CUDA GPU; use "
+                                 "--device cpu (or auto)")
+        if chosen.index is not None and chosen.index >= count:
+            raise SelftrainError(f"--device {device}: this machine has {count} CUDA GPU(s), "
+                                 f"cuda:0..cuda:{count - 1}; pick one of them or auto")
+    elif chosen.type != "cpu":
+        raise SelftrainError(f"--device {device}: generate samples on cpu or cuda[:N]; use "
+                             "one of them or auto")
+    return chosen

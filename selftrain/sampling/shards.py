@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selftrain.corpus import (
     CORPUS_ENTRIES,
@@ -28,11 +27,12 @@ from selftrain.corpus import (
     MANIFEST_NAME,
     PLAN_NAME,
     SCHEMA,
+    read_parquet,
     stamp,
 )
 from selftrain.errors import SelftrainError
 from selftrain.io import TEMP_MARK, is_temp_name, remove, write_json_atomic, write_parquet_atomic
-from selftrain.outputs import refuse_file_path, refuse_foreign
+from selftrain.outputs import refuse_foreign, refuse_unwritable
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -64,8 +64,12 @@ class ShardedCorpus:
     # -- state of the dir ----------------------------------------------------------------------
 
     def existing_spec(self) -> tuple[str, dict[str, Any] | None]:
-        """What ``out`` holds now: ("empty" | "complete" | "partial" | "foreign", its spec)."""
-        refuse_file_path(self.out)
+        """What ``out`` holds now: ("empty" | "complete" | "partial" | "foreign", its spec).
+
+        Raises:
+            SelftrainError: ``out`` is a file, lies under one, or cannot be written.
+        """
+        refuse_unwritable(self.out, beside=False)
         if not self.out.exists() or self._only_leftovers():
             return "empty", None
         manifest, plan = self.out / MANIFEST_NAME, self.out / PLAN_NAME
@@ -141,6 +145,10 @@ class ShardedCorpus:
             write_json_atomic(self.spec, self.out / PLAN_NAME)
         (self.out / DATA_DIR).mkdir(exist_ok=True)
 
+    def complete_shards(self) -> int:
+        """Shards on disk now."""
+        return self.num_shards - len(self.missing_shards())
+
     def shard_path(self, index: int) -> Path:
         """Where shard ``index`` lives once written."""
         return self.out / DATA_DIR / f"shard-{index:05d}-of-{self.num_shards:05d}.parquet"
@@ -172,7 +180,9 @@ class ShardedCorpus:
         if missing:
             raise SelftrainError(f"--out {self.out}: shards {missing[:5]} are missing; rerun "
                                  "the same command to sample them")
-        shards = [pq.read_table(self.shard_path(k), columns=["id", "num_tokens", "finished"])
+        shards = [read_parquet(self.shard_path(k), "--out", "delete that shard and rerun the "
+                               "same command to sample it again",
+                               columns=["id", "num_tokens", "finished"])
                   for k in range(self.num_shards)]
         table = pa.concat_tables(shards)
         ids = table.column("id").to_pylist()

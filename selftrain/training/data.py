@@ -20,9 +20,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from selftrain.corpus import read_corpus
+from selftrain.corpus import check_seed, read_corpus
 from selftrain.errors import SelftrainError
-from selftrain.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
+from selftrain.models import (
+    check_token_id,
+    load_tokenizer,
+    pad_token_id,
+    parse_model_spec,
+    tokenizer_fingerprint,
+)
 from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
 from selftrain.training.packing import pack_collate, packing_support
 from selftrain.training.rows import retokenize, reuse_ids, select_subset, stored_ids
@@ -66,6 +72,8 @@ class CorpusDataModule(L.LightningDataModule):
             the packed row, which costs more than light padding (see selftrain.training.packing).
         eval_corpus: held-out corpus (same formats) for ``selftrain validate`` / ``test`` and
             the per-epoch ``val/loss`` during ``fit``; None trains without one.
+        revision: hub revision of the student's tokenizer; under ``selftrain fit`` linked to
+            ``--model.revision``.
     """
 
     def __init__(
@@ -86,23 +94,10 @@ class CorpusDataModule(L.LightningDataModule):
         min_real_token_fraction: float = 0.95,
         eval_corpus: str | None = None,
         packing: bool = False,
+        revision: str | None = None,
     ) -> None:
         super().__init__()
-        if max_length < 2:
-            raise SelftrainError(f"--data.max_length {max_length}: must be >= 2 (a BOS and at "
-                                 "least one token to predict)")
-        if batch_size < 1:
-            raise SelftrainError(f"--data.batch_size {batch_size}: must be >= 1")
-        if num_subsets is not None and num_subsets < 1:
-            raise SelftrainError(f"--data.num_subsets {num_subsets}: must be >= 1")
-        if subset is not None and (subset < 0 or (num_subsets is not None
-                                                  and subset >= num_subsets)):
-            raise SelftrainError(f"--data.subset {subset}: must be in 0..num_subsets-1")
-        if not Path(corpus).exists():
-            raise SelftrainError(f"--data.corpus {corpus}: no such file or directory; run "
-                                 "`selftrain generate --out DIR` first or fix the path")
-        if eval_corpus is not None and not Path(eval_corpus).exists():
-            raise SelftrainError(f"--data.eval_corpus {eval_corpus}: no such file or directory")
+        _check_arguments(locals())
         self.save_hyperparameters()
         self.rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
@@ -126,7 +121,9 @@ class CorpusDataModule(L.LightningDataModule):
         if self.rows:
             return
         hp = self.hparams
-        self._tokenizer = load_tokenizer(hp.tokenizer)
+        self._tokenizer = load_tokenizer(hp.tokenizer, revision=hp.get("revision"),
+                                         flag=STUDENT_FLAG)
+        check_token_id(hp.bos_token_id, len(self._tokenizer), "--data.bos_token_id")
         self.rows, reuse, selected = self._prepare(hp.corpus, "--data.corpus", use_subset=True)
         if hp.eval_corpus is not None:
             self.eval_rows, _, _ = self._prepare(hp.eval_corpus, "--data.eval_corpus",
@@ -169,6 +166,7 @@ class CorpusDataModule(L.LightningDataModule):
         if not rows:
             raise SelftrainError(f"{flag} {path}: no row has 2 or more tokens after subset "
                                  f"selection (subset={hp.subset}); check the corpus")
+        _refuse_mostly_empty(len(keep) - len(rows), len(keep), path, flag)
         return rows, reuse, len(keep)
 
     def _student_fingerprint(self) -> str:
@@ -266,3 +264,64 @@ class CorpusDataModule(L.LightningDataModule):
         if not self.eval_rows:
             raise SelftrainError("selftrain test needs --data.eval_corpus (a held-out corpus)")
         return self.val_dataloader()
+
+
+STUDENT_FLAG = "--model.model"
+"""The flag the student's spec (the data's ``tokenizer``) comes from under ``selftrain fit``."""
+
+
+def _check_arguments(arguments: dict[str, Any]) -> None:
+    """Refuse bad ``--data.*`` values in :class:`CorpusDataModule`'s ``__init__``, in one line.
+
+    Everything that needs no file read is checked here, before the Trainer is built.
+
+    Args:
+        arguments: the ``__init__`` arguments by name.
+    """
+    a = arguments
+    parse_model_spec(a["tokenizer"], flag=STUDENT_FLAG)
+    check_seed(a["seed"], "--data.seed")
+    check_token_id(a["bos_token_id"], None, "--data.bos_token_id")
+    checks = [
+        (a["max_length"] >= 2, "max_length", "must be >= 2 (a BOS and at least one token to "
+                                              "predict)"),
+        (a["batch_size"] >= 1, "batch_size", "must be >= 1"),
+        (a["num_subsets"] is None or a["num_subsets"] >= 1, "num_subsets", "must be >= 1"),
+        (a["subset"] is None or (a["subset"] >= 0 and (a["num_subsets"] is None
+                                                       or a["subset"] < a["num_subsets"])),
+         "subset", "must be in 0..num_subsets-1"),
+        (a["group_batches"] >= 0, "group_batches", "must be >= 0 (0 sorts the whole epoch)"),
+        (a["pad_to_multiple_of"] >= 1, "pad_to_multiple_of", "must be >= 1 (1 pads to the "
+                                                              "longest row)"),
+        (a["num_workers"] >= 0, "num_workers", "must be >= 0 (0 loads in the main process)"),
+        (0 <= a["min_real_token_fraction"] <= 1, "min_real_token_fraction",
+         "must be in [0, 1] (a share of the tokens)"),
+    ]
+    for ok, name, rule in checks:
+        if not ok:
+            raise SelftrainError(f"--data.{name} {a[name]}: {rule}")
+    if not Path(a["corpus"]).exists():
+        raise SelftrainError(f"--data.corpus {a['corpus']}: no such file or directory; run "
+                             "`selftrain generate --out DIR` first or fix the path")
+    if a["eval_corpus"] is not None and not Path(a["eval_corpus"]).exists():
+        raise SelftrainError(f"--data.eval_corpus {a['eval_corpus']}: no such file or directory")
+
+
+def _refuse_mostly_empty(dropped: int, selected: int, path: str, flag: str) -> None:
+    """Refuse a corpus most of whose selected rows hold nothing to train on; log a few.
+
+    A row needs a token after its BOS to be trained on; rows of empty text have none.
+
+    Args:
+        dropped: selected rows without a token to predict.
+        selected: rows selected (the subset, or all).
+        path: the corpus, named in the error.
+        flag: the flag it came from.
+    """
+    if 2 * dropped > selected:
+        raise SelftrainError(f"{flag} {path}: {dropped} of {selected} selected rows have no "
+                             "token to train on (empty text); regenerate the corpus or drop "
+                             "those rows")
+    if dropped:
+        rank_zero_info(f"CorpusDataModule: dropped {dropped} of {selected} rows of {path} with "
+                       "no token to train on (empty text)")

@@ -74,6 +74,9 @@ def stored_ids(corpus: Corpus, keep: list[int], vocabulary: int, path: str,
                flag: str) -> list[list[int]]:
     """The stored ``input_ids`` of the kept rows, checked against the student's vocabulary.
 
+    :func:`selftrain.corpus.read_corpus` has checked they are lists of ids >= 0; here every
+    kept row must have them, and below the student's vocabulary size.
+
     Args:
         corpus: a corpus with an ``input_ids`` column.
         keep: indices of the rows to take.
@@ -82,6 +85,11 @@ def stored_ids(corpus: Corpus, keep: list[int], vocabulary: int, path: str,
         flag: the flag it came from.
     """
     sequences = [corpus.columns["input_ids"][i] for i in keep]
+    missing = next((i for i, ids in zip(keep, sequences, strict=True) if ids is None), None)
+    if missing is not None:
+        raise SelftrainError(f"{flag} {path}: row {missing + 1} has no input_ids although the "
+                             "tokenizers are treated as equal; set --data.same_tokenizer false "
+                             "to tokenize the text")
     worst = max((max(ids) for ids in sequences if ids), default=-1)
     if worst >= vocabulary:
         raise SelftrainError(
