@@ -11,8 +11,10 @@ Heavy imports (Lightning, transformers) happen only in the subcommand that needs
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -46,7 +48,8 @@ def run_tool(name: str, argv: list[str]) -> object:
 
     module, function, _ = TOOLS[name]
     target: Callable = getattr(importlib.import_module(module), function)
-    return CLI(target, args=argv, prog=f"selftrain {name}", as_positional=False)
+    return CLI(target, args=argv, prog=f"selftrain {name}", as_positional=False,
+               exit_on_error=False)
 
 
 def print_help() -> None:
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
             from selftrain.trainer_cli import SelftrainCLI
 
             SelftrainCLI(args=None if argv_from_sys else argv)
+    except argparse.ArgumentError as error:  # the parser's own refusal (parsers don't exit)
+        command = " ".join(argv[:1]) if argv and not argv[0].startswith("-") else ""
+        print(f"selftrain: error: {parser_error_line(str(error), command)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
         command = f"selftrain {argv[0]}" if argv else "selftrain"
         print(f"{command}: {_interrupt_message(interrupt)}", file=sys.stderr)
@@ -92,6 +99,24 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"selftrain: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def parser_error_line(message: str, command: str) -> str:
+    r"""A parser's (multi-line) error as one line that names the flag and where help is.
+
+    ``Parser key "data.batch_size":\n  Expected a <class 'int'>. Got value: abc`` becomes
+    ``--data.batch_size: expected a <class 'int'>. Got value: abc (selftrain fit --help ...)``.
+
+    Args:
+        message: the parser's message.
+        command: the subcommand, for the pointer to its ``--help``.
+    """
+    text = " ".join(line.strip(" -") for line in message.splitlines() if line.strip())
+    text = re.sub(r'^Parser key "([^"]+)": *', lambda m: f"--{m.group(1)}: ", text)
+    if len(text) > 400:
+        text = text[:397] + "..."
+    where = f"selftrain {command} --help" if command else "selftrain --help"
+    return f"{text} ({where} lists every flag and its type)"
 
 
 def _interrupt_message(interrupt: KeyboardInterrupt) -> str:

@@ -31,16 +31,18 @@ from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator, MPSAcce
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.callbacks.probe_eval import SharedProbeSet, share_probe_set
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import Interrupted, SelftrainError
+from selftrain.outputs import refuse_unwritable
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
 from selftrain.training.checks import ampere_or_newer
 from selftrain.training.data import CorpusDataModule
-from selftrain.training.flags import check_trainer_flags
+from selftrain.training.flags import check_seed_everything, check_trainer_flags
 from selftrain.training.fsdp import DecoderLayerFSDP
 from selftrain.training.module import StudentLM
 from selftrain.training.run_dir import (
@@ -55,6 +57,7 @@ from selftrain.training.run_dir import (
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs/default"
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 """``--ckpt_path`` values Lightning resolves itself (``last`` for fit is resolved here)."""
 
@@ -75,7 +78,9 @@ class SelftrainCLI(LightningCLI):
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "selftrain"},
+            # parse errors raise, and selftrain.cli prints them as one line
+            parser_kwargs={"prog": "selftrain", "exit_on_error": False,
+                           **{name: {"exit_on_error": False} for name in TRAINER_SUBCOMMANDS}},
             trainer_defaults={"use_distributed_sampler": False,
                               "callbacks": [TensorBoardLayout()]},
         )
@@ -97,9 +102,15 @@ class SelftrainCLI(LightningCLI):
         if subcommand != "fit":
             super()._parse_ckpt_path()
 
+    def _set_seed(self) -> None:
+        """Check ``--seed_everything`` first: Lightning seeds before any other hook runs."""
+        check_seed_everything(self._get(self.config, "seed_everything"))
+        super()._set_seed()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the student's spec into the data; add the checkpoint callback and probe set."""
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments("model.revision", "data.revision")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_class_arguments(SharedProbeSet, "probes", instantiate=False)
         parser.add_argument("--overwrite", type=bool, default=False,
@@ -139,7 +150,7 @@ class SelftrainCLI(LightningCLI):
         """
         root = Path(config.trainer.default_root_dir)
         checkpoint_dir = Path(config.checkpoint.dirpath)
-        _refuse_unwritable(root, "--trainer.default_root_dir")
+        refuse_unwritable(root, "--trainer.default_root_dir", beside=False)
         self.resume_meta: dict[str, Any] | None = None
         self.start_over = False
         ckpt = config.get("ckpt_path")
@@ -182,7 +193,12 @@ class SelftrainCLI(LightningCLI):
         """The Trainer, with atomic local checkpoint writes unless a plugin already sets them."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         _check_gpu_request({**config.get("trainer", {}), **kwargs})
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as error:  # Lightning refused a flag
+            first = " ".join(str(error).split())
+            raise SelftrainError(f"--trainer: Lightning refuses these trainer flags: {first}"
+                                 ) from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -289,19 +305,6 @@ class SelftrainCLI(LightningCLI):
             if not self.trainer.interrupted:
                 raise
             raise Interrupted("interrupted; it wrote nothing to keep: rerun the command") from None
-
-
-def _refuse_unwritable(path: Path, flag: str) -> None:
-    """Refuse a directory that cannot be made or written (a file in the way, no permission)."""
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                where = "it" if existing == path else str(existing)
-                raise SelftrainError(f"{flag} {path}: {where} is a file; give a directory")
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise SelftrainError(f"{flag} {path}: {existing} is not writable; give a "
-                                     "directory you can write")
-            return
 
 
 def _check_gpu_request(trainer: dict[str, Any]) -> None:

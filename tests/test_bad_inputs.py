@@ -139,6 +139,21 @@ def text_corpus(tmp: Path) -> None:
                                      for i in range(240)])
 
 
+def earlier_run(tmp: Path) -> None:
+    """A run dir that holds a run: its TensorBoard events."""
+    (tmp / "run" / "tb").mkdir(parents=True)
+    (tmp / "run" / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
+
+
+def saved_dict(name: str) -> Callable[[Path], None]:
+    """A torch-saved dict that is not a Lightning checkpoint."""
+    def setup(tmp: Path) -> None:
+        import torch
+
+        torch.save({"weights": [1, 2, 3]}, tmp / name)
+    return setup
+
+
 def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     """Run several setups."""
     def setup(tmp: Path) -> None:
@@ -333,9 +348,7 @@ CASES = [
     bad("fit-checkpoint-two-triggers", fit("--checkpoint.every_n_epochs", "1"),
         "--checkpoint.every_n_epochs", "--checkpoint.every_n_train_steps"),
     bad("fit-seed-everything-beyond-32-bits", fit("--seed_everything", BEYOND_64_BITS),
-        "--seed_everything",
-        waits_for="trainer_cli: LightningCLI seeds before before_instantiate_classes; call "
-                  "flags.check_seed_everything first (in _set_seed)"),
+        "--seed_everything"),
     bad("fit-txt-not-utf8", fit("--data.corpus", f"{TMP}/c.txt"), "c.txt", "UTF-8",
         setup=garbage_bytes("c.txt")),
     bad("fit-subset-outside", fit("--data.subset", "5"), "--data.subset"),
@@ -346,6 +359,28 @@ CASES = [
     bad("test-model-dir-without-config", evaluate("test", "--model.model", f"{TMP}/empty",
                                                   "--data.eval_corpus", DEBUG_CORPUS),
         "--model.model", "config.json", setup=directory("empty")),
+    # -- the run dir and the checkpoint to resume (selftrain.training.run_dir) -----------------
+    bad("fit-run-dir-holds-a-run", fit(), "--trainer.default_root_dir", "--ckpt_path last",
+        setup=earlier_run),
+    bad("fit-run-dir-is-a-file", fit(), "--trainer.default_root_dir",
+        setup=garbage_file("run")),
+    bad("fit-run-dir-read-only", fit("--trainer.default_root_dir", f"{TMP}/ro/run"),
+        "--trainer.default_root_dir", setup=directory("ro", 0o500), needs_permissions=True),
+    bad("fit-ckpt-missing", fit("--ckpt_path", f"{TMP}/none.ckpt"), "--ckpt_path",
+        f"{TMP}/none.ckpt"),
+    bad("fit-ckpt-truncated", fit("--ckpt_path", f"{TMP}/cut.ckpt"), "--ckpt_path",
+        "truncated", setup=garbage_file("cut.ckpt")),
+    bad("fit-ckpt-not-a-checkpoint", fit("--ckpt_path", f"{TMP}/dict.ckpt"), "--ckpt_path",
+        "not a Lightning checkpoint", setup=saved_dict("dict.ckpt")),
+    bad("validate-ckpt-truncated", evaluate("validate", "--data.eval_corpus", DEBUG_CORPUS,
+                                            "--ckpt_path", f"{TMP}/cut.ckpt"),
+        "--ckpt_path", setup=garbage_file("cut.ckpt")),
+    # -- what the parsers and Lightning refuse --------------------------------------------------
+    bad("fit-flag-of-the-wrong-type", fit("--data.batch_size", "abc"), "--data.batch_size"),
+    bad("fit-unknown-flag", fit("--data.bogus", "1"), "--data.bogus"),
+    bad("fit-unknown-strategy", fit("--trainer.strategy", "bogus"), "--trainer", "bogus"),
+    bad("generate-flag-of-the-wrong-type", generate("--num_samples", "abc"), "--num_samples"),
+    bad("replay-unknown-flag", replay("--nope", "1"), "--nope"),
     # -- generate ------------------------------------------------------------------------------
     bad("generate-num-samples-0", generate("--num_samples", "0"), "--num_samples"),
     bad("generate-max-new-tokens-0", generate("--max_new_tokens", "0"), "--max_new_tokens"),

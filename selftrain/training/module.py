@@ -130,7 +130,8 @@ class StudentLM(L.LightningModule):
         self.load_tokenizer()
         attention = resolve_attention(hp.attn_implementation, self._trainer)
         self.model = load_model(hp.model, attn_implementation=attention,
-                                revision=hp.revision, trust_remote_code=hp.trust_remote_code)
+                                revision=hp.revision, trust_remote_code=hp.trust_remote_code,
+                                flag="--model.model")
         rank_zero_info(f"student {hp.model}: attention {self.model.config._attn_implementation}")
         self._matrices = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
         if hp.gradient_checkpointing:
@@ -155,7 +156,8 @@ class StudentLM(L.LightningModule):
         """
         if self.tokenizer is None:
             hp = self.hparams
-            self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code)
+            self.tokenizer = load_tokenizer(hp.model, hp.revision, hp.trust_remote_code,
+                                            flag="--model.model")
         return self.tokenizer
 
     def identity(self, rows: list[dict]) -> dict[str, str]:
