@@ -275,3 +275,36 @@ def test_generate_under_torchrun_splits_shards_and_matches_one_process(tmp_path)
     manifest = manifest_of(out)
     assert manifest["timing"]["processes"] == 2
     assert manifest["timing"]["samples_this_run"] == 600
+
+
+def test_overwrite_keeps_the_old_corpus_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    from selftrain.sampling.generate import generate
+    from selftrain.sampling.shards import ShardedCorpus
+
+    out = tmp_path / "corpus"
+    flags = {"model": "tiny:qwen2", "out": str(out), "num_samples": 8, "max_new_tokens": 8,
+             "batch_size": 4, "shard_size": 2}
+    generate(**flags, seed=0)
+    old = read_corpus(out).columns["input_ids"]
+
+    real_write = ShardedCorpus.write_shard
+    written = []
+
+    def write_until_ctrl_c(self, index, rows):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_write(self, index, rows)
+        written.append(self.out)
+
+    monkeypatch.setattr(ShardedCorpus, "write_shard", write_until_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        generate(**flags, seed=1, overwrite=True)
+    assert read_corpus(out).columns["input_ids"] == old  # untouched while the new one fills
+    assert {path.name for path in written} == {".corpus.replacement"}
+
+    monkeypatch.setattr(ShardedCorpus, "write_shard", real_write)
+    generate(**flags, seed=1, overwrite=True)  # resumes the replacement, then swaps it in
+    assert manifest_of(out)["timing"]["samples_this_run"] == 4
+    assert manifest_of(out)["generation"]["seed"] == 1
+    assert read_corpus(out).columns["input_ids"] != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no sibling left

@@ -209,6 +209,8 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
                    source_name: str, overwrite: bool, rank: int, world: int) -> Path | None:
     """Fill the missing shards this rank owns, then (rank 0) write the manifest."""
     action = corpus.check(overwrite)
+    if action == "replace":  # filled beside --out; the old corpus goes once the new is whole
+        action = corpus.stage_replacement()
     barrier(world)  # every rank has looked at --out before rank 0 changes it
     if action == "done":
         log.info("%s is already complete with these settings; nothing to do", corpus.out)

@@ -10,6 +10,10 @@ While a corpus is being filled, ``.in_progress.json`` holds the plan: the genera
 setting that changes what gets sampled). A rerun with another spec is refused unless
 ``--overwrite``; a finished corpus carries the same spec in its manifest, which is written once,
 at the end, and marks the corpus complete.
+
+``--overwrite`` never deletes the old corpus first: the new one is filled in a hidden sibling
+(``.<name>.replacement``, itself resumable by rerunning the same command) and swapped in once
+complete; only then does the old one go (:func:`selftrain.io.swap_into_place`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from selftrain.corpus import (
     stamp,
 )
 from selftrain.errors import SelftrainError
-from selftrain.io import TEMP_MARK, is_temp_name, remove, write_json_atomic, write_parquet_atomic
+from selftrain.io import (
+    TEMP_MARK,
+    is_temp_name,
+    remove,
+    swap_into_place,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from selftrain.outputs import refuse_foreign, refuse_unwritable
 
 
@@ -56,6 +67,8 @@ class ShardedCorpus:
 
     def __init__(self, out: Path, spec: dict[str, Any], num_samples: int, shard_size: int):
         self.out = Path(out)
+        self.target = self.out
+        """Where the corpus lives once complete; ``out`` is a sibling while replacing one."""
         self.spec = spec
         self.num_samples = num_samples
         self.shard_size = shard_size
@@ -128,14 +141,35 @@ class ShardedCorpus:
                              f"({', '.join(differing) or 'no recorded spec'}); rerun with the "
                              "same flags to resume, choose a new dir, or pass --overwrite true")
 
+    def stage_replacement(self) -> str:
+        """Fill a hidden sibling instead of ``out``, to be swapped in when complete.
+
+        Call on every rank when :meth:`check` said "replace", before anything is written.
+
+        Returns:
+            "resume" when the sibling holds a replacement with this spec that a killed run
+            left, else "replace" (start it afresh, clearing any other one).
+        """
+        self.out = self.target.with_name(f".{self.target.name}.replacement")
+        state, existing = self.existing_spec()
+        if state == "partial" and existing == self.spec:
+            return "resume"
+        return "replace"
+
     # -- writing ---------------------------------------------------------------------------------
 
     def start(self, replace: bool) -> None:
         """Create the dir and the plan; remove what ``replace`` or a killed run left behind.
 
+        ``replace`` clears ``out``, which is then the replacement's sibling
+        (:meth:`stage_replacement`), never the corpus being replaced.
+
         Call on one process only (rank 0), then synchronize.
         """
         if replace:
+            if self.out == self.target:
+                raise RuntimeError("stage_replacement() first: the old corpus is kept until "
+                                   "the new one is complete")
             remove(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         leftovers = f".*{TEMP_MARK}*"
@@ -197,4 +231,7 @@ class ShardedCorpus:
                                        "num_shards": self.num_shards}})
         write_json_atomic(manifest, self.out / MANIFEST_NAME)
         (self.out / PLAN_NAME).unlink(missing_ok=True)
+        if self.out != self.target:  # the replacement is complete: now the old corpus goes
+            swap_into_place(self.out, self.target)
+            self.out = self.target
         return self.out
