@@ -200,3 +200,29 @@ def test_a_real_sigint_ends_fit_with_status_130_and_one_line(tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("selftrain fit: interrupted at step ") and "--ckpt_path last" in last
+
+
+def test_ctrl_c_during_generate_is_one_line_with_status_130(tmp_path, capsys, monkeypatch):
+    from selftrain.sampling.shards import ShardedCorpus
+
+    real_write = ShardedCorpus.write_shard
+
+    def ctrl_c_at_the_third_shard(self, index, rows):
+        if index == 2:
+            raise KeyboardInterrupt
+        real_write(self, index, rows)
+
+    monkeypatch.setattr(ShardedCorpus, "write_shard", ctrl_c_at_the_third_shard)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "c"),
+              "--num_samples", "8", "--shard_size", "2", "--max_new_tokens", "8"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("selftrain generate: interrupted after 2 of 4 "
+                                            "shards; rerun the same command to resume")
+
+
+def test_the_students_revision_reaches_the_data_modules_tokenizer():
+    built = cli(None, "--model.revision", "v1.0")
+    assert built.model.hparams.revision == built.datamodule.hparams.revision == "v1.0"
