@@ -169,6 +169,12 @@ class SelftrainCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         overwrite, config.overwrite = config.get("overwrite", False), False  # not saved as set
+        if (self.resume_meta is not None and earlier_run(root, checkpoint_dir)
+                and Path(ckpt).resolve().parent != checkpoint_dir.resolve()):
+            raise SelftrainError(f"--ckpt_path {ckpt}: is not this run dir's checkpoint, and "
+                                 f"{root} already holds a run; resume that one with "
+                                 "--ckpt_path last, or continue from this checkpoint in a new "
+                                 "run dir")
         if self.resume_meta is None and not self.start_over:
             found = earlier_run(root, checkpoint_dir)
             if found and not overwrite:

@@ -220,3 +220,20 @@ def test_weights_only_false_is_warned_about_loudly(one_epoch, tmp_path):
     with pytest.warns(UserWarning, match="--weights_only false: the checkpoint is unpickled"):
         main(fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", "--weights_only", "false",
                       callbacks=False))
+
+
+def test_another_runs_checkpoint_continues_only_in_a_new_run_dir(one_epoch, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(one_epoch, other)
+    checkpoint = str(one_epoch / "checkpoints" / "last.ckpt")
+    before = tree(other)
+    line = refused(capsys, *fit_args(other, *TWO_EPOCHS, "--ckpt_path", checkpoint,
+                                     callbacks=False))
+    assert "is not this run dir's checkpoint" in line
+    assert tree(other) == before
+
+    fresh = tmp_path / "fresh"  # an empty run dir: the run goes on there
+    main(fit_args(fresh, *TWO_EPOCHS, "--ckpt_path", checkpoint, callbacks=False))
+    assert torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
