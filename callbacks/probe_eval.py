@@ -88,6 +88,24 @@ def share_probe_set(callbacks: list[Any] | Any | None, shared: Any) -> None:
             init_args[key] = shared[key]
 
 
+def mark_shared(callbacks: list[Any], shared: Any) -> None:
+    """Note on each probe callback that reads the run's probe set that it came from ``--probes``.
+
+    Its messages then name the flags the user set (``--probes.probe_set``), not the class's.
+
+    Args:
+        callbacks: the Trainer's callbacks, instantiated.
+        shared: the parsed :class:`SharedProbeSet` (``probes``), or None.
+    """
+    if shared is None or shared.probe_set is None:
+        return
+    for callback in callbacks:
+        if (isinstance(callback, ProbeEvaluation)
+                and callback.probe_set == str(shared.probe_set)
+                and all(getattr(callback, key) == shared[key] for key in _WINDOW)):
+            callback.from_probes_flags = True
+
+
 def _config_class(config: Any) -> type | None:
     """The class a ``class_path`` callback config names (None for anything else)."""
     class_path = config.get("class_path") if hasattr(config, "get") else None
@@ -110,6 +128,9 @@ class ProbeEvaluation(EpochEvaluation):
         run_at_start: evaluate the base model before the first optimizer step (epoch 0).
     """
 
+    from_probes_flags = False
+    """Set by :func:`mark_shared`: the probe set and window came from ``--probes.*``."""
+
     def __init__(self, probe_set: str | None, prefix_tokens: int, suffix_tokens: int,
                  batch_size: int, every_n_epochs: int, run_at_start: bool) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
@@ -130,6 +151,12 @@ class ProbeEvaluation(EpochEvaluation):
         self.batch_size = batch_size
         self.probes: ProbeSet | None = None
         self._gathers: dict[str, RowResults] = {}
+
+    def flag(self, name: str) -> str:
+        """``--probes.<name>`` where the run's probe set filled it in, else the class's own."""
+        if self.from_probes_flags and name in ("probe_set", *_WINDOW):
+            return f"--probes.{name}"
+        return super().flag(name)
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Load the probe set with the student's tokenizer (bad rows fail before training)."""

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
-from selftrain.callbacks.probe_eval import SharedProbeSet, share_probe_set
+from selftrain.callbacks.probe_eval import SharedProbeSet, mark_shared, share_probe_set
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import Interrupted, SelftrainError
@@ -189,6 +189,11 @@ class SelftrainCLI(LightningCLI):
             # TensorBoard drops what the killed process logged at or after the checkpoint's
             # step; the evaluation callbacks log again what the checkpoint holds at that step
             config.trainer.logger.init_args.purge_step = int(self.resume_meta["global_step"])
+
+    def after_instantiate_classes(self) -> None:
+        """Probe callbacks that read the run's probe set name ``--probes.*`` in messages."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        mark_shared(self.trainer.callbacks, config.get("probes"))
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
