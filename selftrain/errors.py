@@ -7,9 +7,25 @@ its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SelftrainError(ValueError):
     """A user-fixable problem: bad flag, missing file, incompatible inputs."""
+
+
+def refuse_first_failed(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise :class:`SelftrainError` with the message of the first check that failed.
+
+    Every command checks its flags as a list of ``(ok, "<flag> <value>: <rule>")`` pairs
+    before it reads or writes anything; this is the one loop over them.
+
+    Args:
+        checks: (passed, the one-line message if not).
+    """
+    for ok, message in checks:
+        if not ok:
+            raise SelftrainError(message)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class SelftrainCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if isinstance(ckpt, str) and ckpt not in CKPT_KEYWORDS and "://" not in ckpt:
-            read_checkpoint_meta(Path(ckpt))
+            self._checkpoint_meta(ckpt)
         if subcommand != "fit":
             super()._parse_ckpt_path()
 
@@ -106,6 +107,13 @@ class SelftrainCLI(LightningCLI):
         """Check ``--seed_everything`` first: Lightning seeds before any other hook runs."""
         check_seed_everything(self._get(self.config, "seed_everything"))
         super()._set_seed()
+
+    def _checkpoint_meta(self, ckpt: str) -> dict[str, Any]:
+        """``--ckpt_path``'s state without its tensors, read once (it is checked, then used)."""
+        cached = getattr(self, "_read_meta", None)
+        if cached is None or cached[0] != ckpt:
+            self._read_meta = (ckpt, read_checkpoint_meta(Path(ckpt)))
+        return self._read_meta[1]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the student's spec into the data; add the checkpoint callback and probe set."""
@@ -165,7 +173,7 @@ class SelftrainCLI(LightningCLI):
             else:
                 ckpt = config.ckpt_path = str(found)
         if ckpt is not None and ckpt not in CKPT_KEYWORDS and "://" not in str(ckpt):
-            self.resume_meta = read_checkpoint_meta(Path(ckpt))
+            self.resume_meta = self._checkpoint_meta(ckpt)
         if self.subcommand != "fit":
             return
         overwrite, config.overwrite = config.get("overwrite", False), False  # not saved as set
@@ -275,23 +283,10 @@ class SelftrainCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; Ctrl-C ends it with :class:`Interrupted`, saying how to resume.
 
-        Lightning shuts a fit down gracefully on Ctrl-C and then exits with status 1; the
-        CLI turns :class:`Interrupted` into one line and status 130.
-
         Args:
             kwargs: ``trainer.fit``'s arguments, as LightningCLI gathered them.
         """
-        try:
-            self.trainer.fit(**kwargs)
-        except SystemExit:
-            if not self.trainer.interrupted:
-                raise
-            config = self.config_init[self.subcommand]
-            found = find_last_checkpoint(Path(config.checkpoint.dirpath))
-            saved = (f"the last checkpoint is at step {read_checkpoint_meta(found)['global_step']}"
-                     if found is not None else "no checkpoint was written yet")
-            raise Interrupted(f"interrupted at step {self.trainer.global_step}; {saved}: rerun "
-                              "the same command with --ckpt_path last to resume") from None
+        self._interruptible(self.trainer.fit, kwargs, self._fit_interrupted)
 
     def validate(self, **kwargs: Any) -> None:
         """``trainer.validate``; Ctrl-C ends it with one line and status 130.
@@ -299,7 +294,7 @@ class SelftrainCLI(LightningCLI):
         Args:
             kwargs: ``trainer.validate``'s arguments, as LightningCLI gathered them.
         """
-        self._evaluate(self.trainer.validate, kwargs)
+        self._interruptible(self.trainer.validate, kwargs, _nothing_to_keep)
 
     def test(self, **kwargs: Any) -> None:
         """``trainer.test``; Ctrl-C ends it with one line and status 130.
@@ -307,15 +302,35 @@ class SelftrainCLI(LightningCLI):
         Args:
             kwargs: ``trainer.test``'s arguments, as LightningCLI gathered them.
         """
-        self._evaluate(self.trainer.test, kwargs)
+        self._interruptible(self.trainer.test, kwargs, _nothing_to_keep)
 
-    def _evaluate(self, run, kwargs: dict[str, Any]) -> None:
+    def _interruptible(self, run: Callable[..., Any], kwargs: dict[str, Any],
+                       message: Callable[[], str]) -> None:
+        """Run a Trainer entry point; on Ctrl-C raise :class:`Interrupted` with ``message()``.
+
+        Lightning shuts down gracefully on Ctrl-C and then exits with status 1; the CLI turns
+        :class:`Interrupted` into one line and status 130.
+        """
         try:
             run(**kwargs)
         except SystemExit:
             if not self.trainer.interrupted:
                 raise
-            raise Interrupted("interrupted; it wrote nothing to keep: rerun the command") from None
+            raise Interrupted(message()) from None
+
+    def _fit_interrupted(self) -> str:
+        """What an interrupted fit kept: the step reached and the last checkpoint's."""
+        config = self.config_init[self.subcommand]
+        found = find_last_checkpoint(Path(config.checkpoint.dirpath))
+        saved = (f"the last checkpoint is at step {read_checkpoint_meta(found)['global_step']}"
+                 if found is not None else "no checkpoint was written yet")
+        return (f"interrupted at step {self.trainer.global_step}; {saved}: rerun the same "
+                "command with --ckpt_path last to resume")
+
+
+def _nothing_to_keep() -> str:
+    """What an interrupted validate or test kept."""
+    return "interrupted; it wrote nothing to keep: rerun the command"
 
 
 def _check_gpu_request(trainer: dict[str, Any]) -> None:

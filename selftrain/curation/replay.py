@@ -37,7 +37,7 @@ from selftrain.corpus import (
     read_corpus,
 )
 from selftrain.curation.documents import documents, encoded, is_local, local_files
-from selftrain.errors import SelftrainError
+from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.models import check_token_id, load_tokenizer, parse_model_spec, resolve_bos_id
 from selftrain.outputs import refuse_input_overlap
 
@@ -235,9 +235,7 @@ def _validate(match: str, out: str, sources: list[str], student: str, text_field
         (Path(out).resolve() != Path(match).resolve(),
          f"--out {out} is the --match corpus; write the replay to a new dir"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise SelftrainError(message)
+    refuse_first_failed(checks)
     refuse_input_overlap(Path(out), [("--match", match), *(("--sources", s) for s in sources)])
     check_corpus_out(Path(out), overwrite)
     local = [s for s in sources if is_local(s)]

@@ -31,7 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from selftrain.corpus import check_seed, provenance
-from selftrain.errors import Interrupted, SelftrainError
+from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
 from selftrain.models import (
     as_dtype,
     check_token_id,
@@ -336,7 +336,5 @@ def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: l
         (num_subsets >= 1, "--num_subsets", num_subsets, "must be >= 1"),
         (shard_size >= 1, "--shard_size", shard_size, "must be >= 1"),
     ]
-    for ok, flag, value, rule in checks:
-        if not ok:
-            raise SelftrainError(f"{flag} {value}: {rule}")
+    refuse_first_failed((ok, f"{flag} {value}: {rule}") for ok, flag, value, rule in checks)
     check_token_id(bos_token_id, None, "--bos_token_id")

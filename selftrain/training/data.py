@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from selftrain.corpus import check_seed, read_corpus
-from selftrain.errors import SelftrainError
+from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.models import (
     check_token_id,
     load_tokenizer,
@@ -297,9 +297,7 @@ def _check_arguments(arguments: dict[str, Any]) -> None:
         (0 <= a["min_real_token_fraction"] <= 1, "min_real_token_fraction",
          "must be in [0, 1] (a share of the tokens)"),
     ]
-    for ok, name, rule in checks:
-        if not ok:
-            raise SelftrainError(f"--data.{name} {a[name]}: {rule}")
+    refuse_first_failed((ok, f"--data.{name} {a[name]}: {rule}") for ok, name, rule in checks)
     if not Path(a["corpus"]).exists():
         raise SelftrainError(f"--data.corpus {a['corpus']}: no such file or directory; run "
                              "`selftrain generate --out DIR` first or fix the path")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from selftrain.corpus import check_seed
-from selftrain.errors import SelftrainError
+from selftrain.errors import SelftrainError, refuse_first_failed
 
 SEED_EVERYTHING_MAX = 2**32 - 1
 """Lightning's ``seed_everything`` takes 0..2**32-1 (numpy's global seed) and raises past it."""
@@ -96,10 +96,9 @@ def check_seed_everything(seed: Any) -> None:
 def _check_rules(namespace: Any, group: str,
                  rules: list[tuple[str, Callable[[Any], bool], str]]) -> None:
     """Apply ``rules`` to the fields of one parsed group (``trainer``, ``checkpoint``)."""
-    for name, ok, rule in rules:
-        value = namespace.get(name)
-        if value is not None and not ok(value):
-            raise SelftrainError(f"--{group}.{name} {value}: {rule}")
+    fields = [(name, namespace.get(name), ok, rule) for name, ok, rule in rules]
+    refuse_first_failed((value is None or ok(value), f"--{group}.{name} {value}: {rule}")
+                        for name, value, ok, rule in fields)
 
 
 def _check_devices(devices: Any, on_cpu: bool) -> None:
