@@ -191,14 +191,24 @@ class EpochEvaluation(Callback):
                     torch.cuda.empty_cache()
             pl_module.train(was_training)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+             step: int | None = None) -> None:
+        """Evaluate, log at ``step`` (default: the Trainer's global step) and record it.
+
+        Args:
+            trainer: the Trainer the student is attached to.
+            pl_module: the student.
+            epoch: epochs completed (the ``eval/epochs_completed`` value).
+            step: the global step the student was trained to; ``selftrain evaluate`` passes
+                the step an export was written at.
+        """
         start = time.perf_counter()
         with self.evaluation_mode(trainer, pl_module):
             metrics = self.evaluate(trainer, pl_module, epoch)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.evaluations += 1
-        record = {"epoch": epoch, "global_step": trainer.global_step,
+        record = {"epoch": epoch, "global_step": trainer.global_step if step is None else step,
                   "seconds": round(seconds, 3), "metrics": metrics}
         self.history.append(record)
         self._log(trainer, record)

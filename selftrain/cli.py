@@ -31,6 +31,12 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                  "held-out windows a model extracts verbatim (probe set)"),
     "plant": ("selftrain.probes.plant", "plant",
               "fine-tune canary windows into a base until extracted"),
+    "proxies": ("selftrain.analysis.proxies", "proxies",
+                "benchmark proximity and student NLL of a corpus; proximity split"),
+    "evaluate": ("selftrain.analysis.evaluate", "evaluate",
+                 "run a config's evaluation callbacks on a run's exports or a model"),
+    "report": ("selftrain.analysis.report", "report",
+               "figures, summary.md and report.html from many runs"),
 }
 """subcommand -> (module, function, one-line summary); imported only when used."""
 
