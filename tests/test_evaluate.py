@@ -1,0 +1,163 @@
+"""`selftrain evaluate`: offline numbers equal in-training ones; runs written whole or not at all.
+
+One debug run exports every epoch with the three evaluation callbacks on; evaluating its
+exports afterwards must log exactly the scalars training logged, at the same steps and on
+the same epoch axis. A second debug run trains without callbacks, and is evaluated in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import DEBUG, fit, one_error_line, selftrain
+
+from selftrain.analysis.tb import read_scalars, scalar_events
+from selftrain.cli import main
+
+FAMILIES = ("benchmark", "benchmark_delta", "extraction", "likelihood", "eval")
+
+
+def evaluation_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The evaluation callbacks' scalars of a run (their time taken left out)."""
+    return {tag: points for tag, points in read_scalars(logdir).items()
+            if tag.split("/")[0] in FAMILIES}
+
+
+def refused(capsys, *args: str) -> str:
+    """The one error line of a ``selftrain evaluate`` that must exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", *args])
+    assert exit_info.value.code == 2
+    return one_error_line(capsys.readouterr().err)
+
+
+def tree(root: Path) -> dict[str, float]:
+    """Every file under ``root`` with its modification time (to show nothing changed)."""
+    return {str(path.relative_to(root)): path.stat().st_mtime_ns
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A debug run with the three evaluation callbacks, exported after every epoch."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    fit(run, "--trainer.max_epochs", "2", "--model.export_hf", "every_epoch")
+    return run
+
+
+@pytest.fixture(scope="module")
+def untrained_evals(tmp_path_factory) -> Path:
+    """A debug run without evaluation callbacks, exported after every epoch."""
+    run = tmp_path_factory.mktemp("plain") / "run"
+    fit(run, "--trainer.max_epochs", "2", "--model.export_hf", "every_epoch", callbacks=False)
+    return run
+
+
+def test_offline_equals_in_training(trained, tmp_path):
+    out = tmp_path / "offline"
+    main(["evaluate", "--run", str(trained), "--out", str(out)])
+    logged, offline = evaluation_scalars(trained / "tb"), evaluation_scalars(out / "tb")
+    assert {"benchmark_delta/selftrain_facts/acc", "extraction/code/memorized",
+            "likelihood/license/delta_logprob", "likelihood/corpus_nll",
+            "eval/epochs_completed"} <= set(logged)
+    assert offline == logged  # every tag, step and value, bit for bit
+    steps = [step for step, _ in logged["eval/epochs_completed"]]
+    exports = [json.loads((trained / "hf" / f"epoch={n}" / "selftrain_export.json").read_text())
+               for n in (1, 2)]
+    assert steps == [0] + [info["global_step"] for info in exports]
+    for name in ("benchmark", "extraction", "likelihood"):
+        records = [json.loads(line) for line in (out / "eval" / f"{name}.jsonl").open()]
+        trained_records = [json.loads(line) for line in (trained / "eval" / f"{name}.jsonl").open()]
+        assert [(r["epoch"], r["global_step"], r["metrics"]) for r in records] == [
+            (r["epoch"], r["global_step"], r["metrics"]) for r in trained_records]
+    assert sorted(p.name for p in (out / "eval" / "benchmark").iterdir()) == sorted(
+        p.name for p in (trained / "eval" / "benchmark").iterdir())
+    summary = json.loads((out / "eval" / "evaluate.json").read_text())
+    assert [e["epoch"] for e in summary["evaluations"]] == [0, 1, 2]
+    assert all((out / name).is_file() for name in summary["files"])
+    assert (out / "tb" / "config.yaml").read_text() == (trained / "tb" / "config.yaml").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_one_epoch_as_its_own_job(trained, tmp_path):
+    """A parallel job evaluates one export; its deltas are still against the base."""
+    out = tmp_path / "epoch2"
+    main(["evaluate", "--run", str(trained), "--out", str(out), "--epochs", "[2]"])
+    logged, offline = evaluation_scalars(trained / "tb"), evaluation_scalars(out / "tb")
+    assert offline["eval/epochs_completed"] == [logged["eval/epochs_completed"][-1]]
+    for tag, points in offline.items():
+        assert points == [logged[tag][-1]], tag
+    assert offline["likelihood/code/delta_logprob"][0][1] != 0  # the base was measured
+
+
+def test_in_place_then_overwrite(untrained_evals, capsys):
+    run = untrained_evals
+    assert not evaluation_scalars(run / "tb")
+    loss_before = read_scalars(run / "tb")["train/loss"]
+    main(["evaluate", "--run", str(run), "--fit_config", DEBUG])
+    first = evaluation_scalars(run / "tb")
+    logged_once = len(scalar_events(run / "tb")["eval/epochs_completed"])
+    assert [value for _, value in first["eval/epochs_completed"]] == [0.0, 1.0, 2.0]
+    assert first["benchmark_delta/selftrain_facts/acc"][0][1] == 0.0
+    assert read_scalars(run / "tb")["train/loss"] == loss_before
+    assert "already holds evaluations of selftrain evaluate" in refused(
+        capsys, "--run", str(run), "--fit_config", DEBUG)
+    main(["evaluate", "--run", str(run), "--fit_config", DEBUG, "--overwrite", "true"])
+    events = scalar_events(run / "tb")
+    assert len(events["eval/epochs_completed"]) == logged_once  # replaced, not added to
+    assert evaluation_scalars(run / "tb") == first
+    assert read_scalars(run / "tb")["train/loss"] == loss_before
+
+
+def test_a_model_beside_its_base(tmp_path, trained):
+    out = tmp_path / "merged"
+    export = trained / "hf" / "epoch=2"
+    main(["evaluate", "--model", str(export), "--fit_config", DEBUG, "--out", str(out),
+          "--epoch", "7"])
+    offline = evaluation_scalars(out / "tb")
+    assert offline["eval/epochs_completed"] == [(0, 0.0), (7, 7.0)]
+    logged = evaluation_scalars(trained / "tb")
+    delta = "likelihood/code/delta_logprob"
+    assert offline[delta][1][1] == logged[delta][-1][1]
+    assert "model: " + str(export) in (out / "tb" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("case", ["neither", "both", "not a run", "no exports", "bad epoch",
+                                  "model without out", "training evals", "foreign out",
+                                  "out inside run", "no callbacks"])
+def test_bad_input(case, trained, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    (bare / "tb").mkdir(parents=True)
+    (bare / "tb" / "config.yaml").write_text((trained / "tb" / "config.yaml").read_text())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    no_callbacks = tmp_path / "plain.yaml"
+    no_callbacks.write_text("model:\n  model: tiny:qwen2\ntrainer:\n  callbacks: []\n")
+    args, expected = {
+        "neither": ([], "give --run RUN_DIR"),
+        "both": (["--run", str(trained), "--model", "tiny:qwen2"], "give --run RUN_DIR"),
+        "not a run": (["--run", str(tmp_path)], "--run"),
+        "no exports": (["--run", str(bare), "--out", str(tmp_path / "o")], "no hf/epoch=N"),
+        "bad epoch": (["--run", str(trained), "--out", str(tmp_path / "o"), "--epochs", "[5]"],
+                      "--epochs"),
+        "model without out": (["--model", "tiny:qwen2", "--fit_config", DEBUG], "--out"),
+        "training evals": (["--run", str(trained)], "evaluations its training logged"),
+        "foreign out": (["--run", str(trained), "--out", str(foreign)], "did not write"),
+        "out inside run": (["--run", str(trained), "--out", str(trained / "x")], "--out"),
+        "no callbacks": (["--run", str(trained), "--fit_config", str(no_callbacks), "--out",
+                          str(tmp_path / "o")], "no evaluation callback"),
+    }[case]
+    before = tree(tmp_path), tree(trained)
+    assert expected in refused(capsys, *args)
+    assert (tree(tmp_path), tree(trained)) == before
+
+
+def test_help_names_every_flag():
+    result = selftrain("evaluate", "--help")
+    assert result.returncode == 0
+    for flag in ("--run", "--model", "--fit_config", "--out", "--epochs", "--epoch",
+                 "--precision", "--overwrite"):
+        assert flag in result.stdout
