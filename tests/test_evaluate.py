@@ -8,6 +8,7 @@ the same epoch axis. A second debug run trains without callbacks, and is evaluat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,16 @@ def test_bad_input(case, trained, tmp_path, capsys):
     before = tree(tmp_path), tree(trained)
     assert expected in refused(capsys, *args)
     assert (tree(tmp_path), tree(trained)) == before
+
+
+def test_a_failed_evaluation_leaves_nothing(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "hf" / "epoch=2" / "model.safetensors").unlink()  # fails after two evaluations
+    before = tree(tmp_path)
+    line = refused(capsys, "--run", str(run), "--out", str(tmp_path / "out"))
+    assert "evaluating epoch 2" in line and "no weights" in line
+    assert tree(tmp_path) == before  # no out dir, no staging dir
 
 
 def test_help_names_every_flag():

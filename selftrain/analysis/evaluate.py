@@ -361,8 +361,12 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
     for index, target in enumerate(targets):
         driver.target, driver.record = target, index > 0 or record_base
         start = time.perf_counter()
-        student = _EvaluatedStudent(model=target.model, **model_args)
-        trainer.validate(student, datamodule=data, verbose=False)
+        try:
+            student = _EvaluatedStudent(model=target.model, **model_args)
+            trainer.validate(student, datamodule=data, verbose=False)
+        except SelftrainError as error:
+            raise SelftrainError(f"evaluating epoch {target.epoch} ({target.model}): {error}"
+                                 ) from None
         del student
         seconds = time.perf_counter() - start
         log.info("epoch %d (%s, step %d): %s in %.1f s", target.epoch, target.model,
