@@ -1,0 +1,118 @@
+"""Per-condition curves from the tidy table: mean and sd over subsets, final and best deltas.
+
+The paper's curves are a mean over disjoint-subset students with a +/-1 sd band; its tables
+quote where a condition ends and the best it reached. Both are computed here, once, from
+:func:`selftrain.analysis.runs.read_table`'s table, so the figures and the summary show the
+same numbers. The sd is the sample sd (``ddof=1``, as pandas and seaborn's ``errorbar="sd"``);
+with one subset it is undefined (NaN) and no band is drawn.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+FAMILIES = {
+    "benchmark": re.compile(r"^benchmark_delta/(?P<task>[^/]+)/(?P<metric>[^/]+)$"),
+    "extraction": re.compile(r"^extraction/(?:(?P<domain>[^/]+)/)?memorized$"),
+    "likelihood": re.compile(r"^likelihood/(?:(?P<domain>[^/]+)/)?delta_logprob$"),
+}
+"""The tag families the report draws: benchmark deltas, extraction counts, log p deltas."""
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "nll", "loss")
+"""Metric names (substrings) whose best value is the lowest."""
+
+
+def family_tags(tags: set[str], family: str) -> list[str]:
+    """The tags of one family, sorted; a probe family's all-domains tag last.
+
+    Args:
+        tags: any tags.
+        family: a :data:`FAMILIES` key.
+    """
+    chosen = [tag for tag in tags if FAMILIES[family].match(tag)]
+    return sorted(chosen, key=lambda tag: (tag.count("/") < 2 and family != "benchmark", tag))
+
+
+def common_tags(table: pd.DataFrame) -> tuple[set[str], dict[str, list[str]]]:
+    """The tags every run logged, and for each tag left out, the runs that lack it.
+
+    Args:
+        table: the tidy table.
+
+    Returns:
+        (tags in every run, {left-out tag: [runs without it]}).
+    """
+    by_run = table.groupby("run")["tag"].agg(set)
+    everywhere = set.intersection(*by_run) if len(by_run) else set()
+    left_out = {}
+    for tag in sorted(set.union(*by_run) - everywhere if len(by_run) else set()):
+        left_out[tag] = sorted(run for run, tags in by_run.items() if tag not in tags)
+    return everywhere, left_out
+
+
+def curves(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and n over a condition's runs at every (tag, epoch).
+
+    Args:
+        table: the tidy table.
+
+    Returns:
+        Columns condition, tag, epoch, mean, sd, n.
+    """
+    grouped = table.groupby(["condition", "tag", "epoch"])["value"]
+    out = grouped.agg(mean="mean", sd=lambda v: v.std(ddof=1), n="count").reset_index()
+    return out.sort_values(["tag", "condition", "epoch"], ignore_index=True)
+
+
+def lower_is_better(tag: str) -> bool:
+    """Whether the metric of a tag improves downwards (perplexity, bits per byte, NLL)."""
+    return any(word in tag.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER)
+
+
+def final_and_best(curve: pd.DataFrame, runs_per_condition: dict[str, int]) -> pd.DataFrame:
+    """Where each condition ends on each tag, and the best mean it reached after epoch 0.
+
+    The final epoch is the last one every run of the condition reached; the best is taken over
+    the epochs after 0 that every run reached (the base itself, epoch 0, is delta 0).
+
+    Args:
+        curve: :func:`curves` rows (one family's tags).
+        runs_per_condition: condition -> its number of runs.
+
+    Returns:
+        Columns tag, condition, final_epoch, final_mean, final_sd, n, best_epoch, best_mean,
+        best_sd, best_n.
+    """
+    rows = []
+    for (tag, condition), points in curve.groupby(["tag", "condition"], sort=True):
+        complete = points[points["n"] == runs_per_condition[condition]]
+        if complete.empty:  # runs of different lengths and none reached: use what there is
+            complete = points
+        final = complete.loc[complete["epoch"].idxmax()]
+        later = complete[complete["epoch"] > 0]
+        if later.empty:
+            best = final
+        else:
+            pick = later["mean"].idxmin() if lower_is_better(tag) else later["mean"].idxmax()
+            best = later.loc[pick]
+        rows.append({"tag": tag, "condition": condition,
+                     "final_epoch": int(final["epoch"]), "final_mean": float(final["mean"]),
+                     "final_sd": float(final["sd"]), "n": int(final["n"]),
+                     "best_epoch": int(best["epoch"]), "best_mean": float(best["mean"]),
+                     "best_sd": float(best["sd"]), "best_n": int(best["n"])})
+    return pd.DataFrame(rows, columns=["tag", "condition", "final_epoch", "final_mean",
+                                       "final_sd", "n", "best_epoch", "best_mean", "best_sd",
+                                       "best_n"])
+
+
+def base_values(curve: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(tag, condition) -> mean at epoch 0 (the base model), where there is one."""
+    base = curve[curve["epoch"] == 0]
+    return {(row.tag, row.condition): float(row.mean) for row in base.itertuples()}
+
+
+def relative_change(final: float, base: float) -> float:
+    """(final - base) / base, NaN when the base is 0."""
+    return (final - base) / base if base else float(np.nan)
