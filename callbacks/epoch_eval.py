@@ -13,13 +13,17 @@ subclass only says what to measure (:meth:`evaluate`) and what to check before t
 - switches the student to eval mode, disables grad, enters the Trainer's precision context
   (bf16 autocast under ``bf16-mixed``), and restores train mode afterwards;
 - logs the returned scalars to every logger at the global step, beside
-  ``eval/epochs_completed`` (the epoch axis) and ``eval_time/<name>`` (seconds spent);
+  ``eval/epochs_completed`` (the epoch axis) and ``eval_time/<name>`` (seconds spent), and
+  to a TensorBoard logger also against the epoch, as ``by_epoch/<tag>`` in the sub-run
+  ``<run>/tb/by_epoch/``, charting new tags on the run's custom-scalars page
+  (:mod:`selftrain.callbacks.tb_layout`);
 - appends one JSON line per evaluation to ``<run>/eval/<name>.jsonl``;
 - keeps that history in every checkpoint, so a resumed run holds each evaluation exactly
   once: on resume the file is rewritten from the checkpoint's history (dropping what the
   killed process evaluated after its checkpoint, which is evaluated again), and what the
   checkpoint holds at its own step is logged again, since ``selftrain fit`` purges
-  TensorBoard from that step on.
+  TensorBoard from that step on (and the by-epoch sub-run from the first epoch not evaluated
+  before that step, :func:`~selftrain.callbacks.tb_layout.resume_epoch`).
 
 Every rank calls :meth:`evaluate`; a subclass shards its work or lets rank 0 do it, and makes
 sure all ranks take part in the same collectives.
@@ -39,6 +43,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from selftrain.callbacks.tb_layout import (
+    close_boards,
+    resume_epoch,
+    run_board,
+    tensorboard_loggers,
+)
 from selftrain.errors import SelftrainError
 from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
@@ -128,6 +138,9 @@ class EpochEvaluation(Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._resume_step = int(checkpoint["global_step"])
+        epoch = resume_epoch(checkpoint)
+        for logger in tensorboard_loggers(trainer):
+            run_board(logger).resume_at(epoch)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -150,6 +163,10 @@ class EpochEvaluation(Callback):
         """
         self.history = self._restored_history or []
         self._restored_history = None
+        for logger in tensorboard_loggers(trainer):
+            board = run_board(logger)
+            board.chart(tag for record in self.history for tag in record["metrics"])
+            board.writer()  # the by-epoch sub-run's purge, even if nothing is logged again
         for record in self.history:
             if record["global_step"] >= step:
                 self._log(trainer, record)
@@ -219,11 +236,28 @@ class EpochEvaluation(Callback):
                 handle.write(json.dumps(record) + "\n")
 
     def _log(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
-        """Log one evaluation's scalars to every logger at its global step."""
-        scalars = {**record["metrics"], EPOCH_TAG: float(record["epoch"]),
-                   f"eval_time/{self.name}": record["seconds"]}
+        """Log one evaluation's scalars to every logger at its global step, and by epoch.
+
+        A TensorBoard logger (global rank 0) also gets them at step = epoch in its by-epoch
+        sub-run, and its custom-scalars page charts the tags it did not chart yet.
+        """
+        timing = {f"eval_time/{self.name}": record["seconds"]}
+        scalars = {**record["metrics"], EPOCH_TAG: float(record["epoch"]), **timing}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=record["global_step"])
+        for logger in tensorboard_loggers(trainer):
+            board = run_board(logger)
+            board.log_by_epoch({**record["metrics"], **timing}, epoch=record["epoch"])
+            board.chart(record["metrics"])
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        close_boards(trainer)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        close_boards(trainer)
 
 
 def training_ends(trainer: L.Trainer) -> bool:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     package_log = logging.getLogger("selftrain")
     if not package_log.handlers:  # Lightning has its own handler; the root logger stays quiet
-        package_log.addHandler(logging.StreamHandler())
+        package_log.addHandler(StderrHandler())
         package_log.setLevel(logging.INFO)
     try:
         if not argv or argv[0] in ("-h", "--help"):
@@ -105,6 +105,22 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"selftrain: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+class StderrHandler(logging.StreamHandler):
+    """A log handler writing to whatever ``sys.stderr`` is when a record is emitted.
+
+    A plain ``StreamHandler`` keeps the stream it was made with; when ``main`` runs more than
+    once in a process (tests, notebooks) that stream may since have been replaced and closed.
+    """
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def parser_error_line(message: str, command: str) -> str:

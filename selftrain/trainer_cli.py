@@ -196,6 +196,8 @@ class SelftrainCLI(LightningCLI):
                 and config.trainer.logger.class_path.endswith("TensorBoardLogger"):
             # TensorBoard drops what the killed process logged at or after the checkpoint's
             # step; the evaluation callbacks log again what the checkpoint holds at that step
+            # (their by-epoch sub-run, tb/by_epoch, they purge themselves: its steps are
+            # epochs, see selftrain.callbacks.tb_layout.resume_epoch)
             config.trainer.logger.init_args.purge_step = int(self.resume_meta["global_step"])
 
     def after_instantiate_classes(self) -> None:

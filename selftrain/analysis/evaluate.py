@@ -46,6 +46,7 @@ from selftrain.callbacks.benchmark_eval import BenchmarkEval
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from selftrain.callbacks.probe_eval import mark_shared, share_probe_set
+from selftrain.callbacks.tb_layout import close_boards
 from selftrain.errors import SelftrainError
 from selftrain.io import fsync_dir, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import refuse_foreign, refuse_input_overlap, refuse_unwritable
@@ -375,6 +376,7 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
         if driver.record:
             records.append({"epoch": target.epoch, "model": target.model,
                             "global_step": target.step, "seconds": round(seconds, 3)})
+    close_boards(trainer)  # the by-epoch sub-run's events are complete before they move
     return records
 
 
