@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    DEBUG,
     DEBUG_CORPUS,
     EXTRACTION,
     fit_args,
@@ -205,6 +206,18 @@ def plant(*flags: str) -> list[str]:
     return ["plant", "--model", "tiny:qwen2", "--canaries", f"{TMP}/canaries.jsonl",
             "--out", f"{TMP}/planted", "--prefix_tokens", "8", "--suffix_tokens", "8",
             "--max_epochs", "1", "--bf16", "false", *flags]
+
+
+def proxies(*flags: str) -> list[str]:
+    """``selftrain proxies`` of the debug corpus against a small benchmark file."""
+    return ["proxies", "--corpus", DEBUG_CORPUS, "--benchmarks", f"{TMP}/bench.jsonl",
+            "--out", f"{TMP}/out", *flags]
+
+
+def run_config(tmp: Path) -> None:
+    """A run dir holding only its config (a fit that never exported)."""
+    (tmp / "run" / "tb").mkdir(parents=True)
+    shutil.copy(DEBUG, tmp / "run" / "tb" / "config.yaml")
 
 
 def swap(argv: list[str], flag: str, value: str) -> list[str]:
@@ -505,6 +518,21 @@ CASES = [
         "--model", "config.json", setup=both(CANARIES, directory("empty"))),
     bad("plant-out-read-only", swap(plant(), "--out", f"{TMP}/ro/planted"), "--out",
         setup=both(CANARIES, directory("ro", 0o500)), needs_permissions=True),
+    bad("proxies-no-benchmarks", swap(proxies(), "--benchmarks", "[]"), "--benchmarks"),
+    bad("proxies-embedding-model-missing", proxies("--embedding_model", f"{TMP}/no_model"),
+        "--embedding_model", setup=BENCH),
+    bad("proxies-threshold-above-1", proxies("--threshold", "1.5"), "--threshold",
+        setup=BENCH),
+    bad("evaluate-not-a-run", ["evaluate", "--run", TMP], "--run"),
+    bad("evaluate-no-exports", ["evaluate", "--run", RUN, "--out", f"{TMP}/out"], "--run",
+        "hf/epoch=N", setup=run_config),
+    bad("evaluate-model-without-out", ["evaluate", "--model", "tiny:qwen2", "--fit_config",
+                                       DEBUG], "--out"),
+    bad("report-no-event-files", ["report", "--runs", f"[{TMP}/empty]", "--out",
+                                  f"{TMP}/report"], "--runs", setup=directory("empty")),
+    bad("report-proxies-without-summary", ["report", "--runs", f"[{RUN}]", "--out",
+                                           f"{TMP}/report", "--proxies", f"[{TMP}/empty]"],
+        "--proxies", setup=both(run_config, directory("empty"))),
 ]
 
 

@@ -321,6 +321,7 @@ def test_proxies_sit_beside_gains_with_an_honest_rank_correlation(tmp_path):
 
 def refused(capsys, *args: str) -> str:
     """Run the report, expect exit 2 and one line on stderr; return it."""
+    capsys.readouterr()  # what earlier commands of the test logged
     with pytest.raises(SystemExit) as exit_info:
         run_report(*args)
     assert exit_info.value.code == 2
