@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import DEBUG, fit, one_error_line, selftrain
 
 from selftrain.analysis.tb import read_scalars, scalar_events
@@ -127,8 +128,10 @@ def test_a_model_beside_its_base(tmp_path, trained):
 
 @pytest.mark.parametrize("case", ["neither", "both", "not a run", "no exports", "bad epoch",
                                   "model without out", "training evals", "foreign out",
-                                  "out inside run", "no callbacks"])
+                                  "out inside run", "no callbacks", "no gpu here"])
 def test_bad_input(case, trained, tmp_path, capsys):
+    if case == "no gpu here" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
     bare = tmp_path / "bare"
     (bare / "tb").mkdir(parents=True)
     (bare / "tb" / "config.yaml").write_text((trained / "tb" / "config.yaml").read_text())
@@ -150,6 +153,8 @@ def test_bad_input(case, trained, tmp_path, capsys):
         "out inside run": (["--run", str(trained), "--out", str(trained / "x")], "--out"),
         "no callbacks": (["--run", str(trained), "--fit_config", str(no_callbacks), "--out",
                           str(tmp_path / "o")], "no evaluation callback"),
+        "no gpu here": (["--run", str(trained), "--out", str(tmp_path / "o"), "--accelerator",
+                         "cuda"], "--accelerator cuda"),
     }[case]
     before = tree(tmp_path), tree(trained)
     assert expected in refused(capsys, *args)

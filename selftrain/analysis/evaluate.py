@@ -39,6 +39,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from selftrain import __version__
@@ -333,8 +334,6 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
                   accelerator: str | None, precision: str | None, record_base: bool
                   ) -> list[dict[str, Any]]:
     """Evaluate every target in order into ``staging``; one record per recorded target."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     trainer_config = _section(run_config, "trainer", "--run")
     model_args = {key: value for key, value in _section(run_config, "model", "--run").items()
                   if key != "model"}
@@ -342,21 +341,15 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
         model_args["betas"] = tuple(model_args["betas"])
     rows = _training_rows(run_config, callbacks)
     driver = _EvaluateOnce(callbacks)
-    trainer = L.Trainer(
-        accelerator=accelerator or trainer_config.get("accelerator") or "auto",
-        devices=1,
-        precision=precision or trainer_config.get("precision") or "32-true",
-        logger=TensorBoardLogger(save_dir=staging, name="tb", version="",
-                                 default_hp_metric=False),
-        callbacks=[driver],
-        default_root_dir=staging,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_autolog_hparams=False,
-        inference_mode=False,  # the callbacks enter no_grad themselves, as in training
-        num_sanity_val_steps=0,
-    )
+    chosen = {"accelerator": accelerator or trainer_config.get("accelerator") or "auto",
+              "precision": precision or trainer_config.get("precision") or "32-true"}
+    try:
+        trainer = _trainer(chosen, staging, driver)
+    except (ValueError, MisconfigurationException) as error:
+        first = " ".join(str(error).split())[:300]
+        raise SelftrainError(f"--accelerator {chosen['accelerator']} --precision "
+                             f"{chosen['precision']}: Lightning refuses them here ({first}); "
+                             "pass --accelerator and --precision this machine has") from None
     data = _OneBatch(rows)
     records = []
     for index, target in enumerate(targets):
@@ -378,6 +371,26 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
                             "global_step": target.step, "seconds": round(seconds, 3)})
     close_boards(trainer)  # the by-epoch sub-run's events are complete before they move
     return records
+
+
+def _trainer(chosen: dict[str, str], staging: Path, driver: Callback) -> L.Trainer:
+    """One device, the chosen accelerator and precision, logging into ``staging/tb``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return L.Trainer(
+        **chosen,
+        devices=1,
+        logger=TensorBoardLogger(save_dir=staging, name="tb", version="",
+                                 default_hp_metric=False),
+        callbacks=[driver],
+        default_root_dir=staging,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_autolog_hparams=False,
+        inference_mode=False,  # the callbacks enter no_grad themselves, as in training
+        num_sanity_val_steps=0,
+    )
 
 
 def _training_rows(run_config: dict[str, Any], callbacks: list[EpochEvaluation]
