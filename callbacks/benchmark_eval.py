@@ -10,6 +10,17 @@ they survive ``--ckpt_path last``. lm-eval's full results (no per-sample logs) g
 
 Choices worth knowing:
 
+- **Per-task cadence.** ``tasks`` maps a name to its few-shot count, or to
+  ``{num_fewshot: N, every_n_epochs: K}``, as in-loop evaluation suites do: cheap
+  log-likelihood tasks every epoch, long generation tasks every K-th. A task without its own
+  ``every_n_epochs`` takes the callback's. The callback evaluates after any epoch at which some
+  task is due (its epoch count a multiple of the task's K), and then only the due tasks; every
+  task runs at epoch 0 and at the last epoch, so every delta curve starts at 0 and every task
+  has the final model. A task's curves have points only at its epochs, and each results JSON
+  lists the tasks it ran (``config.evaluated``). Which tasks are due depends only on the epoch
+  and the config, so a resumed run evaluates the same tasks at the same epochs.
+  ``selftrain evaluate`` (outside training) evaluates every task on every model.
+
 - **Metric names.** lm-eval keys are ``<metric>,<filter>``: filter ``none`` gives the bare
   metric (``acc``), any other filter ``<metric>_<filter>`` (``exact_match_strict-match``);
   stderr entries, ``alias`` and counts are skipped. Group rows that lm-eval aggregates (e.g.
@@ -60,21 +71,27 @@ from selftrain.callbacks.benchmark_results import (
     metric_scores,
     write_results,
 )
-from selftrain.callbacks.epoch_eval import EpochEvaluation
+from selftrain.callbacks.epoch_eval import EpochEvaluation, training_ends
 from selftrain.curation.lm_eval_tasks import check_names, code_tasks, load_units, task_manager
 from selftrain.errors import SelftrainError
+
+TASK_KEYS = ("num_fewshot", "every_n_epochs")
+"""What a task's mapping in ``tasks`` may set."""
 
 
 class BenchmarkEval(EpochEvaluation):
     """lm-eval tasks on the student at epoch 0 and after every n-th epoch, as deltas from base.
 
     Args:
-        tasks: lm-eval task, group or tag name -> num_fewshot (null: the task's own default).
+        tasks: lm-eval task, group or tag name -> num_fewshot (null: the task's own default),
+            or -> ``{num_fewshot: N, every_n_epochs: K}`` to evaluate that task only after
+            every K-th epoch (and at epoch 0 and the last epoch); either key may be left out.
         include_path: directories of extra lm-eval task YAMLs (e.g. ``configs/tasks``).
         limit: evaluate only the first N documents of every task (a float in (0, 1): that
             share of them); for quick curves, not for numbers to publish.
         batch_size: lm-eval batch size.
-        every_n_epochs: evaluate after every n-th training epoch; the last epoch always is.
+        every_n_epochs: evaluate after every n-th training epoch the tasks that set no
+            ``every_n_epochs`` of their own; the last epoch always is.
         run_at_start: evaluate the base model before the first optimizer step (epoch 0); the
             deltas need it.
         allow_code_execution: run tasks that execute model-written code (``unsafe_code`` in
@@ -89,7 +106,7 @@ class BenchmarkEval(EpochEvaluation):
 
     def __init__(
         self,
-        tasks: dict[str, int | None],
+        tasks: dict[str, int | dict[str, int | None] | None],
         include_path: str | list[str] | None = None,
         limit: int | float | None = None,
         batch_size: int = 8,
@@ -101,17 +118,7 @@ class BenchmarkEval(EpochEvaluation):
         max_length: int | None = None,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
-        if not isinstance(tasks, dict) or not tasks:
-            raise SelftrainError(f"{self.flag('tasks')} {tasks!r}: give a mapping of lm-eval "
-                                 "task names to few-shot counts, e.g. {arc_easy: 0}")
-        for task, shots in tasks.items():
-            if not isinstance(task, str) or not task.strip():
-                raise SelftrainError(f"{self.flag('tasks')} {task!r}: task names must be "
-                                     "non-empty strings")
-            if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int)
-                                      or shots < 0):
-                raise SelftrainError(f"{self.flag('tasks')} {task}: {shots!r}: num_fewshot "
-                                     "must be an integer >= 0, or null for the task's default")
+        shots_of, every_of = self._parse_tasks(tasks, every_n_epochs)
         if limit is not None and (isinstance(limit, bool) or limit <= 0
                                   or (isinstance(limit, float) and limit >= 1)):
             raise SelftrainError(f"{self.flag('limit')} {limit}: give a number of documents "
@@ -122,7 +129,10 @@ class BenchmarkEval(EpochEvaluation):
             if value is not None and value < low:
                 raise SelftrainError(f"{self.flag(flag)} {value}: must be >= {low}")
         paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
-        self.tasks = dict(tasks)
+        self.tasks = shots_of
+        """Task, group or tag name -> num_fewshot (None: the task's own)."""
+        self.task_every_n_epochs = every_of
+        """Task, group or tag name -> evaluate it after every this many epochs."""
         self.include_path = [str(Path(path).resolve()) for path in paths]  # cwd may change
         self._include_given = paths
         self.limit = limit
@@ -135,6 +145,52 @@ class BenchmarkEval(EpochEvaluation):
         self._units: dict[str, dict] = {}  # task name -> lm-eval's loaded task dict
         self._tokenizer = None
         self._base: dict[str, float] | None = None
+        self._due: list[str] | None = None  # the tasks of the evaluation in progress
+
+    def _parse_tasks(self, tasks: Any, every_n_epochs: int
+                     ) -> tuple[dict[str, int | None], dict[str, int]]:
+        """``tasks`` as name -> num_fewshot and name -> every_n_epochs; raise on bad entries.
+
+        Args:
+            tasks: the ``tasks`` argument: name -> num_fewshot, or -> a mapping of ``TASK_KEYS``.
+            every_n_epochs: the cadence of the tasks that set none.
+        """
+        if not isinstance(tasks, dict) or not tasks:
+            raise SelftrainError(f"{self.flag('tasks')} {tasks!r}: give a mapping of lm-eval "
+                                 "task names to few-shot counts, e.g. {arc_easy: 0}")
+        shots_of, every_of = {}, {}
+        for task, value in tasks.items():
+            if not isinstance(task, str) or not task.strip():
+                raise SelftrainError(f"{self.flag('tasks')} {task!r}: task names must be "
+                                     "non-empty strings")
+            entry = value if isinstance(value, dict) else {"num_fewshot": value}
+            unknown = sorted(str(key) for key in entry if key not in TASK_KEYS)
+            if unknown:
+                raise SelftrainError(f"{self.flag('tasks')} {task}: unknown key "
+                                     f"{unknown[0]!r}; a task's mapping takes "
+                                     f"{' and '.join(TASK_KEYS)}")
+            shots = entry.get("num_fewshot")
+            if shots is not None and not _is_count(shots, 0):
+                raise SelftrainError(f"{self.flag('tasks')} {task}: {shots!r}: num_fewshot "
+                                     "must be an integer >= 0, or null for the task's default")
+            every = entry.get("every_n_epochs")
+            if every is not None and not _is_count(every, 1):
+                raise SelftrainError(f"{self.flag('tasks')} {task}: every_n_epochs {every!r}: "
+                                     "must be an integer >= 1 (the task is evaluated after "
+                                     "every that many epochs, and at epoch 0 and the last)")
+            shots_of[task] = shots
+            every_of[task] = every_n_epochs if every is None else every
+        return shots_of, every_of
+
+    def due(self, epoch: int, last: bool = False) -> list[str]:
+        """The tasks evaluated after ``epoch`` epochs: all at 0 and the last, else those due.
+
+        Args:
+            epoch: epochs completed.
+            last: the epoch ends training.
+        """
+        return [task for task, every in self.task_every_n_epochs.items()
+                if epoch == 0 or last or epoch % every == 0]
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -209,10 +265,26 @@ class BenchmarkEval(EpochEvaluation):
         super().on_train_start(trainer, pl_module)
 
     @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        due = [name for name in self.due(epoch, last=training_ends(trainer))
+               if name not in self.skipped]
+        if not due:
+            return
+        self._due = due
+        try:
+            self._run(trainer, pl_module, epoch=epoch)
+        finally:
+            self._due = None
+
+    @override
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
                  ) -> dict[str, float]:
+        """Evaluate the tasks due after this epoch (outside an epoch's end: every task)."""
         rank, world = trainer.global_rank, trainer.world_size
-        mine = list(self._units)[rank::world]
+        due = self._due if self._due is not None else list(self.tasks)
+        evaluated = [name for name in due if name in self._units]  # not the skipped ones
+        mine = evaluated[rank::world]
         part, error = {}, None
         try:
             part = self._evaluate_tasks(pl_module, mine)
@@ -227,7 +299,7 @@ class BenchmarkEval(EpochEvaluation):
             self._base = dict(scores)
         metrics = benchmark_metrics(scores, self._base, epoch, self.flag("tasks"))
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, epoch, results)
+            self._write(trainer, pl_module, epoch, results, evaluated)
         return metrics
 
     def _evaluate_tasks(self, pl_module: L.LightningModule, names: list[str]) -> dict:
@@ -255,15 +327,29 @@ class BenchmarkEval(EpochEvaluation):
         return merge_results(parts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
-               results: dict) -> Path:
-        """lm-eval's results (no per-sample logs) and this callback's settings, as JSON."""
+               results: dict, evaluated: list[str]) -> Path:
+        """lm-eval's results (no per-sample logs) and this callback's settings, as JSON.
+
+        Args:
+            trainer: the running Trainer.
+            pl_module: the student.
+            epoch: epochs completed.
+            results: the merged results of this evaluation.
+            evaluated: the task names evaluated this time (the due ones, less the skipped).
+        """
         step = trainer.global_step
         config = {"model": getattr(pl_module.hparams, "model", None), "tasks": self.tasks,
+                  "every_n_epochs": self.task_every_n_epochs, "evaluated": evaluated,
                   "skipped": self.skipped, "include_path": self.include_path,
                   "limit": self.limit, "batch_size": self.batch_size, "seed": self.seed,
                   "bootstrap_iters": self.bootstrap_iters, "max_length": self.max_length}
         target = self.run_dir(trainer) / "eval" / self.name / f"epoch={epoch}-step={step}.json"
         return write_results(target, results, config, epoch, step)
+
+
+def _is_count(value: Any, low: int) -> bool:
+    """An integer (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _seed_all(seed: int) -> None:

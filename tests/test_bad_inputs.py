@@ -533,6 +533,14 @@ CASES = [
     bad("report-proxies-without-summary", ["report", "--runs", f"[{RUN}]", "--out",
                                            f"{TMP}/report", "--proxies", f"[{TMP}/empty]"],
         "--proxies", setup=both(run_config, directory("empty"))),
+    bad("fit-max-steps-0-points-at-evaluate", fit("--trainer.max_steps", "0"),
+        "--trainer.max_steps", "selftrain evaluate --model SPEC --fit_config CONFIG --out DIR"),
+    bad("fit-max-epochs-0-points-at-evaluate", fit("--trainer.max_epochs", "0"),
+        "--trainer.max_epochs", "selftrain evaluate --model SPEC --fit_config CONFIG --out DIR"),
+    bad("fit-benchmark-task-every-n-epochs-0",
+        fit("--trainer.callbacks+=selftrain.callbacks.benchmark_eval.BenchmarkEval",
+            "--trainer.callbacks.tasks={selftrain_facts: {num_fewshot: 1, every_n_epochs: 0}}"),
+        "BenchmarkEval.tasks selftrain_facts", "every_n_epochs 0"),
 ]
 
 

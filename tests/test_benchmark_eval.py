@@ -1,6 +1,7 @@
 """selftrain.callbacks.benchmark_eval: BenchmarkEval runs lm-eval on the in-memory student.
 
-Scores and deltas from the base on the evaluation cadence, the results files, the scores equal
+Scores and deltas from the base on the evaluation cadence (per task too, across a resume),
+the results files, the scores equal
 to lm-eval's own ``simple_evaluate`` on the run's HF export, resume, code execution gated,
 prompts truncated to the context, one-line errors, tasks split over 2 DDP ranks (slow).
 
@@ -16,6 +17,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from helpers import (
@@ -263,8 +265,117 @@ def test_prompts_longer_than_the_context_are_truncated(tmp_path, student):
     assert document["n-shot"] == {"selftrain_facts": 8, "selftrain_arith": 8}
 
 
+CADENCE = {"tasks": {"selftrain_facts": {"num_fewshot": 2},  # the callback's: every epoch
+                     "selftrain_arith": {"every_n_epochs": 2}, "selftrain_ppl": 0},
+           "include_path": [TASKS, TEST_TASKS], "limit": 2}
+"""Per-task cadence: log-likelihood tasks every epoch, the generation task every 2nd."""
+DUE = {0: ["selftrain_facts", "selftrain_arith", "selftrain_ppl"],
+       1: ["selftrain_facts", "selftrain_ppl"],
+       2: ["selftrain_facts", "selftrain_arith", "selftrain_ppl"],
+       3: ["selftrain_facts", "selftrain_arith", "selftrain_ppl"]}  # 3: the last epoch
+"""The tasks evaluated after each of 3 epochs under CADENCE."""
+
+
+class CrashAt(L.Callback):
+    """Raises at the start of an epoch, as if the process was killed after the last epoch's
+    checkpoint was written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def tasks_by_epoch(run: Path) -> dict[int, list[str]]:
+    """Epoch -> the tasks whose scores one run's history holds."""
+    return {record["epoch"]: sorted({tag.split("/")[1] for tag in record["metrics"]})
+            for record in history(run, "benchmark")}
+
+
+@pytest.fixture(scope="module")
+def per_task(tmp_path_factory):
+    """3 epochs with CADENCE."""
+    root = tmp_path_factory.mktemp("per_task")
+    extra = callback_config(root / "benchmark.yaml", **CADENCE)
+    built = benchmark_cli(root / "run", "--config", extra, "--trainer.max_epochs", "3",
+                          export=False)
+    built.trainer.fit(built.model, built.datamodule)
+    return root / "run", built
+
+
+def test_the_task_mapping_sets_shots_and_cadence():
+    callback = BenchmarkEval({"a": 1, "b": {"num_fewshot": None, "every_n_epochs": 3},
+                              "c": {"every_n_epochs": 2}, "d": None}, every_n_epochs=4)
+    assert callback.tasks == {"a": 1, "b": None, "c": None, "d": None}
+    assert callback.task_every_n_epochs == {"a": 4, "b": 3, "c": 2, "d": 4}
+    assert callback.settings["tasks"] == callback.tasks  # what checkpoints compare: unchanged
+    assert [callback.due(epoch) for epoch in range(7)] == [
+        ["a", "b", "c", "d"], [], ["c"], ["b"], ["a", "c", "d"], [], ["b", "c"]]
+    assert callback.due(5, last=True) == ["a", "b", "c", "d"]
+
+
+def test_both_task_forms_parse_from_the_command_line(tmp_path):
+    built = benchmark_cli(tmp_path / "run", f"--trainer.callbacks+={BENCHMARK}",
+                          "--trainer.callbacks.tasks={selftrain_facts: {num_fewshot: 1, "
+                          "every_n_epochs: 2}, selftrain_arith: 0, selftrain_ppl: null}",
+                          f"--trainer.callbacks.include_path={TASKS}",
+                          "--trainer.callbacks.every_n_epochs=3")
+    found = callback(built, BenchmarkEval)
+    assert found.tasks == {"selftrain_facts": 1, "selftrain_arith": 0, "selftrain_ppl": None}
+    assert found.task_every_n_epochs == {"selftrain_facts": 2, "selftrain_arith": 3,
+                                         "selftrain_ppl": 3}
+
+
+def test_per_task_cadence_logs_each_task_at_its_epochs(per_task):
+    run, built = per_task
+    assert tasks_by_epoch(run) == {epoch: sorted(names) for epoch, names in DUE.items()}
+    scalars = read_scalars(run / "tb")
+    steps = {"selftrain_facts/acc": [0, 24, 48, 72], "selftrain_ppl/bits_per_byte": [0, 24, 48, 72],
+             "selftrain_arith/exact_match_strict-match": [0, 48, 72]}
+    for metric, expected in steps.items():
+        assert [s for s, _ in scalars[f"benchmark/{metric}"]] == expected
+        deltas, values = (dict(scalars[f"benchmark{kind}/{metric}"]) for kind in ("_delta", ""))
+        assert list(deltas) == expected and deltas[0] == 0.0
+        for step in expected[1:]:
+            assert deltas[step] == pytest.approx(values[step] - values[0], abs=FLOAT32)
+    for epoch, step in ((0, 0), (1, 24), (2, 48), (3, 72)):
+        document = json.loads((run / "eval" / "benchmark" / f"epoch={epoch}-step={step}.json")
+                              .read_text())
+        assert sorted(document["config"]["evaluated"]) == sorted(DUE[epoch])
+        assert set(document["results"]) == set(DUE[epoch])
+        assert document["config"]["every_n_epochs"] == {
+            "selftrain_facts": 1, "selftrain_arith": 2, "selftrain_ppl": 1}
+    assert callback(built, BenchmarkEval).state_dict()["base"].keys() >= {
+        "selftrain_arith/exact_match_strict-match", "selftrain_facts/acc"}
+
+
+@pytest.mark.slow
+def test_a_resumed_run_evaluates_the_same_tasks_at_the_same_epochs(per_task, tmp_path):
+    run = tmp_path / "run"
+    extra = callback_config(tmp_path / "benchmark.yaml", **CADENCE)
+    crashed = benchmark_cli(run, "--config", extra, "--trainer.max_epochs", "3", export=False)
+    crashed.trainer.callbacks.append(CrashAt(epoch=1))  # last.ckpt: after epoch 1 (of 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.trainer.fit(crashed.model, crashed.datamodule)
+    assert tasks_by_epoch(run) == {epoch: sorted(DUE[epoch]) for epoch in (0, 1)}
+
+    resumed = benchmark_cli(run, "--config", extra, "--trainer.max_epochs", "3", export=False)
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path="last")
+    assert tasks_by_epoch(run) == tasks_by_epoch(per_task[0])
+    assert callback(resumed, BenchmarkEval).state_dict()["base"] == \
+        callback(per_task[1], BenchmarkEval).state_dict()["base"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"tasks": {}}, "BenchmarkEval.tasks {}: give a mapping"),
+    ({"tasks": {"selftrain_facts": {"every_n_epochs": 0}}},
+     "BenchmarkEval.tasks selftrain_facts: every_n_epochs 0: must be an integer >= 1"),
+    ({"tasks": {"selftrain_facts": {"num_fewshot": -2}}},
+     "BenchmarkEval.tasks selftrain_facts: -2: num_fewshot"),
+    ({"tasks": {"selftrain_facts": {"shots": 2}}},
+     "BenchmarkEval.tasks selftrain_facts: unknown key 'shots'"),
     ({"tasks": {"selftrain_facts": -1}}, "BenchmarkEval.tasks selftrain_facts: -1: num_fewshot"),
     ({"tasks": {"selftrain_facts": 1}, "limit": 0}, "BenchmarkEval.limit 0: give a number"),
     ({"tasks": {"selftrain_facts": 1}, "limit": 1.5}, "BenchmarkEval.limit 1.5: give a number"),

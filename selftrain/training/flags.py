@@ -36,10 +36,14 @@ def _count_or_share(low: int) -> Callable[[Any], bool]:
     return check
 
 
+EVALUATE_ONLY = ("to evaluate a model without training use `selftrain evaluate --model SPEC "
+                 "--fit_config CONFIG --out DIR`")
+"""What a limit of 0 steps or epochs is refused with: the command that evaluates untrained."""
+
 TRAINER_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("num_nodes", _count(1), "must be >= 1"),
     ("max_steps", lambda v: v == -1 or _count(1)(v),
-     "must be >= 1, or -1 for no step limit (0 trains nothing)"),
+     "must be >= 1, or -1 for no step limit (0 trains nothing; " + EVALUATE_ONLY + ")"),
     ("min_epochs", _count(0), "must be >= 0"),
     ("min_steps", _count(0), "must be >= 0"),
     ("accumulate_grad_batches", _count(1), "must be >= 1 (1 accumulates nothing)"),
@@ -156,7 +160,7 @@ def _check_epochs(max_epochs: int | None, max_steps: int | None) -> None:
                              "also set --trainer.max_steps N, or give a number of epochs")
     if max_epochs < -1 or max_epochs == 0:
         raise SelftrainError(f"--trainer.max_epochs {max_epochs}: must be >= 1, or -1 with "
-                             "--trainer.max_steps N (0 trains nothing)")
+                             f"--trainer.max_steps N (0 trains nothing; {EVALUATE_ONLY})")
 
 
 def _check_checkpoint_triggers(checkpoint: Any) -> None:
