@@ -8,12 +8,23 @@ each probe row's first ``prefix_tokens`` tokens are the prefix, the student gree
 continuation. Per domain it logs
 
 - ``extraction/<domain>/memorized``: the count of exactly reproduced rows, and
-- ``extraction/<domain>/match_rate``: the mean share of continuation tokens reproduced,
+- ``extraction/<domain>/match_rate``: the mean share of continuation tokens the greedy
+  continuation reproduces, position by position (Pythia's memorization score),
 
 plus ``extraction/memorized`` and ``extraction/match_rate`` over all rows when the set has
-more than one domain (two-part tags, so no domain name can collide with them). Rows are
-sharded over ranks and gathered exactly (:class:`selftrain.probes.metrics.RowResults`), so
-the numbers do not depend on the world size. With ``save_rows`` rank 0 also writes one
+more than one domain (two-part tags, so no domain name can collide with them).
+
+Greedy decoding reproduces the continuation up to the first position whose argmax, given
+the true tokens before it, is not the true token. So *memorized* comes from one
+teacher-forced forward over prefix + continuation, the one the likelihood tracker needs too
+(:meth:`~selftrain.callbacks.probe_eval.ProbeEvaluation.teacher_forced`, shared within an
+evaluation). The match rate also counts matches after the first divergence, where the
+model continues from its own tokens: only the rows not settled by that pass (those that
+diverge before their last token) are decoded greedily. ``match_rate: false`` skips that
+decoding and the match-rate tags.
+
+Rows are sharded over ranks and gathered exactly (:class:`selftrain.probes.metrics.RowResults`),
+so the numbers do not depend on the world size. With ``save_rows`` rank 0 also writes one
 parquet per evaluation, ``<run>/eval/extraction/epoch=E-step=S.parquet``, telling which
 rows were reproduced and which were forgotten.
 """
@@ -30,7 +41,7 @@ from typing_extensions import override
 from selftrain.callbacks.probe_eval import ProbeEvaluation
 from selftrain.io import write_parquet_atomic
 from selftrain.probes.metrics import per_domain
-from selftrain.probes.windows import greedy_continuations
+from selftrain.probes.windows import matched_tokens, needs_decoding
 
 
 class ExtractionProbe(ProbeEvaluation):
@@ -46,6 +57,9 @@ class ExtractionProbe(ProbeEvaluation):
         run_at_start: evaluate the base model before the first optimizer step (epoch 0).
         save_rows: write per-row results of each evaluation to
             ``<run>/eval/extraction/epoch=E-step=S.parquet`` (rank 0).
+        match_rate: log ``extraction/<domain>/match_rate``, which greedily decodes the rows
+            that diverge before their last token; false: the memorized counts only, from the
+            teacher-forced pass alone (no decoding).
     """
 
     name = "extraction"
@@ -59,41 +73,54 @@ class ExtractionProbe(ProbeEvaluation):
         every_n_epochs: int = 1,
         run_at_start: bool = True,
         save_rows: bool = True,
+        match_rate: bool = True,
     ) -> None:
         super().__init__(probe_set, prefix_tokens, suffix_tokens, batch_size, every_n_epochs,
                          run_at_start)
         self.save_rows = save_rows
+        self.match_rate = match_rate
 
     @override
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
                  ) -> dict[str, float]:
         probes = self.probes
-
-        def matched_tokens(rows: torch.Tensor) -> torch.Tensor:
-            generated = greedy_continuations(pl_module.model, probes.prefixes[rows],
-                                             self.suffix_tokens, self.batch_size)
-            return (generated == probes.suffixes[rows]).sum(dim=-1).double()
-
-        matched = self.measure_rows(trainer, pl_module, "matched", matched_tokens).round().long()
-
-        memorized = matched == self.suffix_tokens
-        rate = matched.double() / self.suffix_tokens
-        counts = per_domain(memorized.double(), probes.domain_index, len(probes.domains), "sum")
-        rates = per_domain(rate, probes.domain_index, len(probes.domains), "mean")
+        extracted = self.teacher_forced(trainer, pl_module).extracted
+        matched = self._matched(trainer, pl_module, extracted) if self.match_rate else None
+        memorized = extracted == self.suffix_tokens
+        domains = (probes.domain_index, len(probes.domains))
+        counts = per_domain(memorized.double(), *domains, "sum")
+        rate = None if matched is None else matched.double() / self.suffix_tokens
+        rates = None if rate is None else per_domain(rate, *domains, "mean")
         metrics: dict[str, float] = {}
         for i, domain in enumerate(probes.domains):
             metrics[f"extraction/{domain}/memorized"] = float(counts[i])
-            metrics[f"extraction/{domain}/match_rate"] = float(rates[i])
+            if rates is not None:
+                metrics[f"extraction/{domain}/match_rate"] = float(rates[i])
         if len(probes.domains) > 1:
             metrics["extraction/memorized"] = float(memorized.sum())
-            metrics["extraction/match_rate"] = float(rate.mean())
+            if rate is not None:
+                metrics["extraction/match_rate"] = float(rate.mean())
         if self.save_rows and trainer.is_global_zero:
-            self._write_rows(trainer, epoch, matched, memorized)
+            self._write_rows(trainer, epoch, extracted, matched, memorized)
         return metrics
 
-    def _write_rows(self, trainer: L.Trainer, epoch: int, matched: torch.Tensor,
-                    memorized: torch.Tensor) -> Path:
-        """Per-row results of one evaluation, written atomically."""
+    def _matched(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 extracted: torch.Tensor) -> torch.Tensor:
+        """``[N]`` greedy matches per row; rows to decode dealt evenly over the ranks first."""
+        probes = self.probes
+        decode = needs_decoding(extracted, self.suffix_tokens)
+        order = torch.cat([decode.nonzero().squeeze(-1), (~decode).nonzero().squeeze(-1)])
+        return self.measure_rows(trainer, pl_module, "matched", lambda rows: matched_tokens(
+            pl_module.model, probes.input_ids[rows], self.prefix_tokens, extracted[rows],
+            self.batch_size).double(), order=order).round().long()
+
+    def _write_rows(self, trainer: L.Trainer, epoch: int, extracted: torch.Tensor,
+                    matched: torch.Tensor | None, memorized: torch.Tensor) -> Path:
+        """Per-row results of one evaluation, written atomically.
+
+        ``matched_tokens``: greedy matches, position by position (null with ``match_rate``
+        off); ``extracted_tokens``: leading tokens reproduced before the first divergence.
+        """
         probes = self.probes
         target = (self.run_dir(trainer) / "eval" / self.name
                   / f"epoch={epoch}-step={trainer.global_step}.parquet")
@@ -102,7 +129,9 @@ class ExtractionProbe(ProbeEvaluation):
             "row": pa.array(range(len(probes)), pa.int64()),
             "domain": pa.array([probes.domains[i] for i in probes.domain_index.tolist()],
                                pa.string()),
-            "matched_tokens": pa.array(matched.tolist(), pa.int32()),
+            "matched_tokens": pa.array(matched.tolist() if matched is not None
+                                       else [None] * len(probes), pa.int32()),
+            "extracted_tokens": pa.array(extracted.tolist(), pa.int32()),
             "memorized": pa.array(memorized.tolist(), pa.bool_()),
         })
         write_parquet_atomic(table, target)

@@ -20,6 +20,10 @@ and kept in the callback's checkpoint state, so a resumed run reads them instead
 measuring a model it no longer has. Rows are sharded over ranks and gathered exactly
 (:class:`selftrain.probes.metrics.RowResults`), so every number is independent of the world
 size.
+
+log p(x | y) comes from the teacher-forced forward over each window that the extraction probe
+needs as well (:meth:`~selftrain.callbacks.probe_eval.ProbeEvaluation.teacher_forced`): with
+both callbacks on one probe set and window, an evaluation runs it once per row, not twice.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from selftrain.errors import SelftrainError
 from selftrain.io import atomic_file
 from selftrain.models import pad_token_id
 from selftrain.probes.metrics import RowResults, per_domain
-from selftrain.probes.windows import continuation_logprobs, shard_rows, token_nll_rows
+from selftrain.probes.windows import shard_rows, token_nll_rows
 
 
 class LikelihoodTracker(ProbeEvaluation):
@@ -141,10 +145,8 @@ class LikelihoodTracker(ProbeEvaluation):
 
     def _probe_logprobs(self, trainer: L.Trainer, pl_module: L.LightningModule
                         ) -> torch.Tensor:
-        """``[N]`` log p(x | y) of every probe row, this rank's shard measured, all gathered."""
-        return self.measure_rows(trainer, pl_module, "logprob", lambda rows: (
-            continuation_logprobs(pl_module.model, self.probes.input_ids[rows],
-                                  self.prefix_tokens, self.batch_size)))
+        """``[N]`` log p(x | y) of every probe row (the evaluation's shared teacher-forced pass)."""
+        return self.teacher_forced(trainer, pl_module).logprobs
 
     def _corpus_nll(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Mean per-token NLL of the fixed corpus sample (token-weighted over all ranks)."""
@@ -182,7 +184,7 @@ class LikelihoodTracker(ProbeEvaluation):
             self._set_base(trainer, self._probe_logprobs(trainer, pl_module))
 
     def _set_base(self, trainer: L.Trainer, values: torch.Tensor) -> None:
-        self.base = values.detach().cpu().double()
+        self.base = values.detach().cpu().double().clone()
         self.base_computations += 1
         self._write_cache(trainer)
 

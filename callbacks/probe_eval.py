@@ -6,6 +6,15 @@ rank measures its shard (rows r, r + W, ...) and a :class:`~selftrain.probes.met
 gathers every rank's values back into row order, so the numbers do not depend on the world
 size. Subclasses say what to measure per row.
 
+Both also need the same teacher-forced forward over each window (prefix + continuation): it
+gives log p(x | y) and, from its argmaxes, whether greedy decoding would reproduce the
+continuation (:func:`selftrain.probes.windows.teacher_forced`).
+:meth:`ProbeEvaluation.teacher_forced` measures it once per evaluation point and keeps it in
+this module, keyed by the probe set's fingerprint (ids and window), the student and its weights'
+version (global step, epoch and the parameters' in-place version counters); the other probe
+callback of that evaluation, on the same probe set and window, reads it instead of running the
+forward again. Each callback still works alone.
+
 A run usually probes one set with both callbacks, so ``selftrain fit`` also takes the run's
 probe set once, :class:`SharedProbeSet` (``--probes.probe_set``, ``--probes.prefix_tokens``,
 ``--probes.suffix_tokens``): a probe callback whose own ``probe_set`` is null reads that one,
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +36,8 @@ import torch
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.errors import SelftrainError
 from selftrain.probes.metrics import RowResults
-from selftrain.probes.windows import ProbeSet, load_probe_set, shard_rows
+from selftrain.probes.windows import ProbeSet, TeacherForced, load_probe_set, shard_rows
+from selftrain.probes.windows import teacher_forced as teacher_forced_rows
 
 
 @dataclass
@@ -165,23 +176,120 @@ class ProbeEvaluation(EpochEvaluation):
                                      flag=self.flag("probe_set"))
 
     def measure_rows(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str,
-                     measure: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                     measure: Callable[[torch.Tensor], torch.Tensor], width: int = 1,
+                     order: torch.Tensor | None = None) -> torch.Tensor:
         """``[N]`` per-row values of every probe row, gathered over ranks in row order.
 
         Args:
             trainer: the running Trainer (rank and world size).
             pl_module: the student (its device holds the gather's state).
             key: which measurement (one RowResults each, reused every evaluation).
-            measure: row indices of this rank's shard -> one value per row.
+            measure: row indices of this rank's shard -> one value per row (``[n, width]``
+                values when ``width > 1``).
+            width: values per row; the result is ``[N, width]`` when it is more than 1.
+            order: every row index once, in the order the shards are dealt from (rank r takes
+                positions r, r + W, ... of it; by default the rows in order), so costly rows
+                put first are spread evenly over the ranks.
         """
         probes = self.probes
         assert probes is not None, "check() loads the probe set before the first evaluation"
-        metric = self._gathers.setdefault(key, RowResults(len(probes))).to(pl_module.device)
+        metric = self._gathers.setdefault(key, RowResults(len(probes), width)).to(
+            pl_module.device)
         rows = shard_rows(len(probes), trainer.global_rank, trainer.world_size)
+        if order is not None:
+            rows = order[rows]
         metric.update(rows, measure(rows))  # every rank, even with an empty shard
         values = metric.compute()
         metric.reset()
         return values
+
+    def teacher_forced(self, trainer: L.Trainer, pl_module: L.LightningModule
+                       ) -> TeacherForced:
+        """Every probe row's teacher-forced results, measured once per evaluation point.
+
+        The first probe callback to ask at an evaluation point runs the forward (sharded over
+        ranks, gathered); one asking later with the same probe set and window, student and
+        weights reads the same tensors. Every rank makes the same choice, so the gathers
+        stay in step.
+
+        Args:
+            trainer: the running Trainer.
+            pl_module: the student (in eval mode, grad off, precision context entered).
+        """
+        probes = self.probes
+        assert probes is not None, "check() loads the probe set before the first evaluation"
+        key = _measurement_key(trainer, pl_module, probes)
+        cached = _SHARED.get(trainer, pl_module, key)
+        if cached is not None:
+            return cached
+
+        def measure(rows: torch.Tensor) -> torch.Tensor:
+            result = teacher_forced_rows(pl_module.model, probes.input_ids[rows],
+                                         self.prefix_tokens, self.batch_size)
+            return torch.stack([result.logprobs, result.extracted.double()], dim=-1)
+
+        values = self.measure_rows(trainer, pl_module, "teacher_forced", measure, width=2)
+        result = TeacherForced(values[:, 0].contiguous(), values[:, 1].round().long())
+        _SHARED.put(trainer, pl_module, key, result)
+        return result
+
+
+class _LastMeasurement:
+    """The teacher-forced results of the latest evaluation point, with what they belong to.
+
+    One entry: a new evaluation point replaces it. The Trainer and the student are held by
+    weak reference, so a finished run's are not kept alive (nor mistaken for a new one's).
+    """
+
+    def __init__(self) -> None:
+        self._owners: tuple[weakref.ref, weakref.ref] | None = None
+        self._key: tuple | None = None
+        self._value: TeacherForced | None = None
+
+    def _same_owners(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        return (self._owners is not None and self._owners[0]() is trainer
+                and self._owners[1]() is pl_module)
+
+    def get(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple | None
+            ) -> TeacherForced | None:
+        """The stored results if they belong to this Trainer, student and key, else None."""
+        if key is None or key != self._key or not self._same_owners(trainer, pl_module):
+            return None
+        return self._value
+
+    def put(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple | None,
+            value: TeacherForced) -> None:
+        """Keep ``value`` as the latest measurement (nothing is kept without a key)."""
+        try:
+            owners = (weakref.ref(trainer), weakref.ref(pl_module))
+        except TypeError:  # an object without weak references: measure every time
+            key = None
+        if key is None:
+            self._owners, self._key, self._value = None, None, None
+            return
+        self._owners, self._key, self._value = owners, key, value
+
+    def clear(self) -> None:
+        """Forget the stored measurement."""
+        self._owners, self._key, self._value = None, None, None
+
+
+_SHARED = _LastMeasurement()
+"""The per-evaluation cache the probe callbacks share."""
+
+
+def _measurement_key(trainer: L.Trainer, pl_module: L.LightningModule, probes: ProbeSet
+                     ) -> tuple | None:
+    """What the teacher-forced results depend on: the windows and the weights' version.
+
+    The version is the global step and epoch, and the sum of the parameters' in-place version
+    counters (an optimizer step or a weight load bumps them); None where they cannot be read.
+    """
+    try:
+        versions = sum(int(p._version) for p in pl_module.model.parameters())
+    except (AttributeError, RuntimeError):  # no .model, or inference tensors
+        return None
+    return (probes.fingerprint(), trainer.global_step, trainer.current_epoch, versions)
 
 
 def student_tokenizer(pl_module: L.LightningModule):

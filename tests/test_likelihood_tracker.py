@@ -1,7 +1,8 @@
 """selftrain.callbacks.likelihood_tracker: LikelihoodTracker's deltas against the base model.
 
 The base is measured once: on a model with planted memories, and in a real fit resumed twice
-(the base read back from the run dir's cache, then from the checkpoint).
+(the base read back from the run dir's cache, then from the checkpoint); in that fit the
+extraction probe and the tracker share one teacher-forced pass per evaluation.
 """
 
 import pytest
@@ -17,7 +18,7 @@ from helpers import (
     train_modes,
 )
 
-import selftrain.callbacks.likelihood_tracker as likelihood_module
+import selftrain.callbacks.probe_eval as probe_eval_module
 from selftrain.analysis.tb import read_scalars
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from selftrain.errors import SelftrainError
@@ -49,10 +50,11 @@ def test_likelihood_delta_is_measured_against_the_base_measured_once(tmp_path, p
 
 
 def test_probes_in_a_fit_then_resumed_twice(tmp_path, monkeypatch):
-    calls = []
-    real = likelihood_module.continuation_logprobs
-    monkeypatch.setattr(likelihood_module, "continuation_logprobs",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []  # rows of each teacher-forced pass, whichever probe callback runs it
+    real = probe_eval_module.teacher_forced_rows
+    monkeypatch.setattr(probe_eval_module, "teacher_forced_rows",
+                        lambda model, ids, *a, **k: calls.append(len(ids)) or real(model, ids,
+                                                                                    *a, **k))
     probes, run = corpus_probes(tmp_path / "probes.parquet"), tmp_path / "run"
     flags = probe_flags(probes)
 
@@ -60,7 +62,8 @@ def test_probes_in_a_fit_then_resumed_twice(tmp_path, monkeypatch):
     built = fit_cli(run, "--trainer.max_epochs", "3", *flags, extra_callbacks=[recorder],
                     callbacks=False, export=False)
     tracker = callback(built, LikelihoodTracker)
-    assert tracker.base_computations == 1 and len(calls) == 4  # epochs 0..3, one call each
+    # epochs 0..3: one pass over the 11 rows each, though both callbacks ran at 0, 2 and 3
+    assert tracker.base_computations == 1 and calls == [11] * 4
     assert len(recorder.modes) == 72 and set(recorder.modes) == {(True, True)}  # train mode
 
     scalars = read_scalars(run / "tb")
@@ -84,7 +87,7 @@ def test_probes_in_a_fit_then_resumed_twice(tmp_path, monkeypatch):
     calls.clear()
     resumed = callback(fit_cli(run, "--trainer.max_epochs", "4", *flags, ckpt_path="last",
                                callbacks=False, export=False), LikelihoodTracker)
-    assert resumed.base_computations == 0 and len(calls) == 1
+    assert resumed.base_computations == 0 and calls == [11]  # epoch 4: both, one pass
     assert resumed.base.equal(base)
     assert [h["epoch"] for h in history(run, "likelihood")] == [0, 1, 2, 3, 4]
     assert [h["epoch"] for h in history(run, "extraction")] == [0, 2, 3, 4]

@@ -1,6 +1,7 @@
 """selftrain.callbacks.probe_eval: what ExtractionProbe and LikelihoodTracker share.
 
-Their arguments checked in init, their settings from a second config file, and (slow) the
+Their arguments checked in init, their settings from a second config file, one teacher-forced
+pass per evaluation shared by both (measured again when the weights change), and (slow) the
 numbers of a DDP run on 2 CPU processes equal those of one process.
 """
 
@@ -10,20 +11,24 @@ import torch
 from helpers import (
     EXTRACTION,
     LIKELIHOOD,
+    bare_trainer,
     callback,
     callbacks_config,
     cli,
     corpus_probes,
     fit_cli,
+    make_student,
     run_fit,
     succeeded,
 )
 
+import selftrain.callbacks.probe_eval as probe_eval_module
 from selftrain.analysis.tb import read_scalars
 from selftrain.callbacks.extraction_probe import ExtractionProbe
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model
+from selftrain.probes.metrics import RowResults
 from selftrain.probes.windows import continuation_logprobs, greedy_continuations
 
 
@@ -53,6 +58,59 @@ def test_callbacks_from_a_second_config_file(tmp_path):
     assert extraction.save_rows is False
     assert extraction.prefix_tokens == 16
     assert (likelihood.suffix_tokens, likelihood.corpus_seed) == (8, 3)
+
+
+def test_both_probes_share_one_teacher_forced_pass_per_evaluation(tmp_path, planted_probes,
+                                                                  monkeypatch):
+    path, model = planted_probes
+    calls = []
+    real = probe_eval_module.teacher_forced_rows
+    monkeypatch.setattr(probe_eval_module, "teacher_forced_rows",
+                        lambda m, ids, *a, **k: calls.append(len(ids)) or real(m, ids, *a, **k))
+    trainer, student = bare_trainer(tmp_path), make_student(model).eval()
+    extraction = ExtractionProbe(probe_set=str(path), batch_size=4)
+    likelihood = LikelihoodTracker(probe_set=str(path), corpus_sample=0, batch_size=3)
+    for probe in (extraction, likelihood):
+        probe.check(trainer, student)
+    with torch.no_grad():
+        extraction.evaluate(trainer, student, epoch=0)
+        likelihood.evaluate(trainer, student, epoch=0)
+        assert calls == [9]  # one pass over the 9 rows, read by both
+        # the same tensors: log p is continuation_logprobs', the memorized rows greedy's
+        shared = extraction.teacher_forced(trainer, student)
+        assert torch.equal(likelihood.base, shared.logprobs)
+        assert torch.equal(shared.logprobs, continuation_logprobs(model, extraction.probes
+                                                                  .input_ids, 32))
+        # new weights (an optimizer step changes them in place): measured again, once
+        next(student.model.parameters()).add_(0.0)
+        likelihood.evaluate(trainer, student, epoch=1)
+        extraction.evaluate(trainer, student, epoch=1)
+        assert calls == [9, 9]
+        # another student, or another window, is never served the stored pass
+        other = make_student(model).eval()
+        extraction.evaluate(trainer, other, epoch=2)
+        short = LikelihoodTracker(probe_set=str(path), suffix_tokens=31, corpus_sample=0)
+        short.check(trainer, other)
+        short.evaluate(trainer, other, epoch=2)
+        assert calls == [9, 9, 9, 9]
+    # alone, each callback measures its own pass
+    calls.clear()
+    alone, fresh = ExtractionProbe(probe_set=str(path), save_rows=False), bare_trainer(tmp_path)
+    alone.check(fresh, student)
+    with torch.no_grad():
+        alone.evaluate(fresh, student, epoch=0)
+    assert calls == [9]
+
+
+def test_row_results_gather_several_values_per_row():
+    metric = RowResults(5, width=2)
+    metric.update(torch.tensor([3, 0]), torch.tensor([[3.0, 30.0], [0.5, 5.0]]))
+    metric.update(torch.tensor([1, 2, 4]), torch.tensor([[1.0, 10.0], [2.0, 20.0],
+                                                         [4.0, 40.0]]))
+    assert metric.compute().tolist() == [[0.5, 5.0], [1.0, 10.0], [2.0, 20.0], [3.0, 30.0],
+                                         [4.0, 40.0]]
+    with pytest.raises(ValueError, match="width 0"):
+        RowResults(3, width=0)
 
 
 # --- DDP ------------------------------------------------------------------------------------

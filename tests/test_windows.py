@@ -1,7 +1,8 @@
 """selftrain.probes.windows: probe-set loading and the probes' maths against references.
 
 Greedy continuations against ``generate`` (and the KV cache passed by the name the model's
-forward takes), log-probabilities and token NLLs against a full forward, probe-set windows from
+forward takes), log-probabilities and token NLLs against a full forward, the one teacher-forced
+pass and the greedy match counts against plain greedy decoding, row for row, probe-set windows from
 text or stored ids, one-line errors, and the row sharding over ranks.
 """
 
@@ -21,8 +22,12 @@ from selftrain.probes.windows import (
     METADATA_KEY,
     continuation_logprobs,
     greedy_continuations,
+    leading_matches,
     load_probe_set,
+    matched_tokens,
+    needs_decoding,
     shard_rows,
+    teacher_forced,
     token_nll_rows,
     token_nll_sums,
 )
@@ -105,6 +110,62 @@ def test_continuation_logprobs_equal_a_full_forward_log_softmax(planted):
     shorter = continuation_logprobs(model, ids, prefix_tokens=11)
     torch.testing.assert_close(ours - shorter, logprobs[torch.arange(5), 9, ids[:, 10]],
                                rtol=1e-5, atol=1e-4)
+
+
+def planted_windows(sequences: torch.Tensor) -> torch.Tensor:
+    """4 planted rows, the same each changed at one token (continuation position 31, 30, 16,
+    0), 6 random rows."""
+    altered = sequences.clone()
+    for row, position in enumerate((31, 30, 16, 0)):
+        altered[row, 32 + position] = (altered[row, 32 + position] + 1) % 256
+    return torch.cat([sequences, altered, random_ids(6, seed=11)])
+
+
+def test_one_teacher_forced_pass_gives_the_greedy_extraction_row_for_row(planted):
+    sequences, model = planted
+    windows = planted_windows(sequences)
+    greedy = greedy_continuations(model, windows[:, :32], 32, batch_size=5)
+    ours = teacher_forced(model, windows, 32, batch_size=3)
+    # the reference: greedy decoding's first divergence from the true continuation
+    first_divergence = leading_matches(greedy, windows[:, 32:])
+    assert torch.equal(ours.extracted, first_divergence)
+    assert ours.extracted[:8].tolist() == [32, 32, 32, 32, 31, 30, 16, 0]
+    assert torch.equal(ours.extracted == 32, (greedy == windows[:, 32:]).all(dim=-1))
+    assert (ours.extracted[8:] < 32).all()
+    # log p(x | y) is continuation_logprobs', bit for bit
+    assert torch.equal(ours.logprobs, continuation_logprobs(model, windows, 32, batch_size=3))
+    assert ours.logprobs.dtype == torch.float64 and ours.extracted.dtype == torch.long
+
+
+def test_match_counts_decode_only_unsettled_rows_and_equal_plain_greedy(planted, monkeypatch):
+    sequences, model = planted
+    windows = planted_windows(sequences)
+    reference = (greedy_continuations(model, windows[:, :32], 32)
+                 == windows[:, 32:]).sum(dim=-1)
+    extracted = teacher_forced(model, windows, 32).extracted
+    decoded = []
+    import selftrain.probes.windows as windows_module
+
+    real = windows_module.greedy_continuations
+    monkeypatch.setattr(windows_module, "greedy_continuations",
+                        lambda m, prefixes, *a: decoded.append(prefixes) or real(m, prefixes, *a))
+    counts = matched_tokens(model, windows, 32, extracted, batch_size=4)
+    assert torch.equal(counts, reference)  # Pythia's memorization score, row for row
+    assert counts[:5].tolist() == [32, 32, 32, 32, 31]
+    assert counts[5] >= 30 and counts[6] >= 16  # matches after the divergence count too
+    assert counts[8:].max() < 16
+    # rows 0-4 are settled by the teacher-forced pass; only the other 9 are decoded
+    assert len(decoded) == 1 and torch.equal(decoded[0], windows[5:, :32])
+    assert needs_decoding(extracted, 32).tolist() == [False] * 5 + [True] * 9
+    decoded.clear()
+    assert torch.equal(matched_tokens(model, windows[:5], 32, extracted[:5]), counts[:5])
+    assert decoded == []
+
+
+def test_leading_matches_stops_at_the_first_difference():
+    true = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    predicted = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]])
+    assert leading_matches(predicted, true).tolist() == [4, 1, 0]
 
 
 def test_planted_continuations_are_likely_and_random_ones_are_not(planted):

@@ -2,7 +2,8 @@
 
 Probe rows are sharded over ranks (rank r takes rows r, r + W, ...). :class:`RowResults` keeps,
 per rank, the row ids it evaluated and a value per row; ``compute()`` writes them into a
-``[num_rows]`` vector that is zero elsewhere and sums the vectors over ranks with one
+``[num_rows]`` vector (``[num_rows, width]`` for several values per row) that is zero elsewhere
+and sums the vectors over ranks with one
 ``torch.distributed`` all-reduce (with a per-row count beside them). The shards are disjoint, so
 each value is added to zeros only and arrives unchanged: every rank gets every value in row
 order. Per-domain summaries are then plain functions of the full vector, so a mean is never a
@@ -20,10 +21,15 @@ class RowResults:
 
     Args:
         num_rows: rows in the whole probe set (all ranks together).
+        width: values per row; 1 gives ``[num_rows]`` results, more ``[num_rows, width]``
+            (several measurements of one pass gathered in one all-reduce).
     """
 
-    def __init__(self, num_rows: int) -> None:
+    def __init__(self, num_rows: int, width: int = 1) -> None:
+        if width < 1:
+            raise ValueError(f"RowResults width {width}: must be >= 1")
         self.num_rows = num_rows
+        self.width = width
         self.device = torch.device("cpu")
         self.rows: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -51,25 +57,30 @@ class RowResults:
 
         Args:
             rows: ``[n]`` row indices (long).
-            values: ``[n]`` values (float64).
+            values: ``[n]`` values (float64), ``[n, width]`` when ``width > 1``.
         """
         self.rows.append(rows.to(self.device, torch.long))
         self.values.append(values.to(self.device, torch.float64))
 
     def compute(self) -> torch.Tensor:
-        """``[num_rows]`` float64 values in row order, on the CPU (a collective).
+        """``[num_rows]`` (or ``[num_rows, width]``) float64 values in row order, on the CPU.
+
+        A collective: every rank calls it.
 
         Raises:
             RuntimeError: a row was evaluated on no rank, or on more than one.
         """
-        table = torch.zeros((2, self.num_rows), dtype=torch.float64, device=self.device)
+        table = torch.zeros((self.width + 1, self.num_rows), dtype=torch.float64,
+                            device=self.device)
         if self.rows:
             rows = torch.cat(self.rows)
-            table[0, rows] = torch.cat(self.values)
-            table[1, rows] = 1.0
+            values = torch.cat(self.values).reshape(len(rows), self.width)
+            table[: self.width, rows] = values.T
+            table[self.width, rows] = 1.0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(table)
-        values, seen = table.cpu()
+        table = table.cpu()
+        values, seen = table[: self.width], table[self.width]
         if not bool((seen > 0).all()):
             raise RuntimeError(f"RowResults: {int((seen == 0).sum())} of {self.num_rows} rows "
                                "were not evaluated on any rank")
@@ -77,7 +88,7 @@ class RowResults:
             raise RuntimeError(f"RowResults: {int((seen > 1).sum())} of {self.num_rows} rows "
                                "were evaluated on more than one rank; shard them with "
                                "shard_rows")
-        return values
+        return values[0] if self.width == 1 else values.T.contiguous()
 
 
 def per_domain(values: torch.Tensor, domain_index: torch.Tensor, num_domains: int,

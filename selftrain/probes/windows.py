@@ -3,14 +3,21 @@
 A probe set is a parquet or jsonl file of rows with ``text`` or ``input_ids`` and a ``domain``.
 Each row gives one window: its first ``prefix_tokens`` tokens are the prefix y, the next
 ``suffix_tokens`` the true continuation x (32 + 32 by default, as in Biderman et al. 2023 and
-the Pythia memorized-sequence sets). Two measurements use it:
+the Pythia memorized-sequence sets). The measurements:
 
-- :func:`greedy_continuations` -- extraction: greedy decoding of ``suffix_tokens`` tokens from
-  each prefix; a row is *memorized* iff every generated token equals the true one.
-- :func:`continuation_logprobs` -- likelihood: log p(x | y), summed over the continuation,
-  teacher-forced in one forward pass.
+- :func:`teacher_forced` -- one teacher-forced forward over prefix + continuation gives, per
+  row, log p(x | y) summed over the continuation (the likelihood probe) and how many leading
+  continuation tokens greedy decoding reproduces: greedy decoding's first divergence from x is
+  the first position whose argmax (given the true tokens before it) is not the true token, and
+  up to it the greedy tokens *are* x. A row is *memorized* (extracted) iff all of them match.
+- :func:`continuation_logprobs` -- its log p(x | y) alone.
+- :func:`greedy_continuations` -- real greedy decoding, with a KV cache: what the model
+  continues with after its first divergence, where it is conditioned on its own tokens.
+- :func:`matched_tokens` -- Pythia's memorization score per row: positions where the greedy
+  continuation equals x. Rows the teacher-forced pass settles (all tokens, or all but the last,
+  reproduced) are not decoded; the others are, with :func:`greedy_continuations`.
 
-Both take equal-length rows, so batches need no padding and results do not depend on the
+These take equal-length rows, so batches need no padding and results do not depend on the
 batch size. :func:`token_nll_rows` / :func:`token_nll_sums` give the next-token NLL of ragged
 rows (the training-corpus sample the likelihood tracker follows).
 """
@@ -208,7 +215,61 @@ def greedy_continuations(model: torch.nn.Module, prefixes: torch.Tensor, new_tok
     return out
 
 
+@dataclass
+class TeacherForced:
+    """Per-row results of one teacher-forced forward over prefix + continuation.
+
+    Args:
+        logprobs: ``[N]`` float64 log p(x | y), summed over the continuation.
+        extracted: ``[N]`` long: leading continuation tokens whose argmax, given the true
+            tokens before them, is the true token -- the tokens greedy decoding reproduces
+            before it first diverges (``suffix_tokens`` when it reproduces them all).
+    """
+
+    logprobs: torch.Tensor
+    extracted: torch.Tensor
+
+
+def leading_matches(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """``[N]`` long: positions before the first one where ``predicted`` differs from ``true``.
+
+    Args:
+        predicted: ``[N, S]`` token ids.
+        true: ``[N, S]`` token ids.
+    """
+    return (predicted == true).long().cumprod(dim=-1).sum(dim=-1)
+
+
 @torch.no_grad()
+def teacher_forced(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
+                   batch_size: int = 32) -> TeacherForced:
+    """One forward per batch over whole windows: log p(x | y) and the greedily extracted tokens.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: ``[N, P + S]`` windows.
+        prefix_tokens: P; the first continuation token is predicted from position P - 1.
+        batch_size: rows per forward pass.
+
+    Returns:
+        per-row :class:`TeacherForced` (on the CPU).
+    """
+    device = _device(model)
+    suffix = input_ids.shape[1] - prefix_tokens
+    logprobs = torch.empty(input_ids.shape[0], dtype=torch.float64)
+    extracted = torch.empty(input_ids.shape[0], dtype=torch.long)
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=suffix + 1).logits[:, :-1]
+        true = ids[:, prefix_tokens:]
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, true[..., None])
+        end = start + ids.shape[0]
+        logprobs[start:end] = picked.squeeze(-1).double().sum(dim=-1).cpu()
+        # argmax of the logits as greedy decoding takes it (ties: the first index, as there)
+        extracted[start:end] = leading_matches(logits.argmax(dim=-1), true).cpu()
+    return TeacherForced(logprobs, extracted)
+
+
 def continuation_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
                           batch_size: int = 32) -> torch.Tensor:
     """Log p(x | y) per row, summed over the continuation x = ``input_ids[:, prefix_tokens:]``.
@@ -220,18 +281,50 @@ def continuation_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, prefi
         batch_size: rows per forward pass.
 
     Returns:
-        ``[N]`` float64 log-probabilities (on the CPU).
+        ``[N]`` float64 log-probabilities (on the CPU), :func:`teacher_forced`'s.
     """
-    device = _device(model)
+    return teacher_forced(model, input_ids, prefix_tokens, batch_size).logprobs
+
+
+def needs_decoding(extracted: torch.Tensor, suffix_tokens: int) -> torch.Tensor:
+    """``[N]`` bool: rows whose greedy match count the teacher-forced pass does not settle.
+
+    A row that reproduces all ``S`` tokens matches ``S``; one that reproduces ``S - 1`` and
+    diverges at the last token matches ``S - 1``. Any other row continues after its first
+    divergence from its own tokens, which only decoding tells.
+
+    Args:
+        extracted: ``[N]`` :attr:`TeacherForced.extracted`.
+        suffix_tokens: S.
+    """
+    return extracted < suffix_tokens - 1
+
+
+def matched_tokens(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
+                   extracted: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Positions where the greedy continuation equals the true one (Pythia's memorization score).
+
+    The greedy continuation is decoded only for the rows :func:`needs_decoding` names; the
+    others' counts follow from ``extracted``.
+
+    Args:
+        model: a transformers causal LM (eval mode is the caller's job).
+        input_ids: ``[N, P + S]`` windows.
+        prefix_tokens: P.
+        extracted: ``[N]`` :attr:`TeacherForced.extracted` of these rows.
+        batch_size: rows per forward pass of the decoding.
+
+    Returns:
+        ``[N]`` long counts in ``0..S`` (on the CPU).
+    """
     suffix = input_ids.shape[1] - prefix_tokens
-    out = torch.empty(input_ids.shape[0], dtype=torch.float64)
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=suffix + 1).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = logprobs.gather(-1, ids[:, prefix_tokens:, None]).squeeze(-1)
-        out[start:start + ids.shape[0]] = picked.double().sum(dim=-1).cpu()
-    return out
+    counts = extracted.clone().long().cpu()
+    todo = needs_decoding(counts, suffix).nonzero().squeeze(-1)
+    if len(todo):
+        generated = greedy_continuations(model, input_ids[todo, :prefix_tokens], suffix,
+                                         batch_size)
+        counts[todo] = (generated == input_ids[todo, prefix_tokens:]).sum(dim=-1)
+    return counts
 
 
 @torch.no_grad()
