@@ -100,6 +100,10 @@ class BenchmarkEval(EpochEvaluation):
             every epoch sees the same few-shot prompts.
         bootstrap_iters: lm-eval bootstrap iterations for stderrs (0: no stderrs, fastest).
         max_length: context length given to lm-eval; None: the model config's.
+        fast_generation: run greedy generation tasks on selftrain's prompted, slot-refilling
+            decoder (:class:`selftrain.probes.fast_generation.FastHFLM`) instead of HFLM's
+            padded batches; answers equal HFLM's in float32. Off by default: on a CPU under
+            bf16 it was slower (docs/benchmarks.md).
     """
 
     name = "benchmark"
@@ -116,6 +120,7 @@ class BenchmarkEval(EpochEvaluation):
         seed: int = 1234,
         bootstrap_iters: int = 0,
         max_length: int | None = None,
+        fast_generation: bool = False,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
         shots_of, every_of = self._parse_tasks(tasks, every_n_epochs)
@@ -141,6 +146,7 @@ class BenchmarkEval(EpochEvaluation):
         self.seed = seed
         self.bootstrap_iters = bootstrap_iters
         self.max_length = max_length
+        self.fast_generation = fast_generation
         self.skipped: list[str] = []
         self._units: dict[str, dict] = {}  # task name -> lm-eval's loaded task dict
         self._tokenizer = None
@@ -312,6 +318,8 @@ class BenchmarkEval(EpochEvaluation):
         if self._tokenizer is None:  # HFLM sets a pad token; keep the student's tokenizer as is
             self._tokenizer = copy.deepcopy(pl_module.load_tokenizer())
         with _quiet("lm_eval.models.huggingface"):
+            if self.fast_generation:
+                from selftrain.probes.fast_generation import FastHFLM as HFLM
             lm = HFLM(pretrained=pl_module.model, tokenizer=self._tokenizer, backend="causal",
                       batch_size=self.batch_size, max_length=self.max_length)
         parts = []

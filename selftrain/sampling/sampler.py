@@ -14,6 +14,9 @@ Each token is drawn from the row's own random stream, a pure function of (seed, 
 step) (:mod:`.draw`), so sample i is the same whatever the batch size, the number of processes
 or where a resumed run restarted.
 
+The model, the step forward and its mask live in :class:`SlotDecoding`, which the prompted
+decoder (:mod:`.prompted`) shares.
+
 The cache goes to the model under the name its ``forward`` takes
 (:func:`selftrain.models.kv_cache_argument`): ``cache`` in transformers 5.24, where the old
 ``past_key_values`` warns on every call until its removal in 5.40.
@@ -86,7 +89,72 @@ class _Slots:
         self.logprobs = [self.logprobs[b] for b in rows]
 
 
-class BosSampler:
+class SlotDecoding:
+    """What every slot-cache decoder shares: the model, its cache argument, the step forward.
+
+    :class:`BosSampler` and :class:`selftrain.sampling.prompted.PromptedDecoder` build on it.
+
+    Args:
+        model: a Hugging Face causal LM whose attention takes a 4D mask and position ids.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._cache_argument = kv_cache_argument(model)
+        self.device = next(model.parameters()).device
+        self.mask_dtype = next(model.parameters()).dtype
+        if not self.mask_dtype.is_floating_point:
+            self.mask_dtype = torch.float32
+        implementation = getattr(model.config, "_attn_implementation", None) or ""
+        if "flash" in implementation:
+            raise SelftrainError(f"the source model uses {implementation}, which cannot take "
+                                 "the per-row 4D mask the sampler needs; load it with sdpa or "
+                                 "eager attention")
+        self.steps = 0
+        """decoding steps taken (one forward each), for throughput accounting."""
+        self.rows_computed = 0
+        """sum over steps of the batch rows computed."""
+
+    def _forward(self, cache: SlotCache, slots: _Slots, columns: torch.Tensor) -> torch.Tensor:
+        """One decoding step: every row feeds its next token at the cache's write column.
+
+        Args:
+            cache: the cache, its write column at this step.
+            slots: the rows.
+            columns: ``arange(capacity)`` on the device.
+
+        Returns:
+            [rows, model vocab] next-token logits.
+        """
+        column = cache.column
+        logits = self.model(input_ids=slots.next_input.unsqueeze(1),
+                            attention_mask=self._mask(slots.start, columns[: column + 1]),
+                            position_ids=(column - slots.start).unsqueeze(1),
+                            use_cache=True, **{self._cache_argument: cache}).logits[:, -1]
+        cache.column += 1
+        self.steps += 1
+        self.rows_computed += len(slots.ids)
+        return logits
+
+    def _mask(self, start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The 4D mask [rows, 1, 1, columns] hiding from each row the columns before its start.
+
+        Additive, so eager attention (which adds the mask) and SDPA read it alike.
+        """
+        hidden = columns.unsqueeze(0) < start.unsqueeze(1)
+        mask = torch.zeros(hidden.shape, dtype=self.mask_dtype, device=self.device)
+        return mask.masked_fill_(hidden, torch.finfo(self.mask_dtype).min)[:, None, None, :]
+
+    def _drop_idle_rows(self, cache: SlotCache, slots: _Slots) -> None:
+        """Once a quarter of the rows are idle (no ids left), stop computing them."""
+        keep = slots.live()
+        idle = len(slots.ids) - len(keep)
+        if idle and 4 * idle >= len(slots.ids) and keep:
+            cache.keep_rows(torch.tensor(keep, device=self.device))
+            slots.keep(keep)
+
+
+class BosSampler(SlotDecoding):
     """Samples sequences from a causal LM's BOS token with slot refill and per-sample seeds.
 
     Args:
@@ -106,8 +174,7 @@ class BosSampler:
     def __init__(self, model: torch.nn.Module, bos_token_id: int, eos_token_id: int | None,
                  vocab_size: int, temperature: float, max_new_tokens: int, batch_size: int,
                  seed: int, top_k: int = 0, top_p: float = 1.0, record_logprobs: bool = False):
-        self.model = model
-        self._cache_argument = kv_cache_argument(model)
+        super().__init__(model)
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
@@ -118,19 +185,6 @@ class BosSampler:
         self.top_k = top_k
         self.top_p = top_p
         self.record_logprobs = record_logprobs
-        self.device = next(model.parameters()).device
-        self.mask_dtype = next(model.parameters()).dtype
-        if not self.mask_dtype.is_floating_point:
-            self.mask_dtype = torch.float32
-        implementation = getattr(model.config, "_attn_implementation", None) or ""
-        if "flash" in implementation:
-            raise SelftrainError(f"the source model uses {implementation}, which cannot take "
-                                 "the per-row 4D mask the sampler needs; load it with sdpa or "
-                                 "eager attention")
-        self.steps = 0
-        """decoding steps taken (one forward each), for throughput accounting."""
-        self.rows_computed = 0
-        """sum over steps of the batch rows computed."""
 
     @torch.inference_mode()
     def sample(self, ids: Iterable[int]) -> Iterator[Sample]:
@@ -173,36 +227,6 @@ class BosSampler:
         origin = int(slots.start.min())
         cache.shift(origin)
         slots.start -= origin
-
-    def _forward(self, cache: SlotCache, slots: _Slots, columns: torch.Tensor) -> torch.Tensor:
-        """One decoding step: every row feeds its next token at the cache's write column.
-
-        Args:
-            cache: the cache, its write column at this step.
-            slots: the rows.
-            columns: ``arange(capacity)`` on the device.
-
-        Returns:
-            [rows, model vocab] next-token logits.
-        """
-        column = cache.column
-        logits = self.model(input_ids=slots.next_input.unsqueeze(1),
-                            attention_mask=self._mask(slots.start, columns[: column + 1]),
-                            position_ids=(column - slots.start).unsqueeze(1),
-                            use_cache=True, **{self._cache_argument: cache}).logits[:, -1]
-        cache.column += 1
-        self.steps += 1
-        self.rows_computed += len(slots.ids)
-        return logits
-
-    def _mask(self, start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """The 4D mask [rows, 1, 1, columns] hiding from each row the columns before its start.
-
-        Additive, so eager attention (which adds the mask) and SDPA read it alike.
-        """
-        hidden = columns.unsqueeze(0) < start.unsqueeze(1)
-        mask = torch.zeros(hidden.shape, dtype=self.mask_dtype, device=self.device)
-        return mask.masked_fill_(hidden, torch.finfo(self.mask_dtype).min)[:, None, None, :]
 
     def _draw(self, logits: torch.Tensor, slots: _Slots,
               workspace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,11 +273,3 @@ class BosSampler:
             index = torch.tensor(refilled, device=self.device)
             slots.next_input[index] = self.bos_token_id
             slots.start[index] = column  # also parks idle rows on their own column
-
-    def _drop_idle_rows(self, cache: SlotCache, slots: _Slots) -> None:
-        """Once a quarter of the rows are idle (no ids left), stop computing them."""
-        keep = slots.live()
-        idle = len(slots.ids) - len(keep)
-        if idle and 4 * idle >= len(slots.ids) and keep:
-            cache.keep_rows(torch.tensor(keep, device=self.device))
-            slots.keep(keep)

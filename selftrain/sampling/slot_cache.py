@@ -3,8 +3,10 @@
 Every row of the sampler feeds exactly one token a step, so all rows write their new key/value
 at the same cache column. A refilled row starts at the current column (the sampler's 4D mask
 hides the columns before its start); when the buffer is full, the sampler shifts the live window
-back to column 0, and once no ids are left it drops finished rows. The transformers ``Cache``
-API is implemented only as far as decoder layers call it.
+back to column 0, and once no ids are left it drops finished rows. The prompted decoder
+(:mod:`.prompted`) also writes a row's prefilled prompt into the columns just before the write
+column (:meth:`SlotCache.write_row`). The transformers ``Cache`` API is implemented only as far
+as decoder layers call it.
 """
 
 from __future__ import annotations
@@ -75,3 +77,23 @@ class SlotCache(Cache):
             if layer.is_initialized:
                 layer.keys = layer.keys.index_select(0, rows)
                 layer.values = layer.values.index_select(0, rows)
+
+    def write_row(self, row: int, rows: int, keys: list[torch.Tensor],
+                  values: list[torch.Tensor]) -> None:
+        """Write one row's prefilled keys and values into the columns just before the write one.
+
+        Args:
+            row: the batch row to write.
+            rows: the batch rows, to allocate uninitialized layer buffers for.
+            keys: per layer, [1, heads, length, head_dim] keys (length <= the write column).
+            values: per layer, the values alike.
+        """
+        for layer, key, value in zip(self.layers, keys, values, strict=True):
+            if not layer.is_initialized:
+                layer.keys, layer.values = (
+                    states.new_zeros((rows, states.shape[1], self.capacity, states.shape[-1]))
+                    for states in (key, value))
+                layer.is_initialized = True
+            length = key.shape[2]
+            layer.keys[row, :, self.column - length: self.column] = key[0]
+            layer.values[row, :, self.column - length: self.column] = value[0]

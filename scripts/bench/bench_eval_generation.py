@@ -1,0 +1,131 @@
+"""lm-eval generation speed: HFLM's ``generate_until`` against FastHFLM's, in one process.
+
+Same model, requests, batch size and bf16 autocast for both:
+  * hflm: ``lm_eval.models.huggingface.HFLM.generate_until`` (left-padded batches, each run
+    until its longest row stops);
+  * fast: :class:`selftrain.probes.fast_generation.FastHFLM` (each prompt prefilled on its
+    own, finished rows replaced at once by :class:`~selftrain.sampling.prompted.PromptedDecoder`).
+
+The requests are GSM8K-shaped, built here from templates (no download): 1-5 worked few-shot
+examples with multi-line answers, a new question, greedy, ``until`` = ["\\n\\n", "Question:"].
+Answer tokens are the returned continuations re-encoded; the share of identical answers says
+how often the two paths agree string for string (bf16 rounding may move a near-tie).
+
+    python scripts/bench/bench_eval_generation.py                # 32 requests, batch 8
+    python scripts/bench/bench_eval_generation.py --requests 16 --max_gen_toks 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import time
+
+import torch
+from _common import machine, progress, write_figures
+
+from selftrain.models import load_model, load_tokenizer
+
+NAMES = ["Ava", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June"]
+ITEMS = ["apples", "stamps", "marbles", "books", "coins", "pencils", "shells", "cards"]
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    """One GSM8K-shaped question and its worked, multi-line answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b, c = rng.randint(3, 40), rng.randint(2, 9), rng.randint(1, 20)
+    question = (f"{name} has {a} {item}. {name} buys {b} packs of {item} with {c} {item} in "
+                f"each pack, then gives away half of the packs' {item} to a friend. How many "
+                f"{item} does {name} have now?")
+    bought = b * c
+    answer = (f"{name} buys {b} * {c} = {bought} {item}.\nHalf of them is {bought} / 2 = "
+              f"{bought / 2:g}.\nSo {name} has {a} + {bought / 2:g} = {a + bought / 2:g} "
+              f"{item}.\n#### {a + bought / 2:g}")
+    return question, answer
+
+
+def requests(count: int, max_gen_toks: int, seed: int) -> list:
+    """``count`` lm-eval generate_until Instances with 1-5 shots (prompts of varied length)."""
+    from lm_eval.api.instance import Instance
+
+    rng = random.Random(seed)
+    made = []
+    for i in range(count):
+        shots = [_problem(rng) for _ in range(1 + i % 5)]
+        question, _ = _problem(rng)
+        context = "\n\n".join([*(f"Question: {q}\nAnswer: {a}" for q, a in shots),
+                               f"Question: {question}\nAnswer:"])
+        kwargs = {"until": ["\n\n", "Question:"], "max_gen_toks": max_gen_toks,
+                  "do_sample": False, "temperature": 0.0}
+        made.append(Instance("generate_until", {}, (context, kwargs), i))
+    return made
+
+
+def timed(lm, batch: list) -> tuple[list[str], float]:
+    start = time.perf_counter()
+    answers = lm.generate_until(batch, disable_tqdm=True)
+    return answers, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max_gen_toks", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--autocast", default="bfloat16", help="HFLM mixed_precision_dtype")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    from lm_eval.models.huggingface import HFLM
+
+    from selftrain.probes.fast_generation import FastHFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model).eval()
+    dtype = getattr(torch, args.autocast) if args.autocast != "none" else None
+    lms = {name: cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+                     batch_size=args.batch_size, mixed_precision_dtype=dtype)
+           for name, cls in (("hflm", HFLM), ("fast", FastHFLM))}
+    work = requests(args.requests, args.max_gen_toks, args.seed)
+    prompt_tokens = [len(tokenizer.encode(r.args[0])) for r in work]
+    for lm in lms.values():  # warm-up: kernels, allocator, lazy inits
+        timed(lm, requests(2, 4, args.seed + 1))
+
+    results, answers = {}, {}
+    for name, lm in lms.items():
+        progress(f"{name}: {len(work)} requests")
+        answers[name], seconds = timed(lm, work)
+        tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers[name])
+        results[name] = {"seconds": seconds, "answer_tokens": tokens,
+                         "answer_tokens_per_sec": tokens / seconds,
+                         "problems_per_sec": len(work) / seconds}
+    results["fast"]["fast_requests"] = lms["fast"].fast_requests
+    identical = sum(a == b for a, b in zip(answers["hflm"], answers["fast"], strict=True))
+    ratio = results["hflm"]["seconds"] / results["fast"]["seconds"]
+    setup = {"model": args.model, "autocast": args.autocast, **machine(model.device),
+             "batch_size": args.batch_size, "requests": len(work),
+             "max_gen_toks": args.max_gen_toks, "prompt_tokens_min": min(prompt_tokens),
+             "prompt_tokens_max": max(prompt_tokens)}
+    print(f"setup: {json.dumps(setup)}")
+    for name, figures in results.items():
+        print(f"{name:<5} {figures['answer_tokens_per_sec']:7.1f} answer tokens/s  "
+              f"{figures['problems_per_sec']:6.2f} problems/s  ({figures['answer_tokens']} "
+              f"tokens in {figures['seconds']:.1f} s)")
+    print(f"ratio fast/hflm (problems/s) {ratio:.2f}")
+    print(f"identical answers {identical}/{len(work)} ({identical / len(work):.0%})")
+    for i, (a, b) in enumerate(zip(answers["hflm"], answers["fast"], strict=True)):
+        if a != b:
+            print(f"  request {i} ({prompt_tokens[i]} prompt tokens): hflm {a[:60]!r} fast "
+                  f"{b[:60]!r}")
+    write_figures(args.json, {"setup": setup, "results": results, "ratio": ratio,
+                              "identical": identical / len(work)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Prompted decoding with the BOS sampler's slot cache: prefill a row, then decode with the rest.
+
+Benchmark generation (lm-eval's ``generate_until``) continues prompts of many lengths, and
+plain batched ``generate`` left-pads them and keeps every row until the batch's longest ends.
+Here each row owns a slot of the :class:`~selftrain.sampling.slot_cache.SlotCache`, as in the
+BOS sampler: a row that ends (EOS, its own length cap, or a stop string in its decoded text)
+hands its slot to the next prompt at the very next step, and finished rows are dropped once no
+prompts are left.
+
+A new row's prompt, all but its last token, is prefilled on its own (an unbatched forward, no
+padding) and its keys/values are written into its slot, in the columns just before the shared
+write column; its last prompt token is then fed with the other rows at the next step. Its
+positions count from its own first token (``column - start``), so every row computes what an
+unbatched run would. The write column never drops below the longest prompt, so any prompt fits
+before it; when the buffer is full the live window is shifted back, as in the sampler.
+
+Greedy decoding is temperature 0 (the argmax, first index on ties, as ``generate`` takes it);
+above 0 each token is drawn from the prompt's own stream (seed, prompt id, step)
+(:mod:`.draw`), so a completion does not depend on the batch or the order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from selftrain.errors import SelftrainError
+from selftrain.sampling.draw import draw_tokens, draw_workspace, sample_uniforms
+from selftrain.sampling.sampler import SlotDecoding, _Slots
+from selftrain.sampling.slot_cache import SlotCache
+
+
+@dataclass
+class Prompt:
+    """One prompt to continue.
+
+    Args:
+        id: the caller's id for it (also its random stream when sampling).
+        tokens: the prompt's token ids (at least one).
+        max_new_tokens: the length cap of its continuation.
+        stop: stop strings: the row ends as soon as one appears in its decoded continuation,
+            and :attr:`Completion.text` is cut at the first one (None: no stop strings).
+    """
+
+    id: int
+    tokens: list[int]
+    max_new_tokens: int
+    stop: list[str] | None = None
+
+
+@dataclass
+class Completion:
+    """One finished continuation.
+
+    Args:
+        id: the prompt's id.
+        tokens: the generated ids (the EOS included when ``reason`` is ``"eos"``).
+        reason: what ended it: ``"eos"``, ``"stop"`` (a stop string) or ``"length"``.
+        text: the decoded continuation cut at the first stop string (None without a decoder).
+    """
+
+    id: int
+    tokens: list[int]
+    reason: Literal["eos", "stop", "length"]
+    text: str | None = None
+
+
+@dataclass
+class _PromptSlots(_Slots):
+    """The sampler's rows plus the prompt each row continues (None for an idle row)."""
+
+    prompts: list[Prompt | None] = field(default_factory=list)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the given rows, in order.
+
+        Args:
+            rows: row indices to keep.
+        """
+        super().keep(rows)
+        self.prompts = [self.prompts[b] for b in rows]
+
+
+class PromptedDecoder(SlotDecoding):
+    """Continues prompts of any length with slot refill; greedy at temperature 0.
+
+    Args:
+        model: a Hugging Face causal LM whose attention takes a 4D mask and position ids.
+        eos_token_id: the id (or ids) that end a continuation; None: none does.
+        batch_size: rows decoded together.
+        temperature: 0 for greedy decoding, else the softmax temperature.
+        seed: base seed when sampling; prompt i draws from (seed, id, step) alone.
+        top_k: when sampling, keep the k most likely tokens; 0 keeps all.
+        top_p: when sampling, the nucleus mass; 1.0 keeps all.
+        vocab_size: ids at or above it are never produced; None: all of the model's logits.
+        decode: token ids -> text, needed for stop strings and :attr:`Completion.text`.
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int | Sequence[int] | None,
+                 batch_size: int, temperature: float = 0.0, seed: int = 0, top_k: int = 0,
+                 top_p: float = 1.0, vocab_size: int | None = None,
+                 decode: Callable[[list[int]], str] | None = None):
+        super().__init__(model)
+        if eos_token_id is None:
+            eos_token_id = []
+        self.eos_token_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else {
+            int(token) for token in eos_token_id}
+        if batch_size < 1:
+            raise SelftrainError(f"batch_size {batch_size}: give an integer >= 1")
+        if temperature < 0:
+            raise SelftrainError(f"temperature {temperature}: give 0 (greedy) or more")
+        self.batch_size = batch_size
+        self.temperature = temperature
+        self.seed = seed
+        self.top_k = top_k
+        self.top_p = top_p
+        self.vocab_size = vocab_size
+        self.decode_text = decode
+        config = model.config.get_text_config()
+        self.context = getattr(config, "max_position_embeddings", None)
+        self.num_layers = config.num_hidden_layers
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.rewinds = 0
+        """times the full buffer was shifted back."""
+
+    def check(self, prompt: Prompt) -> None:
+        """Raise :class:`SelftrainError` (one line) if ``prompt`` cannot be decoded.
+
+        Args:
+            prompt: the prompt to check.
+        """
+        if not prompt.tokens:
+            raise SelftrainError(f"prompt {prompt.id} is empty: give at least one token")
+        if prompt.max_new_tokens < 1:
+            raise SelftrainError(f"prompt {prompt.id}: max_new_tokens {prompt.max_new_tokens} "
+                                 "must be >= 1")
+        if prompt.stop is not None:
+            if (not isinstance(prompt.stop, list | tuple) or not prompt.stop
+                    or not all(isinstance(s, str) and s for s in prompt.stop)):
+                raise SelftrainError(f"prompt {prompt.id}: stop strings {prompt.stop!r}: give "
+                                     "a non-empty list of non-empty strings, or None")
+            if self.decode_text is None:
+                raise SelftrainError("stop strings need a decode function (decode=...)")
+        if self.context is not None and len(prompt.tokens) > self.context - prompt.max_new_tokens:
+            raise SelftrainError(
+                f"prompt {prompt.id} has {len(prompt.tokens)} tokens, more than the model's "
+                f"context ({self.context}, max_position_embeddings) minus max_new_tokens "
+                f"({prompt.max_new_tokens}); shorten it or lower max_new_tokens")
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt]) -> Iterator[Completion]:
+        """Continue every prompt, yielding each :class:`Completion` as soon as it ends.
+
+        Completions come out in completion order; prompts start in the order given.
+
+        Args:
+            prompts: the prompts (all checked before any decoding).
+        """
+        for prompt in prompts:
+            self.check(prompt)
+        if not prompts:
+            return
+        longest = max(len(p.tokens) for p in prompts)
+        most_new = max(p.max_new_tokens for p in prompts)
+        self._floor = longest - 1  # the write column never drops below it: any prompt fits
+        capacity = self._floor + most_new + max(16, most_new // 4)
+        cache = SlotCache(self.num_layers, capacity)
+        cache.column = self._floor
+        columns = torch.arange(capacity, device=self.device)
+        pending = iter(prompts)
+        first = [next(pending) for _ in range(min(self.batch_size, len(prompts)))]
+        slots = _PromptSlots(
+            ids=[p.id for p in first], tokens=[[] for _ in first], logprobs=[[] for _ in first],
+            start=torch.zeros(len(first), dtype=torch.long, device=self.device),
+            next_input=torch.zeros(len(first), dtype=torch.long, device=self.device),
+            prompts=list(first))
+        for b, prompt in enumerate(first):
+            self._prefill(cache, slots, b, prompt)
+        workspace = None
+        if self.temperature > 0:
+            width = self.vocab_size or self.model.get_output_embeddings().weight.shape[0]
+            workspace = draw_workspace(len(first), width, self.device)
+        while slots.live():
+            if cache.column == capacity:
+                self._rewind(cache, slots)
+            logits = self._forward(cache, slots, columns)
+            drawn = self._pick(logits, slots, workspace)
+            yield from self._advance(cache, slots, drawn, pending)
+            self._drop_idle_rows(cache, slots)
+
+    def _mask(self, start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The sampler's additive mask, in the autocast dtype when autocast is on.
+
+        SDPA then gets a mask of its query's dtype.
+        """
+        if torch.is_autocast_enabled(self.device.type):
+            wanted = torch.get_autocast_dtype(self.device.type)
+            if wanted != self.mask_dtype:
+                kept, self.mask_dtype = self.mask_dtype, wanted
+                try:
+                    return super()._mask(start, columns)
+                finally:
+                    self.mask_dtype = kept
+        return super()._mask(start, columns)
+
+    def _prefill(self, cache: SlotCache, slots: _PromptSlots, row: int, prompt: Prompt) -> None:
+        """Prefill all but the prompt's last token into ``row``, ending at the write column."""
+        length = len(prompt.tokens) - 1
+        if length:
+            prefix = DynamicCache()
+            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+            self.model(input_ids=torch.tensor([prompt.tokens[:-1]], device=self.device),
+                       position_ids=torch.arange(length, device=self.device).unsqueeze(0),
+                       use_cache=True, **{self._cache_argument: prefix}, **kwargs)
+            cache.write_row(row, len(slots.ids), [layer.keys for layer in prefix.layers],
+                            [layer.values for layer in prefix.layers])
+        slots.start[row] = cache.column - length
+        slots.next_input[row] = prompt.tokens[-1]
+
+    def _rewind(self, cache: SlotCache, slots: _PromptSlots) -> None:
+        """Shift the live window of a full cache back, keeping the write column >= the floor."""
+        origin = min(int(slots.start.min()), cache.column - self._floor)
+        cache.shift(origin)
+        slots.start -= origin
+        self.rewinds += 1
+
+    def _pick(self, logits: torch.Tensor, slots: _PromptSlots,
+              workspace: torch.Tensor | None) -> torch.Tensor:
+        """Each row's next token: the argmax at temperature 0, else its own stream's draw."""
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        ids_now = np.array([i if i is not None else 0 for i in slots.ids], dtype=np.int64)
+        steps_now = np.array([len(tokens) for tokens in slots.tokens], dtype=np.int64)
+        uniforms = torch.from_numpy(sample_uniforms(self.seed, ids_now, steps_now))
+        return draw_tokens(logits, uniforms, self.temperature, self.top_k, self.top_p,
+                           workspace)[0]
+
+    def _advance(self, cache: SlotCache, slots: _PromptSlots, drawn: torch.Tensor,
+                 pending: Iterator[Prompt]) -> Iterator[Completion]:
+        """Append each live row's token, yield the rows that ended and refill their slots."""
+        drawn_host = drawn.tolist()
+        slots.next_input = drawn.clone()
+        for b in slots.live():
+            prompt, tokens = slots.prompts[b], slots.tokens[b]
+            tokens.append(drawn_host[b])
+            reason, text = self._ended(prompt, tokens)
+            if reason is None:
+                continue
+            yield Completion(id=prompt.id, tokens=tokens, reason=reason, text=text)
+            nxt = next(pending, None)
+            slots.ids[b], slots.prompts[b], slots.tokens[b] = (
+                None if nxt is None else nxt.id), nxt, []
+            if nxt is None:  # parked on its own column, feeding a dummy token
+                slots.start[b], slots.next_input[b] = cache.column, 0
+            else:
+                self._prefill(cache, slots, b, nxt)
+
+    def _ended(self, prompt: Prompt, tokens: list[int]) -> tuple[str | None, str | None]:
+        """Why the row ended (None: it goes on) and its continuation's text, cut at a stop."""
+        if prompt.stop:
+            text = self.decode_text(tokens)
+            cut = cut_at_stop(text, prompt.stop)
+            if len(cut) < len(text) or any(s in text for s in prompt.stop):
+                return "stop", cut
+        if tokens[-1] in self.eos_token_ids:
+            reason = "eos"
+        elif len(tokens) >= prompt.max_new_tokens:
+            reason = "length"
+        else:
+            return None, None
+        if self.decode_text is None:
+            return reason, None
+        return reason, cut_at_stop(self.decode_text(tokens), prompt.stop or [])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (empty strings are ignored).
+
+    Args:
+        text: decoded continuation.
+        stop: stop strings.
+    """
+    found = [text.find(term) for term in stop if term]
+    return text[: min([i for i in found if i >= 0], default=len(text))]
