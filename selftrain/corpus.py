@@ -442,7 +442,7 @@ def _read_corpus_dir(path: Path, flag: str
         shards = sorted(path.glob("*.parquet"))
     manifest = None
     if manifest_path.exists():
-        manifest = _read_manifest(manifest_path, flag)
+        manifest = read_manifest(manifest_path, flag)
     elif (path / PLAN_NAME).exists():
         raise SelftrainError(f"{flag} {path}: the corpus is unfinished; rerun the same "
                              "`selftrain generate` command to complete it")
@@ -459,7 +459,7 @@ def _read_corpus_dir(path: Path, flag: str
     return table.to_pydict(), manifest, table.schema
 
 
-def _read_manifest(path: Path, flag: str) -> dict[str, Any]:
+def read_manifest(path: Path, flag: str) -> dict[str, Any]:
     """A corpus dir's manifest, refused in one line unless it is a JSON object."""
     try:
         manifest = json.loads(read_text(path, flag))

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lightning.pytorch import Callback
+
 if TYPE_CHECKING:
     import lightning as L
     import torch
@@ -155,6 +157,28 @@ def kill_when(command: Sequence[str], ready: Callable[[], bool], poll: float = 0
         time.sleep(poll)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+class CrashAt(Callback):
+    """Raises at a global step: in ``on_train_batch_end`` or, with ``epoch_end``, after the
+    epoch's evaluations and before its checkpoint (checkpoint callbacks run last)."""
+
+    def __init__(self, step: int, epoch_end: bool = False) -> None:
+        self.step, self.epoch_end = step, epoch_end
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.epoch_end and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        if self.epoch_end and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def crash_flag(step: int, epoch_end: bool = False) -> str:
+    """The ``selftrain fit`` flag adding :class:`CrashAt` at ``step``."""
+    return ('--trainer.callbacks+={"class_path": "helpers.CrashAt", "init_args": '
+            f'{{"step": {step}, "epoch_end": {str(epoch_end).lower()}}}}}')
 
 
 # --- the debug config in process ---------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    crash_flag,
     fit_args,
     fit_command,
     history,
@@ -24,7 +25,6 @@ from helpers import (
     run_fit,
     succeeded,
 )
-from lightning.pytorch import Callback
 
 from selftrain.analysis.tb import scalar_events
 from selftrain.cli import main
@@ -33,27 +33,6 @@ from selftrain.training.run_dir import IDENTITY_KEY, find_last_checkpoint
 EVALUATIONS = ("benchmark", "extraction", "likelihood")
 """The debug config's evaluation callbacks (their ``eval/<name>.jsonl``)."""
 TWO_EPOCHS = ("--trainer.max_epochs", "2")
-
-
-class CrashAt(Callback):
-    """Raises at a global step: in ``on_train_batch_end`` or, with ``epoch_end``, after the
-    epoch's evaluations and before its checkpoint (checkpoint callbacks run last)."""
-
-    def __init__(self, step: int, epoch_end: bool = False) -> None:
-        self.step, self.epoch_end = step, epoch_end
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if not self.epoch_end and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-    def on_train_epoch_end(self, trainer, *args) -> None:
-        if self.epoch_end and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def crash_flag(step: int, epoch_end: bool = False) -> str:
-    return ('--trainer.callbacks+={"class_path": "test_run_dir.CrashAt", "init_args": '
-            f'{{"step": {step}, "epoch_end": {str(epoch_end).lower()}}}}}')
 
 
 def refused(capsys, *args: str) -> str:

@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import fit_args
-from lightning.pytorch import Callback
+from helpers import crash_flag, fit_args
 
 from selftrain.analysis.tb import scalar_events
 from selftrain.callbacks.epoch_eval import EpochEvaluation
@@ -117,22 +116,6 @@ class FakeEval(EpochEvaluation):
                 "extraction/license/memorized": float(10 + epoch)}
 
 
-class Crash(Callback):
-    """Raises at a global step: mid-epoch, or with ``epoch_end`` after the epoch's evaluations
-    and before its checkpoint (checkpoint callbacks run last)."""
-
-    def __init__(self, step: int, epoch_end: bool = False) -> None:
-        self.step, self.epoch_end = step, epoch_end
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if not self.epoch_end and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-    def on_train_epoch_end(self, trainer, *args) -> None:
-        if self.epoch_end and trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 FLAGS = ("--trainer.max_epochs", "3", "--trainer.limit_train_batches", "6",
          "--checkpoint.every_n_train_steps", "4", "--model.export_hf", "never",
          '--trainer.callbacks+={"class_path": "test_tb_layout.FakeEval"}')
@@ -172,16 +155,14 @@ def test_a_fit_writes_the_by_epoch_sub_run_and_its_page(reference):
 
 @pytest.mark.parametrize("crash", [
     # last checkpoint at step 6, the step epoch 1 was evaluated at: it is logged again
-    pytest.param(("8", "false"), id="mid-epoch"),
+    pytest.param((8, False), id="mid-epoch"),
     # epoch 2 evaluated at step 12 and logged, its checkpoint never written (last: step 8)
-    pytest.param(("12", "true"), id="after-the-evaluation-before-its-checkpoint"),
+    pytest.param((12, True), id="after-the-evaluation-before-its-checkpoint"),
 ])
 def test_after_a_crash_and_resume_each_epoch_is_logged_once(reference, tmp_path, crash):
     run = tmp_path / "run"
-    crash_flag = ('--trainer.callbacks+={"class_path": "test_tb_layout.Crash", "init_args": '
-                  f'{{"step": {crash[0]}, "epoch_end": {crash[1]}}}}}')
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(run, crash_flag)
+        fit(run, crash_flag(*crash))
     fit(run, "--ckpt_path", "last")
     assert len(list((run / "tb" / BY_EPOCH).glob("events.out.tfevents.*"))) == 2
 

@@ -10,7 +10,6 @@ Plain ``.jsonl`` / ``.parquet`` / ``.txt`` files are small by nature and read wh
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from selftrain.corpus import (
     Corpus,
     check_rows,
     read_corpus,
-    read_text,
+    read_manifest,
     readable_parquet,
 )
 from selftrain.errors import SelftrainError
@@ -99,7 +98,8 @@ def open_corpus(path: str | Path, flag: str = "--corpus") -> ChunkedCorpus:
     if not path.is_dir():
         whole = read_corpus(path, flag)  # refuses a missing path, an empty or damaged file
         return ChunkedCorpus(path, flag, None, len(whole), list(whole.columns), whole=whole)
-    manifest = _manifest(path / MANIFEST_NAME, flag) if (path / MANIFEST_NAME).exists() else None
+    manifest_path = path / MANIFEST_NAME
+    manifest = read_manifest(manifest_path, flag) if manifest_path.exists() else None
     if manifest is None and (path / PLAN_NAME).exists():
         raise SelftrainError(f"{flag} {path}: the corpus is unfinished; rerun the same "
                              "`selftrain generate` command to complete it")
@@ -118,15 +118,3 @@ def open_corpus(path: str | Path, flag: str = "--corpus") -> ChunkedCorpus:
     if "text" not in columns and "input_ids" not in columns:
         raise SelftrainError(f"{flag} {path}: rows need a 'text' or 'input_ids' column")
     return ChunkedCorpus(path, flag, manifest, rows, list(columns), shards=shards)
-
-
-def _manifest(path: Path, flag: str) -> dict[str, Any]:
-    """A corpus dir's manifest, refused in one line unless it is a JSON object."""
-    try:
-        manifest = json.loads(read_text(path, flag))
-    except json.JSONDecodeError as error:
-        raise SelftrainError(f"{flag} {path}: not valid JSON (line {error.lineno}: "
-                             f"{error.msg}); {DAMAGED}") from None
-    if not isinstance(manifest, dict):
-        raise SelftrainError(f"{flag} {path}: not a JSON object; {DAMAGED}")
-    return manifest
