@@ -124,6 +124,8 @@ class BenchmarkEval(EpochEvaluation):
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
         shots_of, every_of = self._parse_tasks(tasks, every_n_epochs)
+        if isinstance(limit, float) and limit >= 1 and limit.is_integer():
+            limit = int(limit)  # 8.0 is 8 documents, as in lm-eval (a parser may give 8.0)
         if limit is not None and (isinstance(limit, bool) or limit <= 0
                                   or (isinstance(limit, float) and limit >= 1)):
             raise SelftrainError(f"{self.flag('limit')} {limit}: give a number of documents "

@@ -199,7 +199,10 @@ def _no_init_weights():
 
 def build_shape_model(name: str, tokenizer: PreTrainedTokenizerFast | None = None,
                       dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Build a real-size model with fixed-seed random weights directly in ``dtype``, on CPU.
+    """Build a real-size model with fixed-seed random weights directly in ``dtype``.
+
+    It is built on the default device (the CPU, or the GPU inside Lightning's
+    ``init_module``); the weights are drawn on the CPU either way, so they are the same.
 
     The modules are created without transformers' or torch's own initialisation (which draws
     every weight twice, about 13 s for 0.5B parameters on 2 cores), then every matrix is drawn
@@ -222,8 +225,9 @@ def build_shape_model(name: str, tokenizer: PreTrainedTokenizerFast | None = Non
     generator = torch.Generator().manual_seed(SHAPE_SEED)
     with torch.no_grad():
         for param_name, param in model.named_parameters():  # tied weights come once
-            if param.ndim >= 2:
-                param.normal_(0.0, config.initializer_range, generator=generator)
+            if param.ndim >= 2:  # drawn on the CPU: the same weights on every device
+                drawn = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+                param.copy_(drawn.normal_(0.0, config.initializer_range, generator=generator))
             elif param_name.endswith("bias"):
                 param.zero_()
             else:

@@ -388,6 +388,14 @@ def test_bad_arguments_fail_in_init(kwargs, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("limit, kept", [(8, 8), (8.0, 8), (0.5, 0.5), (None, None)])
+def test_limit_reads_a_whole_float_as_documents(limit, kept):
+    """As lm-eval reads it: 8.0 is 8 documents, a share stays a share (on a Python 3.12 GPU
+    machine the debug config's ``limit: 8`` arrived as 8.0 and was refused)."""
+    callback = BenchmarkEval({"selftrain_facts": 1}, limit=limit)
+    assert callback.limit == kept and type(callback.limit) is type(kept)
+
+
 @pytest.mark.parametrize("init_args, expected", [
     ({"tasks": {"selftrain_facts": 9}, "include_path": TASKS},
      "selftrain: error: BenchmarkEval.tasks selftrain_facts: 9-shot needs 9 examples but "

@@ -18,7 +18,7 @@ from selftrain.curation.lm_eval_tasks import task_manager
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
 from selftrain.probes.fast_generation import FastHFLM
-from selftrain.sampling.prompted import Prompt, PromptedDecoder, cut_at_stop
+from selftrain.sampling.prompted import Prompt, PromptedDecoder, common_prefix, cut_at_stop
 
 FAMILIES = ["qwen2", "llama", "gpt_neox"]
 SHOTS = [
@@ -131,6 +131,32 @@ def test_gsm8k_shaped_requests_equal_hflm(family):
     expected, got, fast = _both(model, tokenizer, _gsm8k_requests())
     assert got == expected and fast == len(expected)
     assert any("\n" in text for text in got) and len(set(got)) > 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_shared_few_shot_block_is_prefilled_once_per_batch_and_answers_equal_hflm(family):
+    """MATH's fixed 4-shot prompt: every prompt starts with the same block of shots."""
+    block = "\n\n".join(SHOTS)
+    requests = [Instance("generate_until", {}, (
+        f"{block}\n\nQuestion: Sam has {i + 3} coins and finds {2 * i} more. How many?\nAnswer:",
+        {"until": ["\n\n", "Question:"], "max_gen_toks": 24, "do_sample": False}), i)
+        for i in range(8)]
+    model, tokenizer = _model(family)
+    expected, got, fast = _both(model, tokenizer, requests)
+    assert got == expected and fast == len(expected) and len(set(got)) > 3
+    prompts = [Prompt(i, tokenizer.encode(r.args[0]), 4) for i, r in enumerate(requests)]
+    decoder = PromptedDecoder(model, None, batch_size=4)
+    list(decoder.generate(prompts))
+    shots = common_prefix([prompt.tokens for prompt in prompts])
+    assert shots > len(tokenizer.encode(block)) - 2  # the block, bar a merge at its end
+    every_token = sum(len(prompt.tokens) - 1 for prompt in prompts)
+    assert decoder.prefilled_tokens == every_token - shots * (len(prompts) - 2)  # 2 batches
+
+
+def test_common_prefix():
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix([[1, 2], [3]]) == 0 and common_prefix([[5, 6]]) == 2
+    assert common_prefix([]) == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

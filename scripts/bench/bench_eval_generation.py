@@ -3,16 +3,19 @@
 Same model, requests, batch size and bf16 autocast for both:
   * hflm: ``lm_eval.models.huggingface.HFLM.generate_until`` (left-padded batches, each run
     until its longest row stops);
-  * fast: :class:`selftrain.probes.fast_generation.FastHFLM` (each prompt prefilled on its
-    own, finished rows replaced at once by :class:`~selftrain.sampling.prompted.PromptedDecoder`).
+  * fast: :class:`selftrain.probes.fast_generation.FastHFLM` (prompts prefilled a batch at a
+    time, a shared few-shot block once, finished rows replaced at once by
+    :class:`~selftrain.sampling.prompted.PromptedDecoder`).
 
-The requests are GSM8K-shaped, built here from templates (no download): 1-5 worked few-shot
-examples with multi-line answers, a new question, greedy, ``until`` = ["\\n\\n", "Question:"].
+The requests are GSM8K-shaped, built here from templates (no download): worked few-shot
+examples with multi-line answers (``--shots varied``: 1-5 of each prompt's own; ``shared``: one
+fixed 5-shot block), a new question, greedy, ``until`` = ["\\n\\n", "Question:"].
 Answer tokens are the returned continuations re-encoded; the share of identical answers says
 how often the two paths agree string for string (bf16 rounding may move a near-tie).
 
     python scripts/bench/bench_eval_generation.py                # 32 requests, batch 8
     python scripts/bench/bench_eval_generation.py --requests 16 --max_gen_toks 32
+    python scripts/bench/bench_eval_generation.py --shots shared --max_gen_toks 256
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import random
 import time
 
 import torch
-from _common import machine, progress, write_figures
+from _common import machine, progress, resolve_device, write_figures
 
 from selftrain.models import load_model, load_tokenizer
 
@@ -47,14 +50,20 @@ def _problem(rng: random.Random) -> tuple[str, str]:
     return question, answer
 
 
-def requests(count: int, max_gen_toks: int, seed: int) -> list:
-    """``count`` lm-eval generate_until Instances with 1-5 shots (prompts of varied length)."""
+def requests(count: int, max_gen_toks: int, seed: int, shared_shots: bool = False) -> list:
+    """``count`` lm-eval generate_until Instances.
+
+    Varied: each has its own 1-5 shots (prompts of varied length), as lm-eval's gsm8k samples
+    shots per document. Shared: all start with the same 5 shots, as a task whose few-shot
+    prompt is fixed (minerva_math's ``first_n``, the gsm8k CoT variants).
+    """
     from lm_eval.api.instance import Instance
 
     rng = random.Random(seed)
+    fixed = [_problem(rng) for _ in range(5)]
     made = []
     for i in range(count):
-        shots = [_problem(rng) for _ in range(1 + i % 5)]
+        shots = fixed if shared_shots else [_problem(rng) for _ in range(1 + i % 5)]
         question, _ = _problem(rng)
         context = "\n\n".join([*(f"Question: {q}\nAnswer: {a}" for q, a in shots),
                                f"Question: {question}\nAnswer:"])
@@ -78,6 +87,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--autocast", default="bfloat16", help="HFLM mixed_precision_dtype")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shots", choices=["varied", "shared"], default="varied",
+                        help="each prompt's own 1-5 shots, or one fixed 5-shot block for all")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -87,12 +99,12 @@ def main() -> None:
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
+    model = load_model(args.model).eval().to(resolve_device(args.device))
     dtype = getattr(torch, args.autocast) if args.autocast != "none" else None
     lms = {name: cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
                      batch_size=args.batch_size, mixed_precision_dtype=dtype)
            for name, cls in (("hflm", HFLM), ("fast", FastHFLM))}
-    work = requests(args.requests, args.max_gen_toks, args.seed)
+    work = requests(args.requests, args.max_gen_toks, args.seed, args.shots == "shared")
     prompt_tokens = [len(tokenizer.encode(r.args[0])) for r in work]
     for lm in lms.values():  # warm-up: kernels, allocator, lazy inits
         timed(lm, requests(2, 4, args.seed + 1))
@@ -108,7 +120,8 @@ def main() -> None:
     results["fast"]["fast_requests"] = lms["fast"].fast_requests
     identical = sum(a == b for a, b in zip(answers["hflm"], answers["fast"], strict=True))
     ratio = results["hflm"]["seconds"] / results["fast"]["seconds"]
-    setup = {"model": args.model, "autocast": args.autocast, **machine(model.device),
+    setup = {"model": args.model, "autocast": args.autocast, "shots": args.shots,
+             **machine(model.device),
              "batch_size": args.batch_size, "requests": len(work),
              "max_gen_toks": args.max_gen_toks, "prompt_tokens_min": min(prompt_tokens),
              "prompt_tokens_max": max(prompt_tokens)}

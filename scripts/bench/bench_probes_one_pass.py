@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import machine_text, resolve_device, sync
 
 
 def old_way(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
@@ -53,9 +54,12 @@ def one_pass(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Fastest of ``repeats`` runs, and the last result."""
     times, out = [], None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         out = fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return min(times), out
 
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     from selftrain.models import load_model, load_tokenizer
@@ -101,17 +106,19 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     found = candidate_windows(["code={stdlib}/*.py"], tokenizer, 64, 32, args.rows, seed=0)
     stdlib = torch.tensor([w["input_ids"] for w in found[: args.rows]])
-    model = load_model(args.model).eval()
+    device = resolve_device(args.device)
+    model = load_model(args.model).eval().to(device)
+    # windows stay on the CPU, as the callbacks hold them; the probes move each batch
     results = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         greedy_continuations(model, stdlib[:2, :32], 2)  # warm-up
         own = torch.cat([stdlib[:, :32], greedy_continuations(model, stdlib[:, :32], 32,
                                                               args.batch_size)], dim=1)
         for name, windows in (("stdlib (not extracted)", stdlib),
                               ("own greedy continuations (extracted)", own)):
             results.append(bench_set(name, model, windows, args.batch_size, args.repeats))
-    print(f"probe evaluation, extraction + likelihood ({args.model}, CPU "
-          f"{torch.get_num_threads()} threads, bf16 autocast, batch {args.batch_size}, "
+    print(f"probe evaluation, extraction + likelihood ({args.model}, {machine_text(device)}, "
+          f"bf16 autocast, batch {args.batch_size}, "
           f"best of {args.repeats})")
     for r in results:
         print(f"  {r['set']}: {r['rows']} rows, {r['memorized']} memorized, "

@@ -7,12 +7,15 @@ BOS sampler: a row that ends (EOS, its own length cap, or a stop string in its d
 hands its slot to the next prompt at the very next step, and finished rows are dropped once no
 prompts are left.
 
-A new row's prompt, all but its last token, is prefilled on its own (an unbatched forward, no
-padding) and its keys/values are written into its slot, in the columns just before the shared
-write column; its last prompt token is then fed with the other rows at the next step. Its
-positions count from its own first token (``column - start``), so every row computes what an
-unbatched run would. The write column never drops below the longest prompt, so any prompt fits
-before it; when the buffer is full the live window is shifted back, as in the sampler.
+Prompts are prefilled, all but their last token, ``batch_size`` at a time in one forward:
+right-padded, so under the causal mask no real token ever sees a pad. The tokens every prompt
+of the batch starts with (a task's fixed few-shot block, as MATH's) are computed once and
+copied to each row. Each prompt's keys/values are kept until its row starts, then written into
+its slot, in the columns just before the shared write column, and its last prompt token is fed
+with the other rows at the next step. Its positions count from its own first token
+(``column - start``), so every row computes what an unbatched run would. The write column
+never drops below the longest prompt, so any prompt fits before it; when the buffer is full
+the live window is shifted back, as in the sampler.
 
 Greedy decoding is temperature 0 (the argmax, first index on ties, as ``generate`` takes it);
 above 0 each token is drawn from the prompt's own stream (seed, prompt id, step)
@@ -22,6 +25,8 @@ above 0 each token is drawn from the prompt's own stream (seed, prompt id, step)
 from __future__ import annotations
 
 import inspect
+import itertools
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -128,6 +133,8 @@ class PromptedDecoder(SlotDecoding):
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.rewinds = 0
         """times the full buffer was shifted back."""
+        self.prefilled_tokens = 0
+        """prompt tokens run through prefill forwards (a shared prefix once per batch)."""
 
     def check(self, prompt: Prompt) -> None:
         """Raise :class:`SelftrainError` (one line) if ``prompt`` cannot be decoded.
@@ -153,11 +160,14 @@ class PromptedDecoder(SlotDecoding):
                 f"context ({self.context}, max_position_embeddings) minus max_new_tokens "
                 f"({prompt.max_new_tokens}); shorten it or lower max_new_tokens")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt]) -> Iterator[Completion]:
         """Continue every prompt, yielding each :class:`Completion` as soon as it ends.
 
-        Completions come out in completion order; prompts start in the order given.
+        Completions come out in completion order; prompts start in the order given. Runs
+        under ``no_grad``, not ``inference_mode``: under autocast, inference mode turns off
+        autocast's cache of cast weights, so every forward would cast every weight again
+        (on a CPU, half the decoding time).
 
         Args:
             prompts: the prompts (all checked before any decoding).
@@ -173,7 +183,7 @@ class PromptedDecoder(SlotDecoding):
         cache = SlotCache(self.num_layers, capacity)
         cache.column = self._floor
         columns = torch.arange(capacity, device=self.device)
-        pending = iter(prompts)
+        pending = _Prefilled(self, iter(prompts))
         first = [next(pending) for _ in range(min(self.batch_size, len(prompts)))]
         slots = _PromptSlots(
             ids=[p.id for p in first], tokens=[[] for _ in first], logprobs=[[] for _ in first],
@@ -209,17 +219,48 @@ class PromptedDecoder(SlotDecoding):
                     self.mask_dtype = kept
         return super()._mask(start, columns)
 
-    def _prefill(self, cache: SlotCache, slots: _PromptSlots, row: int, prompt: Prompt) -> None:
-        """Prefill all but the prompt's last token into ``row``, ending at the write column."""
+    def _prefill_batch(self, prompts: list[Prompt]) -> list[list[tuple[torch.Tensor, ...]]]:
+        """Keys/values of all but each prompt's last token, from one right-padded forward.
+
+        Returns:
+            per prompt, per layer, its ([1, heads, length, head_dim] keys, values); no layers
+            for a one-token prompt.
+        """
+        lengths = [len(prompt.tokens) - 1 for prompt in prompts]
+        longest = max(lengths)
+        if not longest:
+            return [[] for _ in prompts]
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : lengths[row]] = torch.tensor(prompt.tokens[:-1])
+        ids = ids.to(self.device)
+        shared = common_prefix([prompt.tokens[:length] for prompt, length in zip(
+            prompts, lengths, strict=True)]) if len(prompts) > 1 else 0
+        prefix = DynamicCache()
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        positions = torch.arange(longest, device=self.device).unsqueeze(0)
+        if shared:  # the few-shot block every prompt starts with: computed once, then copied
+            self.model(input_ids=ids[:1, :shared], position_ids=positions[:, :shared],
+                       use_cache=True, **{self._cache_argument: prefix}, **kwargs)
+            for layer in prefix.layers:
+                layer.batch_repeat_interleave(len(prompts))
+        self.prefilled_tokens += shared + sum(max(0, length - shared) for length in lengths)
+        if longest > shared:
+            self.model(input_ids=ids[:, shared:],
+                       position_ids=positions[:, shared:].expand(len(ids), -1),
+                       use_cache=True, **{self._cache_argument: prefix}, **kwargs)
+        return [[(layer.keys[row:row + 1, :, :length], layer.values[row:row + 1, :, :length])
+                 for layer in prefix.layers] if length else []
+                for row, length in enumerate(lengths)]
+
+    def _prefill(self, cache: SlotCache, slots: _PromptSlots, row: int,
+                 prompt: _PrefilledPrompt) -> None:
+        """Write a prefilled prompt into ``row``, ending at the write column."""
         length = len(prompt.tokens) - 1
         if length:
-            prefix = DynamicCache()
-            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-            self.model(input_ids=torch.tensor([prompt.tokens[:-1]], device=self.device),
-                       position_ids=torch.arange(length, device=self.device).unsqueeze(0),
-                       use_cache=True, **{self._cache_argument: prefix}, **kwargs)
-            cache.write_row(row, len(slots.ids), [layer.keys for layer in prefix.layers],
-                            [layer.values for layer in prefix.layers])
+            cache.write_row(row, len(slots.ids), [keys for keys, _ in prompt.states],
+                            [values for _, values in prompt.states])
+        prompt.states = []  # written: let the prefill's buffers go once all its rows are
         slots.start[row] = cache.column - length
         slots.next_input[row] = prompt.tokens[-1]
 
@@ -279,6 +320,56 @@ class PromptedDecoder(SlotDecoding):
         if self.decode_text is None:
             return reason, None
         return reason, cut_at_stop(self.decode_text(tokens), prompt.stop or [])
+
+
+@dataclass
+class _PrefilledPrompt(Prompt):
+    """A prompt with its prefilled keys/values, per layer, until its row starts."""
+
+    states: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class _Prefilled:
+    """The prompts in order, each prefilled with the ``batch_size`` - 1 after it.
+
+    Rows start one by one as others end; the prompts they will take are prefilled together
+    when the first of them is needed, so a prefill forward always carries a batch.
+    """
+
+    def __init__(self, decoder: PromptedDecoder, prompts: Iterator[Prompt]):
+        self.decoder = decoder
+        self.prompts = prompts
+        self.ready: deque[_PrefilledPrompt] = deque()
+
+    def __iter__(self) -> _Prefilled:
+        return self
+
+    def __next__(self) -> _PrefilledPrompt:
+        if not self.ready:
+            batch = list(itertools.islice(self.prompts, self.decoder.batch_size))
+            if not batch:
+                raise StopIteration
+            for prompt, states in zip(batch, self.decoder._prefill_batch(batch), strict=True):
+                self.ready.append(_PrefilledPrompt(prompt.id, prompt.tokens,
+                                                   prompt.max_new_tokens, prompt.stop, states))
+        return self.ready.popleft()
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares (0 for none or no sequences).
+
+    Args:
+        sequences: token id lists.
+    """
+    if not sequences:
+        return 0
+    first, shared = sequences[0], min(len(sequence) for sequence in sequences)
+    for sequence in sequences[1:]:
+        same = 0
+        while same < shared and sequence[same] == first[same]:
+            same += 1
+        shared = same
+    return shared
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
