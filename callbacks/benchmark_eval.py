@@ -72,7 +72,13 @@ from selftrain.callbacks.benchmark_results import (
     write_results,
 )
 from selftrain.callbacks.epoch_eval import EpochEvaluation, training_ends
-from selftrain.curation.lm_eval_tasks import check_names, code_tasks, load_units, task_manager
+from selftrain.curation.lm_eval_tasks import (
+    check_generation,
+    check_names,
+    code_tasks,
+    load_units,
+    task_manager,
+)
 from selftrain.errors import SelftrainError
 
 TASK_KEYS = ("num_fewshot", "every_n_epochs")
@@ -102,8 +108,9 @@ class BenchmarkEval(EpochEvaluation):
         max_length: context length given to lm-eval; None: the model config's.
         fast_generation: run greedy generation tasks on selftrain's prompted, slot-refilling
             decoder (:class:`selftrain.probes.fast_generation.FastHFLM`) instead of HFLM's
-            padded batches; answers equal HFLM's in float32. Off by default: on a CPU under
-            bf16 it was slower (docs/benchmarks.md).
+            padded batches: answers equal HFLM's in float32; under bf16 a few near-ties
+            round the other way, as HFLM's own answers do across batch sizes. Faster on the
+            machines measured (docs/benchmarks.md); false gives lm-eval's own path.
     """
 
     name = "benchmark"
@@ -120,7 +127,7 @@ class BenchmarkEval(EpochEvaluation):
         seed: int = 1234,
         bootstrap_iters: int = 0,
         max_length: int | None = None,
-        fast_generation: bool = False,
+        fast_generation: bool = True,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, run_at_start=run_at_start)
         shots_of, every_of = self._parse_tasks(tasks, every_n_epochs)
@@ -148,6 +155,7 @@ class BenchmarkEval(EpochEvaluation):
         self.seed = seed
         self.bootstrap_iters = bootstrap_iters
         self.max_length = max_length
+        self._context_checked = False
         self.fast_generation = fast_generation
         self.skipped: list[str] = []
         self._units: dict[str, dict] = {}  # task name -> lm-eval's loaded task dict
@@ -204,7 +212,7 @@ class BenchmarkEval(EpochEvaluation):
     def settings(self) -> dict[str, Any]:
         """What the scores depend on; the base is only comparable under the same settings."""
         return {"tasks": self.tasks, "limit": self.limit, "seed": self.seed,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "fast_generation": self.fast_generation}
 
     @property
     @override
@@ -219,6 +227,8 @@ class BenchmarkEval(EpochEvaluation):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         base, settings = state_dict.get("base"), state_dict.get("settings")
+        if settings is not None:  # checkpoints from before the switch generated with HFLM
+            settings = {"fast_generation": False, **settings}
         if base is not None and settings != self.settings:
             changed = sorted(k for k in self.settings if (settings or {}).get(k)
                              != self.settings[k])
@@ -246,6 +256,15 @@ class BenchmarkEval(EpochEvaluation):
         check_names(manager, self.tasks, self.flag)
         self._gate_code_execution(manager)
         self._units = load_units(manager, self.tasks, self.skipped, self.flag)
+        check_generation(self._units, self.max_length, self.flag)  # the model is not loaded yet
+
+    def _check_context(self, pl_module: L.LightningModule) -> None:
+        """Each generation cap against the student's context, once its model is loaded."""
+        if not self._context_checked:
+            config = pl_module.model.config.get_text_config()
+            check_generation(self._units, self.max_length or getattr(
+                config, "max_position_embeddings", None), self.flag)
+            self._context_checked = True
 
     def _gate_code_execution(self, manager) -> None:
         """Skip tasks that run model-written code, with one warning, unless allowed."""
@@ -264,6 +283,7 @@ class BenchmarkEval(EpochEvaluation):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_context(pl_module)
         if self.run_at_start and trainer.global_step > 0 and self._base is None:
             raise SelftrainError(f"{self.flag('run_at_start')}: this run resumes at step "
                                  f"{trainer.global_step} but its checkpoint has no base-model "
@@ -289,6 +309,7 @@ class BenchmarkEval(EpochEvaluation):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
                  ) -> dict[str, float]:
         """Evaluate the tasks due after this epoch (outside an epoch's end: every task)."""
+        self._check_context(pl_module)
         rank, world = trainer.global_rank, trainer.world_size
         due = self._due if self._due is not None else list(self.tasks)
         evaluated = [name for name in due if name in self._units]  # not the skipped ones

@@ -21,7 +21,9 @@ teacher-forced forward over prefix + continuation, the one the likelihood tracke
 evaluation). The match rate also counts matches after the first divergence, where the
 model continues from its own tokens: only the rows not settled by that pass (those that
 diverge before their last token) are decoded greedily. ``match_rate: false`` skips that
-decoding and the match-rate tags.
+decoding and the match-rate tags. A row whose memorized status rests on a near-tie of the
+true token and the best other one (bf16 rounds the pass and step-by-step decoding
+differently) is decoded either way, so its counts are the ones greedy decoding gives.
 
 Rows are sharded over ranks and gathered exactly (:class:`selftrain.probes.metrics.RowResults`),
 so the numbers do not depend on the world size. With ``save_rows`` rank 0 also writes one
@@ -41,7 +43,7 @@ from typing_extensions import override
 from selftrain.callbacks.probe_eval import ProbeEvaluation
 from selftrain.io import write_parquet_atomic
 from selftrain.probes.metrics import per_domain
-from selftrain.probes.windows import matched_tokens, needs_decoding
+from selftrain.probes.windows import greedy_counts, needs_decoding
 
 
 class ExtractionProbe(ProbeEvaluation):
@@ -84,8 +86,7 @@ class ExtractionProbe(ProbeEvaluation):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
                  ) -> dict[str, float]:
         probes = self.probes
-        extracted = self.teacher_forced(trainer, pl_module).extracted
-        matched = self._matched(trainer, pl_module, extracted) if self.match_rate else None
+        extracted, matched = self._greedy_counts(trainer, pl_module)
         memorized = extracted == self.suffix_tokens
         domains = (probes.domain_index, len(probes.domains))
         counts = per_domain(memorized.double(), *domains, "sum")
@@ -104,15 +105,24 @@ class ExtractionProbe(ProbeEvaluation):
             self._write_rows(trainer, epoch, extracted, matched, memorized)
         return metrics
 
-    def _matched(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                 extracted: torch.Tensor) -> torch.Tensor:
-        """``[N]`` greedy matches per row; rows to decode dealt evenly over the ranks first."""
-        probes = self.probes
-        decode = needs_decoding(extracted, self.suffix_tokens)
+    def _greedy_counts(self, trainer: L.Trainer, pl_module: L.LightningModule
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N]`` extracted and matched (None with ``match_rate`` off) tokens per row.
+
+        The teacher-forced pass settles most rows; the others are decoded, dealt evenly over
+        the ranks first. Every rank holds the same pass, so all skip or all decode.
+        """
+        probes, forced = self.probes, self.teacher_forced(trainer, pl_module)
+        decode = needs_decoding(forced.extracted, self.suffix_tokens, forced.close,
+                                self.match_rate)
+        if not decode.any():
+            return forced.extracted, forced.extracted.clone() if self.match_rate else None
         order = torch.cat([decode.nonzero().squeeze(-1), (~decode).nonzero().squeeze(-1)])
-        return self.measure_rows(trainer, pl_module, "matched", lambda rows: matched_tokens(
-            pl_module.model, probes.input_ids[rows], self.prefix_tokens, extracted[rows],
-            self.batch_size).double(), order=order).round().long()
+        counts = self.measure_rows(trainer, pl_module, "greedy", lambda rows: torch.stack(
+            greedy_counts(pl_module.model, probes.input_ids[rows], self.prefix_tokens,
+                          forced.extracted[rows], decode[rows], self.batch_size),
+            dim=-1).double(), width=2, order=order).round().long()
+        return counts[:, 0], counts[:, 1] if self.match_rate else None
 
     def _write_rows(self, trainer: L.Trainer, epoch: int, extracted: torch.Tensor,
                     matched: torch.Tensor | None, memorized: torch.Tensor) -> Path:

@@ -226,10 +226,12 @@ class ProbeEvaluation(EpochEvaluation):
         def measure(rows: torch.Tensor) -> torch.Tensor:
             result = teacher_forced_rows(pl_module.model, probes.input_ids[rows],
                                          self.prefix_tokens, self.batch_size)
-            return torch.stack([result.logprobs, result.extracted.double()], dim=-1)
+            return torch.stack([result.logprobs, result.extracted.double(),
+                                result.close.double()], dim=-1)
 
-        values = self.measure_rows(trainer, pl_module, "teacher_forced", measure, width=2)
-        result = TeacherForced(values[:, 0].contiguous(), values[:, 1].round().long())
+        values = self.measure_rows(trainer, pl_module, "teacher_forced", measure, width=3)
+        result = TeacherForced(values[:, 0].contiguous(), values[:, 1].round().long(),
+                               values[:, 2] > 0.5)
         _SHARED.put(trainer, pl_module, key, result)
         return result
 

@@ -71,8 +71,9 @@ def main() -> None:
     memorized = {tag.split("/")[1]: [int(v) for _, v in series] for tag, series in scalars.items()
                  if tag.startswith("extraction/") and tag.endswith("/memorized")
                  and tag.count("/") == 2}
-    bench = {tag.split("/", 1)[1]: [round(v, 3) for _, v in series]
-             for tag, series in scalars.items() if tag.startswith("benchmark/")
+    by_epoch = read_scalars(run_dir / "tb" / "by_epoch")  # step = epoch: tasks have cadences
+    bench = {tag.split("/", 2)[2]: {int(epoch): round(v, 3) for epoch, v in series}
+             for tag, series in by_epoch.items() if tag.startswith("by_epoch/benchmark/")
              and tag.endswith(("/acc", "/exact_match_flexible-extract"))}
     likelihood = {tag.split("/")[1]: [round(v, 1) for _, v in series]
                   for tag, series in scalars.items() if tag.endswith("/delta_logprob")
@@ -96,7 +97,7 @@ def main() -> None:
     for domain, deltas in likelihood.items():
         print(f"  likelihood  {domain:<8} delta log p(x|y) {deltas}")
     for name, values in bench.items():
-        print(f"  benchmark   {name:<40} {values}")
+        print(f"  benchmark   {name:<40} by epoch {values}")
     print(f"wall time   {trained - start:.0f} s (planting {plant_done - start:.0f} s, sampling "
           f"{sampled - plant_done:.0f} s, training {trained - sampled:.0f} s, of which "
           f"evaluation callbacks {eval_seconds:.0f} s)")

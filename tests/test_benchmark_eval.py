@@ -388,6 +388,17 @@ def test_bad_arguments_fail_in_init(kwargs, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_a_checkpoint_from_before_fast_generation_resumes_on_hflms_path_only():
+    """Checkpoints without the switch in their settings generated with HFLM's path."""
+    old = BenchmarkEval({"selftrain_facts": 1}, fast_generation=False).state_dict()
+    old["base"] = {"benchmark/selftrain_facts/acc": 0.5}
+    del old["settings"]["fast_generation"]
+    BenchmarkEval({"selftrain_facts": 1}, fast_generation=False).load_state_dict(old)
+    with pytest.raises(SelftrainError, match=r"^BenchmarkEval.fast_generation: differs from "
+                       r"the run's checkpoint \(fast_generation changed\)"):
+        BenchmarkEval({"selftrain_facts": 1}).load_state_dict(old)
+
+
 @pytest.mark.parametrize("limit, kept", [(8, 8), (8.0, 8), (0.5, 0.5), (None, None)])
 def test_limit_reads_a_whole_float_as_documents(limit, kept):
     """As lm-eval reads it: 8.0 is 8 documents, a share stays a share (on a Python 3.12 GPU
@@ -412,6 +423,46 @@ def test_bad_input_fails_before_training_in_one_line(tmp_path, capsys, init_args
     assert exit_.value.code == 2
     assert one_error_line(capsys.readouterr().err) == expected
     assert not run.exists()
+
+
+ECHO_YAML = """task: echo_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {kwargs}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+"""
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ("{until: [], max_gen_toks: 4}", "BenchmarkEval.tasks echo_gen: generation_kwargs.until "
+     "[]: give a stop string or a list of non-empty strings, or leave it out to stop at EOS"),
+    ("{until: [7], max_gen_toks: 4}", "BenchmarkEval.tasks echo_gen: generation_kwargs.until "
+     "[7]: give a stop string or a list of non-empty strings, or leave it out to stop at EOS"),
+    ("{until: ['\\n'], max_gen_toks: 0}",
+     "BenchmarkEval.tasks echo_gen: generation_kwargs.max_gen_toks 0: give an integer >= 1"),
+    ("{until: ['\\n'], max_gen_toks: 4096}", "BenchmarkEval.tasks echo_gen: max_gen_toks "
+     "4096 leaves no room for a prompt in a context of 512 tokens; lower its "
+     "generation_kwargs.max_gen_toks or raise BenchmarkEval.max_length"),
+])
+def test_a_generation_task_that_cannot_stop_or_fit_fails_before_training(tmp_path, capsys,
+                                                                          kwargs, expected):
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    data = tasks_dir / "echo.jsonl"
+    write_jsonl(data, ({"prompt": f"say {i}", "answer": str(i)} for i in range(4)))
+    (tasks_dir / "echo_gen.yaml").write_text(ECHO_YAML.format(data=data, kwargs=kwargs))
+    run = tmp_path / "run"
+    extra = callback_config(tmp_path / "benchmark.yaml", tasks={"echo_gen": 0},
+                            include_path=str(tasks_dir), limit=2)
+    with pytest.raises(SystemExit) as exit_:
+        fit(run, "--config", extra, callbacks=False, quiet=False)
+    assert exit_.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"selftrain: error: {expected}"
+    assert not (run / "checkpoints").exists()
 
 
 def test_unknown_task_from_the_command_line_names_close_matches(tmp_path):

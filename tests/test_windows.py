@@ -22,9 +22,10 @@ from selftrain.probes.windows import (
     METADATA_KEY,
     continuation_logprobs,
     greedy_continuations,
+    greedy_counts,
     leading_matches,
     load_probe_set,
-    matched_tokens,
+    near_ties,
     needs_decoding,
     shard_rows,
     teacher_forced,
@@ -140,26 +141,55 @@ def test_one_teacher_forced_pass_gives_the_greedy_extraction_row_for_row(planted
 def test_match_counts_decode_only_unsettled_rows_and_equal_plain_greedy(planted, monkeypatch):
     sequences, model = planted
     windows = planted_windows(sequences)
-    reference = (greedy_continuations(model, windows[:, :32], 32)
-                 == windows[:, 32:]).sum(dim=-1)
-    extracted = teacher_forced(model, windows, 32).extracted
+    greedy = greedy_continuations(model, windows[:, :32], 32)
+    reference = (greedy == windows[:, 32:]).sum(dim=-1)
+    forced = teacher_forced(model, windows, 32)
+    assert not forced.close.any()  # float32: no near-ties here
     decoded = []
     import selftrain.probes.windows as windows_module
 
     real = windows_module.greedy_continuations
     monkeypatch.setattr(windows_module, "greedy_continuations",
                         lambda m, prefixes, *a: decoded.append(prefixes) or real(m, prefixes, *a))
-    counts = matched_tokens(model, windows, 32, extracted, batch_size=4)
+    decode = needs_decoding(forced.extracted, 32, forced.close)
+    extracted, counts = greedy_counts(model, windows, 32, forced.extracted, decode, batch_size=4)
     assert torch.equal(counts, reference)  # Pythia's memorization score, row for row
+    assert torch.equal(extracted, leading_matches(greedy, windows[:, 32:]))
     assert counts[:5].tolist() == [32, 32, 32, 32, 31]
     assert counts[5] >= 30 and counts[6] >= 16  # matches after the divergence count too
     assert counts[8:].max() < 16
     # rows 0-4 are settled by the teacher-forced pass; only the other 9 are decoded
     assert len(decoded) == 1 and torch.equal(decoded[0], windows[5:, :32])
-    assert needs_decoding(extracted, 32).tolist() == [False] * 5 + [True] * 9
+    assert decode.tolist() == [False] * 5 + [True] * 9
+    assert not needs_decoding(forced.extracted, 32, forced.close, match_rate=False).any()
     decoded.clear()
-    assert torch.equal(matched_tokens(model, windows[:5], 32, extracted[:5]), counts[:5])
+    assert torch.equal(greedy_counts(model, windows[:5], 32, forced.extracted[:5],
+                                     decode[:5])[1], counts[:5])
     assert decoded == []
+
+
+def test_near_tie_rows_are_decoded_and_counted_as_greedy_decoding_counts_them(planted):
+    """A row whose memorized status rests on a near-tie goes to decoding even with the match
+    rate off; its counts are then greedy decoding's, whatever the teacher-forced argmax said."""
+    sequences, model = planted
+    windows = planted_windows(sequences)[:4]  # 4 memorized rows
+    forced = teacher_forced(model, windows, 32)
+    true = torch.full((5, 4), 3)
+    logits = torch.zeros(5, 4, 10, dtype=torch.bfloat16)
+    logits[:, :, 3] = 20.0
+    logits[1, 2, 5] = 20.0 - 0.125  # one bf16 step behind the true token: a near-tie
+    logits[2, 2, 5] = 20.0 - 2.0  # a clear lead
+    logits[3, 2, 5] = 20.0 + 2.0  # clearly lost at position 2 ...
+    logits[3, 3, 5] = 20.0  # ... so a tie after it cannot make the row whole
+    logits[4, 1, 5] = 20.0 + 0.125  # the true token one step behind: may be reproduced
+    assert near_ties(logits, true).tolist() == [False, True, False, False, True]
+    close = torch.tensor([False, True, False, False])
+    decode = needs_decoding(forced.extracted, 32, close, match_rate=False)
+    assert decode.tolist() == [False, True, False, False]
+    wrong = forced.extracted.clone()
+    wrong[1] = 5  # what a flipped teacher-forced argmax would have said
+    extracted, _ = greedy_counts(model, windows, 32, wrong, decode)
+    assert extracted.tolist() == [32, 32, 32, 32]  # greedy decoding reproduces row 1 whole
 
 
 def test_leading_matches_stops_at_the_first_difference():

@@ -12,6 +12,8 @@ examples with multi-line answers (``--shots varied``: 1-5 of each prompt's own; 
 fixed 5-shot block), a new question, greedy, ``until`` = ["\\n\\n", "Question:"].
 Answer tokens are the returned continuations re-encoded; the share of identical answers says
 how often the two paths agree string for string (bf16 rounding may move a near-tie).
+The two alternate over ``--rounds`` rounds in the process; the figures are the medians, the
+ratio the median of the paired per-round ratios (the answers must not change between rounds).
 
     python scripts/bench/bench_eval_generation.py                # 32 requests, batch 8
     python scripts/bench/bench_eval_generation.py --requests 16 --max_gen_toks 32
@@ -25,6 +27,7 @@ import copy
 import json
 import logging
 import random
+import statistics
 import time
 
 import torch
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--shots", choices=["varied", "shared"], default="varied",
                         help="each prompt's own 1-5 shots, or one fixed 5-shot block for all")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -109,17 +113,26 @@ def main() -> None:
     for lm in lms.values():  # warm-up: kernels, allocator, lazy inits
         timed(lm, requests(2, 4, args.seed + 1))
 
-    results, answers = {}, {}
-    for name, lm in lms.items():
-        progress(f"{name}: {len(work)} requests")
-        answers[name], seconds = timed(lm, work)
+    rounds: dict[str, list[float]] = {name: [] for name in lms}
+    answers: dict[str, list[str]] = {}
+    for round_ in range(args.rounds):  # alternating, so drifts of the machine hit both
+        for name, lm in lms.items():
+            progress(f"round {round_ + 1}/{args.rounds}, {name}: {len(work)} requests")
+            got, seconds = timed(lm, work)
+            if answers.setdefault(name, got) != got:
+                raise SystemExit(f"{name} answered differently in round {round_ + 1}")
+            rounds[name].append(seconds)
+    results = {}
+    for name in lms:
+        seconds = statistics.median(rounds[name])
         tokens = sum(len(tokenizer.encode(a, add_special_tokens=False)) for a in answers[name])
-        results[name] = {"seconds": seconds, "answer_tokens": tokens,
+        results[name] = {"seconds": seconds, "rounds_s": rounds[name], "answer_tokens": tokens,
                          "answer_tokens_per_sec": tokens / seconds,
                          "problems_per_sec": len(work) / seconds}
     results["fast"]["fast_requests"] = lms["fast"].fast_requests
     identical = sum(a == b for a, b in zip(answers["hflm"], answers["fast"], strict=True))
-    ratio = results["hflm"]["seconds"] / results["fast"]["seconds"]
+    paired = [h / f for h, f in zip(rounds["hflm"], rounds["fast"], strict=True)]
+    ratio = statistics.median(paired)
     setup = {"model": args.model, "autocast": args.autocast, "shots": args.shots,
              **machine(model.device),
              "batch_size": args.batch_size, "requests": len(work),
@@ -130,13 +143,15 @@ def main() -> None:
         print(f"{name:<5} {figures['answer_tokens_per_sec']:7.1f} answer tokens/s  "
               f"{figures['problems_per_sec']:6.2f} problems/s  ({figures['answer_tokens']} "
               f"tokens in {figures['seconds']:.1f} s)")
-    print(f"ratio fast/hflm (problems/s) {ratio:.2f}")
+    print(f"ratio fast/hflm (problems/s, median of {args.rounds} paired rounds) {ratio:.2f}; "
+          f"per round {', '.join(f'{r:.2f}' for r in paired)}")
     print(f"identical answers {identical}/{len(work)} ({identical / len(work):.0%})")
     for i, (a, b) in enumerate(zip(answers["hflm"], answers["fast"], strict=True)):
         if a != b:
             print(f"  request {i} ({prompt_tokens[i]} prompt tokens): hflm {a[:60]!r} fast "
                   f"{b[:60]!r}")
     write_figures(args.json, {"setup": setup, "results": results, "ratio": ratio,
+                              "paired_ratios": paired,
                               "identical": identical / len(work)})
 
 

@@ -6,13 +6,15 @@ One evaluation of both probe callbacks (extraction + likelihood) over the same 6
   the match rate) plus a separate teacher-forced forward for log p(x | y)
   (the old ``continuation_logprobs``);
 - after: one teacher-forced forward (``teacher_forced``: memorized count and log p), plus
-  greedy decoding of the rows it does not settle, for the exact match rate
-  (``matched_tokens``); and the same without the match rate (``match_rate: false``).
+  greedy decoding of the rows it does not settle, for the exact match rate, and of rows
+  whose count rests on a near-tie (``greedy_counts``); and the same without the match rate
+  (``match_rate: false``: near-tie rows alone are decoded).
 
 Two sets: 64 windows of Python stdlib source the model does not extract (nearly every row is
 decoded for the match rate), and the same prefixes followed by the model's own greedy
 continuation (extracted by construction: the best case, nothing to decode). Checks that both
-ways give the same memorized rows, match counts and log-probs. CPU, bf16 autocast, one process.
+ways give the same memorized rows, match counts and log-probs. bf16 autocast, one process
+(``--device``: auto picks CUDA when there is one).
 
 Usage: python scripts/bench/bench_probes_one_pass.py [--model embedded:smollm2-135m]
     [--rows 64] [--batch_size 32] [--repeats 1]
@@ -43,12 +45,12 @@ def old_way(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
 def one_pass(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
              match_rate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One teacher-forced pass (+ greedy for unsettled rows): (extracted, matched, logprobs)."""
-    from selftrain.probes.windows import matched_tokens, teacher_forced
+    from selftrain.probes.windows import greedy_counts, needs_decoding, teacher_forced
 
     result = teacher_forced(model, windows, 32, batch_size)
-    matched = (matched_tokens(model, windows, 32, result.extracted, batch_size)
-               if match_rate else result.extracted)
-    return result.extracted, matched, result.logprobs
+    decode = needs_decoding(result.extracted, windows.shape[1] - 32, result.close, match_rate)
+    extracted, matched = greedy_counts(model, windows, 32, result.extracted, decode, batch_size)
+    return extracted, matched, result.logprobs
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -67,9 +69,10 @@ def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 def bench_set(name: str, model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
               repeats: int) -> dict:
     """Both ways on one set of windows; seconds, ratios and agreement."""
-    from selftrain.probes.windows import needs_decoding
+    from selftrain.probes.windows import needs_decoding, teacher_forced
 
     suffix = windows.shape[1] - 32
+    forced = teacher_forced(model, windows, 32, batch_size)
     before_s, (matched_old, logprob_old) = best_time(
         lambda: old_way(model, windows, batch_size), repeats)
     after_s, (extracted, matched_new, logprob_new) = best_time(
@@ -78,7 +81,8 @@ def bench_set(name: str, model: torch.nn.Module, windows: torch.Tensor, batch_si
     return {
         "set": name, "rows": len(windows),
         "memorized": int((extracted == suffix).sum()),
-        "decoded_rows": int(needs_decoding(extracted, suffix).sum()),
+        "decoded_rows": int(needs_decoding(forced.extracted, suffix, forced.close).sum()),
+        "near_tie_rows": int(forced.close.sum()),
         "before_s": before_s, "after_s": after_s, "after_no_match_rate_s": only_s,
         "ratio": before_s / after_s, "ratio_no_match_rate": before_s / only_s,
         "same_memorized": bool(torch.equal(extracted == suffix, matched_old == suffix)),
@@ -122,7 +126,8 @@ def main() -> None:
           f"best of {args.repeats})")
     for r in results:
         print(f"  {r['set']}: {r['rows']} rows, {r['memorized']} memorized, "
-              f"{r['decoded_rows']} decoded for the match rate")
+              f"{r['decoded_rows']} decoded for the match rate, of them "
+              f"{r['near_tie_rows']} near-ties (decoded with match_rate off too)")
         print(f"    before (greedy + logprob forward) {r['before_s']:.2f} s")
         print(f"    after  (one pass + greedy for unsettled rows) {r['after_s']:.2f} s, "
               f"ratio {r['ratio']:.2f}x")

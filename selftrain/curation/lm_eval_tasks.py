@@ -180,6 +180,49 @@ def load_units(manager, tasks: dict[str, int | None], skip: Collection[str],
     return units
 
 
+HFLM_MAX_GEN_TOKS = 256
+"""lm-eval's HFLM cap on generated tokens when a task's ``generation_kwargs`` sets none."""
+
+
+def check_generation(units: dict[str, dict], max_length: int | None,
+                     flag: Callable[[str], str]) -> None:
+    """Refuse a generation task whose stop strings or length cap cannot work, before training.
+
+    Prompts are left-truncated to the context minus the cap, so a prompt never overflows the
+    context; a cap that fills the whole context leaves no room for one.
+
+    Args:
+        units: :func:`load_units`' result.
+        max_length: the context given to lm-eval (None: unknown, not checked).
+        flag: how an argument of the caller is spelled in messages.
+
+    Raises:
+        SelftrainError: ``until`` is empty or not strings, or ``max_gen_toks`` is below 1 or
+            at least ``max_length``.
+    """
+    for loaded in units.values():
+        for leaf, task_obj in loaded["tasks"].items():
+            if task_obj.config.output_type != "generate_until":
+                continue
+            kwargs = dict(task_obj.config.generation_kwargs or {})
+            until = kwargs.get("until")
+            words = [until] if isinstance(until, str) else until
+            if until is not None and not (isinstance(words, list | tuple) and words and all(
+                    isinstance(word, str) and word for word in words)):
+                raise SelftrainError(
+                    f"{flag('tasks')} {leaf}: generation_kwargs.until {until!r}: give a stop "
+                    "string or a list of non-empty strings, or leave it out to stop at EOS")
+            cap = kwargs.get("max_gen_toks", HFLM_MAX_GEN_TOKS)
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise SelftrainError(f"{flag('tasks')} {leaf}: generation_kwargs.max_gen_toks "
+                                     f"{cap!r}: give an integer >= 1")
+            if max_length is not None and cap >= max_length:
+                raise SelftrainError(
+                    f"{flag('tasks')} {leaf}: max_gen_toks {cap} leaves no room for a prompt "
+                    f"in a context of {max_length} tokens; lower its generation_kwargs."
+                    f"max_gen_toks or raise {flag('max_length')}")
+
+
 def _load(manager, name: str, flag: Callable[[str], str]) -> dict:
     try:
         return manager.load([name])

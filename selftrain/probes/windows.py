@@ -13,9 +13,11 @@ the Pythia memorized-sequence sets). The measurements:
 - :func:`continuation_logprobs` -- its log p(x | y) alone.
 - :func:`greedy_continuations` -- real greedy decoding, with a KV cache: what the model
   continues with after its first divergence, where it is conditioned on its own tokens.
-- :func:`matched_tokens` -- Pythia's memorization score per row: positions where the greedy
+- :func:`greedy_counts` -- Pythia's memorization score per row: positions where the greedy
   continuation equals x. Rows the teacher-forced pass settles (all tokens, or all but the last,
-  reproduced) are not decoded; the others are, with :func:`greedy_continuations`.
+  reproduced) are not decoded; the others are, with :func:`greedy_continuations`, and so is
+  any row whose memorized status rests on a near-tie of the true token and the best other
+  (:func:`near_ties`), which bf16 rounding could decide either way on the two paths.
 
 These take equal-length rows, so batches need no padding and results do not depend on the
 batch size. :func:`token_nll_rows` / :func:`token_nll_sums` give the next-token NLL of ragged
@@ -228,6 +230,39 @@ class TeacherForced:
 
     logprobs: torch.Tensor
     extracted: torch.Tensor
+    close: torch.Tensor | None = None
+    """``[N]`` bool: rows whose memorized status rests on a near-tie (:func:`near_ties`)."""
+
+
+NEAR_TIE_ULPS = 1
+"""A true token within this many units of the logits' last place of the best other token is
+a near-tie: bf16 rounding (a step of 0.125 around a logit of 20) may decide it either way."""
+
+
+def near_ties(logits: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: rows that greedy decoding may or may not reproduce whole, by rounding.
+
+    A row is reproduced whole iff at every position the true token beats every other. The
+    teacher-forced pass and greedy decoding compute the same logits along different paths
+    (one forward against a KV cache step by step); in bf16 they differ by a unit in the last
+    place or so, which decides a position where the true token and the best other one are
+    that close. So a row with no position clearly lost and at least one this close is
+    decoded; any other row is settled by the pass either way. In float32 such rows are rare
+    and the two paths agree row for row (tests/test_windows.py).
+
+    Args:
+        logits: ``[N, S, vocab]`` next-token logits over the continuation, in the dtype the
+            model produced them (its last place sets the margin).
+        true: ``[N, S]`` the true continuation.
+    """
+    true_logit = logits.gather(-1, true[..., None]).squeeze(-1).float()
+    top = logits.topk(2, dim=-1)
+    best_other = torch.where(top.indices[..., 0] == true, top.values[..., 1],
+                             top.values[..., 0]).float()
+    lead = true_logit - best_other
+    ulp = torch.finfo(logits.dtype).eps * true_logit.abs().clamp_min(1.0)
+    lost = (lead < -NEAR_TIE_ULPS * ulp).any(dim=-1)
+    return ~lost & (lead.abs() <= NEAR_TIE_ULPS * ulp).any(dim=-1)
 
 
 def leading_matches(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -258,6 +293,7 @@ def teacher_forced(model: torch.nn.Module, input_ids: torch.Tensor, prefix_token
     suffix = input_ids.shape[1] - prefix_tokens
     logprobs = torch.empty(input_ids.shape[0], dtype=torch.float64)
     extracted = torch.empty(input_ids.shape[0], dtype=torch.long)
+    close = torch.empty(input_ids.shape[0], dtype=torch.bool)
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start:start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=suffix + 1).logits[:, :-1]
@@ -267,7 +303,8 @@ def teacher_forced(model: torch.nn.Module, input_ids: torch.Tensor, prefix_token
         logprobs[start:end] = picked.squeeze(-1).double().sum(dim=-1).cpu()
         # argmax of the logits as greedy decoding takes it (ties: the first index, as there)
         extracted[start:end] = leading_matches(logits.argmax(dim=-1), true).cpu()
-    return TeacherForced(logprobs, extracted)
+        close[start:end] = near_ties(logits, true).cpu()
+    return TeacherForced(logprobs, extracted, close)
 
 
 def continuation_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
@@ -286,45 +323,57 @@ def continuation_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, prefi
     return teacher_forced(model, input_ids, prefix_tokens, batch_size).logprobs
 
 
-def needs_decoding(extracted: torch.Tensor, suffix_tokens: int) -> torch.Tensor:
-    """``[N]`` bool: rows whose greedy match count the teacher-forced pass does not settle.
+def needs_decoding(extracted: torch.Tensor, suffix_tokens: int,
+                   close: torch.Tensor | None = None, match_rate: bool = True) -> torch.Tensor:
+    """``[N]`` bool: rows whose greedy counts the teacher-forced pass does not settle.
 
     A row that reproduces all ``S`` tokens matches ``S``; one that reproduces ``S - 1`` and
     diverges at the last token matches ``S - 1``. Any other row continues after its first
-    divergence from its own tokens, which only decoding tells.
+    divergence from its own tokens, which only decoding tells (needed for the match rate
+    alone). A row whose memorized status rests on a near-tie is decoded in any case.
 
     Args:
         extracted: ``[N]`` :attr:`TeacherForced.extracted`.
         suffix_tokens: S.
+        close: ``[N]`` :attr:`TeacherForced.close` (None: no near-ties).
+        match_rate: whether the match counts are wanted (else only near-ties are decoded).
     """
-    return extracted < suffix_tokens - 1
+    todo = (extracted < suffix_tokens - 1) if match_rate else torch.zeros_like(
+        extracted, dtype=torch.bool)
+    return todo if close is None else todo | close
 
 
-def matched_tokens(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
-                   extracted: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Positions where the greedy continuation equals the true one (Pythia's memorization score).
+def greedy_counts(model: torch.nn.Module, input_ids: torch.Tensor, prefix_tokens: int,
+                  extracted: torch.Tensor, decode: torch.Tensor, batch_size: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extracted and matched tokens per row as greedy decoding gives them.
 
-    The greedy continuation is decoded only for the rows :func:`needs_decoding` names; the
-    others' counts follow from ``extracted``.
+    Matched tokens are Pythia's memorization score: positions where the greedy continuation
+    equals the true one. Only the ``decode`` rows are decoded (:func:`needs_decoding`); the
+    others' counts follow from ``extracted`` (matched = extracted for ``S`` and ``S - 1``).
 
     Args:
         model: a transformers causal LM (eval mode is the caller's job).
         input_ids: ``[N, P + S]`` windows.
         prefix_tokens: P.
         extracted: ``[N]`` :attr:`TeacherForced.extracted` of these rows.
+        decode: ``[N]`` bool, the rows to decode.
         batch_size: rows per forward pass of the decoding.
 
     Returns:
-        ``[N]`` long counts in ``0..S`` (on the CPU).
+        ``[N]`` long extracted and ``[N]`` long matched counts in ``0..S`` (on the CPU).
     """
     suffix = input_ids.shape[1] - prefix_tokens
-    counts = extracted.clone().long().cpu()
-    todo = needs_decoding(counts, suffix).nonzero().squeeze(-1)
+    extracted = extracted.clone().long().cpu()
+    matched = extracted.clone()
+    todo = decode.cpu().nonzero().squeeze(-1)
     if len(todo):
         generated = greedy_continuations(model, input_ids[todo, :prefix_tokens], suffix,
                                          batch_size)
-        counts[todo] = (generated == input_ids[todo, prefix_tokens:]).sum(dim=-1)
-    return counts
+        true = input_ids[todo, prefix_tokens:].cpu()
+        extracted[todo] = leading_matches(generated, true)
+        matched[todo] = (generated == true).sum(dim=-1)
+    return extracted, matched
 
 
 @torch.no_grad()
