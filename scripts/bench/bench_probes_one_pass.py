@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import machine_text, resolve_device, sync
+from _common import machine, machine_text, resolve_device, sync, write_figures
 
 
 def old_way(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     from selftrain.models import load_model, load_tokenizer
@@ -136,6 +137,9 @@ def main() -> None:
         print(f"    same memorized rows {r['same_memorized']}, same matched tokens "
               f"{r['same_matched_tokens']}, max |dlogp| {r['max_logprob_diff']:.2e}")
     print(json.dumps(results))
+    write_figures(args.json, {"setup": {"model": args.model, **machine(device),
+                                        "batch_size": args.batch_size, "repeats": args.repeats},
+                              "results": {r["set"]: r for r in results}})
 
 
 if __name__ == "__main__":
