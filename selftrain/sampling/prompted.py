@@ -260,7 +260,7 @@ class PromptedDecoder(SlotDecoding):
         if length:
             cache.write_row(row, len(slots.ids), [keys for keys, _ in prompt.states],
                             [values for _, values in prompt.states])
-        prompt.states = []  # written: let the prefill's buffers go once all its rows are
+        prompt.states = []  # written: the prefill's buffers go once its whole batch is
         slots.start[row] = cache.column - length
         slots.next_input[row] = prompt.tokens[-1]
 
