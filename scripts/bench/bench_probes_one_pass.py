@@ -26,9 +26,13 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from _common import machine, machine_text, resolve_device, sync, write_figures
+
+if TYPE_CHECKING:
+    from selftrain.probes.windows import TeacherForced
 
 
 def old_way(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
@@ -43,14 +47,14 @@ def old_way(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
 
 
 def one_pass(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
-             match_rate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher-forced pass (+ greedy for unsettled rows): (extracted, matched, logprobs)."""
+             match_rate: bool) -> tuple[torch.Tensor, torch.Tensor, TeacherForced]:
+    """One teacher-forced pass (+ greedy for unsettled rows): (extracted, matched, the pass)."""
     from selftrain.probes.windows import greedy_counts, needs_decoding, teacher_forced
 
     result = teacher_forced(model, windows, 32, batch_size)
     decode = needs_decoding(result.extracted, windows.shape[1] - 32, result.close, match_rate)
     extracted, matched = greedy_counts(model, windows, 32, result.extracted, decode, batch_size)
-    return extracted, matched, result.logprobs
+    return extracted, matched, result
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -69,13 +73,12 @@ def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 def bench_set(name: str, model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
               repeats: int) -> dict:
     """Both ways on one set of windows; seconds, ratios and agreement."""
-    from selftrain.probes.windows import needs_decoding, teacher_forced
+    from selftrain.probes.windows import needs_decoding
 
     suffix = windows.shape[1] - 32
-    forced = teacher_forced(model, windows, 32, batch_size)
     before_s, (matched_old, logprob_old) = best_time(
         lambda: old_way(model, windows, batch_size), repeats)
-    after_s, (extracted, matched_new, logprob_new) = best_time(
+    after_s, (extracted, matched_new, forced) = best_time(
         lambda: one_pass(model, windows, batch_size, True), repeats)
     only_s, _ = best_time(lambda: one_pass(model, windows, batch_size, False), repeats)
     return {
@@ -87,7 +90,7 @@ def bench_set(name: str, model: torch.nn.Module, windows: torch.Tensor, batch_si
         "ratio": before_s / after_s, "ratio_no_match_rate": before_s / only_s,
         "same_memorized": bool(torch.equal(extracted == suffix, matched_old == suffix)),
         "same_matched_tokens": bool(torch.equal(matched_new, matched_old)),
-        "max_logprob_diff": float((logprob_new - logprob_old).abs().max()),
+        "max_logprob_diff": float((forced.logprobs - logprob_old).abs().max()),
     }
 
 

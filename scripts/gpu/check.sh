@@ -58,6 +58,7 @@ done
 
 if [ "$DRY" = 1 ]; then
   status=0
+  declare -A parsed=()  # a script named by several steps is checked once
   total=0
   for step in "${STEPS[@]}"; do IFS='|' read -r name seconds _ <<<"$step"; wanted "$name" && total=$(( total + seconds )); done
   echo "plan (time boxes in seconds; $total s at most):"
@@ -68,6 +69,8 @@ if [ "$DRY" = 1 ]; then
     for word in $command; do
       case "$word" in
         scripts/*.py)
+          [ -n "${parsed[$word]:-}" ] && continue
+          parsed[$word]=1
           if [ ! -f "$word" ]; then echo "    missing: $word"; status=1
           elif ! $PY "$word" --help >/dev/null 2>&1; then echo "    --help fails: $word"; status=1; fi ;;
         tests/*.py|configs/*.yaml) [ -f "$word" ] || { echo "    missing: $word"; status=1; } ;;

@@ -350,8 +350,7 @@ class _Prefilled:
             if not batch:
                 raise StopIteration
             for prompt, states in zip(batch, self.decoder._prefill_batch(batch), strict=True):
-                self.ready.append(_PrefilledPrompt(prompt.id, prompt.tokens,
-                                                   prompt.max_new_tokens, prompt.stop, states))
+                self.ready.append(_PrefilledPrompt(**vars(prompt), states=states))
         return self.ready.popleft()
 
 
