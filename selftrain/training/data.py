@@ -45,7 +45,11 @@ class CorpusDataModule(L.LightningDataModule):
     """Streams a BOS-sampled (or replay) corpus to the student.
 
     Args:
-        corpus: corpus dir (manifest.json + data/*.parquet) or a .jsonl/.parquet/.txt file.
+        corpus: corpus dir (manifest.json + data/*.parquet) or a .jsonl/.parquet/.txt file;
+            or a list of them, trained on together (their rows concatenated), as
+            ``selftrain sweep`` does in ``mode: accumulate``. In a list, ``subset`` selects
+            in each corpus except those sampled for one student (``num_subsets: 1`` in their
+            manifest), which are taken whole.
         tokenizer: the student's model spec; under ``selftrain fit`` it is linked to
             ``--model.model`` and set for you.
         max_length: longest training sequence in tokens, BOS included; longer rows are cut.
@@ -78,7 +82,7 @@ class CorpusDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        corpus: str,
+        corpus: str | list[str],
         tokenizer: str = "tiny:qwen2",
         max_length: int = 512,
         batch_size: int = 8,
@@ -124,7 +128,13 @@ class CorpusDataModule(L.LightningDataModule):
         self._tokenizer = load_tokenizer(hp.tokenizer, revision=hp.get("revision"),
                                          flag=STUDENT_FLAG)
         check_token_id(hp.bos_token_id, len(self._tokenizer), "--data.bos_token_id")
-        self.rows, reuse, selected = self._prepare(hp.corpus, "--data.corpus", use_subset=True)
+        corpora = hp.corpus if isinstance(hp.corpus, list) else [hp.corpus]
+        self.rows, reuse, selected = [], True, 0
+        for path in corpora:
+            rows, reused, count = self._prepare(path, "--data.corpus", use_subset=True,
+                                                in_list=len(corpora) > 1)
+            self.rows += rows
+            reuse, selected = reuse and reused, selected + count
         if hp.eval_corpus is not None:
             self.eval_rows, _, _ = self._prepare(hp.eval_corpus, "--data.eval_corpus",
                                                  use_subset=False)
@@ -148,13 +158,15 @@ class CorpusDataModule(L.LightningDataModule):
                            f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
                            "sort the epoch) to pad less")
 
-    def _prepare(self, path: str, flag: str, use_subset: bool
+    def _prepare(self, path: str, flag: str, use_subset: bool, in_list: bool = False
                  ) -> tuple[list[dict[str, Any]], bool, int]:
         """Rows of one corpus for the student: (rows, source ids reused, rows selected)."""
         hp = self.hparams
         corpus = read_corpus(path, flag=flag)
+        if in_list and (corpus.manifest or {}).get("num_subsets") == 1:
+            use_subset = False  # sampled for one student: all of it is that student's
         tokenizer = self._tokenizer
-        keep = (select_subset(corpus, hp.subset, hp.num_subsets, hp.corpus) if use_subset
+        keep = (select_subset(corpus, hp.subset, hp.num_subsets, path) if use_subset
                 else list(range(len(corpus))))
         reuse = reuse_ids(corpus, hp.same_tokenizer, self._student_fingerprint, path, flag)
         if reuse:
@@ -298,9 +310,13 @@ def _check_arguments(arguments: dict[str, Any]) -> None:
          "must be in [0, 1] (a share of the tokens)"),
     ]
     refuse_first_failed((ok, f"--data.{name} {a[name]}: {rule}") for ok, name, rule in checks)
-    if not Path(a["corpus"]).exists():
-        raise SelftrainError(f"--data.corpus {a['corpus']}: no such file or directory; run "
-                             "`selftrain generate --out DIR` first or fix the path")
+    corpora = a["corpus"] if isinstance(a["corpus"], list) else [a["corpus"]]
+    if not corpora:
+        raise SelftrainError("--data.corpus []: give at least one corpus")
+    for corpus in corpora:
+        if not Path(corpus).exists():
+            raise SelftrainError(f"--data.corpus {corpus}: no such file or directory; run "
+                                 "`selftrain generate --out DIR` first or fix the path")
     if a["eval_corpus"] is not None and not Path(a["eval_corpus"]).exists():
         raise SelftrainError(f"--data.eval_corpus {a['eval_corpus']}: no such file or directory")
 

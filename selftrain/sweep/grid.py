@@ -1,0 +1,194 @@
+"""The grid file of ``selftrain sweep``: what an experiment grid names, and its checks.
+
+A grid is sources x temperatures (plus an optional replay control and proximity split) x K
+disjoint subsets x generations, trained into one student with one fit config. These
+dataclasses are the parts of the grid that have parts of their own; jsonargparse builds them
+from the grid YAML (and flags), so a misspelt key is refused by the parser. :func:`check_grid`
+refuses what the types cannot (a temperature <= 0, an unknown model spec, a fit config that
+does not parse is checked in :mod:`selftrain.sweep.plan`) before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selftrain.errors import SelftrainError
+from selftrain.models import parse_model_spec
+
+MODES = ("replace", "accumulate")
+"""How generation g+1 trains: on the newest corpus only, or on every corpus of its chain."""
+
+
+@dataclass
+class Source:
+    """A source model sampled from its BOS token.
+
+    Args:
+        model: model spec (hub id, local dir, ``embedded:<name>``, ``tiny:<family>``).
+        temperatures: sampling temperatures (> 0); one condition each, all sampled in one
+            ``selftrain generate`` call.
+        generate: extra ``selftrain generate`` flags for this source only (over the grid's
+            ``generate``), e.g. ``{dtype: bfloat16, batch_size: 32}``.
+    """
+
+    model: str
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    generate: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Replay:
+    """The real-text control: a token-matched replay of real documents.
+
+    Args:
+        sources: real text for ``selftrain replay --sources`` (local .txt / .jsonl / .parquet
+            files or dirs, or a ``datasets`` name streamed from the hub).
+        match: the conditions (``<source>_t<T>``) to match, one replay condition each
+            (``replay_<condition>``); None matches the first condition of the grid.
+        flags: extra ``selftrain replay`` flags, e.g. ``{text_field: text, seed: 0}``.
+    """
+
+    sources: list[str]
+    match: list[str] | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Decontamination:
+    """Drop samples that share an n-gram with a benchmark, before anything trains on them.
+
+    Args:
+        benchmarks: benchmark specs as ``selftrain decontaminate --benchmarks`` takes them.
+        flags: extra ``selftrain decontaminate`` flags, e.g. ``{ngram: 8, include_path: ...}``.
+    """
+
+    benchmarks: list[str]
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Proxies:
+    """Intrinsic proxies (benchmark proximity, student NLL) of every first-generation corpus.
+
+    Args:
+        benchmarks: benchmark specs for the proximity, as ``selftrain proxies`` takes them.
+        split: also train on each synthetic corpus's proximity split (conditions
+            ``<condition>_below`` and ``<condition>_above``).
+        flags: extra ``selftrain proxies`` flags, e.g. ``{threshold: 0.35, limit: 500}``.
+    """
+
+    benchmarks: list[str]
+    split: bool = False
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    """A whole grid, as :func:`selftrain.sweep.sweep` received it (see its ``Args``)."""
+
+    out: str
+    student: str
+    fit_config: str
+    sources: dict[str, Source]
+    num_subsets: int = 1
+    generate: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    replay: Replay | None = None
+    decontaminate: Decontamination | None = None
+    proxies: Proxies | None = None
+    generations: int = 1
+    mode: str = "replace"
+    note: str | None = None
+
+    def conditions(self) -> dict[str, tuple[str, float]]:
+        """Synthetic condition name -> (source name, temperature), in grid order."""
+        return {condition_name(name, t): (name, t) for name, source in self.sources.items()
+                for t in source.temperatures}
+
+
+def condition_name(source: str, temperature: float) -> str:
+    """``self`` at 1.0 -> ``self_t1.0``: the name of a run dir and of a report condition."""
+    return f"{source}_t{float(temperature)}"
+
+
+RESERVED_FLAGS = {
+    "generate": ("model", "out", "temperature", "num_subsets", "overwrite"),
+    "replay": ("match", "out", "sources", "student", "num_subsets", "overwrite"),
+    "decontaminate": ("corpus", "out", "benchmarks", "overwrite"),
+    "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "overwrite"),
+    "fit": ("config", "model.model", "data.corpus", "data.subset", "data.num_subsets",
+            "trainer.default_root_dir", "overwrite", "ckpt_path"),
+}
+"""Flags the sweep sets itself in each kind of step; a grid may not set them in ``flags``."""
+
+
+def check_grid(grid: Grid) -> None:
+    """Refuse a grid that cannot expand into a sweep, in one line naming the key and the fix.
+
+    Args:
+        grid: the parsed grid.
+    """
+    if not grid.sources:
+        raise SelftrainError("sources: the grid names no source; give at least one, e.g. "
+                             "sources: {self: {model: <the student's spec>}}")
+    if grid.num_subsets < 1:
+        raise SelftrainError(f"num_subsets {grid.num_subsets}: must be >= 1 (K disjoint "
+                             "subsets, one student each)")
+    if grid.generations < 1:
+        raise SelftrainError(f"generations {grid.generations}: must be >= 1")
+    if grid.mode not in MODES:
+        raise SelftrainError(f"mode {grid.mode!r}: use one of {', '.join(MODES)}")
+    parse_model_spec(grid.student, "student")
+    for name, source in grid.sources.items():
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise SelftrainError(f"sources.{name}: a source name is part of run dir names; use "
+                                 "letters, digits, '-', '_' and '.'")
+        parse_model_spec(source.model, f"sources.{name}.model")
+        if not source.temperatures:
+            raise SelftrainError(f"sources.{name}.temperatures: empty; give at least one")
+        for t in source.temperatures:
+            if not (math.isfinite(t) and t > 0):
+                raise SelftrainError(f"sources.{name}.temperatures: {t} is not > 0; sampling "
+                                     "temperatures are positive (1.0 samples the model as is)")
+        _check_flags(source.generate, "generate", f"sources.{name}.generate")
+    _check_flags(grid.generate, "generate", "generate")
+    _check_flags(grid.fit, "fit", "fit")
+    _check_unique(grid)
+    conditions = grid.conditions()
+    if grid.replay is not None:
+        for match in grid.replay.match or []:
+            if match not in conditions:
+                raise SelftrainError(f"replay.match: {match!r} is no condition of the grid; use "
+                                     f"one of {', '.join(conditions)}")
+        _check_flags(grid.replay.flags, "replay", "replay.flags")
+    if grid.decontaminate is not None:
+        _check_flags(grid.decontaminate.flags, "decontaminate", "decontaminate.flags")
+    if grid.proxies is not None:
+        _check_flags(grid.proxies.flags, "proxies", "proxies.flags")
+    if not Path(grid.fit_config).is_file():
+        raise SelftrainError(f"fit_config {grid.fit_config}: no such file; give the "
+                             "`selftrain fit` config every student trains with")
+
+
+def _check_flags(flags: dict[str, Any], kind: str, key: str) -> None:
+    """Refuse extra flags that the sweep sets itself (they would fight the grid)."""
+    for name in flags:
+        if name.lstrip("-") in RESERVED_FLAGS[kind]:
+            raise SelftrainError(f"{key}.{name}: the sweep sets --{name.lstrip('-')} of every "
+                                 f"`selftrain {kind}` itself; remove it from the grid")
+
+
+def _check_unique(grid: Grid) -> None:
+    """Refuse two conditions that would write the same run dir (``self`` at 1 and 1.0)."""
+    seen: dict[str, str] = {}
+    for name, source in grid.sources.items():
+        for t in source.temperatures:
+            condition = condition_name(name, t)
+            where = f"sources.{name}.temperatures {t}"
+            if condition in seen:
+                raise SelftrainError(f"{where}: writes the same run dir as {seen[condition]} "
+                                     f"({condition}); list each temperature once")
+            seen[condition] = where

@@ -1,0 +1,278 @@
+"""A grid expanded into the ordinary ``selftrain`` commands that carry it out, in order.
+
+Every step is one command a user could paste (``selftrain generate ...``, ``selftrain fit
+...``), the steps it needs, and the path it writes. Generation 1 samples every source at all
+its temperatures in one ``generate`` call; optional decontamination cleans each corpus; the
+replay control is matched to its (clean) synthetic corpus; proxies measure every
+first-generation training corpus (and optionally split it by proximity into two more
+conditions); one fit per condition x subset. Generation g+1 samples, for each condition and
+subset, from the final export of generation g's student, and trains a fresh student on it
+(``mode: replace``) or on the whole chain so far (``accumulate``). The report reads every run.
+
+Layout under ``out``: ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
+``runs/g<g>/<condition>/s<k>``, ``report/``, and ``.sweep/`` (what has finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selftrain.errors import SelftrainError
+from selftrain.sweep.grid import Grid, condition_name
+
+
+@dataclass
+class Step:
+    """One command of a sweep.
+
+    Args:
+        id: unique name, e.g. ``fit/g1/self_t1.0/s0``; also its record's name.
+        kind: the subcommand (``generate``, ``fit``, ...).
+        argv: the command, starting with ``selftrain``.
+        needs: ids of the steps whose outputs it reads.
+        output: the dir it writes.
+    """
+
+    id: str
+    kind: str
+    argv: list[str]
+    needs: list[str] = field(default_factory=list)
+    output: str = ""
+
+    def line(self) -> str:
+        """The command as a shell line."""
+        return shlex.join(self.argv)
+
+
+def flag_value(value: Any) -> str:
+    """A flag value as jsonargparse reads it: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def as_flags(flags: dict[str, Any]) -> list[str]:
+    """``{a: 1, b.c: [x]}`` -> ``["--a", "1", "--b.c", "[\"x\"]"]``; None values are left out."""
+    argv: list[str] = []
+    for name, value in flags.items():
+        if value is not None:
+            argv += [f"--{name.lstrip('-')}", flag_value(value)]
+    return argv
+
+
+def final_epoch(grid: Grid) -> int:
+    """The epoch of a student's last export: ``trainer.max_epochs`` of the fit (and grid)."""
+    epochs = grid.fit.get("trainer.max_epochs")
+    if epochs is None:
+        config = _fit_config(grid)
+        epochs = (config.get("trainer") or {}).get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise SelftrainError(f"fit_config {grid.fit_config}: generations > 1 sample from each "
+                             "student's last export, so the fit needs trainer.max_epochs >= 1 "
+                             "(in the config or the grid's fit: {trainer.max_epochs: N})")
+    return epochs
+
+
+def _fit_config(grid: Grid) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(Path(grid.fit_config).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SelftrainError(f"fit_config {grid.fit_config}: not readable YAML "
+                             f"({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise SelftrainError(f"fit_config {grid.fit_config}: not a `selftrain fit` config "
+                             "(a YAML mapping)")
+    return config
+
+
+def expand(grid: Grid) -> list[Step]:
+    """The steps of a grid, each after the steps it needs.
+
+    Args:
+        grid: a checked grid (:func:`selftrain.sweep.grid.check_grid`).
+    """
+    out = Path(grid.out)
+    steps: list[Step] = []
+    conditions = grid.conditions()
+    # corpus each (condition, subset) trains on in generation 1: (path, producing step, subset)
+    training: dict[str, tuple[str, str]] = {}
+    for name, source in grid.sources.items():
+        parent = out / "corpora" / "g1" / name
+        flags = {**grid.generate, **source.generate, "num_subsets": grid.num_subsets}
+        steps.append(Step(f"generate/g1/{name}", "generate",
+                          ["selftrain", "generate", "--model", source.model,
+                           "--out", str(parent), "--temperature",
+                           json.dumps([float(t) for t in source.temperatures]),
+                           *as_flags(flags)], output=str(parent)))
+        for t in source.temperatures:
+            corpus = parent / f"t{float(t)}"
+            training[condition_name(name, t)] = _clean(grid, steps, str(corpus),
+                                                       f"generate/g1/{name}",
+                                                       f"g1/{condition_name(name, t)}")
+    replayed: dict[str, tuple[str, str]] = {}
+    if grid.replay is not None:
+        for match in grid.replay.match or [next(iter(conditions))]:
+            corpus, producer = training[match]
+            target = out / "corpora" / "g1" / f"replay_{match}"
+            steps.append(Step(f"replay/g1/{match}", "replay",
+                              ["selftrain", "replay", "--match", corpus, "--out", str(target),
+                               "--sources", json.dumps(grid.replay.sources),
+                               "--student", grid.student, *as_flags(grid.replay.flags),
+                               "--overwrite", "true"], [producer], str(target)))
+            replayed[f"replay_{match}"] = (str(target), f"replay/g1/{match}")
+    split: dict[str, tuple[str, str]] = {}
+    proxy_dirs: list[tuple[str, str]] = []
+    if grid.proxies is not None:
+        for condition, (corpus, producer) in {**training, **replayed}.items():
+            target = out / "proxies" / "g1" / condition
+            argv = ["selftrain", "proxies", "--corpus", corpus, "--out", str(target),
+                    "--benchmarks", json.dumps(grid.proxies.benchmarks),
+                    "--student", grid.student, *as_flags(grid.proxies.flags)]
+            step_id = f"proxies/g1/{condition}"
+            if grid.proxies.split and condition in training:
+                halves = out / "corpora" / "g1" / f"{condition}-split"
+                argv += ["--split_out", str(halves)]
+                for side in ("below", "above"):
+                    split[f"{condition}_{side}"] = (str(halves / side), step_id)
+            steps.append(Step(step_id, "proxies", [*argv, "--overwrite", "true"], [producer],
+                              str(target)))
+            proxy_dirs.append((str(target), step_id))
+    runs: list[tuple[str, str, str]] = []  # (run dir, fit step, report condition)
+    previous: dict[tuple[str, int], str] = {}  # (condition, subset) -> fit step of last gen
+    chains: dict[tuple[str, int], list[str]] = {}  # corpora so far (accumulate)
+    for condition, (corpus, producer) in {**training, **replayed, **split}.items():
+        for k in range(grid.num_subsets):
+            run = out / "runs" / "g1" / condition / f"s{k}"
+            subset = (["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
+                      if grid.num_subsets > 1 else [])
+            step = _fit(grid, f"fit/g1/{condition}/s{k}", corpus, subset, run, [producer])
+            steps.append(step)
+            runs.append((str(run), step.id, condition))
+            if condition in training:
+                previous[condition, k] = step.id
+                chains[condition, k] = [corpus]
+    if grid.generations > 1:
+        epoch = final_epoch(grid)
+        per_student = _per_subset(grid)
+    for g in range(2, grid.generations + 1):
+        for (condition, k), fit_id in list(previous.items()):
+            source, t = conditions[condition]
+            student = Path(_step(steps, fit_id).output) / "hf" / f"epoch={epoch}"
+            parent = out / "corpora" / f"g{g}" / condition / f"s{k}"
+            flags = {**grid.generate, **grid.sources[source].generate,
+                     "num_samples": per_student, "num_subsets": 1}
+            flags["seed"] = int(flags.get("seed", 0)) + 1000 * (g - 1) + k
+            gen_id = f"generate/g{g}/{condition}/s{k}"
+            steps.append(Step(gen_id, "generate",
+                              ["selftrain", "generate", "--model", str(student), "--out",
+                               str(parent), "--temperature", json.dumps([float(t)]),
+                               *as_flags(flags)], [fit_id], str(parent)))
+            corpus, producer = _clean(grid, steps, str(parent / f"t{float(t)}"), gen_id,
+                                      f"g{g}/{condition}/s{k}")
+            chains[condition, k] = [*chains[condition, k], corpus]
+            data = chains[condition, k] if grid.mode == "accumulate" else [corpus]
+            subset = (["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
+                      if grid.mode == "accumulate" and grid.num_subsets > 1 else [])
+            run = out / "runs" / f"g{g}" / condition / f"s{k}"
+            needs = [producer, *(s for s in _producers(steps, data) if s != producer)]
+            step = _fit(grid, f"fit/g{g}/{condition}/s{k}",
+                        data[0] if len(data) == 1 else data, subset, run, needs)
+            steps.append(step)
+            runs.append((str(run), step.id, f"{condition}@g{g}"))
+            previous[condition, k] = step.id
+    steps.append(_report(grid, runs, proxy_dirs))
+    _check_unique_outputs(steps)
+    return steps
+
+
+def _per_subset(grid: Grid) -> int:
+    """Samples per student in generations >= 2: generation 1's subset size."""
+    total = grid.generate.get("num_samples", 1000)
+    for source in grid.sources.values():
+        total = min(total, source.generate.get("num_samples", total))
+    return max(1, total // grid.num_subsets)
+
+
+def _clean(grid: Grid, steps: list[Step], corpus: str, producer: str, name: str
+           ) -> tuple[str, str]:
+    """Add the decontamination of a corpus when the grid asks; the corpus to train on."""
+    if grid.decontaminate is None:
+        return corpus, producer
+    target = str(Path(grid.out) / "corpora" / f"{name}-clean")
+    step_id = f"decontaminate/{name}"
+    steps.append(Step(step_id, "decontaminate",
+                      ["selftrain", "decontaminate", "--corpus", corpus, "--out", target,
+                       "--benchmarks", json.dumps(grid.decontaminate.benchmarks),
+                       *as_flags(grid.decontaminate.flags), "--overwrite", "true"],
+                      [producer], target))
+    return target, step_id
+
+
+def _fit(grid: Grid, step_id: str, corpus: str | list[str], subset: list[str], run: Path,
+         needs: list[str]) -> Step:
+    extra = dict(grid.fit)
+    if grid.generations > 1 and "model.export_hf" not in extra:
+        export = ((_fit_config(grid).get("model") or {}).get("export_hf"))
+        if export == "never":
+            extra["model.export_hf"] = "last"  # the next generation samples from it
+    data = corpus if isinstance(corpus, str) else json.dumps(corpus)
+    argv = ["selftrain", "fit", "--config", grid.fit_config, "--model.model", grid.student,
+            "--data.corpus", data, *subset, "--trainer.default_root_dir", str(run),
+            *as_flags(extra)]
+    return Step(step_id, "fit", argv, needs, str(run))
+
+
+def _report(grid: Grid, runs: list[tuple[str, str, str]], proxies: list[tuple[str, str]]
+            ) -> Step:
+    target = str(Path(grid.out) / "report")
+    conditions = {run: condition for run, _, condition in runs}
+    argv = ["selftrain", "report", "--runs", json.dumps([run for run, _, _ in runs]),
+            "--out", target, "--conditions", json.dumps(conditions)]
+    if proxies:
+        argv += ["--proxies", json.dumps([path for path, _ in proxies])]
+    if grid.note:
+        argv += ["--note", grid.note]
+    needs = [fit for _, fit, _ in runs] + [step for _, step in proxies]
+    return Step("report", "report", [*argv, "--overwrite", "true"], needs, target)
+
+
+def _step(steps: list[Step], step_id: str) -> Step:
+    return next(step for step in steps if step.id == step_id)
+
+
+def _producers(steps: list[Step], corpora: list[str]) -> list[str]:
+    """The steps that write the given corpora (a corpus under a step's output dir)."""
+    found = []
+    for corpus in corpora:
+        for step in steps:
+            if step.kind != "fit" and step.output and (
+                    corpus == step.output or corpus.startswith(step.output + "/")):
+                found.append(step.id)
+    return found
+
+
+def _check_unique_outputs(steps: list[Step]) -> None:
+    """Refuse two steps writing one path (two conditions into one run dir)."""
+    seen: dict[str, str] = {}
+    for step in steps:
+        if step.output in seen:
+            raise SelftrainError(f"{step.id}: writes {step.output}, as {seen[step.output]} does; "
+                                 "give the conditions distinct names")
+        seen[step.output] = step.id
+
+
+def digests(steps: list[Step]) -> dict[str, str]:
+    """Each step's digest: its command and the digests of the steps it needs.
+
+    A finished step whose digest changed has new inputs (its command, or any step upstream).
+    """
+    found: dict[str, str] = {}
+    for step in steps:
+        payload = json.dumps([step.argv, [found[need] for need in step.needs]])
+        found[step.id] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return found
