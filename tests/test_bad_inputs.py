@@ -260,6 +260,15 @@ def bad(id: str, argv: list[str], *names: str, setup: Callable[[Path], None] | N
     return Bad(id, argv, names, setup, needs_permissions, waits_for)
 
 
+SWEEP_SOURCE = '{"self": {"model": "tiny:qwen2"}}'
+
+
+def sweep(sources: str, *flags: str) -> list[str]:
+    """A ``selftrain sweep`` row: the debug fit config, ``sources``, then ``flags``."""
+    return ["sweep", "--out", f"{TMP}/sweep", "--student", "tiny:qwen2", "--fit_config", DEBUG,
+            "--sources", sources, "--dry_run", "true", *flags]
+
+
 CASES = [
     # -- corpus files read by fit / validate / test (selftrain.corpus.read_corpus) ---------------
     bad("fit-shard-garbage", fit("--data.corpus", f"{TMP}/corpus"), "shard-00000",
@@ -533,6 +542,16 @@ CASES = [
     bad("report-proxies-without-summary", ["report", "--runs", f"[{RUN}]", "--out",
                                            f"{TMP}/report", "--proxies", f"[{TMP}/empty]"],
         "--proxies", setup=both(run_config, directory("empty"))),
+    bad("sweep-unknown-model", sweep('{"self": {"model": "tiny:nope"}}'),
+        "--sources.self.model", "tiny:nope"),
+    bad("sweep-subsets-0", sweep(SWEEP_SOURCE, "--num_subsets", "0"), "--num_subsets 0"),
+    bad("sweep-temperature-0", sweep('{"self": {"model": "tiny:qwen2", "temperatures": [0.0]}}'),
+        "--sources.self.temperatures", "0.0"),
+    bad("sweep-same-run-dir",
+        sweep('{"self": {"model": "tiny:qwen2", "temperatures": [1, 1.0]}}'),
+        "--sources.self.temperatures", "self_t1.0"),
+    bad("sweep-fit-does-not-parse", sweep(SWEEP_SOURCE, "--fit", '{"trainer.max_epochz": 2}'),
+        "--fit_config", "trainer.max_epochz"),
     bad("fit-max-steps-0-points-at-evaluate", fit("--trainer.max_steps", "0"),
         "--trainer.max_steps", "selftrain evaluate --model SPEC --fit_config CONFIG --out DIR"),
     bad("fit-max-epochs-0-points-at-evaluate", fit("--trainer.max_epochs", "0"),

@@ -132,44 +132,44 @@ def check_grid(grid: Grid) -> None:
         grid: the parsed grid.
     """
     if not grid.sources:
-        raise SelftrainError("sources: the grid names no source; give at least one, e.g. "
+        raise SelftrainError("--sources: the grid names no source; give at least one, e.g. "
                              "sources: {self: {model: <the student's spec>}}")
     if grid.num_subsets < 1:
-        raise SelftrainError(f"num_subsets {grid.num_subsets}: must be >= 1 (K disjoint "
+        raise SelftrainError(f"--num_subsets {grid.num_subsets}: must be >= 1 (K disjoint "
                              "subsets, one student each)")
     if grid.generations < 1:
-        raise SelftrainError(f"generations {grid.generations}: must be >= 1")
+        raise SelftrainError(f"--generations {grid.generations}: must be >= 1")
     if grid.mode not in MODES:
-        raise SelftrainError(f"mode {grid.mode!r}: use one of {', '.join(MODES)}")
-    parse_model_spec(grid.student, "student")
+        raise SelftrainError(f"--mode {grid.mode!r}: use one of {', '.join(MODES)}")
+    parse_model_spec(grid.student, "--student")
     for name, source in grid.sources.items():
         if not name or not all(c.isalnum() or c in "-_." for c in name):
-            raise SelftrainError(f"sources.{name}: a source name is part of run dir names; use "
+            raise SelftrainError(f"--sources.{name}: a source name is part of run dir names; use "
                                  "letters, digits, '-', '_' and '.'")
-        parse_model_spec(source.model, f"sources.{name}.model")
+        parse_model_spec(source.model, f"--sources.{name}.model")
         if not source.temperatures:
-            raise SelftrainError(f"sources.{name}.temperatures: empty; give at least one")
+            raise SelftrainError(f"--sources.{name}.temperatures: empty; give at least one")
         for t in source.temperatures:
             if not (math.isfinite(t) and t > 0):
-                raise SelftrainError(f"sources.{name}.temperatures: {t} is not > 0; sampling "
+                raise SelftrainError(f"--sources.{name}.temperatures: {t} is not > 0; sampling "
                                      "temperatures are positive (1.0 samples the model as is)")
-        _check_flags(source.generate, "generate", f"sources.{name}.generate")
-    _check_flags(grid.generate, "generate", "generate")
-    _check_flags(grid.fit, "fit", "fit")
+        _check_flags(source.generate, "generate", f"--sources.{name}.generate")
+    _check_flags(grid.generate, "generate", "--generate")
+    _check_flags(grid.fit, "fit", "--fit")
     _check_unique(grid)
     conditions = grid.conditions()
     if grid.replay is not None:
         for match in grid.replay.match or []:
             if match not in conditions:
-                raise SelftrainError(f"replay.match: {match!r} is no condition of the grid; use "
+                raise SelftrainError(f"--replay.match: {match!r} is no condition of the grid; use "
                                      f"one of {', '.join(conditions)}")
-        _check_flags(grid.replay.flags, "replay", "replay.flags")
+        _check_flags(grid.replay.flags, "replay", "--replay.flags")
     if grid.decontaminate is not None:
-        _check_flags(grid.decontaminate.flags, "decontaminate", "decontaminate.flags")
+        _check_flags(grid.decontaminate.flags, "decontaminate", "--decontaminate.flags")
     if grid.proxies is not None:
-        _check_flags(grid.proxies.flags, "proxies", "proxies.flags")
+        _check_flags(grid.proxies.flags, "proxies", "--proxies.flags")
     if not Path(grid.fit_config).is_file():
-        raise SelftrainError(f"fit_config {grid.fit_config}: no such file; give the "
+        raise SelftrainError(f"--fit_config {grid.fit_config}: no such file; give the "
                              "`selftrain fit` config every student trains with")
 
 
@@ -187,7 +187,7 @@ def _check_unique(grid: Grid) -> None:
     for name, source in grid.sources.items():
         for t in source.temperatures:
             condition = condition_name(name, t)
-            where = f"sources.{name}.temperatures {t}"
+            where = f"--sources.{name}.temperatures {t}"
             if condition in seen:
                 raise SelftrainError(f"{where}: writes the same run dir as {seen[condition]} "
                                      f"({condition}); list each temperature once")

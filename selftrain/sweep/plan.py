@@ -72,7 +72,7 @@ def final_epoch(grid: Grid) -> int:
         config = _fit_config(grid)
         epochs = (config.get("trainer") or {}).get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:
-        raise SelftrainError(f"fit_config {grid.fit_config}: generations > 1 sample from each "
+        raise SelftrainError(f"--fit_config {grid.fit_config}: generations > 1 sample from each "
                              "student's last export, so the fit needs trainer.max_epochs >= 1 "
                              "(in the config or the grid's fit: {trainer.max_epochs: N})")
     return epochs
@@ -82,10 +82,10 @@ def _fit_config(grid: Grid) -> dict[str, Any]:
     try:
         config = yaml.safe_load(Path(grid.fit_config).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise SelftrainError(f"fit_config {grid.fit_config}: not readable YAML "
+        raise SelftrainError(f"--fit_config {grid.fit_config}: not readable YAML "
                              f"({str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
-        raise SelftrainError(f"fit_config {grid.fit_config}: not a `selftrain fit` config "
+        raise SelftrainError(f"--fit_config {grid.fit_config}: not a `selftrain fit` config "
                              "(a YAML mapping)")
     return config
 

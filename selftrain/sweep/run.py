@@ -136,10 +136,11 @@ def check_fit_commands(steps: list[Step]) -> None:
                 SelftrainCLI(args=[*step.argv[1:], "--print_config"])
         except SystemExit as stop:
             if stop.code not in (0, None):
-                raise SelftrainError(f"{step.id}: the fit command does not parse (exit "
-                                     f"{stop.code}); check fit_config and fit") from None
+                raise SelftrainError(f"--fit_config {step.argv[3]} (with --fit): the command "
+                                     f"of {step.id} does not parse (exit {stop.code})") from None
         except Exception as error:  # the parser raises instead of exiting
-            raise SelftrainError(f"{step.id}: the fit command does not parse: "
+            raise SelftrainError(f"--fit_config {step.argv[3]} (with --fit): the command of "
+                                 f"{step.id} does not parse: "
                                  f"{parser_error_line(str(error), 'fit')}") from None
 
 

@@ -1,0 +1,210 @@
+"""`selftrain sweep`: grids expand into commands that parse, reruns are safe, SLURM scripts.
+
+The shipped grids are expanded with ``--dry_run`` and every command they print is parsed by
+its own subcommand's parser (``--print_config``), as a user pasting it would run it. The
+runner's bookkeeping (skip, refuse, block, resume) is checked on real ``selftrain``
+commands that take a second; a whole tiny sweep (two sources, two subsets, two generations),
+killed once and rerun, runs in the slow tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import DEBUG, DEBUG_CORPUS, REPO
+
+from selftrain.cli import TOOLS, main
+from selftrain.errors import SelftrainError
+from selftrain.sweep.plan import Step, digests
+from selftrain.sweep.run import STATE, run_here, sweep
+
+SWEEPS = REPO / "configs" / "sweeps"
+REFERENCE_GRIDS = ["qwen_self", "llama_self", "llama_on_qwen", "qwen_cross_source",
+                   "pythia_self"]
+
+
+def dry_run(*configs: Path) -> list[list[str]]:
+    """The commands ``selftrain sweep --config ... --dry_run true`` prints, split."""
+    argv = ["sweep", *(a for c in configs for a in ("--config", str(c))), "--dry_run", "true"]
+    with redirect_stdout(StringIO()) as out:
+        main(argv)
+    return [shlex.split(line) for line in out.getvalue().splitlines()]
+
+
+def parses(command: list[str]) -> None:
+    """Parse one printed command with its subcommand's parser; nothing runs."""
+    assert command[0] == "selftrain"
+    if command[1] == "fit":
+        return  # the sweep parsed every fit command itself before printing (check_fit)
+    assert command[1] in TOOLS
+    with redirect_stdout(StringIO()), pytest.raises(SystemExit) as stop:
+        main([*command[1:], "--print_config"])
+    assert stop.value.code in (0, None), command
+
+
+@pytest.mark.parametrize("name", REFERENCE_GRIDS)
+def test_every_reference_grid_expands_into_commands_that_parse(name):
+    commands = dry_run(SWEEPS / "reference.yaml", SWEEPS / f"{name}.yaml")
+    kinds = [c[1] for c in commands]
+    grid = {**yaml.safe_load((SWEEPS / "reference.yaml").read_text()),
+            **yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())}
+    conditions = sum(len(s.get("temperatures", [1.0])) for s in grid["sources"].values())
+    conditions += 1 if grid.get("replay") else 0
+    conditions *= 3 if grid["proxies"]["split"] else 1  # a split adds each corpus's halves
+    if grid["proxies"]["split"] and grid.get("replay"):
+        conditions -= 2  # the replay is not split
+    assert kinds.count("fit") == conditions * grid["num_subsets"]
+    assert kinds.count("generate") == len(grid["sources"])
+    assert kinds[-1] == "report" and kinds.count("report") == 1
+    for command in commands:
+        parses(command)
+    header = (SWEEPS / f"{name}.yaml").read_text().splitlines()
+    assert any(line.startswith("# Command:") and f"sweeps/{name}.yaml" in line
+               for line in header)
+
+
+def test_the_mini_reproduction_grid_expands_into_commands_that_parse():
+    commands = dry_run(SWEEPS / "repro_mini.yaml")
+    assert [c[1] for c in commands].count("fit") >= 10
+    for command in commands:
+        parses(command)
+
+
+def test_order_runs_every_step_after_what_it_needs(tmp_path):
+    steps = sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
+                  sources=_sources(), num_subsets=2, generations=3, mode="accumulate",
+                  fit={"trainer.max_epochs": 2}, dry_run=True, check_fit=False)
+    seen: set[str] = set()
+    for step in steps:
+        assert set(step.needs) <= seen, step.id
+        seen.add(step.id)
+    fits = {s.id: s for s in steps if s.kind == "fit"}
+    third = fits["fit/g3/self_t1.0/s1"]
+    corpora = json.loads(third.argv[third.argv.index("--data.corpus") + 1])
+    assert [Path(c).parts[-4] if "g1" not in c else "g1" for c in corpora] == ["g1", "g2", "g3"]
+    generate = next(s for s in steps if s.id == "generate/g3/self_t1.0/s1")
+    assert generate.argv[generate.argv.index("--model") + 1].endswith(
+        "runs/g2/self_t1.0/s1/hf/epoch=2")
+    assert "fit/g2/self_t1.0/s1" in generate.needs
+    assert not (tmp_path / "sw").exists()  # a dry run writes nothing
+
+
+def _sources(**more) -> dict:
+    from selftrain.sweep.grid import Source
+
+    return {"self": Source(model="tiny:qwen2"), **more}
+
+
+def test_a_changed_grid_is_refused_and_overwrite_reruns_only_what_changed(tmp_path):
+    out = tmp_path / "sw"
+    ok = Step("a", "report", ["selftrain", "--help"], output=str(out / "a"))
+    after = Step("b", "report", ["selftrain", "--help"], ["a"], str(out / "b"))
+    outcome = run_here([ok, after], out, overwrite=False)
+    assert outcome.done == ["a", "b"]
+    assert run_here([ok, after], out, overwrite=False).skipped == ["a", "b"]
+    changed = Step("a", "report", ["selftrain", "-h"], output=str(out / "a"))
+    with pytest.raises(SelftrainError, match="--overwrite true"):
+        run_here([changed, after], out, overwrite=False)
+    outcome = run_here([changed, after], out, overwrite=True)
+    assert outcome.done == ["a", "b"]  # b's input changed with a
+    records = {p.name: json.loads(p.read_text()) for p in (out / STATE / "done").iterdir()}
+    assert records["a.json"]["digest"] == digests([changed, after])["a"]
+
+
+def test_a_failed_step_stops_what_needs_it_and_nothing_else(tmp_path):
+    out = tmp_path / "sw"
+    failing = Step("bad", "generate", ["selftrain", "generate", "--model", "tiny:nope",
+                                       "--out", str(out / "c")], output=str(out / "c"))
+    blocked = Step("fit", "report", ["selftrain", "--help"], ["bad"], str(out / "r"))
+    fine = Step("other", "report", ["selftrain", "--help"], output=str(out / "o"))
+    with pytest.raises(SelftrainError, match=r"1 step\(s\) failed \(bad\); 1 not run"):
+        run_here([failing, blocked, fine], out, overwrite=False)
+    summary = json.loads((out / STATE / "summary.json").read_text())
+    assert (summary["failed"], summary["blocked"], summary["done"]) == (["bad"], ["fit"],
+                                                                      ["other"])
+
+
+def test_slurm_submission_chains_the_waves(tmp_path):
+    target = tmp_path / "slurm"
+    steps = sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
+                  sources=_sources(), num_subsets=2, generations=2, slurm=str(target),
+                  slurm_options=["--gpus-per-task=1"], fit={"trainer.max_epochs": 1},
+                  check_fit=False)
+    submit = (target / "submit.sh").read_text()
+    assert submit.index("g1-prep.txt") < submit.index("g1-fit.txt") < submit.index(
+        "g2-prep.txt") < submit.index("g2-fit.txt") < submit.index("report.txt")
+    assert "--array=0-1" in submit and submit.count("--dependency=afterok:") == 4
+    fits = (target / "g1-fit.txt").read_text().splitlines()
+    assert fits == [s.line() for s in steps if s.id.startswith("fit/g1/")]
+    assert "#SBATCH --gpus-per-task=1" in (target / "run_lines.sbatch").read_text()
+    for script in ("submit.sh", "run_lines.sbatch"):
+        subprocess.run(["bash", "-n", str(target / script)], check=True)
+        assert os.access(target / script, os.X_OK)
+
+
+def test_a_list_of_corpora_takes_subsets_only_where_they_were_sampled(tmp_path):
+    from selftrain.training.data import CorpusDataModule
+
+    whole = tmp_path / "one_student"
+    subprocess.run(["cp", "-r", str(DEBUG_CORPUS), str(whole)], check=True)
+    manifest = json.loads((whole / "manifest.json").read_text())
+    (whole / "manifest.json").write_text(json.dumps({**manifest, "num_subsets": 1}))
+    sizes = {}
+    for name, corpus in (("split", str(DEBUG_CORPUS)), ("both", [str(DEBUG_CORPUS), str(whole)])):
+        data = CorpusDataModule(corpus=corpus, tokenizer="tiny:qwen2", max_length=64,
+                                subset=0, num_subsets=2)
+        data.load()
+        sizes[name] = len(data.rows)
+    total = manifest["counts"]["written"]
+    assert 0 < sizes["split"] < total  # alone, a corpus is split whatever its manifest says
+    assert sizes["both"] == sizes["split"] + total  # in a list, one sampled for one student is not
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_killed_once_and_rerun_reaches_the_whole_report(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    out = tmp_path / "sw"
+    grid.write_text(yaml.safe_dump({
+        "out": str(out), "student": "tiny:qwen2", "fit_config": DEBUG,
+        "sources": {"self": {"model": "tiny:qwen2"}, "llama": {"model": "tiny:llama"}},
+        "num_subsets": 2, "generations": 2, "mode": "accumulate",
+        "generate": {"num_samples": 32, "max_new_tokens": 24, "batch_size": 16},
+        "fit": {"trainer.max_epochs": 1, "trainer.enable_progress_bar": False}}))
+    command = [sys.executable, "-m", "selftrain", "sweep", "--config", str(grid)]
+    done = out / STATE / "done"
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while (process.poll() is None and time.time() < deadline
+           and len(list(done.glob("fit__*"))) < 3):
+        time.sleep(0.2)
+    time.sleep(2)  # into the fourth fit, or the generation after it
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and the command it runs, at once
+    process.wait()
+    killed = len(list(done.glob("*.json")))
+    assert 0 < killed < 15
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / STATE / "summary.json").read_text())
+    assert len(summary["skipped"]) == killed and not summary["failed"] + summary["blocked"]
+    assert len(summary["skipped"]) + len(summary["done"]) == 15  # 2 + 4 fits + 4 + 4 + report
+    report = (out / "report" / "summary.md").read_text()
+    for condition in ("self_t1.0", "llama_t1.0", "self_t1.0@g2", "llama_t1.0@g2"):
+        assert f"| {condition} |" in report
+    assert "8 runs in 4 conditions" in report
+    for run in (out / "runs").glob("g*/*/s*"):  # one run per dir, none doubled by the rerun
+        assert not list((run / "checkpoints").glob("last-v*.ckpt")), run
+        assert len(list((run / "hf").glob("epoch=*"))) == 1, run
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 run, 15 skipped" in again.stderr, again.stderr[-2000:]
