@@ -202,9 +202,25 @@ def test_a_tiny_sweep_killed_once_and_rerun_reaches_the_whole_report(tmp_path):
     report = (out / "report" / "summary.md").read_text()
     for condition in ("self_t1.0", "llama_t1.0", "self_t1.0@g2", "llama_t1.0@g2"):
         assert f"| {condition} |" in report
-    assert "8 runs in 4 conditions" in report
+    assert "8 runs in 4 conditions" in report and "## Iterated generations" in report
+    assert (out / "report" / "figures" / "generations.png").is_file()
     for run in (out / "runs").glob("g*/*/s*"):  # one run per dir, none doubled by the rerun
         assert not list((run / "checkpoints").glob("last-v*.ckpt")), run
         assert len(list((run / "hf").glob("epoch=*"))) == 1, run
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 run, 15 skipped" in again.stderr, again.stderr[-2000:]
+
+
+def test_generations_are_read_from_condition_names():
+    import pandas as pd
+
+    from selftrain.analysis.curves import by_generation
+
+    finals = pd.DataFrame([
+        {"tag": "t", "condition": c, "final_mean": m, "final_sd": 0.1, "n": 2}
+        for c, m in (("self_t1.0", 1.0), ("self_t1.0@g3", 3.0), ("self_t1.0@g2", 2.0),
+                     ("replay_x", 9.0), ("odd@gx", 5.0))])
+    table = by_generation(finals)
+    assert table["chain"].tolist() == ["self_t1.0"] * 3  # no later generation: left out
+    assert table["generation"].tolist() == [1, 2, 3]
+    assert table["final_mean"].tolist() == [1.0, 2.0, 3.0]

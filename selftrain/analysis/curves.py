@@ -107,6 +107,35 @@ def final_and_best(curve: pd.DataFrame, runs_per_condition: dict[str, int]) -> p
                                        "best_n"])
 
 
+GENERATION = re.compile(r"^(?P<chain>.+)@g(?P<generation>\d+)$")
+"""``self_t1.0@g3``: a condition of generation 3 (``selftrain sweep`` names them so)."""
+
+
+def by_generation(finals: pd.DataFrame) -> pd.DataFrame:
+    """Final rows regrouped by generation: ``X`` is generation 1 of chain X, ``X@gN`` is N.
+
+    Only chains with a later generation are kept; empty when there are none.
+
+    Args:
+        finals: :func:`final_and_best` rows of any families.
+
+    Returns:
+        Columns chain, generation, tag, final_mean, final_sd, n.
+    """
+    rows = []
+    for row in finals.itertuples():
+        match = GENERATION.match(row.condition)
+        chain, generation = ((match["chain"], int(match["generation"])) if match
+                             else (row.condition, 1))
+        rows.append({"chain": chain, "generation": generation, "tag": row.tag,
+                     "final_mean": row.final_mean, "final_sd": row.final_sd, "n": row.n})
+    table = pd.DataFrame(rows, columns=["chain", "generation", "tag", "final_mean", "final_sd",
+                                        "n"])
+    later = set(table.loc[table["generation"] > 1, "chain"])
+    return (table[table["chain"].isin(later)]
+            .sort_values(["tag", "chain", "generation"], ignore_index=True))
+
+
 def base_values(curve: pd.DataFrame) -> dict[tuple[str, str], float]:
     """(tag, condition) -> mean at epoch 0 (the base model), where there is one."""
     base = curve[curve["epoch"] == 0]

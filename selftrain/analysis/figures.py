@@ -147,6 +147,60 @@ def curve_figure(curve: pd.DataFrame, tags: list[str], style: dict[str, Style], 
     return Drawn(path.name, title, [panel_titles.get(t, t) for t in tags], caption, legend)
 
 
+def generation_figure(by_generation: pd.DataFrame, titles: dict[str, str], path: Path
+                      ) -> Drawn:
+    """One panel per tag: each chain's final value against its generation, +/-1 sd bars.
+
+    Args:
+        by_generation: :func:`selftrain.analysis.curves.by_generation` rows.
+        titles: tag -> its panel's title.
+        path: the PNG to write.
+    """
+    tags = list(dict.fromkeys(by_generation["tag"]))
+    figure, axes = _grid(len(tags))
+    chains = list(dict.fromkeys(by_generation["chain"]))
+    for ax, tag in zip(axes, tags, strict=False):
+        rows = by_generation[by_generation["tag"] == tag]
+        for i, chain in enumerate(chains):
+            points = rows[rows["chain"] == chain].sort_values("generation")
+            if points.empty:
+                continue
+            ax.errorbar(points["generation"], points["final_mean"],
+                        yerr=points["final_sd"].fillna(0.0), color=COLORS[i % len(COLORS)],
+                        marker="o", markersize=4, capsize=3, linewidth=1.6, label=chain)
+        ax.set_title(_generation_title(tag, titles), fontsize=11)
+        ax.set_xlabel("generation")
+        ax.set_ylabel(_generation_ylabel(tag))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.25)
+    legend = _legend(figure, axes)
+    title = "Iterated generations: where each generation's students end"
+    figure.suptitle(title, fontsize=13)
+    _save(figure, path)
+    caption = ("Final value of each metric for the students of generation g (trained on text "
+               "sampled by generation g-1's students; generation 1 on the source's), mean over "
+               "subsets, bars ±1 sd.")
+    return Drawn(path.name, title, [_generation_title(t, titles) for t in tags], caption,
+                 legend)
+
+
+def _generation_title(tag: str, titles: dict[str, str]) -> str:
+    """A panel title naming the family: probe domains repeat across extraction and log p."""
+    if tag.startswith("extraction/"):
+        return f"extraction: {titles.get(tag, tag)}"
+    if tag.startswith("likelihood/"):
+        return f"log p(x | y): {titles.get(tag, tag)}"
+    return titles.get(tag, tag)
+
+
+def _generation_ylabel(tag: str) -> str:
+    if tag.startswith("extraction/"):
+        return "sequences memorized (count)"
+    if tag.startswith("likelihood/"):
+        return "Δ log p(x | y) vs base (nats)"
+    return f"Δ {tag.rsplit('/', 1)[-1]} vs base"
+
+
 def _legend(figure: Figure, axes: list) -> list[str]:
     """One legend for the whole figure, below the panels, each entry once."""
     entries: dict[str, object] = {}

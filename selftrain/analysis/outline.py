@@ -39,6 +39,9 @@ class Findings:
         notes: what was left out or guessed, one line each.
         titles: tag -> its task and metric (or domain) in words.
         heading: a line under the title (what the runs are).
+        proxies_given: whether proxies dirs were given.
+        generations: final rows by chain and generation (empty without iterated generations).
+        created: when the report was written.
     """
 
     conditions: list[dict]
@@ -55,6 +58,7 @@ class Findings:
     titles: dict[str, str]
     heading: str = ""
     proxies_given: bool = False
+    generations: pd.DataFrame = field(default_factory=pd.DataFrame)
     created: str = field(default="")
 
 
@@ -91,6 +95,8 @@ def build(found: Findings) -> Page:
     _probes(page, found)
     if found.proxies_given:
         _proxies(page, found)
+    if not found.generations.empty:
+        _generations(page, found)
     page.add("h2", "Figures")
     for drawn in found.figures:
         page.add("h3", drawn.title)
@@ -99,6 +105,16 @@ def build(found: Findings) -> Page:
     page.add("table", (["run", "condition", "subset"],
                        [[r["run"], r["condition"], r["subset"]] for r in found.runs]))
     return page
+
+
+def _generations(page: Page, found: Findings) -> None:
+    page.add("h2", "Iterated generations")
+    page.add("p", "Generation g trains on text sampled by the students of generation g-1 (the "
+                  "same condition and subset); generation 1 on the source's. Final values, "
+                  "mean and sd over subsets.")
+    rows = [[found.titles.get(r.tag, r.tag), r.chain, r.generation, num(r.final_mean, True),
+             num(r.final_sd), r.n] for r in found.generations.itertuples()]
+    page.add("table", (["metric", "chain", "generation", "final", "sd", "n"], rows))
 
 
 def _conditions(page: Page, found: Findings) -> None:

@@ -8,6 +8,8 @@ them into conditions, and writes a report dir:
 - ``figures/*.png``: benchmark deltas per task metric (Figs 2, 3, 5, 7, 9, 10), extraction
   counts and log p deltas per probe domain (Fig 8), and from ``selftrain proxies`` dirs the
   max-similarity histograms (Fig 4), the NLL KDEs (Figs 6, 11) and proxies against gains;
+  with iterated generations (conditions ``X@gN``, as ``selftrain sweep`` names them), each
+  chain's final values against its generation;
 - ``summary.md`` and ``report.html`` (self-contained: figures inline, no network): final and
   best deltas with sd and n, each corpus's proxies beside its gain, and their Spearman rank
   correlation with what so few corpora can and cannot show;
@@ -29,6 +31,7 @@ from selftrain.analysis import figures
 from selftrain.analysis.curves import (
     FAMILIES,
     base_values,
+    by_generation,
     common_tags,
     curves,
     family_tags,
@@ -187,6 +190,7 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         threshold=threshold if isinstance(threshold, (int, float)) else None,
         figures=[], notes=notes, titles=_titles(tags), heading=heading or "",
         proxies_given=bool(proxy_dirs),
+        generations=by_generation(pd.concat([finals[f] for f in FAMILIES], ignore_index=True)),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
@@ -224,6 +228,9 @@ def _draw(folder: Path, table: pd.DataFrame, found: Findings, proxy_dirs: list
             drawn.append(figures.curve_figure(
                 curve, chosen, style, folder / file, title, found.titles,
                 {t: ylabel(t) for t in chosen}, base_line=base, caption=caption))
+    if not found.generations.empty:
+        drawn.append(figures.generation_figure(found.generations, found.titles,
+                                               folder / "generations.png"))
     if proxy_dirs:
         if any(item.summary.get("benchmarks") for item in proxy_dirs):
             drawn.append(figures.similarity_figure(proxy_dirs, folder / "similarity.png"))
