@@ -14,7 +14,9 @@ the stages above it in this list (``tests/test_layout.py`` reads every import to
 - ``callbacks``: Lightning callbacks that evaluate the student every epoch (the files live in
   the repository's top-level ``callbacks/`` folder and are installed as this subpackage);
 - ``analysis``: reading runs back (TensorBoard scalars) for reports;
-- the top, ``cli`` and ``trainer_cli``: the only modules that see every stage.
+- the top, ``cli``, ``trainer_cli`` and ``sweep`` (a grid of runs as ordinary ``selftrain``
+  commands, which parses fit commands with ``trainer_cli``): the only modules that see every
+  stage.
 """
 
 from __future__ import annotations
