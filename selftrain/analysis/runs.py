@@ -87,8 +87,10 @@ class Run:
 
     @property
     def corpus(self) -> Path | None:
-        """``data.corpus`` resolved (a relative path against the working dir); of a list of
-        corpora (``mode: accumulate`` of a sweep), the last, which is the newest."""
+        """``data.corpus`` resolved (a relative path against the working dir).
+
+        Of a list of corpora (``mode: accumulate`` of a sweep), the last: the newest.
+        """
         value = self.get("data.corpus")
         value = value[-1] if isinstance(value, list) and value else value
         return Path(os.path.realpath(value)) if isinstance(value, str) and value else None

@@ -57,7 +57,7 @@ def flag_value(value: Any) -> str:
 
 
 def as_flags(flags: dict[str, Any]) -> list[str]:
-    """``{a: 1, b.c: [x]}`` -> ``["--a", "1", "--b.c", "[\"x\"]"]``; None values are left out."""
+    """``{a: 1, b.c: [x]}`` -> ``--a 1 --b.c '["x"]'`` as argv; None values are left out."""
     argv: list[str] = []
     for name, value in flags.items():
         if value is not None:

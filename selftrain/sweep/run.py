@@ -28,15 +28,14 @@ from pathlib import Path
 
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.io import write_json_atomic, write_text_atomic
-from selftrain.sweep.grid import (Decontamination, Grid, Proxies, Replay, Source,
-                                  check_grid)
+from selftrain.sweep.grid import Decontamination, Grid, Proxies, Replay, Source, check_grid
 from selftrain.sweep.plan import Step, digests, expand
 from selftrain.sweep.slurm import write_slurm
 
 log = logging.getLogger(__name__)
 
 STATE = ".sweep"
-"""Under ``out``: ``done/<step>.json`` per finished step, ``logs/``, ``commands.sh``, ``summary.json``."""
+"""Under ``out``: ``done/<step>.json`` per finished step, ``commands.sh``, ``summary.json``."""
 
 
 def sweep(
