@@ -23,8 +23,11 @@ Choices worth knowing:
 
 - **Metric names.** lm-eval keys are ``<metric>,<filter>``: filter ``none`` gives the bare
   metric (``acc``), any other filter ``<metric>_<filter>`` (``exact_match_strict-match``);
-  stderr entries, ``alias`` and counts are skipped. Group rows that lm-eval aggregates (e.g.
-  ``mmlu``) are logged beside their subtasks, under the group's name.
+  ``alias`` and counts are skipped. Standard errors, where lm-eval computes them (only with
+  ``bootstrap_iters`` > 0, and never for perplexities or bits per byte), are logged as
+  ``benchmark_stderr/<task>/<metric>``, without deltas; the results JSON has them all. Group
+  rows that lm-eval aggregates (e.g. ``mmlu``) are logged beside their subtasks, under the
+  group's name.
 - **Reproducible few-shot.** Each task (or group / tag, as listed in ``tasks``) is evaluated
   on its own after re-seeding python, numpy, torch and the few-shot sampler with ``seed``, so
   every epoch sees the same prompts, whatever else is listed and however many ranks run. The
@@ -69,6 +72,7 @@ from selftrain.callbacks.benchmark_results import (
     gather_parts,
     merge_results,
     metric_scores,
+    stderr_metrics,
     write_results,
 )
 from selftrain.callbacks.epoch_eval import EpochEvaluation, training_ends
@@ -104,7 +108,9 @@ class BenchmarkEval(EpochEvaluation):
             their config, e.g. HumanEval); sets ``HF_ALLOW_CODE_EVAL=1``. Use a sandbox.
         seed: seed of python, numpy, torch and the few-shot sampler for every evaluation, so
             every epoch sees the same few-shot prompts.
-        bootstrap_iters: lm-eval bootstrap iterations for stderrs (0: no stderrs, fastest).
+        bootstrap_iters: lm-eval bootstrap iterations for stderrs (0: no stderrs, fastest); any
+            value > 0 gives closed-form stderrs of means (``acc``, ``exact_match``) at no cost,
+            logged as ``benchmark_stderr/<task>/<metric>``.
         max_length: context length given to lm-eval; None: the model config's.
         fast_generation: run greedy generation tasks on selftrain's prompted, slot-refilling
             decoder (:class:`selftrain.probes.fast_generation.FastHFLM`) instead of HFLM's
@@ -327,6 +333,7 @@ class BenchmarkEval(EpochEvaluation):
         if epoch == 0:
             self._base = dict(scores)
         metrics = benchmark_metrics(scores, self._base, epoch, self.flag("tasks"))
+        metrics.update(stderr_metrics(results["results"]))
         if trainer.is_global_zero:
             self._write(trainer, pl_module, epoch, results, evaluated)
         return metrics

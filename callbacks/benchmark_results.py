@@ -2,13 +2,14 @@
 
 lm-eval returns one nested results dict per evaluated task; the callback evaluates tasks one at
 a time and splits them over ranks, so this module gathers the parts from every rank, merges
-them back into one dict, turns its rows into flat ``<task>/<metric>`` scores, computes the
-deltas from the base model's scores, and writes the merged results (no per-sample logs) as one
-JSON file per evaluation.
+them back into one dict, turns its rows into flat ``<task>/<metric>`` scores (and standard
+errors, where lm-eval gives them), computes the deltas from the base model's scores, and writes
+the merged results (no per-sample logs) as one JSON file per evaluation.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,30 @@ def metric_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             name = metric if filter_name == "none" else f"{metric}_{filter_name}"
             scores[f"{task}/{name}"] = float(value)
     return scores
+
+
+def stderr_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``benchmark_stderr/<task>/<metric>`` -> standard error, for the scores that have one.
+
+    lm-eval writes ``<metric>_stderr,<filter>`` beside each metric: a number only when
+    ``bootstrap_iters`` > 0 and the metric's aggregation has a standard error (closed form for
+    means such as ``acc`` and ``exact_match``, bootstrapped for a few others), else ``"N/A"``,
+    which is left out here, as is anything not finite. Perplexities, ``bits_per_byte`` and
+    ``brier_score`` never have one. Names follow :func:`metric_scores` (``acc_stderr,none`` ->
+    ``<task>/acc``); stderrs get no deltas.
+    """
+    stderrs = {}
+    for task, row in results.items():
+        for key, value in row.items():
+            metric, comma, filter_name = key.partition(",")
+            if (not comma or not metric.endswith("_stderr") or isinstance(value, bool)
+                    or not isinstance(value, (int, float, np.number))
+                    or not math.isfinite(value)):
+                continue
+            metric = metric[:-len("_stderr")]
+            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            stderrs[f"benchmark_stderr/{task}/{name}"] = float(value)
+    return stderrs
 
 
 def benchmark_metrics(scores: dict[str, float], base: dict[str, float] | None, epoch: int,
