@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo repro-mini test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# the paper's grid in miniature on real models (about 45 min on 2 cores): docs/repro-mini/
+repro-mini: install
+	$(BIN)/python scripts/repro_mini.py
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

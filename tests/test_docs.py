@@ -39,7 +39,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 """The pages checked; CHANGELOG.md is history and may show what no longer exists."""
 
 SUBCOMMANDS = ("fit", "validate", "test", "generate", "decontaminate", "replay", "probeset",
-               "plant", "proxies", "evaluate", "report")
+               "plant", "proxies", "evaluate", "report", "sweep")
 """Every subcommand of ``selftrain``; ``test`` alone is allowed to go without an example."""
 
 REPO_DIRS = ("selftrain", "callbacks", "configs", "scripts", "tests", "docs")

@@ -29,7 +29,8 @@ from selftrain.errors import SelftrainError
 from selftrain.sweep.plan import Step, digests
 from selftrain.sweep.run import STATE, run_here, sweep
 
-SWEEPS = REPO / "configs" / "sweeps"
+SWEEPS = REPO / "configs" / "sweep"
+REFERENCE = SWEEPS / "shared" / "reference.yaml"
 REFERENCE_GRIDS = ["qwen_self", "llama_self", "llama_on_qwen", "qwen_cross_source",
                    "pythia_self"]
 
@@ -55,9 +56,9 @@ def parses(command: list[str]) -> None:
 
 @pytest.mark.parametrize("name", REFERENCE_GRIDS)
 def test_every_reference_grid_expands_into_commands_that_parse(name):
-    commands = dry_run(SWEEPS / "reference.yaml", SWEEPS / f"{name}.yaml")
+    commands = dry_run(REFERENCE, SWEEPS / f"{name}.yaml")
     kinds = [c[1] for c in commands]
-    grid = {**yaml.safe_load((SWEEPS / "reference.yaml").read_text()),
+    grid = {**yaml.safe_load(REFERENCE.read_text()),
             **yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())}
     conditions = sum(len(s.get("temperatures", [1.0])) for s in grid["sources"].values())
     conditions += 1 if grid.get("replay") else 0
@@ -70,7 +71,7 @@ def test_every_reference_grid_expands_into_commands_that_parse(name):
     for command in commands:
         parses(command)
     header = (SWEEPS / f"{name}.yaml").read_text().splitlines()
-    assert any(line.startswith("# Command:") and f"sweeps/{name}.yaml" in line
+    assert any(line.startswith("# Command:") and f"sweep/{name}.yaml" in line
                for line in header)
 
 
@@ -133,6 +134,10 @@ def test_a_failed_step_stops_what_needs_it_and_nothing_else(tmp_path):
     summary = json.loads((out / STATE / "summary.json").read_text())
     assert (summary["failed"], summary["blocked"], summary["done"]) == (["bad"], ["fit"],
                                                                       ["other"])
+    # begun (and failed) with one command: another one for it would mix two runs' outputs
+    other = Step("bad", "generate", [*failing.argv, "--seed", "1"], output=failing.output)
+    with pytest.raises(SelftrainError, match="bad: ran with other inputs"):
+        run_here([other, blocked, fine], out, overwrite=False)
 
 
 def test_slurm_submission_chains_the_waves(tmp_path):

@@ -5,12 +5,13 @@ expands into ordinary ``selftrain`` commands (:mod:`selftrain.sweep.plan`). ``--
 prints them; ``--slurm DIR`` writes them as SLURM jobs (:mod:`selftrain.sweep.slurm`);
 otherwise they run here one after another, each as its own process.
 
-Reruns are safe. A step that finished records its digest (its command and its inputs'
-digests) in ``<out>/.sweep/done/``, and a rerun skips it. A step that did not finish runs again
-and resumes where its command can (``generate`` resumes its shards, ``fit`` resumes from
-``last.ckpt``). A finished step whose digest changed (the grid changed it or anything
-upstream) is refused before anything runs, unless ``--overwrite true``, which reruns it from
-scratch. A failed step stops the steps that need it and no others; the summary names them.
+Reruns are safe. A step records its digest (its command and its inputs' digests) in
+``<out>/.sweep/started/`` when it begins and in ``done/`` when it finishes; a rerun skips a
+finished step. A step that did not finish runs again and resumes where its command can
+(``generate`` resumes its shards, ``fit`` resumes from ``last.ckpt``). A step that began or
+finished with another digest (the grid changed it or anything upstream) is refused before
+anything runs, unless ``--overwrite true``, which reruns it from scratch. A failed step stops
+the steps that need it and no others; the summary names them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from selftrain.sweep.slurm import write_slurm
 log = logging.getLogger(__name__)
 
 STATE = ".sweep"
-"""Under ``out``: ``done/<step>.json`` per finished step, ``commands.sh``, ``summary.json``."""
+"""Under ``out``: ``started/``, ``done/`` (a record per step), ``commands.sh``, ``summary.json``."""
 
 
 def sweep(
@@ -164,10 +165,13 @@ def run_here(steps: list[Step], out: Path, overwrite: bool) -> Outcome:
     state = out / STATE
     current = digests(steps)
     finished = {step.id: _record(state, step) for step in steps}
-    changed = [s for s in steps if finished[s.id] and finished[s.id]["digest"] != current[s.id]]
+    started = {step.id: _record(state, step, "started") for step in steps}
+    changed = [s for s in steps
+               if (finished[s.id] or started[s.id] or {}).get("digest", current[s.id])
+               != current[s.id]]
     if changed and not overwrite:
         first = changed[0]
-        raise SelftrainError(f"{first.id}: finished with other inputs than the grid now gives "
+        raise SelftrainError(f"{first.id}: ran with other inputs than the grid now gives "
                              f"({len(changed)} step(s) changed, e.g. {first.output}); pass "
                              "--overwrite true to rerun them, or write to a new out")
     state.mkdir(parents=True, exist_ok=True)
@@ -187,6 +191,8 @@ def run_here(steps: list[Step], out: Path, overwrite: bool) -> Outcome:
             continue
         argv = step.argv + _resume_flags(step, restart=step in changed)
         log.info("%s: %s", prefix, " ".join(argv))
+        write_json_atomic({"id": step.id, "digest": current[step.id]},
+                          _record_path(state, step, "started"))
         began = time.perf_counter()
         try:
             code = subprocess.run([sys.executable, "-m", "selftrain", *argv[1:]]).returncode
@@ -232,12 +238,13 @@ def _resume_flags(step: Step, restart: bool) -> list[str]:
     return []
 
 
-def _record_path(state: Path, step: Step) -> Path:
-    return state / "done" / (step.id.replace("/", "__") + ".json")
+def _record_path(state: Path, step: Step, kind: str = "done") -> Path:
+    """Where a step's record lives: ``done/`` once it finished, ``started/`` once it began."""
+    return state / kind / (step.id.replace("/", "__") + ".json")
 
 
-def _record(state: Path, step: Step) -> dict | None:
-    path = _record_path(state, step)
+def _record(state: Path, step: Step, kind: str = "done") -> dict | None:
+    path = _record_path(state, step, kind)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -1,0 +1,141 @@
+"""`make repro-mini`: the paper's grid in miniature, on real models, on a CPU, in one command.
+
+1. builds the student as the demo does: canary windows of license text and Python source
+   (``selftrain probeset``) planted into the embedded SmolLM2-135M (``selftrain plant``);
+2. writes the replay's real text: the Python documentation ``help()`` shows
+   (``pydoc_data.topics``), without the topics the ``selftrain_bpb_pydoc`` task holds out;
+3. runs the grid ``configs/sweep/repro_mini.yaml`` with ``selftrain sweep``: self (two
+   temperatures), same lineage, cross family and token-matched replay, K disjoint subsets each,
+   every callback every epoch, proxies, the report;
+4. copies what a reader needs into ``docs/repro-mini/`` as the run wrote it: the report's
+   ``summary.md`` and figures, the grid file, the commands and the wall time of every stage.
+
+Rerunning resumes: a finished stage is skipped (the sweep's records; the planted model).
+Flags: ``--out DIR`` (default runs/repro-mini; the grid's paths assume it), ``--publish DIR``
+(default docs/repro-mini; ``""`` skips the copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = "configs/sweep/repro_mini.yaml"
+HELD_OUT = REPO / "configs/tasks/selftrain_large/selftrain_bpb_pydoc.jsonl"
+"""Documentation the benchmark holds out: its topics never enter the replay."""
+
+
+def write_replay_text(path: Path, max_chars: int = 1500) -> int:
+    """The replay's documents: pydoc topics not held out, cut at whole lines; how many.
+
+    Args:
+        path: the jsonl to write (``text`` per row).
+        max_chars: longest document; a longer topic becomes several.
+    """
+    from pydoc_data.topics import topics
+
+    held_out = {json.loads(line)["source"] for line in HELD_OUT.read_text().splitlines()}
+    rows = []
+    for name in sorted(topics):
+        if f"pydoc_data.topics[{name!r}]" in held_out:
+            continue
+        chunk = ""
+        for line in topics[name].splitlines(keepends=True):
+            if chunk and len(chunk) + len(line) > max_chars:
+                rows.append(chunk)
+                chunk = ""
+            chunk += line
+        if chunk.strip():
+            rows.append(chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": text, "source": "pydoc_data.topics"}) + "\n"
+                            for text in rows))
+    return len(rows)
+
+
+def run(command: list[str]) -> float:
+    """Run one command from the repository root; its wall time in seconds."""
+    print("$ " + shlex.join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/repro-mini")
+    parser.add_argument("--publish", default="docs/repro-mini")
+    args = parser.parse_args()
+    out = REPO / args.out
+    selftrain = [sys.executable, "-m", "selftrain"]
+    stages: dict[str, float] = {}
+    commands: list[list[str]] = []
+    planted = out / "planted"
+    start = time.perf_counter()
+    if not (planted / "plant.json").is_file():
+        for name, command in (
+                ("probeset", [*selftrain, "probeset", "--config",
+                              "configs/probeset/smollm2_canaries.yaml",
+                              "--out", str(out / "canaries.parquet")]),
+                ("plant", [*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
+                           "--canaries", str(out / "canaries.parquet"), "--out", str(planted)])):
+            commands.append(command)
+            stages[name] = run(command)
+    documents = write_replay_text(out / "replay_text.jsonl")
+    print(f"replay text: {documents} documents -> {out / 'replay_text.jsonl'}", flush=True)
+    sweep = [*selftrain, "sweep", "--config", GRID]
+    commands.append(sweep)
+    stages["sweep"] = run(sweep)
+    total = time.perf_counter() - start
+    if args.publish:
+        publish(out, REPO / args.publish, stages, total, commands)
+
+
+def publish(out: Path, target: Path, stages: dict[str, float], total: float,
+            commands: list[list[str]]) -> None:
+    """Copy the report and the run's record into ``target``, replacing what was there."""
+    record = json.loads((out / ".sweep" / "summary.json").read_text())
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(out / "report" / "figures", target / "figures")
+    shutil.copy(out / "report" / "summary.md", target / "summary.md")
+    shutil.copy(out / "report" / "scalars.csv", target / "scalars.csv")
+    shutil.copy(REPO / GRID, target / "grid.yaml")
+    shutil.copy(out / ".sweep" / "commands.sh", target / "commands.sh")
+    seconds = record.get("seconds", {})
+    by_kind: dict[str, float] = {}
+    for step, value in seconds.items():
+        by_kind[step.split("/")[0]] = by_kind.get(step.split("/")[0], 0.0) + (value or 0.0)
+    lines = ["# Mini reproduction: how it was run", "",
+             "Written by `scripts/repro_mini.py` (`make repro-mini`) at the end of the run; "
+             "nothing here is edited by hand.", "",
+             f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+             f"Python {platform.python_version()}",
+             f"- wall time: {total:.0f} s in all", "", "## Commands", "", "```"]
+    lines += [shlex.join(["python", "-m", *c[2:]]) if c[:1] == [sys.executable] else
+              shlex.join(c) for c in commands]
+    lines += ["```", "", "The sweep's own commands, in order: `commands.sh`.", "",
+              "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {value:.0f} |" for name, value in stages.items()]
+    lines += ["", "Inside the sweep, by kind of step (a step skipped because an earlier run "
+              "finished it keeps that run's time):", "", "| step kind | steps | seconds |",
+              "|---|---|---|"]
+    for kind, value in by_kind.items():
+        count = sum(1 for step in seconds if step.split("/")[0] == kind)
+        lines.append(f"| {kind} | {count} | {value:.0f} |")
+    lines += ["", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {value:.0f} |" for step, value in seconds.items()]
+    (target / "run.md").write_text("\n".join(lines) + "\n")
+    print(f"published -> {target}")
+
+
+if __name__ == "__main__":
+    main()
