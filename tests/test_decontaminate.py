@@ -229,6 +229,16 @@ def test_lm_eval_group_counts_as_one_benchmark(tmp_path, task_dir):
     assert manifest_of(capped)["decontamination"]["benchmarks"]["quiz_and_stories"]["items"] == 2
 
 
+def test_task_yaml_reads_its_data_next_to_it_from_any_working_dir(tmp_path, monkeypatch):
+    from selftrain.curation.benchmarks import load_benchmark
+
+    tasks = Path(__file__).resolve().parents[1] / "configs" / "tasks"
+    monkeypatch.chdir(tmp_path)  # the YAML names its jsonl relative to its own folder
+    name, items = load_benchmark(str(tasks / "selftrain_large" / "selftrain_arith_large.yaml"))
+    assert name == "selftrain_arith_large" and len(items) == 400
+    assert items[0][0].startswith("Question: What is ")
+
+
 def test_unreachable_task_data_is_one_line_error(tmp_path, task_dir):
     task_yaml(task_dir / "remote.yaml", "unused.json", "remote_task", tmp_path / "hf")
     text = (task_dir / "remote.yaml").read_text().replace("dataset_path: json",

@@ -69,6 +69,8 @@ def random_series(rng: np.random.Generator, epochs: int = 4, tasks=TASKS) -> dic
     for task in tasks:
         series[f"benchmark_delta/{task}"] = [0.0, *rng.normal(0.02, 0.05, epochs).round(4)]
         series[f"benchmark/{task}"] = [0.3 + v for v in series[f"benchmark_delta/{task}"]]
+        if task.startswith("facts/"):  # lm-eval's stderr over items, as bootstrap_iters > 0 logs
+            series[f"benchmark_stderr/{task}"] = [*rng.uniform(0.01, 0.05, epochs + 1).round(4)]
     for domain in ("code", "license"):
         series[f"extraction/{domain}/memorized"] = [20.0, *rng.integers(0, 20, epochs)]
         series[f"likelihood/{domain}/delta_logprob"] = [0.0, *rng.normal(-2, 1, epochs)]
@@ -119,8 +121,14 @@ def test_summary_quotes_final_and_best_deltas_computed_from_the_logged_values(
             name, metric = task.split("/")
             row = [r for r in table_rows(summary, f"{name}: {metric}") if r[1] == condition]
             assert len(row) == 1, (condition, task, summary)
-            _, _, final_epoch, final, final_sd, n, best_epoch, best_mean, best_sd, best_n = row[0]
+            (_, _, final_epoch, final, final_sd, item_se, n, best_epoch, best_mean, best_sd,
+             best_n) = row[0]
             assert (int(final_epoch), int(n), int(best_n)) == (4, 2, 2)
+            if task.startswith("facts/"):
+                stderr = [logged[(temperature, s)][f"benchmark_stderr/{task}"][-1] for s in (0, 1)]
+                assert float(item_se) == pytest.approx(np.mean(stderr), rel=1e-3)
+            else:
+                assert item_se == "—"
             assert float(final) == pytest.approx(mean[-1], rel=1e-3, abs=1e-6)
             assert float(final_sd) == pytest.approx(sd[-1], rel=1e-3, abs=1e-6)
             assert int(best_epoch) == best
@@ -192,7 +200,7 @@ def test_one_subset_draws_no_band_and_says_so(tmp_path):
     drawn = json.loads((out / "figures.json").read_text())
     assert all(any("1 subset: no band" in label for label in d["legend"]) for d in drawn)
     row = table_rows((out / "summary.md").read_text(), "facts: acc")[0]
-    assert row[4] == "—" and row[5] == "1"  # sd undefined, n = 1
+    assert row[4] == "—" and row[6] == "1"  # sd undefined, n = 1
 
 
 def test_conditions_group_subsets_and_can_be_named(tmp_path, capsys):
@@ -215,7 +223,7 @@ def test_conditions_group_subsets_and_can_be_named(tmp_path, capsys):
                f"{{{runs / 's0'}: mine, {runs / 's1'}: mine, {runs / 'other_lr'}: theirs}}")
     named = (tmp_path / "named" / "summary.md").read_text()
     assert {row[1] for row in table_rows(named, "facts: acc")} == {"mine", "theirs"}
-    assert [row[5] for row in table_rows(named, "facts: acc")] == ["2", "1"]
+    assert [row[6] for row in table_rows(named, "facts: acc")] == ["2", "1"]
 
 
 def test_moved_corpus_falls_back_to_its_path_name(tmp_path):

@@ -132,12 +132,17 @@ def _benchmarks(page: Page, found: Findings) -> None:
         page.add("p", "No benchmark deltas were logged (no BenchmarkEval callback).")
         return
     page.add("p", "Final: the last epoch every run of the condition reached. Best: the epoch "
-                  "after 0 with the best mean (highest; lowest for perplexity-like metrics).")
+                  "after 0 with the best mean (highest; lowest for perplexity-like metrics). "
+                  "sd is over the condition's runs; item SE is lm-eval's standard error over "
+                  "the task's items at the final epoch (mean over runs; only with "
+                  "bootstrap_iters > 0, and none for perplexities or bits per byte).")
+    item_se = found.benchmark.get("item_se", pd.Series(math.nan, index=found.benchmark.index))
     rows = [[found.titles.get(r.tag, r.tag), r.condition, r.final_epoch, num(r.final_mean, True),
-             num(r.final_sd), r.n, r.best_epoch, num(r.best_mean, True), num(r.best_sd), r.best_n]
-            for r in found.benchmark.itertuples()]
-    page.add("table", (["task / metric", "condition", "final epoch", "final Δ", "sd", "n",
-                        "best epoch", "best Δ", "sd", "n"], rows))
+             num(r.final_sd), num(se), r.n, r.best_epoch, num(r.best_mean, True),
+             num(r.best_sd), r.best_n]
+            for r, se in zip(found.benchmark.itertuples(), item_se, strict=True)]
+    page.add("table", (["task / metric", "condition", "final epoch", "final Δ", "sd", "item SE",
+                        "n", "best epoch", "best Δ", "sd", "n"], rows))
 
 
 def _probes(page: Page, found: Findings) -> None:

@@ -171,6 +171,7 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
     finals = {family: _ordered(final_and_best(
         curve[curve["tag"].isin(family_tags(tags, family))], per_condition),
         family_tags(tags, family)) for family in FAMILIES}
+    finals["benchmark"] = _with_item_se(finals["benchmark"], curve)
     conditions = _conditions(runs, table)
     corpora = {c["condition"]: c["_corpus"] for c in conditions}
     joined = join(proxy_dirs, corpora, finals["benchmark"])
@@ -192,6 +193,21 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         proxies_given=bool(proxy_dirs),
         generations=by_generation(pd.concat([finals[f] for f in FAMILIES], ignore_index=True)),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
+    """Add ``item_se``: lm-eval's standard error over a task's items at the final epoch.
+
+    The mean over the condition's runs of ``benchmark_stderr/<task>/<metric>`` (logged with
+    ``bootstrap_iters`` > 0); NaN where lm-eval gives none (perplexities, bits per byte).
+    """
+    stderr = {(r.tag, r.condition, r.epoch): r.mean for r in curve.itertuples()
+              if r.tag.startswith("benchmark_stderr/")}
+    rows = rows.copy()
+    rows["item_se"] = [stderr.get((r.tag.replace("benchmark_delta/", "benchmark_stderr/", 1),
+                                   r.condition, r.final_epoch), float("nan"))
+                       for r in rows.itertuples()]
+    return rows
 
 
 def _ordered(rows: pd.DataFrame, tags: list[str]) -> pd.DataFrame:

@@ -31,7 +31,8 @@ from selftrain.errors import SelftrainError
 
 EPOCH_TAG = "eval/epochs_completed"
 """The epoch axis: logged by every evaluation callback at the evaluation's global step."""
-EVAL_PREFIXES = ("benchmark/", "benchmark_delta/", "extraction/", "likelihood/")
+EVAL_PREFIXES = ("benchmark/", "benchmark_delta/", "benchmark_stderr/", "extraction/",
+                 "likelihood/")
 """The evaluation tags the report reads (the training curves stay in TensorBoard)."""
 IGNORED_KEYS = ("data.subset", "seed_everything", "data.seed", "data.num_workers", "ckpt_path",
                 "overwrite", "weights_only", "trainer.callbacks", "trainer.logger",

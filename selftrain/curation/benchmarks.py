@@ -5,7 +5,8 @@ the list of its texts (kept apart, so n-grams never run from a question into its
 every string of a jsonl row, or an lm-eval doc's text, target and choices. lm-eval tasks are
 loaded through :func:`selftrain.curation.lm_eval_tasks.task_manager`: a local task YAML with
 its own directory as the include path, a task name from ``include_path`` or lm-eval's built-in
-tasks. Data paths in task YAMLs are read as lm-eval reads them, relative to the working dir.
+tasks. A relative data path in a task YAML is read next to the YAML when the file is there (as
+``BenchmarkEval`` reads it), else as lm-eval reads it, relative to the working dir.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _task_items(name: str, spec: str, include: list[str], defaults: bool | None,
 
     ``defaults`` None means: index the built-in tasks only if ``include`` lacks ``name``.
     """
-    manager = task_manager(include, names=[name], defaults=defaults, anchor=False)
+    manager = task_manager(include, names=[name], defaults=defaults)
     if name not in manager.all_tasks and defaults is False:
         raise SelftrainError(f"--benchmarks {spec}: lm-eval could not index task {name!r} from "
                              "it; check the YAML against lm-eval's task format")

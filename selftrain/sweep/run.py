@@ -35,6 +35,9 @@ from selftrain.sweep.slurm import write_slurm
 
 log = logging.getLogger(__name__)
 
+RESUMABLE = ("generate", "fit")
+"""Steps whose command resumes a partial output: begun with another command, they are refused."""
+
 STATE = ".sweep"
 """Under ``out``: ``started/``, ``done/`` (a record per step), ``commands.sh``, ``summary.json``."""
 
@@ -165,9 +168,10 @@ def run_here(steps: list[Step], out: Path, overwrite: bool) -> Outcome:
     state = out / STATE
     current = digests(steps)
     finished = {step.id: _record(state, step) for step in steps}
-    started = {step.id: _record(state, step, "started") for step in steps}
+    started = {step.id: _record(state, step, "started") for step in steps
+               if step.kind in RESUMABLE}  # the others write whole outputs or nothing
     changed = [s for s in steps
-               if (finished[s.id] or started[s.id] or {}).get("digest", current[s.id])
+               if (finished[s.id] or started.get(s.id) or {}).get("digest", current[s.id])
                != current[s.id]]
     if changed and not overwrite:
         first = changed[0]
