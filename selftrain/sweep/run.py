@@ -8,9 +8,10 @@ otherwise they run here one after another, each as its own process.
 Reruns are safe. A step records its digest (its command and its inputs' digests) in
 ``<out>/.sweep/started/`` when it begins and in ``done/`` when it finishes; a rerun skips a
 finished step. A step that did not finish runs again and resumes where its command can
-(``generate`` resumes its shards, ``fit`` resumes from ``last.ckpt``). A step that began or
-finished with another digest (the grid changed it or anything upstream) is refused before
-anything runs, unless ``--overwrite true``, which reruns it from scratch. A failed step stops
+(``generate`` resumes its shards, ``fit`` resumes from ``last.ckpt``). A step that finished, or
+a ``generate`` or ``fit`` that began, with another digest (the grid changed it or anything
+upstream) is refused before anything runs, unless ``--overwrite true``, which reruns it from
+scratch. A failed step stops
 the steps that need it and no others; the summary names them.
 """
 
