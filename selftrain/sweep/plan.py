@@ -16,6 +16,7 @@ Layout under ``out``: ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from selftrain.errors import SelftrainError
+from selftrain.sampling.generate import generate
 from selftrain.sweep.grid import Grid, condition_name
 
 
@@ -143,26 +145,26 @@ def expand(grid: Grid) -> list[Step]:
                               str(target)))
             proxy_dirs.append((str(target), step_id))
     runs: list[tuple[str, str, str]] = []  # (run dir, fit step, report condition)
-    previous: dict[tuple[str, int], str] = {}  # (condition, subset) -> fit step of last gen
-    chains: dict[tuple[str, int], list[str]] = {}  # corpora so far (accumulate)
+    previous: dict[tuple[str, int], Step] = {}  # (condition, subset) -> last generation's fit
+    chains: dict[tuple[str, int], list[tuple[str, str]]] = {}  # (corpus, producer) so far
+    extra = _fit_flags(grid)
     for condition, (corpus, producer) in {**training, **replayed, **split}.items():
         for k in range(grid.num_subsets):
             run = out / "runs" / "g1" / condition / f"s{k}"
-            subset = (["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
-                      if grid.num_subsets > 1 else [])
-            step = _fit(grid, f"fit/g1/{condition}/s{k}", corpus, subset, run, [producer])
+            step = _fit(grid, extra, f"fit/g1/{condition}/s{k}", corpus, _subset_flags(grid, k),
+                        run, [producer])
             steps.append(step)
             runs.append((str(run), step.id, condition))
             if condition in training:
-                previous[condition, k] = step.id
-                chains[condition, k] = [corpus]
+                previous[condition, k] = step
+                chains[condition, k] = [(corpus, producer)]
     if grid.generations > 1:
         epoch = final_epoch(grid)
         per_student = _per_subset(grid)
     for g in range(2, grid.generations + 1):
-        for (condition, k), fit_id in list(previous.items()):
+        for (condition, k), fit in list(previous.items()):
             source, t = conditions[condition]
-            student = Path(_step(steps, fit_id).output) / "hf" / f"epoch={epoch}"
+            student = Path(fit.output) / "hf" / f"epoch={epoch}"
             parent = out / "corpora" / f"g{g}" / condition / f"s{k}"
             flags = {**grid.generate, **grid.sources[source].generate,
                      "num_samples": per_student, "num_subsets": 1}
@@ -171,28 +173,38 @@ def expand(grid: Grid) -> list[Step]:
             steps.append(Step(gen_id, "generate",
                               ["selftrain", "generate", "--model", str(student), "--out",
                                str(parent), "--temperature", json.dumps([float(t)]),
-                               *as_flags(flags)], [fit_id], str(parent)))
-            corpus, producer = _clean(grid, steps, str(parent / f"t{float(t)}"), gen_id,
-                                      f"g{g}/{condition}/s{k}")
-            chains[condition, k] = [*chains[condition, k], corpus]
-            data = chains[condition, k] if grid.mode == "accumulate" else [corpus]
-            subset = (["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
-                      if grid.mode == "accumulate" and grid.num_subsets > 1 else [])
+                               *as_flags(flags)], [fit.id], str(parent)))
+            newest = _clean(grid, steps, str(parent / f"t{float(t)}"), gen_id,
+                            f"g{g}/{condition}/s{k}")
+            chains[condition, k] = [*chains[condition, k], newest]
+            data = chains[condition, k] if grid.mode == "accumulate" else [newest]
+            subset = _subset_flags(grid, k) if grid.mode == "accumulate" else []
             run = out / "runs" / f"g{g}" / condition / f"s{k}"
-            needs = [producer, *(s for s in _producers(steps, data) if s != producer)]
-            step = _fit(grid, f"fit/g{g}/{condition}/s{k}",
-                        data[0] if len(data) == 1 else data, subset, run, needs)
+            corpora = [corpus for corpus, _ in data]
+            step = _fit(grid, extra, f"fit/g{g}/{condition}/s{k}",
+                        corpora[0] if len(corpora) == 1 else corpora, subset, run,
+                        list(dict.fromkeys([newest[1], *(producer for _, producer in data)])))
             steps.append(step)
             runs.append((str(run), step.id, f"{condition}@g{g}"))
-            previous[condition, k] = step.id
+            previous[condition, k] = step
     steps.append(_report(grid, runs, proxy_dirs))
     _check_unique_outputs(steps)
     return steps
 
 
+def _subset_flags(grid: Grid, k: int) -> list[str]:
+    """``--data.subset k --data.num_subsets K`` when the corpora come in K > 1 subsets."""
+    if grid.num_subsets == 1:
+        return []
+    return ["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
+
+
+_GENERATE_DEFAULT_SAMPLES = inspect.signature(generate).parameters["num_samples"].default
+
+
 def _per_subset(grid: Grid) -> int:
     """Samples per student in generations >= 2: generation 1's subset size."""
-    total = grid.generate.get("num_samples", 1000)
+    total = grid.generate.get("num_samples", _GENERATE_DEFAULT_SAMPLES)
     for source in grid.sources.values():
         total = min(total, source.generate.get("num_samples", total))
     return max(1, total // grid.num_subsets)
@@ -213,13 +225,17 @@ def _clean(grid: Grid, steps: list[Step], corpus: str, producer: str, name: str
     return target, step_id
 
 
-def _fit(grid: Grid, step_id: str, corpus: str | list[str], subset: list[str], run: Path,
-         needs: list[str]) -> Step:
+def _fit_flags(grid: Grid) -> dict[str, Any]:
+    """The grid's extra fit flags; with generations, a last export the next one samples from."""
     extra = dict(grid.fit)
     if grid.generations > 1 and "model.export_hf" not in extra:
-        export = ((_fit_config(grid).get("model") or {}).get("export_hf"))
-        if export == "never":
-            extra["model.export_hf"] = "last"  # the next generation samples from it
+        if (_fit_config(grid).get("model") or {}).get("export_hf") == "never":
+            extra["model.export_hf"] = "last"
+    return extra
+
+
+def _fit(grid: Grid, extra: dict[str, Any], step_id: str, corpus: str | list[str],
+         subset: list[str], run: Path, needs: list[str]) -> Step:
     data = corpus if isinstance(corpus, str) else json.dumps(corpus)
     argv = ["selftrain", "fit", "--config", grid.fit_config, "--model.model", grid.student,
             "--data.corpus", data, *subset, "--trainer.default_root_dir", str(run),
@@ -239,21 +255,6 @@ def _report(grid: Grid, runs: list[tuple[str, str, str]], proxies: list[tuple[st
         argv += ["--note", grid.note]
     needs = [fit for _, fit, _ in runs] + [step for _, step in proxies]
     return Step("report", "report", [*argv, "--overwrite", "true"], needs, target)
-
-
-def _step(steps: list[Step], step_id: str) -> Step:
-    return next(step for step in steps if step.id == step_id)
-
-
-def _producers(steps: list[Step], corpora: list[str]) -> list[str]:
-    """The steps that write the given corpora (a corpus under a step's output dir)."""
-    found = []
-    for corpus in corpora:
-        for step in steps:
-            if step.kind != "fit" and step.output and (
-                    corpus == step.output or corpus.startswith(step.output + "/")):
-                found.append(step.id)
-    return found
 
 
 def _check_unique_outputs(steps: list[Step]) -> None:
