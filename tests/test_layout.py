@@ -23,7 +23,8 @@ import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
-STAGES = ["core", "sampling", "curation", "training", "probes", "callbacks", "analysis", "top"]
+STAGES = ["core", "sampling", "curation", "synthesis", "training", "probes", "callbacks",
+          "analysis", "top"]
 """Lowest first; a module may import its own stage and the ones before it."""
 TOP_MODULES = {"cli", "trainer_cli", "__main__", "sweep"}
 

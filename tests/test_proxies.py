@@ -18,11 +18,11 @@ import pytest
 import torch
 from helpers import DEBUG_CORPUS, fit, manifest_of, write_jsonl
 
-from selftrain.analysis.embedding import BUNDLED_NAMES, resolve_embedding_model
 from selftrain.analysis.proxies import QUANTILES, proxies, stats
 from selftrain.analysis.student_nll import token_budget_batches
 from selftrain.cli import main
 from selftrain.corpus import CorpusWriter, read_corpus
+from selftrain.embedding import BUNDLED_NAMES, resolve_embedding_model
 from selftrain.models import load_model, load_tokenizer
 
 QUIZ = [{"question": "Which planet in our solar system is known as the red planet?",

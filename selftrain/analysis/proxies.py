@@ -5,7 +5,7 @@ helps the student, and finds that it does not. This command measures the two pro
 corpus dir so they can be set beside the realised gains:
 
 - **benchmark proximity**: per sample, the largest cosine similarity of its sentence embedding
-  (all-MiniLM-L6-v2 by default, :mod:`selftrain.analysis.embedding`) to the items of each
+  (all-MiniLM-L6-v2 by default, :mod:`selftrain.embedding`) to the items of each
   benchmark (read as ``selftrain decontaminate`` reads them; an item's texts joined by
   newlines), and the largest over all benchmarks;
 - **student NLL**: per sample, the mean per-token NLL under a student, fed the ids the data
@@ -33,16 +33,16 @@ from tqdm.auto import tqdm
 
 from selftrain import __version__
 from selftrain.analysis.corpus_chunks import ChunkedCorpus, open_corpus
-from selftrain.analysis.embedding import (
+from selftrain.analysis.proximity_split import SPLIT_SIDES, split_record, write_split
+from selftrain.analysis.student_nll import PRECISIONS, StudentNll
+from selftrain.curation.benchmarks import load_benchmark
+from selftrain.embedding import (
     DEFAULT_EMBEDDING_MODEL,
     embed,
     load_embedder,
     max_similarity,
     resolve_embedding_model,
 )
-from selftrain.analysis.proximity_split import SPLIT_SIDES, split_record, write_split
-from selftrain.analysis.student_nll import PRECISIONS, StudentNll
-from selftrain.curation.benchmarks import load_benchmark
 from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from selftrain.models import parse_model_spec

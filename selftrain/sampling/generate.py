@@ -215,17 +215,17 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
     if action == "done":
         log.info("%s is already complete with these settings; nothing to do", corpus.out)
         return corpus.out
-    mine = _claim_shards(corpus, action, rank, world)
+    mine = claim_shards(corpus, action, rank, world)
     tokens, samples, seconds = _fill_shards(corpus, sampler, tokenizer, mine,
                                             manifest["num_subsets"], source_name, rank)
     tokens_all, samples_all = sum_over_ranks([tokens, samples], world)
     barrier(world)
     if rank != 0:
         return None
-    return _finish(corpus, manifest, seconds, world, samples_all, tokens_all)
+    return finish_corpus(corpus, manifest, seconds, world, samples_all, tokens_all)
 
 
-def _claim_shards(corpus: ShardedCorpus, action: str, rank: int, world: int) -> list[int]:
+def claim_shards(corpus: ShardedCorpus, action: str, rank: int, world: int) -> list[int]:
     """Start (or resume) the dir on rank 0, then give each rank its share of the missing shards.
 
     Args:
@@ -291,7 +291,7 @@ def _row(sample: Sample, bos_token_id: int, tokenizer, num_subsets: int,
             "source": source_name}
 
 
-def _finish(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: float, world: int,
+def finish_corpus(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: float, world: int,
             samples: int, tokens: int) -> Path:
     """Write the manifest with this run's timing (rank 0, once every rank is done).
 

@@ -63,9 +63,11 @@ class ShardedCorpus:
         spec: everything that determines the samples (model, sampling, seed, counts, ...).
         num_samples: total ids, ``0 .. num_samples - 1``.
         shard_size: ids per shard.
+        schema: the rows' parquet schema (the corpus schema; SBP adds ``seed_id``).
     """
 
-    def __init__(self, out: Path, spec: dict[str, Any], num_samples: int, shard_size: int):
+    def __init__(self, out: Path, spec: dict[str, Any], num_samples: int, shard_size: int,
+                 schema: pa.Schema = SCHEMA):
         self.out = Path(out)
         self.target = self.out
         """Where the corpus lives once complete; ``out`` is a sibling while replacing one."""
@@ -73,6 +75,7 @@ class ShardedCorpus:
         self.num_samples = num_samples
         self.shard_size = shard_size
         self.num_shards = -(-num_samples // shard_size)
+        self.schema = schema
 
     # -- state of the dir ----------------------------------------------------------------------
 
@@ -201,8 +204,8 @@ class ShardedCorpus:
         rows = sorted(rows, key=lambda row: row["id"])
         if [row["id"] for row in rows] != list(self.shard_ids(index)):
             raise RuntimeError(f"shard {index} got ids that are not exactly its range")
-        table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names}
-                                      for row in rows], schema=SCHEMA)
+        table = pa.Table.from_pylist([{name: row.get(name) for name in self.schema.names}
+                                      for row in rows], schema=self.schema)
         write_parquet_atomic(table, self.shard_path(index))
 
     def finish(self, manifest: dict[str, Any]) -> Path:

@@ -5,5 +5,5 @@ settings against the machine (``checks``) and its HF export (``export``); the co
 (``data``) with the corpus rows as the student's ids (``rows``), its batch sampler and padding
 (``batching``) or padding-free packing (``packing``); the FSDP strategy (``fsdp``) and atomic
 checkpoint writes (``checkpoint_io``).
-May import: the core, ``sampling`` and ``curation``.
+May import: the core, ``sampling``, ``curation`` and ``synthesis`` (the pair layout).
 """

@@ -105,8 +105,11 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
                 ) -> dict[str, torch.Tensor]:
     """Right-pad rows of ``input_ids``; labels are -100 on padding so loss sees real tokens only.
 
+    A row with ``loss_from`` p (a synthesizer's ``d1 SEP d2`` row) also has labels -100 before
+    position p, so only its tokens from p on are trained on.
+
     Args:
-        rows: dicts with an ``input_ids`` list.
+        rows: dicts with an ``input_ids`` list (and optionally ``loss_from``).
         pad_id: id written into padding positions (masked out anyway).
         pad_to_multiple_of: round the padded length up to this multiple.
     """
@@ -119,6 +122,8 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
         input_ids[i, : len(ids)] = ids
         attention_mask[i, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for i, row in enumerate(rows):
+        labels[i, : row.get("loss_from", 0)] = -100
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

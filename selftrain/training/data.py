@@ -7,6 +7,12 @@ with the student's BOS). Batching is in :mod:`selftrain.training.batching`: dete
 epoch, rank-aware, resumable mid-epoch. With ``packing`` each batch's rows go end to end into
 one row (:mod:`selftrain.training.packing`) instead of being padded; the batches themselves are
 the same.
+
+Two more layouts serve Synthetic Bootstrapped Pretraining. A pairs dir (``selftrain pairs``)
+as the corpus trains a synthesizer: each pair is one ``BOS d1 SEP d2 EOS`` row with the loss on
+d2 only (:mod:`selftrain.synthesis.layout`). Several corpora with ``mixture_weights`` are mixed
+by token share at a token budget (:mod:`selftrain.training.mixture`): real and synthetic data
+together, or the real data alone repeated as the baseline.
 """
 
 from __future__ import annotations
@@ -27,9 +33,19 @@ from selftrain.models import (
     load_tokenizer,
     pad_token_id,
     parse_model_spec,
+    resolve_bos_id,
     tokenizer_fingerprint,
 )
+from selftrain.synthesis.layout import (
+    DEFAULT_SEPARATOR,
+    d1_budget,
+    is_pairs_dir,
+    pair_row,
+    read_pairs,
+    separator_ids,
+)
 from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
+from selftrain.training.mixture import check_weights, mixture_plan
 from selftrain.training.packing import pack_collate, packing_support
 from selftrain.training.rows import retokenize, reuse_ids, select_subset, stored_ids
 
@@ -49,7 +65,8 @@ class CorpusDataModule(L.LightningDataModule):
             or a list of them, trained on together (their rows concatenated), as
             ``selftrain sweep`` does in ``mode: accumulate``. In a list, ``subset`` selects
             in each corpus except those sampled for one student (``num_subsets: 1`` in their
-            manifest), which are taken whole.
+            manifest), which are taken whole. A pairs dir (``selftrain pairs``) trains an SBP
+            synthesizer: ``BOS d1 SEP d2 EOS`` rows, loss on d2 only.
         tokenizer: the student's model spec; under ``selftrain fit`` it is linked to
             ``--model.model`` and set for you.
         max_length: longest training sequence in tokens, BOS included; longer rows are cut.
@@ -78,6 +95,15 @@ class CorpusDataModule(L.LightningDataModule):
             the per-epoch ``val/loss`` during ``fit``; None trains without one.
         revision: hub revision of the student's tokenizer; under ``selftrain fit`` linked to
             ``--model.revision``.
+        pair_separator: text between d1 and d2 in the rows of a pairs dir; must encode to at
+            least one token and decode back to itself. Recorded in every export, where
+            ``selftrain synthesize`` reads it.
+        mixture_weights: one weight per corpus of ``corpus``: corpus j gets the share
+            w_j / sum(w) of an epoch's tokens (rows repeated only where its share asks for
+            more than it has). None concatenates the corpora as they are.
+        mixture_tokens: an epoch's tokens under ``mixture_weights``; None takes the largest
+            budget that repeats no corpus. ``corpus: [real]``, ``mixture_weights: [1]`` and the
+            token count of an SBP mixture is its repetition baseline.
     """
 
     def __init__(
@@ -99,6 +125,9 @@ class CorpusDataModule(L.LightningDataModule):
         eval_corpus: str | None = None,
         packing: bool = False,
         revision: str | None = None,
+        pair_separator: str = DEFAULT_SEPARATOR,
+        mixture_weights: list[float] | None = None,
+        mixture_tokens: int | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(locals())
@@ -111,6 +140,10 @@ class CorpusDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._fingerprint: str | None = None
         self._packing: tuple[int, bool] | None = None  # (id of the student checked, packs)
+        self.pair_layout: dict[str, Any] | None = None
+        self.mixture: list[dict[str, Any]] = []
+        """Per corpus, its weight, share, tokens and passes when mixed by weight."""
+        """The separator and d1 budget when a pairs dir is trained on (recorded in exports)."""
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning hook: :meth:`load` (a no-op when the CLI already loaded the corpus)."""
@@ -129,12 +162,13 @@ class CorpusDataModule(L.LightningDataModule):
                                          flag=STUDENT_FLAG)
         check_token_id(hp.bos_token_id, len(self._tokenizer), "--data.bos_token_id")
         corpora = hp.corpus if isinstance(hp.corpus, list) else [hp.corpus]
-        self.rows, reuse, selected = [], True, 0
+        per_corpus, reuse, selected = [], True, 0
         for path in corpora:
             rows, reused, count = self._prepare(path, "--data.corpus", use_subset=True,
                                                 in_list=len(corpora) > 1)
-            self.rows += rows
+            per_corpus.append(rows)
             reuse, selected = reuse and reused, selected + count
+        self.rows = self._mix(per_corpus)
         if hp.eval_corpus is not None:
             self.eval_rows, _, _ = self._prepare(hp.eval_corpus, "--data.eval_corpus",
                                                  use_subset=False)
@@ -145,7 +179,9 @@ class CorpusDataModule(L.LightningDataModule):
                       "tokens": tokens, "retokenized": not reuse,
                       "batches_per_epoch": len(sampler), "packing": hp.packing,
                       "padded_real_token_fraction": padded_fraction,
-                      "real_token_fraction": 1.0 if hp.packing else padded_fraction}
+                      "real_token_fraction": 1.0 if hp.packing else padded_fraction,
+                      **({"mixture": self.mixture} if self.mixture else {}),
+                      **({"pair_layout": self.pair_layout} if self.pair_layout else {})}
         layout = ("packed into one row per batch (no padding)" if hp.packing
                   else f"real-token fraction {padded_fraction:.3f}")
         rank_zero_info(
@@ -158,10 +194,33 @@ class CorpusDataModule(L.LightningDataModule):
                            f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
                            "sort the epoch) to pad less")
 
+    def _mix(self, per_corpus: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The epoch's rows: the corpora concatenated, or mixed by ``mixture_weights``."""
+        hp = self.hparams
+        self.mixture = []
+        if hp.mixture_weights is None:
+            return [row for rows in per_corpus for row in rows]
+        lengths = [[len(row["input_ids"]) for row in rows] for rows in per_corpus]
+        taken, self.mixture = mixture_plan(lengths, hp.mixture_weights, hp.mixture_tokens,
+                                           hp.seed)
+        corpora = hp.corpus if isinstance(hp.corpus, list) else [hp.corpus]
+        for record, path in zip(self.mixture, corpora, strict=True):
+            record["corpus"] = str(path)
+            rank_zero_info(f"CorpusDataModule: mixture takes {record['tokens']:,} tokens "
+                           f"({record['share']:.1%} target) from {path}, "
+                           f"{record['passes']:.2f} passes over its rows")
+        for j, rows in enumerate(per_corpus):
+            for row in rows:
+                row["corpus"] = j  # which corpus a row came from (collation ignores it)
+        return [rows[i] for rows, chosen in zip(per_corpus, taken, strict=True) for i in chosen]
+
     def _prepare(self, path: str, flag: str, use_subset: bool, in_list: bool = False
                  ) -> tuple[list[dict[str, Any]], bool, int]:
         """Rows of one corpus for the student: (rows, source ids reused, rows selected)."""
         hp = self.hparams
+        if is_pairs_dir(path):
+            rows = self._pair_rows(path, flag)
+            return rows, False, len(rows)
         corpus = read_corpus(path, flag=flag)
         if in_list and (corpus.manifest or {}).get("num_subsets") == 1:
             use_subset = False  # sampled for one student: all of it is that student's
@@ -180,6 +239,29 @@ class CorpusDataModule(L.LightningDataModule):
                                  f"selection (subset={hp.subset}); check the corpus")
         _refuse_mostly_empty(len(keep) - len(rows), len(keep), path, flag)
         return rows, reuse, len(keep)
+
+    def _pair_rows(self, path: str, flag: str) -> list[dict[str, Any]]:
+        """A pairs dir as synthesizer rows: ``BOS d1 SEP d2 EOS``, trained on from d2 on."""
+        hp = self.hparams
+        if hp.subset is not None:
+            raise SelftrainError(f"--data.subset {hp.subset}: {flag} {path} is a pairs dir, "
+                                 "which has no subsets; train the synthesizer on all its pairs")
+        tokenizer = self._tokenizer
+        separator = separator_ids(tokenizer, hp.pair_separator, "--data.pair_separator")
+        budget = d1_budget(hp.max_length, len(separator))
+        if budget < 1 or hp.max_length - 1 - len(separator) - budget < 1:
+            raise SelftrainError(f"--data.max_length {hp.max_length}: leaves no room for d1 and "
+                                 f"d2 beside BOS and the {len(separator)}-token separator; raise "
+                                 "it")
+        columns, _ = read_pairs(path, flag)
+        bos_id, _ = resolve_bos_id(tokenizer, None, hp.bos_token_id)
+        d1 = tokenizer(columns["d1_text"], add_special_tokens=False)["input_ids"]
+        d2 = tokenizer(columns["d2_text"], add_special_tokens=False)["input_ids"]
+        self.pair_layout = {"separator": hp.pair_separator, "separator_ids": separator,
+                            "max_d1_tokens": budget, "max_length": hp.max_length,
+                            "bos_token_id": bos_id}
+        return [pair_row(first, second, separator, bos_id, tokenizer.eos_token_id,
+                         hp.max_length) for first, second in zip(d1, d2, strict=True)]
 
     def _student_fingerprint(self) -> str:
         """The student's tokenizer fingerprint, computed once per run (not once per corpus)."""
@@ -313,6 +395,14 @@ def _check_arguments(arguments: dict[str, Any]) -> None:
     corpora = a["corpus"] if isinstance(a["corpus"], list) else [a["corpus"]]
     if not corpora:
         raise SelftrainError("--data.corpus []: give at least one corpus")
+    if a["mixture_weights"] is not None:
+        check_weights(a["mixture_weights"], len(corpora), "--data.mixture_weights")
+    if a["mixture_tokens"] is not None:
+        if a["mixture_weights"] is None:
+            raise SelftrainError(f"--data.mixture_tokens {a['mixture_tokens']}: a token budget "
+                                 "needs --data.mixture_weights (one weight per corpus)")
+        if a["mixture_tokens"] < 1:
+            raise SelftrainError(f"--data.mixture_tokens {a['mixture_tokens']}: must be >= 1")
     for corpus in corpora:
         if not Path(corpus).exists():
             raise SelftrainError(f"--data.corpus {corpus}: no such file or directory; run "

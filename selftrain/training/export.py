@@ -17,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from selftrain.io import atomic_dir, write_json_atomic
+from selftrain.models import EXPORT_INFO
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
-EXPORT_INFO = "selftrain_export.json"
-"""File in each export naming the student, the epoch and the global step."""
+__all__ = ["EXPORT_INFO", "export_dir", "export_student", "save_hf"]
 
 
 def export_dir(trainer: L.Trainer, epoch: int) -> Path:

@@ -304,4 +304,7 @@ class StudentLM(L.LightningModule):
         """
         self._exported_step = self.global_step
         info = {"student": self.hparams.model, "epoch": epoch, "global_step": self.global_step}
+        layout = getattr(self.trainer.datamodule, "pair_layout", None)
+        if layout:  # an SBP synthesizer: `selftrain synthesize` prompts with the same layout
+            info["pair_layout"] = layout
         return export_student(self.trainer, self.model, self.tokenizer, info, epoch)

@@ -43,17 +43,21 @@ def pack_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Concatenate rows of ``input_ids`` into one row, documents kept apart by position ids.
 
     Args:
-        rows: dicts with an ``input_ids`` list (the rows a padded batch would hold).
+        rows: dicts with an ``input_ids`` list (the rows a padded batch would hold), and
+            optionally ``loss_from`` (as :func:`selftrain.training.batching.pad_collate`).
 
     Returns:
         ``input_ids``, ``position_ids`` (0..len-1 per document) and ``labels`` (the ids, with
         -100 at every document's first token, so no document is trained to predict the next
-        one's BOS), each of shape ``1 x sum(lengths)``; no ``attention_mask``.
+        one's BOS, and before a row's ``loss_from``), each of shape ``1 x sum(lengths)``; no
+        ``attention_mask``.
     """
     ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
     input_ids = torch.cat(ids).unsqueeze(0)
     position_ids = torch.cat([torch.arange(len(row)) for row in ids]).unsqueeze(0)
-    labels = input_ids.masked_fill(position_ids == 0, -100)
+    first_target = torch.cat([torch.full((len(tokens),), max(row.get("loss_from", 1), 1))
+                              for row, tokens in zip(rows, ids, strict=True)]).unsqueeze(0)
+    labels = input_ids.masked_fill(position_ids < first_target, -100)
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 

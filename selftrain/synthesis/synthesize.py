@@ -1,0 +1,261 @@
+"""`selftrain synthesize`: one new document per seed document, from an SBP synthesizer.
+
+The synthesizer is a causal LM trained with ``selftrain fit`` on a pairs dir (its export
+records the separator and the d1 budget it was trained with). Sample i draws its seed document
+uniformly from the seed corpus with its own stream (``--seed``, i), is prompted with
+``BOS d1 SEP`` exactly as the synthesizer was trained (:func:`selftrain.synthesis.layout.
+prompt_ids`) and continues until EOS or ``--max_new_tokens`` through the prompted decoder, whose
+draws depend only on (``--seed``, i, step). So sample i depends on nothing but the synthesizer,
+the seeds, the settings and i: not on the batch, the ranks or where a run was resumed.
+
+The output is an ordinary corpus dir (``kind: sbp``), filled shard by shard like ``selftrain
+generate`` (:class:`selftrain.sampling.shards.ShardedCorpus`): rerunning a killed command
+resumes it, ``torchrun`` splits the shards over ranks, and each row holds the new document
+alone (``BOS d2 EOS`` as ``input_ids``, d2 as ``text``) with the id of its seed (``seed_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from selftrain.corpus import SCHEMA, check_seed, provenance, read_corpus
+from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
+from selftrain.models import (
+    as_dtype,
+    export_info,
+    load_model,
+    load_tokenizer,
+    parse_model_spec,
+    resolve_bos_id,
+)
+from selftrain.outputs import refuse_input_overlap
+from selftrain.sampling.generate import claim_shards, finish_corpus
+from selftrain.sampling.prompted import Prompt, PromptedDecoder
+from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
+from selftrain.sampling.shards import ShardedCorpus
+from selftrain.synthesis.layout import prompt_ids, separator_ids
+
+log = logging.getLogger(__name__)
+
+SYNTHESIZER_VERSION = "sbp-prompted/1"
+"""Bump when a change here changes what a given (seed, id) synthesizes."""
+SBP_SCHEMA = SCHEMA.append(pa.field("seed_id", pa.int64()))
+FLAG_KEYS = ("synthesizer", "seeds", "num_samples", "max_new_tokens", "temperature", "top_p",
+             "top_k", "seed", "num_subsets", "shard_size", "dtype", "version")
+"""Spec keys known from the flags alone (checked before the synthesizer loads)."""
+
+
+def synthesize(
+    synthesizer: str,
+    seeds: str,
+    out: str,
+    num_samples: int = 1000,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    num_subsets: int = 1,
+    shard_size: int = 10_000,
+    separator: str | None = None,
+    max_d1_tokens: int | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Write one synthetic document per sample, each conditioned on a uniformly drawn seed.
+
+    Rerunning the same command resumes an interrupted run; under ``torchrun`` each rank
+    synthesizes its own shards and rank 0 writes the manifest at the end.
+
+    Args:
+        synthesizer: the synthesizer's model spec, typically an export of a ``selftrain fit``
+            on a pairs dir (``<run>/hf/epoch=N``), whose record gives the separator and d1
+            budget.
+        seeds: the real corpus the seed documents (d1) are drawn from: a corpus dir, or a
+            .jsonl / .parquet / .txt file. Its ``id`` column (else the row number) is each
+            row's ``seed_id``.
+        out: corpus dir to write.
+        num_samples: synthetic documents to write (seeds are drawn with replacement).
+        max_new_tokens: length cap of each synthetic document, EOS included.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus mass; 1.0 turns it off.
+        top_k: keep the k most likely tokens; 0 turns it off.
+        batch_size: prompts decoded together; a finished row takes the next prompt at once.
+        seed: base seed (0..2**63-1): sample i's seed document and tokens come from (seed, i).
+        num_subsets: K disjoint subsets (row i gets subset i mod K), one student per subset.
+        shard_size: rows per parquet shard, the unit of resuming and of splitting over ranks.
+        separator: text between d1 and d2; None takes the one the synthesizer's export
+            records (an export without one needs it given).
+        max_d1_tokens: d1 is cut to this many tokens; None takes the export's.
+        dtype: float32, bfloat16 or float16 for the synthesizer's weights.
+        device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
+        overwrite: replace an existing corpus written with other settings.
+
+    Returns:
+        The corpus dir.
+    """
+    _validate(synthesizer, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
+              seed, num_subsets, shard_size, max_d1_tokens, dtype, device)
+    layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
+    separator = layout.get("separator") if separator is None else separator
+    max_d1_tokens = layout.get("max_d1_tokens") if max_d1_tokens is None else max_d1_tokens
+    if separator is None or max_d1_tokens is None:
+        missing = "--separator" if separator is None else "--max_d1_tokens"
+        raise SelftrainError(f"{missing}: --synthesizer {synthesizer} records no pair layout "
+                             "(it is not an export of `selftrain fit` on a pairs dir); give "
+                             f"{missing} as the synthesizer was trained")
+    target = Path(out)
+    refuse_input_overlap(target, [("--synthesizer", synthesizer), ("--seeds", seeds)])
+    seed_ids, seed_texts = _seed_documents(seeds)
+    flags = {"synthesizer": synthesizer, "seeds": str(Path(seeds).resolve()),
+             "seed_documents": len(seed_texts), "num_samples": num_samples,
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+             "top_k": top_k, "seed": seed, "num_subsets": num_subsets,
+             "shard_size": shard_size, "separator": separator,
+             "max_d1_tokens": max_d1_tokens, "dtype": dtype, "version": SYNTHESIZER_VERSION}
+    ShardedCorpus(target, flags, num_samples, shard_size).check(overwrite, compare=FLAG_KEYS)
+
+    torch_device = pick_device(device)
+    rank, world = init_distributed(torch_device)
+    tokenizer = load_tokenizer(synthesizer, flag="--synthesizer")
+    sep_ids = separator_ids(tokenizer, separator, "--separator")
+    model = load_model(synthesizer, dtype=dtype, flag="--synthesizer").to(torch_device).eval()
+    bos_id, bos_source = resolve_bos_id(tokenizer, model.config, layout.get("bos_token_id"))
+    eos_id = tokenizer.eos_token_id
+    record = provenance(tokenizer, synthesizer, bos_id, bos_source, eos_id,
+                        source_config=model.config)
+    spec = {**flags, "revision": record["source"]["revision"],
+            "tokenizer_fingerprint": record["tokenizer"]["fingerprint"], "bos_token_id": bos_id}
+    corpus = ShardedCorpus(target, spec, num_samples, shard_size, schema=SBP_SCHEMA)
+    action = corpus.check(overwrite)
+    if action == "replace":
+        action = corpus.stage_replacement()
+    barrier(world)
+    if action == "done":
+        log.info("%s is already complete with these settings; nothing to do", corpus.out)
+        return corpus.out
+    decoder = PromptedDecoder(model, eos_id, batch_size, temperature=temperature, seed=seed,
+                              top_k=top_k, top_p=top_p, vocab_size=len(tokenizer),
+                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    choice = _seed_choice(seed, len(seed_texts))
+    mine = claim_shards(corpus, action, rank, world)
+    try:
+        tokens, samples, seconds = _fill(corpus, decoder, tokenizer, mine, choice, seed_ids,
+                                         seed_texts, sep_ids, bos_id, max_d1_tokens,
+                                         max_new_tokens, num_subsets, synthesizer, rank)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
+                          "shards; rerun the same command to resume") from interrupt
+    tokens_all, samples_all = sum_over_ranks([tokens, samples], world)
+    barrier(world)
+    if rank != 0:
+        return corpus.out
+    manifest = {"kind": "sbp", **record, "seed": seed, "num_subsets": num_subsets,
+                "decontamination": None,
+                "seeds": {"corpus": str(seeds), "documents": len(seed_texts),
+                          "draw": "uniform with replacement, seed document of sample i from "
+                                  "(seed, i)"},
+                "pair_layout": {"separator": separator, "max_d1_tokens": max_d1_tokens},
+                "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                             "max_new_tokens": max_new_tokens, "dtype": dtype,
+                             "sampler": SYNTHESIZER_VERSION}}
+    return finish_corpus(corpus, manifest, seconds, world, samples_all, tokens_all)
+
+
+def _seed_choice(seed: int, documents: int):
+    """Sample i -> the row of its seed document, drawn uniformly from (seed, i) alone."""
+    def choose(i: int) -> int:
+        return int(np.random.default_rng([seed, i]).integers(documents))
+    return choose
+
+
+def _seed_documents(seeds: str) -> tuple[list[int], list[str]]:
+    """The seed corpus's ids and non-empty texts."""
+    corpus = read_corpus(seeds, flag="--seeds")
+    if "text" not in corpus.columns:
+        raise SelftrainError(f"--seeds {seeds}: has no 'text' column; seeds are documents")
+    stored = corpus.columns.get("id")
+    ids, texts = [], []
+    for row, text in enumerate(corpus.columns["text"]):
+        if text and text.strip():
+            ids.append(int(stored[row]) if stored is not None and stored[row] is not None
+                       else row)
+            texts.append(text)
+    if not texts:
+        raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
+    return ids, texts
+
+
+def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int],
+          choose, seed_ids: list[int], seed_texts: list[str], sep_ids: list[int], bos_id: int,
+          max_d1_tokens: int, max_new_tokens: int, num_subsets: int, source: str,
+          rank: int) -> tuple[int, int, float]:
+    """Synthesize every id of the given shards, writing each shard once it is complete.
+
+    Returns:
+        (tokens synthesized, samples, seconds) on this rank.
+    """
+    ids = [i for k in shards for i in corpus.shard_ids(k)]
+    rows_of = {i: choose(i) for i in ids}
+    needed = sorted(set(rows_of.values()))
+    encoded = dict(zip(needed, tokenizer([seed_texts[r] for r in needed],
+                                         add_special_tokens=False)["input_ids"], strict=True))
+    prompts = [Prompt(id=i, tokens=prompt_ids(encoded[rows_of[i]], sep_ids, bos_id,
+                                              max_d1_tokens), max_new_tokens=max_new_tokens)
+               for i in ids]
+    pending: dict[int, list[dict[str, Any]]] = {k: [] for k in shards}
+    tokens = 0
+    start = time.perf_counter()
+    with tqdm(total=len(ids), unit="doc", desc="synthesize", disable=rank != 0,
+              dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        for done in decoder.generate(prompts):
+            finished = done.reason == "eos"
+            body = done.tokens[:-1] if finished else done.tokens
+            input_ids = [bos_id, *done.tokens]
+            shard = done.id // corpus.shard_size
+            pending[shard].append({
+                "id": done.id, "input_ids": input_ids, "num_tokens": len(input_ids),
+                "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
+                "subset": done.id % num_subsets, "source": source,
+                "seed_id": seed_ids[rows_of[done.id]]})
+            if len(pending[shard]) == len(corpus.shard_ids(shard)):
+                corpus.write_shard(shard, pending.pop(shard))
+            tokens += len(done.tokens)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+    return tokens, len(ids), time.perf_counter() - start
+
+
+def _validate(synthesizer: str, num_samples: int, max_new_tokens: int, temperature: float,
+              top_p: float, top_k: int, batch_size: int, seed: int, num_subsets: int,
+              shard_size: int, max_d1_tokens: int | None, dtype: str, device: str) -> None:
+    """Refuse bad flags before anything is loaded or written (see :func:`synthesize`)."""
+    parse_model_spec(synthesizer, flag="--synthesizer")
+    check_seed(seed, "--seed")
+    as_dtype(dtype, "--dtype")
+    pick_device(device)
+    checks = [
+        (num_samples > 0, "--num_samples", num_samples, "must be > 0"),
+        (max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "must be >= 1"),
+        (math.isfinite(temperature) and temperature > 0, "--temperature", temperature,
+         "must be > 0"),
+        (0 < top_p <= 1, "--top_p", top_p, "must be in (0, 1]; 1 turns it off"),
+        (top_k >= 0, "--top_k", top_k, "must be >= 0; 0 turns it off"),
+        (batch_size >= 1, "--batch_size", batch_size, "must be >= 1"),
+        (num_subsets >= 1, "--num_subsets", num_subsets, "must be >= 1"),
+        (shard_size >= 1, "--shard_size", shard_size, "must be >= 1"),
+        (max_d1_tokens is None or max_d1_tokens >= 1, "--max_d1_tokens", max_d1_tokens,
+         "must be >= 1"),
+    ]
+    refuse_first_failed((ok, f"{flag} {value}: {rule}") for ok, flag, value, rule in checks)
