@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo repro-mini test test-fast lint clean
+.PHONY: install demo repro-mini sbp-mini test test-fast lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 # the paper's grid in miniature on real models (about 80 min on 2 cores): docs/repro-mini/
 repro-mini: install
 	$(BIN)/python scripts/repro_mini.py
+
+# SBP against repetition and more unique real data, in miniature on a CPU: docs/sbp-mini/
+sbp-mini: install
+	$(BIN)/python scripts/sbp_mini.py
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -33,28 +33,38 @@ HELD_OUT = REPO / "configs/tasks/selftrain_large/selftrain_bpb_pydoc.jsonl"
 """Documentation the benchmark holds out: its topics never enter the replay."""
 
 
-def write_replay_text(path: Path, max_chars: int = 1500) -> int:
-    """The replay's documents: pydoc topics not held out, cut at whole lines; how many.
+def pydoc_documents(max_chars: int = 1500) -> list[tuple[str, str]]:
+    """(topic, text) of every pydoc topic not held out, cut at whole lines into documents.
 
     Args:
-        path: the jsonl to write (``text`` per row).
         max_chars: longest document; a longer topic becomes several.
     """
     from pydoc_data.topics import topics
 
     held_out = {json.loads(line)["source"] for line in HELD_OUT.read_text().splitlines()}
-    rows = []
+    documents = []
     for name in sorted(topics):
         if f"pydoc_data.topics[{name!r}]" in held_out:
             continue
         chunk = ""
         for line in topics[name].splitlines(keepends=True):
             if chunk and len(chunk) + len(line) > max_chars:
-                rows.append(chunk)
+                documents.append((name, chunk))
                 chunk = ""
             chunk += line
         if chunk.strip():
-            rows.append(chunk)
+            documents.append((name, chunk))
+    return documents
+
+
+def write_replay_text(path: Path, max_chars: int = 1500) -> int:
+    """The replay's documents: pydoc topics not held out (:func:`pydoc_documents`); how many.
+
+    Args:
+        path: the jsonl to write (``text`` per row).
+        max_chars: longest document; a longer topic becomes several.
+    """
+    rows = [text for _, text in pydoc_documents(max_chars)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": text, "source": "pydoc_data.topics"}) + "\n"
                             for text in rows))

@@ -1,7 +1,7 @@
 """The grid file of ``selftrain sweep``: what an experiment grid names, and its checks.
 
-A grid is sources x temperatures (plus an optional replay control and proximity split) x K
-disjoint subsets x generations, trained into one student with one fit config. These
+A grid is sources x temperatures (plus an optional replay control, proximity split and SBP
+conditions) x K disjoint subsets x generations, trained into one student with one fit config. These
 dataclasses are the parts of the grid that have parts of their own; jsonargparse builds them
 from the grid YAML (and flags), so a misspelt key is refused by the parser. :func:`check_grid`
 refuses what the types cannot (a temperature <= 0, an unknown model spec, a fit config that
@@ -86,6 +86,45 @@ class Proxies:
 
 
 @dataclass
+class Sbp:
+    """Synthetic Bootstrapped Pretraining on a real corpus, trained beside the BOS conditions.
+
+    Expands into ``selftrain pairs`` on the real corpus, a synthesizer ``selftrain fit`` on
+    the pairs, ``selftrain synthesize`` seeded from the real corpus, and per subset a student
+    on the mixture of real and synthetic text (condition ``sbp``) and, with ``repetition``,
+    one on the real corpus alone repeated to the same token budget (``sbp_repeat``) and, with
+    an ``oracle`` corpus, one on more unique real text at that budget (``sbp_oracle``).
+
+    Args:
+        corpus: the real corpus (a corpus dir, or a .jsonl / .parquet / .txt file): pairs
+            come from it, seeds are drawn from it, and it is each mixture's real share.
+        weights: [real, synthetic] token shares of the ``sbp`` mixture.
+        tokens: every SBP student's tokens per epoch (``--data.mixture_tokens``); needed by
+            the repetition baseline, which must match the mixture's budget.
+        repetition: also train the repetition baseline ``sbp_repeat``.
+        oracle: a larger real corpus (more unique documents), trained alone at the same
+            token budget as condition ``sbp_oracle``; None: no oracle.
+        synthesizer: the model the synthesizer starts from; None: the student.
+        synthesizer_config: the synthesizer's ``selftrain fit`` config; None: the grid's
+            ``fit_config``.
+        pairs: extra ``selftrain pairs`` flags, e.g. ``{threshold: 0.6, top_k: 2}``.
+        synthesizer_fit: extra ``selftrain fit`` flags of the synthesizer.
+        synthesize: extra ``selftrain synthesize`` flags, e.g. ``{num_samples: 2000}``.
+    """
+
+    corpus: str
+    weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    tokens: int | None = None
+    repetition: bool = True
+    oracle: str | None = None
+    synthesizer: str | None = None
+    synthesizer_config: str | None = None
+    pairs: dict[str, Any] = field(default_factory=dict)
+    synthesizer_fit: dict[str, Any] = field(default_factory=dict)
+    synthesize: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Grid:
     """A whole grid, as :func:`selftrain.sweep.sweep` received it (see its ``Args``)."""
 
@@ -99,6 +138,7 @@ class Grid:
     replay: Replay | None = None
     decontaminate: Decontamination | None = None
     proxies: Proxies | None = None
+    sbp: Sbp | None = None
     generations: int = 1
     mode: str = "replace"
     note: str | None = None
@@ -121,6 +161,8 @@ RESERVED_FLAGS = {
     "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "overwrite"),
     "fit": ("config", "model.model", "data.corpus", "data.subset", "data.num_subsets",
             "trainer.default_root_dir", "overwrite", "ckpt_path"),
+    "pairs": ("corpus", "out", "overwrite"),
+    "synthesize": ("synthesizer", "seeds", "out", "num_subsets", "overwrite"),
 }
 """Flags the sweep sets itself in each kind of step; a grid may not set them in ``flags``."""
 
@@ -131,9 +173,12 @@ def check_grid(grid: Grid) -> None:
     Args:
         grid: the parsed grid.
     """
-    if not grid.sources:
+    if not grid.sources and grid.sbp is None:
         raise SelftrainError("--sources: the grid names no source; give at least one, e.g. "
-                             "sources: {self: {model: <the student's spec>}}")
+                             "sources: {self: {model: <the student's spec>}}, or an sbp block")
+    if grid.replay is not None and not grid.sources:
+        raise SelftrainError("--replay: the replay control matches a BOS-sampled condition and "
+                             "the grid has none; add a source or remove replay")
     if grid.num_subsets < 1:
         raise SelftrainError(f"--num_subsets {grid.num_subsets}: must be >= 1 (K disjoint "
                              "subsets, one student each)")
@@ -168,9 +213,41 @@ def check_grid(grid: Grid) -> None:
         _check_flags(grid.decontaminate.flags, "decontaminate", "--decontaminate.flags")
     if grid.proxies is not None:
         _check_flags(grid.proxies.flags, "proxies", "--proxies.flags")
+    if grid.sbp is not None:
+        _check_sbp(grid.sbp)
     if not Path(grid.fit_config).is_file():
         raise SelftrainError(f"--fit_config {grid.fit_config}: no such file; give the "
                              "`selftrain fit` config every student trains with")
+
+
+def _check_sbp(sbp: Sbp) -> None:
+    """Refuse an SBP block that cannot expand (see :class:`Sbp`)."""
+    if not Path(sbp.corpus).exists():
+        raise SelftrainError(f"--sbp.corpus {sbp.corpus}: no such file or directory; give the "
+                             "real corpus (a corpus dir or a .jsonl / .parquet / .txt file)")
+    if len(sbp.weights) != 2 or not all(math.isfinite(w) and w >= 0 for w in sbp.weights) or (
+            not sum(sbp.weights) > 0):
+        raise SelftrainError(f"--sbp.weights {sbp.weights}: give [real, synthetic], two numbers "
+                             ">= 0 with a positive sum")
+    if sbp.tokens is not None and sbp.tokens < 1:
+        raise SelftrainError(f"--sbp.tokens {sbp.tokens}: must be >= 1")
+    if (sbp.repetition or sbp.oracle) and sbp.tokens is None:
+        raise SelftrainError("--sbp.tokens: the repetition and oracle baselines spend the "
+                             "mixture's token budget, so give it (tokens per student per "
+                             "epoch), or set repetition: false and no oracle")
+    if sbp.oracle is not None and not Path(sbp.oracle).exists():
+        raise SelftrainError(f"--sbp.oracle {sbp.oracle}: no such file or directory")
+    if sbp.synthesizer is not None:
+        parse_model_spec(sbp.synthesizer, "--sbp.synthesizer")
+    if sbp.synthesizer_config is not None and not Path(sbp.synthesizer_config).is_file():
+        raise SelftrainError(f"--sbp.synthesizer_config {sbp.synthesizer_config}: no such file")
+    _check_flags(sbp.pairs, "pairs", "--sbp.pairs")
+    _check_flags(sbp.synthesizer_fit, "fit", "--sbp.synthesizer_fit")
+    _check_flags(sbp.synthesize, "synthesize", "--sbp.synthesize")
+    for flag in ("data.mixture_weights", "data.mixture_tokens"):
+        if flag in sbp.synthesizer_fit:
+            raise SelftrainError(f"--sbp.synthesizer_fit.{flag}: the synthesizer trains on the "
+                                 "pairs alone; remove it")
 
 
 def _check_flags(flags: dict[str, Any], kind: str, key: str) -> None:

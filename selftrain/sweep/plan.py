@@ -7,10 +7,14 @@ replay control is matched to its (clean) synthetic corpus; proxies measure every
 first-generation training corpus (and optionally split it by proximity into two more
 conditions); one fit per condition x subset. Generation g+1 samples, for each condition and
 subset, from the final export of generation g's student, and trains a fresh student on it
-(``mode: replace``) or on the whole chain so far (``accumulate``). The report reads every run.
+(``mode: replace``) or on the whole chain so far (``accumulate``). With an ``sbp`` block,
+generation 0 finds pairs in the real corpus and trains the synthesizer on them; generation 1
+synthesizes from it and trains the ``sbp`` (real + synthetic) and ``sbp_repeat`` (real alone,
+same token budget) conditions. The report reads every run.
 
-Layout under ``out``: ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
-``runs/g<g>/<condition>/s<k>``, ``report/``, and ``.sweep/`` (what has finished).
+Layout under ``out``: ``pairs/``, ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
+``runs/g0/synthesizer``, ``runs/g<g>/<condition>/s<k>``, ``report/``, and ``.sweep/`` (what
+has finished).
 """
 
 from __future__ import annotations
@@ -67,28 +71,32 @@ def as_flags(flags: dict[str, Any]) -> list[str]:
     return argv
 
 
-def final_epoch(grid: Grid) -> int:
-    """The epoch of a student's last export: ``trainer.max_epochs`` of the fit (and grid)."""
-    epochs = grid.fit.get("trainer.max_epochs")
+def final_epoch(config: str, flags: dict[str, Any], key: str = "--fit_config") -> int:
+    """The epoch of a fit's last export: ``trainer.max_epochs`` of its flags, else its config.
+
+    Args:
+        config: the fit config's path.
+        flags: the grid's extra flags for that fit.
+        key: the grid key naming the config, for the error.
+    """
+    epochs = flags.get("trainer.max_epochs")
     if epochs is None:
-        config = _fit_config(grid)
-        epochs = (config.get("trainer") or {}).get("max_epochs")
+        epochs = (_fit_config(config, key).get("trainer") or {}).get("max_epochs")
     if not isinstance(epochs, int) or epochs < 1:
-        raise SelftrainError(f"--fit_config {grid.fit_config}: generations > 1 sample from each "
-                             "student's last export, so the fit needs trainer.max_epochs >= 1 "
-                             "(in the config or the grid's fit: {trainer.max_epochs: N})")
+        raise SelftrainError(f"{key} {config}: the next step samples from this fit's last "
+                             "export, so it needs trainer.max_epochs >= 1 (in the config or "
+                             "the grid's flags: {trainer.max_epochs: N})")
     return epochs
 
 
-def _fit_config(grid: Grid) -> dict[str, Any]:
+def _fit_config(path: str, key: str = "--fit_config") -> dict[str, Any]:
     try:
-        config = yaml.safe_load(Path(grid.fit_config).read_text())
+        config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise SelftrainError(f"--fit_config {grid.fit_config}: not readable YAML "
+        raise SelftrainError(f"{key} {path}: not readable YAML "
                              f"({str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
-        raise SelftrainError(f"--fit_config {grid.fit_config}: not a `selftrain fit` config "
-                             "(a YAML mapping)")
+        raise SelftrainError(f"{key} {path}: not a `selftrain fit` config (a YAML mapping)")
     return config
 
 
@@ -127,10 +135,11 @@ def expand(grid: Grid) -> list[Step]:
                                "--student", grid.student, *as_flags(grid.replay.flags),
                                "--overwrite", "true"], [producer], str(target)))
             replayed[f"replay_{match}"] = (str(target), f"replay/g1/{match}")
+    synthetic = _sbp_corpus(grid, steps) if grid.sbp is not None else {}
     split: dict[str, tuple[str, str]] = {}
     proxy_dirs: list[tuple[str, str]] = []
     if grid.proxies is not None:
-        for condition, (corpus, producer) in {**training, **replayed}.items():
+        for condition, (corpus, producer) in {**training, **replayed, **synthetic}.items():
             target = out / "proxies" / "g1" / condition
             argv = ["selftrain", "proxies", "--corpus", corpus, "--out", str(target),
                     "--benchmarks", json.dumps(grid.proxies.benchmarks),
@@ -158,8 +167,15 @@ def expand(grid: Grid) -> list[Step]:
             if condition in training:
                 previous[condition, k] = step
                 chains[condition, k] = [(corpus, producer)]
+    for condition, (corpora, needs, flags) in _sbp_conditions(grid, synthetic).items():
+        for k in range(grid.num_subsets):
+            run = out / "runs" / "g1" / condition / f"s{k}"
+            step = _fit(grid, {**extra, **flags}, f"fit/g1/{condition}/s{k}", corpora,
+                        _subset_flags(grid, k), run, needs)
+            steps.append(step)
+            runs.append((str(run), step.id, condition))
     if grid.generations > 1:
-        epoch = final_epoch(grid)
+        epoch = final_epoch(grid.fit_config, grid.fit)
         per_student = _per_subset(grid)
     for g in range(2, grid.generations + 1):
         for (condition, k), fit in list(previous.items()):
@@ -210,6 +226,52 @@ def _per_subset(grid: Grid) -> int:
     return max(1, total // grid.num_subsets)
 
 
+def _sbp_corpus(grid: Grid, steps: list[Step]) -> dict[str, tuple[str, str]]:
+    """Add pairs, the synthesizer's fit and synthesis; {"sbp": (synthetic corpus, step)}."""
+    sbp, out = grid.sbp, Path(grid.out)
+    assert sbp is not None
+    pairs = out / "pairs"
+    steps.append(Step("pairs/g0/sbp", "pairs",
+                      ["selftrain", "pairs", "--corpus", sbp.corpus, "--out", str(pairs),
+                       *as_flags(sbp.pairs), "--overwrite", "true"], output=str(pairs)))
+    config = sbp.synthesizer_config or grid.fit_config
+    key = "--sbp.synthesizer_config" if sbp.synthesizer_config else "--fit_config"
+    run = out / "runs" / "g0" / "synthesizer"
+    flags = dict(sbp.synthesizer_fit)
+    if (_fit_config(config, key).get("model") or {}).get("export_hf") == "never":
+        flags.setdefault("model.export_hf", "last")
+    steps.append(Step("fit/g0/synthesizer", "fit",
+                      ["selftrain", "fit", "--config", config, "--model.model",
+                       sbp.synthesizer or grid.student, "--data.corpus", str(pairs),
+                       "--trainer.default_root_dir", str(run), *as_flags(flags)],
+                      ["pairs/g0/sbp"], str(run)))
+    export = run / "hf" / f"epoch={final_epoch(config, sbp.synthesizer_fit, key)}"
+    corpus = out / "corpora" / "g1" / "sbp"
+    steps.append(Step("synthesize/g1/sbp", "synthesize",
+                      ["selftrain", "synthesize", "--synthesizer", str(export), "--seeds",
+                       sbp.corpus, "--out", str(corpus), "--num_subsets", str(grid.num_subsets),
+                       *as_flags(sbp.synthesize)], ["fit/g0/synthesizer"], str(corpus)))
+    return {"sbp": _clean(grid, steps, str(corpus), "synthesize/g1/sbp", "g1/sbp")}
+
+
+def _sbp_conditions(grid: Grid, synthetic: dict[str, tuple[str, str]]
+                    ) -> dict[str, tuple[str | list[str], list[str], dict[str, Any]]]:
+    """SBP condition -> (its corpora, the steps they need, its mixture flags)."""
+    if grid.sbp is None:
+        return {}
+    sbp = grid.sbp
+    corpus, producer = synthetic["sbp"]
+    found: dict[str, tuple[str | list[str], list[str], dict[str, Any]]] = {
+        "sbp": ([sbp.corpus, corpus], [producer],
+                {"data.mixture_weights": sbp.weights, "data.mixture_tokens": sbp.tokens})}
+    alone = {"data.mixture_weights": [1.0], "data.mixture_tokens": sbp.tokens}
+    if sbp.repetition:
+        found["sbp_repeat"] = ([sbp.corpus], [], alone)
+    if sbp.oracle is not None:
+        found["sbp_oracle"] = ([sbp.oracle], [], alone)
+    return found
+
+
 def _clean(grid: Grid, steps: list[Step], corpus: str, producer: str, name: str
            ) -> tuple[str, str]:
     """Add the decontamination of a corpus when the grid asks; the corpus to train on."""
@@ -229,7 +291,7 @@ def _fit_flags(grid: Grid) -> dict[str, Any]:
     """The grid's extra fit flags; with generations, a last export the next one samples from."""
     extra = dict(grid.fit)
     if grid.generations > 1 and "model.export_hf" not in extra:
-        if (_fit_config(grid).get("model") or {}).get("export_hf") == "never":
+        if (_fit_config(grid.fit_config).get("model") or {}).get("export_hf") == "never":
             extra["model.export_hf"] = "last"
     return extra
 

@@ -30,13 +30,21 @@ from pathlib import Path
 
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.io import write_json_atomic, write_text_atomic
-from selftrain.sweep.grid import Decontamination, Grid, Proxies, Replay, Source, check_grid
+from selftrain.sweep.grid import (
+    Decontamination,
+    Grid,
+    Proxies,
+    Replay,
+    Sbp,
+    Source,
+    check_grid,
+)
 from selftrain.sweep.plan import Step, digests, expand
 from selftrain.sweep.slurm import write_slurm
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = ("generate", "fit")
+RESUMABLE = ("generate", "synthesize", "fit")
 """Steps whose command resumes a partial output: begun with another command, they are refused."""
 
 STATE = ".sweep"
@@ -47,13 +55,14 @@ def sweep(
     out: str,
     student: str,
     fit_config: str,
-    sources: dict[str, Source],
+    sources: dict[str, Source] | None = None,
     num_subsets: int = 1,
     generate: dict | None = None,
     fit: dict | None = None,
     replay: Replay | None = None,
     decontaminate: Decontamination | None = None,
     proxies: Proxies | None = None,
+    sbp: Sbp | None = None,
     generations: int = 1,
     mode: str = "replace",
     note: str | None = None,
@@ -81,6 +90,10 @@ def sweep(
         decontaminate: {benchmarks, flags}: clean every sampled corpus before it is used.
         proxies: {benchmarks, split, flags}: proxies of every generation-1 corpus; with
             ``split``, each synthetic corpus's proximity halves are trained on as well.
+        sbp: {corpus, weights, tokens, repetition, oracle, synthesizer, synthesizer_config,
+            pairs, synthesizer_fit, synthesize}: Synthetic Bootstrapped Pretraining on a real
+            corpus: conditions ``sbp`` (real + synthetic), ``sbp_repeat`` (real alone,
+            repeated) and ``sbp_oracle`` (more unique real text), at one token budget.
         generations: G; generation g+1 samples from the last export of generation g's
             students (same condition and subset), the model-collapse axis.
         mode: ``replace`` (generation g trains on its own corpus) or ``accumulate`` (on every
@@ -98,9 +111,9 @@ def sweep(
     Returns:
         The steps of the sweep.
     """
-    grid = Grid(out=out, student=student, fit_config=fit_config, sources=sources,
+    grid = Grid(out=out, student=student, fit_config=fit_config, sources=dict(sources or {}),
                 num_subsets=num_subsets, generate=dict(generate or {}), fit=dict(fit or {}),
-                replay=replay, decontaminate=decontaminate, proxies=proxies,
+                replay=replay, decontaminate=decontaminate, proxies=proxies, sbp=sbp,
                 generations=generations, mode=mode, note=note)
     check_grid(grid)
     steps = expand(grid)
@@ -229,7 +242,7 @@ def run_here(steps: list[Step], out: Path, overwrite: bool) -> Outcome:
 
 def _resume_flags(step: Step, restart: bool) -> list[str]:
     """Flags a rerun adds to a step's command: start over, or resume what is there."""
-    if step.kind == "generate":
+    if step.kind in ("generate", "synthesize"):
         return ["--overwrite", "true"] if restart else []  # an unfinished corpus resumes
     if step.kind != "fit":
         return []  # written whole, with --overwrite true already

@@ -31,15 +31,16 @@ fi
 """
 
 
-def _generation(step: Step) -> int:
+def _generation(step: Step) -> int | None:
+    """The generation in a step's id (``fit/g1/...``; 0 for SBP's pairs and synthesizer)."""
     match = re.search(r"/g(\d+)(/|$)", step.id)
-    return int(match.group(1)) if match else 0
+    return int(match.group(1)) if match else None
 
 
 def waves(steps: list[Step]) -> list[tuple[str, list[Step], bool]]:
     """(file stem, steps, as an array) in submission order."""
     found: list[tuple[str, list[Step], bool]] = []
-    for g in sorted({_generation(s) for s in steps if _generation(s)}):
+    for g in sorted({_generation(s) for s in steps if _generation(s) is not None}):
         prep = [s for s in steps if _generation(s) == g and s.kind not in ("fit", "report")]
         fits = [s for s in steps if _generation(s) == g and s.kind == "fit"]
         if prep:

@@ -1,0 +1,121 @@
+"""`make sbp-mini`: Synthetic Bootstrapped Pretraining against its baselines, on a CPU.
+
+1. writes the real text: Python documentation (``pydoc_data.topics``, without the topics the
+   ``selftrain_bpb_pydoc`` task holds out), cut into documents of at most 1000 characters and
+   taken whole topic by topic in a seeded order: the first ``--real`` documents are the real
+   corpus, the first ``2 x --real`` the oracle's (more unique real text);
+2. runs the grid ``configs/sweep/sbp_mini.yaml`` with ``selftrain sweep``: pairs in the real
+   corpus, the synthesizer, synthesis, then one student each on real + synthetic (``sbp``), on
+   the real documents repeated (``sbp_repeat``) and on the oracle's (``sbp_oracle``), all at
+   one token budget, evaluated every epoch; the report;
+3. copies what a reader needs into ``docs/sbp-mini/`` as the run wrote it: the report's
+   ``summary.md``, figures and scalars, the pairs' and the synthetic corpus's manifests, a few
+   synthetic documents beside their seeds, the grid, the commands and the wall times.
+
+Rerunning resumes (the sweep's records). Flags: ``--out DIR`` (default runs/sbp-mini; the
+grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""`` skips the copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro_mini import REPO, pydoc_documents, run  # noqa: E402
+
+GRID = "configs/sweep/sbp_mini.yaml"
+SEED = 20251127
+
+
+def write_real_text(out: Path, real: int) -> dict[str, int]:
+    """``real.jsonl`` (``real`` documents) and ``oracle.jsonl`` (twice as many, a superset).
+
+    Args:
+        out: the dir both go into.
+        real: documents of the real corpus.
+    """
+    by_topic: dict[str, list[str]] = {}
+    for topic, text in pydoc_documents(max_chars=1000):
+        by_topic.setdefault(topic, []).append(text)
+    order = sorted(by_topic)
+    random.Random(SEED).shuffle(order)
+    documents = [(topic, text) for topic in order for text in by_topic[topic]]
+    if len(documents) < 2 * real:
+        raise SystemExit(f"--real {real}: only {len(documents)} documents; lower it")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, count in (("real", real), ("oracle", 2 * real)):
+        rows = [{"id": i, "text": text, "source": f"pydoc_data.topics[{topic!r}]"}
+                for i, (topic, text) in enumerate(documents[:count])]
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"real": real, "oracle": 2 * real}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/sbp-mini")
+    parser.add_argument("--publish", default="docs/sbp-mini")
+    parser.add_argument("--real", type=int, default=96, help="documents of the real corpus")
+    args = parser.parse_args()
+    out = REPO / args.out
+    start = time.perf_counter()
+    counts = write_real_text(out, args.real)
+    print(f"real text: {counts} documents -> {out}", flush=True)
+    sweep = [sys.executable, "-m", "selftrain", "sweep", "--config", GRID]
+    run(sweep)
+    total = time.perf_counter() - start
+    if args.publish:
+        publish(out, REPO / args.publish, total, counts)
+
+
+def examples(out: Path, count: int = 3) -> list[str]:
+    """Markdown of the first synthetic documents beside the start of their seeds."""
+    import pyarrow.parquet as pq
+
+    seeds = {json.loads(line)["id"]: json.loads(line)["text"]
+             for line in (out / "real.jsonl").read_text().splitlines()}
+    table = pq.read_table(out / "corpora" / "g1" / "sbp" / "data").to_pylist()
+    lines = []
+    for row in table[:count]:
+        lines += [f"### Synthetic document {row['id']} (seed document {row['seed_id']})", "",
+                  "Seed (first 400 characters):", "", "```text",
+                  seeds[row["seed_id"]][:400].replace("```", "'''"), "```", "",
+                  "Synthesized (first 600 characters):", "", "```text",
+                  row["text"][:600].replace("```", "'''"), "```", ""]
+    return lines
+
+
+def publish(out: Path, target: Path, total: float, counts: dict[str, int]) -> None:
+    """Copy the report and the run's record into ``target``, replacing what was there."""
+    record = json.loads((out / ".sweep" / "summary.json").read_text())
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(out / "report" / "figures", target / "figures")
+    for name in ("summary.md", "scalars.csv"):
+        shutil.copy(out / "report" / name, target / name)
+    shutil.copy(out / "pairs" / "manifest.json", target / "pairs_manifest.json")
+    shutil.copy(out / "corpora" / "g1" / "sbp" / "manifest.json", target / "sbp_manifest.json")
+    shutil.copy(REPO / GRID, target / "grid.yaml")
+    shutil.copy(out / ".sweep" / "commands.sh", target / "commands.sh")
+    seconds = record.get("seconds", {})
+    lines = ["# SBP in miniature: how it was run", "",
+             "Written by `scripts/sbp_mini.py` (`make sbp-mini`) at the end of the run; nothing "
+             "here is edited by hand.", "",
+             f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+             f"Python {platform.python_version()}",
+             f"- real documents: {counts['real']} (oracle: {counts['oracle']})",
+             f"- wall time: {total:.0f} s", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {value:.0f} |" for step, value in seconds.items() if value]
+    lines += ["", "## Synthetic documents beside their seeds", "", *examples(out)]
+    (target / "RUN.md").write_text("\n".join(lines) + "\n")
+    print(f"published {target}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
