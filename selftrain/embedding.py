@@ -88,7 +88,7 @@ def load_embedder(name: str, device: torch.device):
                              "dir") from None
 
 
-def embed(model, texts: list[str], batch_size: int) -> np.ndarray:
+def embed(model, texts: list[str], batch_size: int, progress: bool = False) -> np.ndarray:
     """Unit-length float32 embeddings ``[len(texts), dim]`` of ``texts``.
 
     Texts longer than the model's ``max_seq_length`` (256 word pieces for all-MiniLM-L6-v2)
@@ -98,13 +98,14 @@ def embed(model, texts: list[str], batch_size: int) -> np.ndarray:
         model: a ``SentenceTransformer``.
         texts: the texts.
         batch_size: texts per forward pass.
+        progress: show sentence-transformers' progress bar (batches done, rate, ETA).
     """
     if not texts:
         dimension = (getattr(model, "get_embedding_dimension", None)  # sentence-transformers 6
                      or model.get_sentence_embedding_dimension)
         return np.zeros((0, dimension()), dtype=np.float32)
     vectors = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                           normalize_embeddings=True, show_progress_bar=False)
+                           normalize_embeddings=True, show_progress_bar=progress)
     return np.asarray(vectors, dtype=np.float32)
 
 

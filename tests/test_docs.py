@@ -35,11 +35,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from selftrain.cli import TOOLS, TRAINER_COMMANDS
+
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 """The pages checked; CHANGELOG.md is history and may show what no longer exists."""
 
-SUBCOMMANDS = ("fit", "validate", "test", "generate", "decontaminate", "replay", "probeset",
-               "plant", "proxies", "evaluate", "report", "sweep")
+SUBCOMMANDS = (*TRAINER_COMMANDS, *TOOLS)
 """Every subcommand of ``selftrain``; ``test`` alone is allowed to go without an example."""
 
 REPO_DIRS = ("selftrain", "callbacks", "configs", "scripts", "tests", "docs")

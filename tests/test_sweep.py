@@ -82,6 +82,63 @@ def test_the_mini_reproduction_grid_expands_into_commands_that_parse():
         parses(command)
 
 
+def test_the_sbp_grid_expands_into_commands_that_parse(tmp_path):
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"text": "a document"}\n')
+    grid = tmp_path / "grid.yaml"
+    config = yaml.safe_load((SWEEPS / "sbp_mini.yaml").read_text())
+    config["sbp"].update(corpus=str(real), oracle=str(real))
+    grid.write_text(yaml.safe_dump({**config, "out": str(tmp_path / "sw")}))
+    commands = dry_run(grid)
+    assert [c[1] for c in commands] == ["pairs", "fit", "synthesize", "fit", "fit", "fit",
+                                        "report"]
+    for command in commands:
+        parses(command)
+
+
+def sbp_steps(tmp_path: Path, **flags) -> list[Step]:
+    from selftrain.sweep.grid import Sbp
+
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"text": "a document"}\n')
+    return sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
+                 sources=_sources(), num_subsets=2, check_fit=False,
+                 sbp=Sbp(corpus=str(real), weights=[0.25, 0.75], tokens=5000,
+                         synthesize={"num_samples": 64}), **{"dry_run": True, **flags})
+
+
+def test_sbp_is_a_condition_beside_the_bos_ones_at_one_token_budget(tmp_path):
+    steps = sbp_steps(tmp_path)
+    by_id = {s.id: s for s in steps}
+    synthesize = by_id["synthesize/g1/sbp"]
+    export = synthesize.argv[synthesize.argv.index("--synthesizer") + 1]
+    assert export.endswith("runs/g0/synthesizer/hf/epoch=3")  # debug.yaml's max_epochs
+    assert by_id["fit/g0/synthesizer"].needs == ["pairs/g0/sbp"]
+    assert synthesize.needs == ["fit/g0/synthesizer"]
+    for k in range(2):
+        mixed, alone = by_id[f"fit/g1/sbp/s{k}"], by_id[f"fit/g1/sbp_repeat/s{k}"]
+        flags = {a: b for a, b in zip(mixed.argv, mixed.argv[1:], strict=False)}
+        assert json.loads(flags["--data.corpus"])[1] == synthesize.output
+        assert flags["--data.mixture_weights"] == "[0.25, 0.75]"
+        assert flags["--data.mixture_tokens"] == "5000" and flags["--data.subset"] == str(k)
+        repeat = {a: b for a, b in zip(alone.argv, alone.argv[1:], strict=False)}
+        assert repeat["--data.mixture_tokens"] == "5000" and repeat["--data.mixture_weights"] \
+            == "[1.0]"
+    report = by_id["report"]
+    conditions = json.loads(report.argv[report.argv.index("--conditions") + 1])
+    assert set(conditions.values()) == {"self_t1.0", "sbp", "sbp_repeat"}
+
+
+def test_sbp_slurm_waves_put_the_synthesizer_before_synthesis(tmp_path):
+    target = tmp_path / "slurm"
+    sbp_steps(tmp_path, slurm=str(target), dry_run=False)
+    submit = (target / "submit.sh").read_text()
+    assert submit.index("g0-prep.txt") < submit.index("g0-fit.txt") < submit.index(
+        "g1-prep.txt") < submit.index("g1-fit.txt")
+    assert "synthesize" in (target / "g1-prep.txt").read_text()
+    assert "pairs" in (target / "g0-prep.txt").read_text()
+
+
 def test_order_runs_every_step_after_what_it_needs(tmp_path):
     steps = sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
                   sources=_sources(), num_subsets=2, generations=3, mode="accumulate",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import kill_when, manifest_of, selftrain, succeeded, write_jsonl
+from helpers import fit, kill_when, manifest_of, selftrain, succeeded, write_jsonl
 
 from selftrain.corpus import read_corpus
 from selftrain.synthesis.layout import DEFAULT_SEPARATOR, d1_budget, pair_row, separator_ids
@@ -148,6 +148,26 @@ def test_the_data_module_lays_out_pairs_with_the_loss_on_d2(pairs_dir):
         data.pair_layout["separator_ids"]))
 
 
+def test_a_synthesizer_fit_on_pairs_exports_its_layout_and_synthesize_reads_it(
+        tmp_path, pairs_dir):
+    from selftrain.models import EXPORT_INFO
+    from selftrain.synthesis.synthesize import synthesize
+
+    run = tmp_path / "synthesizer"
+    fit(run, "--data.corpus", str(pairs_dir), "--data.pair_separator", "\n<next>\n",
+        "--data.max_length", "96", "--trainer.max_epochs", "1", "--model.export_hf", "last",
+        callbacks=False)
+    export = run / "hf" / "epoch=1"
+    layout = json.loads((export / EXPORT_INFO).read_text())["pair_layout"]
+    assert layout["separator"] == "\n<next>\n" and layout["max_length"] == 96
+    out = synthesize(str(export), str(known_neighbours(tmp_path / "seeds.jsonl")),
+                     str(tmp_path / "sbp"), num_samples=3, max_new_tokens=5, device="cpu")
+    manifest = manifest_of(out)
+    assert manifest["pair_layout"] == {"separator": "\n<next>\n",
+                                       "max_d1_tokens": layout["max_d1_tokens"]}
+    assert manifest["source"]["model"] == str(export)
+
+
 @pytest.fixture(scope="module")
 def synthesizer(tmp_path_factory) -> Path:
     """A tiny Qwen2 saved as a synthesizer export (with the pair layout fit would record)."""
@@ -199,14 +219,17 @@ def test_synthesis_continues_bos_seed_separator_as_greedy_generate_does(tmp_path
     import torch
 
     from selftrain.models import load_model
-    from selftrain.synthesis.synthesize import _seed_choice, synthesize
+    from selftrain.synthesis.synthesize import seed_row, synthesize
 
     seeds = known_neighbours(tmp_path / "seeds.jsonl")
     out = synthesize(str(synthesizer), str(seeds), str(tmp_path / "sbp"), num_samples=4,
                      max_new_tokens=6, temperature=1e-6, batch_size=3, device="cpu")
     rows = read_corpus(out).columns
     docs = [json.loads(line) for line in seeds.read_text().splitlines()]
-    choose = _seed_choice(0, len(docs))
+
+    def choose(i: int) -> int:
+        return seed_row(0, i, len(docs))
+
     assert rows["seed_id"] == [docs[choose(i)]["id"] for i in range(4)]
     tokenizer, model = tiny_tokenizer(), load_model(str(synthesizer)).eval()
     sep = separator_ids(tokenizer, DEFAULT_SEPARATOR, "--separator")

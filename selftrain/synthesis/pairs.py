@@ -99,7 +99,8 @@ def pairs(
 
     start = time.perf_counter()
     model = load_embedder(embedding_model, torch_device)
-    vectors = embed(model, texts, embed_batch_size)
+    log.info("embedding %d documents with %s", len(texts), embedding_model)
+    vectors = embed(model, texts, embed_batch_size, progress=True)
     embedded = time.perf_counter() - start
     search = exact_neighbours(vectors, top_k, block_size) if index == "exact" else (
         faiss_neighbours(vectors, top_k))

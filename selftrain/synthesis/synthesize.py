@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +149,10 @@ def synthesize(
     decoder = PromptedDecoder(model, eos_id, batch_size, temperature=temperature, seed=seed,
                               top_k=top_k, top_p=top_p, vocab_size=len(tokenizer),
                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    choice = _seed_choice(seed, len(seed_texts))
+    seeding = SeedPrompts(seed, seed_ids, seed_texts, sep_ids, bos_id, max_d1_tokens)
     mine = claim_shards(corpus, action, rank, world)
     try:
-        tokens, samples, seconds = _fill(corpus, decoder, tokenizer, mine, choice, seed_ids,
-                                         seed_texts, sep_ids, bos_id, max_d1_tokens,
+        tokens, samples, seconds = _fill(corpus, decoder, tokenizer, mine, seeding,
                                          max_new_tokens, num_subsets, synthesizer, rank)
     except KeyboardInterrupt as interrupt:
         raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
@@ -173,11 +173,54 @@ def synthesize(
     return finish_corpus(corpus, manifest, seconds, world, samples_all, tokens_all)
 
 
-def _seed_choice(seed: int, documents: int):
-    """Sample i -> the row of its seed document, drawn uniformly from (seed, i) alone."""
-    def choose(i: int) -> int:
-        return int(np.random.default_rng([seed, i]).integers(documents))
-    return choose
+def seed_row(seed: int, sample: int, documents: int) -> int:
+    """The row of sample ``sample``'s seed document, drawn uniformly from (seed, sample) alone.
+
+    Args:
+        seed: ``--seed``.
+        sample: the sample id.
+        documents: seed documents to draw from.
+    """
+    return int(np.random.default_rng([seed, sample]).integers(documents))
+
+
+@dataclass
+class SeedPrompts:
+    """The seed documents, and each sample's prompt ``BOS d1 SEP`` built from its seed.
+
+    Args:
+        seed: ``--seed`` (draws each sample's seed document).
+        ids: the seed documents' ids.
+        texts: their texts.
+        sep_ids: the separator's token ids.
+        bos_id: the BOS id.
+        max_d1_tokens: d1 is cut to this many tokens.
+    """
+
+    seed: int
+    ids: list[int]
+    texts: list[str]
+    sep_ids: list[int]
+    bos_id: int
+    max_d1_tokens: int
+
+    def prompts(self, samples: list[int], tokenizer, max_new_tokens: int
+                ) -> tuple[list[Prompt], dict[int, int]]:
+        """The prompts of ``samples`` and each sample's seed id.
+
+        Args:
+            samples: sample ids.
+            tokenizer: the synthesizer's tokenizer (each seed used is tokenized once).
+            max_new_tokens: every prompt's length cap.
+        """
+        rows = {i: seed_row(self.seed, i, len(self.texts)) for i in samples}
+        used = sorted(set(rows.values()))
+        encoded = tokenizer([self.texts[r] for r in used], add_special_tokens=False)["input_ids"]
+        by_row = dict(zip(used, encoded, strict=True))
+        prompts = [Prompt(id=i, tokens=prompt_ids(by_row[rows[i]], self.sep_ids, self.bos_id,
+                                                  self.max_d1_tokens),
+                          max_new_tokens=max_new_tokens) for i in samples]
+        return prompts, {i: self.ids[row] for i, row in rows.items()}
 
 
 def _seed_documents(seeds: str) -> tuple[list[int], list[str]]:
@@ -198,22 +241,27 @@ def _seed_documents(seeds: str) -> tuple[list[int], list[str]]:
 
 
 def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int],
-          choose, seed_ids: list[int], seed_texts: list[str], sep_ids: list[int], bos_id: int,
-          max_d1_tokens: int, max_new_tokens: int, num_subsets: int, source: str,
+          seeding: SeedPrompts, max_new_tokens: int, num_subsets: int, source: str,
           rank: int) -> tuple[int, int, float]:
     """Synthesize every id of the given shards, writing each shard once it is complete.
+
+    Args:
+        corpus: the corpus being filled.
+        decoder: the synthesizer's prompted decoder.
+        tokenizer: the synthesizer's tokenizer.
+        shards: the shard indices this rank writes.
+        seeding: the seed documents and prompts.
+        max_new_tokens: the length cap of each document.
+        num_subsets: K; row i goes to subset i mod K.
+        source: the synthesizer's spec, written in every row.
+        rank: this process's rank (only rank 0 shows a progress bar).
 
     Returns:
         (tokens synthesized, samples, seconds) on this rank.
     """
     ids = [i for k in shards for i in corpus.shard_ids(k)]
-    rows_of = {i: choose(i) for i in ids}
-    needed = sorted(set(rows_of.values()))
-    encoded = dict(zip(needed, tokenizer([seed_texts[r] for r in needed],
-                                         add_special_tokens=False)["input_ids"], strict=True))
-    prompts = [Prompt(id=i, tokens=prompt_ids(encoded[rows_of[i]], sep_ids, bos_id,
-                                              max_d1_tokens), max_new_tokens=max_new_tokens)
-               for i in ids]
+    prompts, seed_of = seeding.prompts(ids, tokenizer, max_new_tokens)
+    bos_id = seeding.bos_id
     pending: dict[int, list[dict[str, Any]]] = {k: [] for k in shards}
     tokens = 0
     start = time.perf_counter()
@@ -228,7 +276,7 @@ def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: li
                 "id": done.id, "input_ids": input_ids, "num_tokens": len(input_ids),
                 "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
                 "subset": done.id % num_subsets, "source": source,
-                "seed_id": seed_ids[rows_of[done.id]]})
+                "seed_id": seed_of[done.id]})
             if len(pending[shard]) == len(corpus.shard_ids(shard)):
                 corpus.write_shard(shard, pending.pop(shard))
             tokens += len(done.tokens)

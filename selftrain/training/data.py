@@ -141,9 +141,9 @@ class CorpusDataModule(L.LightningDataModule):
         self._fingerprint: str | None = None
         self._packing: tuple[int, bool] | None = None  # (id of the student checked, packs)
         self.pair_layout: dict[str, Any] | None = None
+        """The separator and d1 budget when a pairs dir is trained on (recorded in exports)."""
         self.mixture: list[dict[str, Any]] = []
         """Per corpus, its weight, share, tokens and passes when mixed by weight."""
-        """The separator and d1 budget when a pairs dir is trained on (recorded in exports)."""
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning hook: :meth:`load` (a no-op when the CLI already loaded the corpus)."""
@@ -175,7 +175,8 @@ class CorpusDataModule(L.LightningDataModule):
         sampler = self._sampler(rank=0, world_size=1)
         tokens = int(sampler.lengths.sum())
         padded_fraction = round(sampler.real_token_fraction(0), 4)
-        self.stats = {"rows": len(self.rows), "dropped": selected - len(self.rows),
+        kept = sum(len(rows) for rows in per_corpus)
+        self.stats = {"rows": len(self.rows), "dropped": selected - kept,
                       "tokens": tokens, "retokenized": not reuse,
                       "batches_per_epoch": len(sampler), "packing": hp.packing,
                       "padded_real_token_fraction": padded_fraction,

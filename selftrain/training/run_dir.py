@@ -118,13 +118,16 @@ def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
     """A short hash of the training rows' token ids, in order (what the run trains on).
 
     Args:
-        rows: the data module's rows (``input_ids`` lists).
+        rows: the data module's rows (``input_ids`` lists, and a synthesizer row's
+            ``loss_from``, the first position trained on).
     """
     digest = hashlib.sha256()
     for row in rows:
         ids = np.asarray(row["input_ids"], dtype=np.int64)
         digest.update(len(ids).to_bytes(8, "little"))
         digest.update(ids.tobytes())
+        if "loss_from" in row:
+            digest.update(b"loss_from" + int(row["loss_from"]).to_bytes(8, "little"))
     return digest.hexdigest()[:16]
 
 
