@@ -389,6 +389,76 @@ def _is_integer_lists(kind: pa.DataType) -> bool:
         kind.value_type)
 
 
+def select_subset(corpus: Corpus, subset: int | None, num_subsets: int | None,
+                  path: str, flag: str = "--data.subset") -> list[int]:
+    """Indices of the rows in subset ``subset`` (every row when None).
+
+    Args:
+        corpus: the training corpus.
+        subset: ``--data.subset`` k.
+        num_subsets: ``--data.num_subsets`` K; None, or the corpus's own K, uses its
+            ``subset`` column; another K takes row i into subset i mod K.
+        path: the corpus path, named in error messages.
+        flag: the flag ``subset`` came from (``num_subsets``' is named the same way).
+    """
+    rows = range(len(corpus))
+    if subset is None:
+        return list(rows)
+    column = corpus.columns.get("subset")
+    stored_k = (corpus.manifest or {}).get("num_subsets")
+    if num_subsets is None or (column is not None and num_subsets == stored_k):
+        if column is None:
+            raise SelftrainError(f"{flag} {subset}: {path} has no 'subset' column; also "
+                                 f"set {flag.replace('subset', 'num_subsets')} K")
+        keep = [i for i in rows if column[i] == subset]
+    else:
+        keep = [i for i in rows if i % num_subsets == subset]
+    if not keep:
+        raise SelftrainError(f"{flag} {subset}: no rows of {path} are in that subset; "
+                             "pick a subset the corpus has")
+    return keep
+
+
+def corpus_documents(path: str | Path, flag: str, subset: int | None = None,
+                     num_subsets: int | None = None, subset_flag: str = "--subset"
+                     ) -> tuple[list[int], list[str]]:
+    """The ids and non-empty texts of a corpus's documents (of one subset, if asked).
+
+    A document is named by the corpus's ``id`` column, else by its row number.
+
+    Args:
+        path: a corpus dir or a .jsonl / .parquet / .txt file.
+        flag: the flag it came from.
+        subset: keep subset k only (:func:`select_subset`); None keeps every row.
+        num_subsets: K, as :func:`select_subset` takes it.
+        subset_flag: the flag ``subset`` came from.
+
+    Raises:
+        SelftrainError: no ``text`` column, ids that are not distinct integers.
+    """
+    corpus = read_corpus(path, flag=flag)
+    if "text" not in corpus.columns:
+        raise SelftrainError(f"{flag} {path}: has no 'text' column; give documents as text")
+    rows = select_subset(corpus, subset, num_subsets, str(path), subset_flag)
+    stored = corpus.columns.get("id")
+    ids, texts = [], []
+    for row in rows:
+        text = corpus.columns["text"][row]
+        if not (text and text.strip()):
+            continue
+        value = row if stored is None or stored[row] is None else stored[row]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SelftrainError(f"{flag} {path}: row {row + 1} has id {_shown(value)}, not an "
+                                 "integer; give integer ids (or drop the column to use row "
+                                 "numbers)")
+        ids.append(value)
+        texts.append(text)
+    if len(set(ids)) != len(ids):
+        raise SelftrainError(f"{flag} {path}: its 'id' column repeats ids; give each document "
+                             "its own id (or drop the column to use row numbers)")
+    return ids, texts
+
+
 def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:
     """Read a corpus dir, or a plain ``.parquet`` / ``.jsonl`` / ``.txt`` file.
 

@@ -172,6 +172,35 @@ def export_info(spec: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def weights_digest(spec: str) -> str | None:
+    """A sha256 of a local model directory's weight files; None for any other spec.
+
+    A local directory's recorded revision hashes its config only, and an ``hf/epoch=N``
+    export keeps its path when its run is trained again: what samples from it (``generate``,
+    ``synthesize``) records this digest so that a corpus of the old weights is never resumed
+    or taken as done with the new ones.
+
+    Args:
+        spec: a model spec.
+    """
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False,
                    flag: str = "--model"):
     """Load the tokenizer of a model spec.

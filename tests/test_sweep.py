@@ -90,8 +90,8 @@ def test_the_sbp_grid_expands_into_commands_that_parse(tmp_path):
     config["sbp"].update(corpus=str(real), oracle=str(real))
     grid.write_text(yaml.safe_dump({**config, "out": str(tmp_path / "sw")}))
     commands = dry_run(grid)
-    assert [c[1] for c in commands] == ["pairs", "fit", "synthesize", "fit", "fit", "fit",
-                                        "report"]
+    per_subset = ["pairs", "fit", "synthesize", "fit", "fit", "fit"]
+    assert [c[1] for c in commands] == per_subset * config["num_subsets"] + ["report"]
     for command in commands:
         parses(command)
 
@@ -110,23 +110,51 @@ def sbp_steps(tmp_path: Path, **flags) -> list[Step]:
 def test_sbp_is_a_condition_beside_the_bos_ones_at_one_token_budget(tmp_path):
     steps = sbp_steps(tmp_path)
     by_id = {s.id: s for s in steps}
-    synthesize = by_id["synthesize/g1/sbp"]
-    export = synthesize.argv[synthesize.argv.index("--synthesizer") + 1]
-    assert export.endswith("runs/g0/synthesizer/hf/epoch=3")  # debug.yaml's max_epochs
-    assert by_id["fit/g0/synthesizer"].needs == ["pairs/g0/sbp"]
-    assert synthesize.needs == ["fit/g0/synthesizer"]
     for k in range(2):
+        pairs = by_id[f"pairs/g0/sbp/s{k}"]
+        assert pairs.argv[pairs.argv.index("--subset") + 1] == str(k)
+        synthesizer = by_id[f"fit/g0/synthesizer/s{k}"]
+        assert synthesizer.needs == [pairs.id]
+        assert synthesizer.argv[synthesizer.argv.index("--data.corpus") + 1] == pairs.output
+        synthesize = by_id[f"synthesize/g1/sbp/s{k}"]
+        export = synthesize.argv[synthesize.argv.index("--synthesizer") + 1]
+        assert export == f"{synthesizer.output}/hf/epoch=3"  # debug.yaml's max_epochs
+        assert synthesize.needs == [synthesizer.id]
+        assert synthesize.argv[synthesize.argv.index("--seeds_subset") + 1] == str(k)
+        assert "--num_subsets" not in synthesize.argv  # written for student k alone
         mixed, alone = by_id[f"fit/g1/sbp/s{k}"], by_id[f"fit/g1/sbp_repeat/s{k}"]
-        flags = {a: b for a, b in zip(mixed.argv, mixed.argv[1:], strict=False)}
+        flags = dict(zip(mixed.argv, mixed.argv[1:], strict=False))
         assert json.loads(flags["--data.corpus"])[1] == synthesize.output
         assert flags["--data.mixture_weights"] == "[0.25, 0.75]"
         assert flags["--data.mixture_tokens"] == "5000" and flags["--data.subset"] == str(k)
-        repeat = {a: b for a, b in zip(alone.argv, alone.argv[1:], strict=False)}
-        assert repeat["--data.mixture_tokens"] == "5000" and repeat["--data.mixture_weights"] \
-            == "[1.0]"
+        repeat = dict(zip(alone.argv, alone.argv[1:], strict=False))
+        assert repeat["--data.mixture_tokens"] == "5000"
+        assert repeat["--data.mixture_weights"] == "[1.0]" and repeat["--data.subset"] == str(k)
     report = by_id["report"]
     conditions = json.loads(report.argv[report.argv.index("--conditions") + 1])
     assert set(conditions.values()) == {"self_t1.0", "sbp", "sbp_repeat"}
+
+
+def test_an_sbp_student_sees_only_its_subset_of_the_real_text(tmp_path):
+    """In the sbp list the real corpus is subset like the baselines'; the synthetic is whole."""
+    from selftrain.training.data import CorpusDataModule
+
+    real = tmp_path / "real.jsonl"
+    real.write_text("".join(json.dumps({"text": f"real document {i}"}) + "\n"
+                            for i in range(10)))
+    synthetic = tmp_path / "sbp"
+    subprocess.run(["cp", "-r", str(DEBUG_CORPUS), str(synthetic)], check=True)
+    manifest = json.loads((synthetic / "manifest.json").read_text())
+    (synthetic / "manifest.json").write_text(json.dumps({**manifest, "kind": "sbp",
+                                                         "num_subsets": 1}))
+    sizes = {}
+    for name, corpus in (("sbp", [str(real), str(synthetic)]), ("repeat", [str(real)])):
+        data = CorpusDataModule(corpus=corpus, tokenizer="tiny:qwen2", max_length=64,
+                                subset=1, num_subsets=2)
+        data.load()
+        sizes[name] = len(data.rows)
+    assert sizes["repeat"] == 5
+    assert sizes["sbp"] == 5 + manifest["counts"]["written"]
 
 
 def test_sbp_slurm_waves_put_the_synthesizer_before_synthesis(tmp_path):

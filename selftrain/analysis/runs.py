@@ -206,7 +206,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
             run.notes.append(f"{run.label}: no tb/config.yaml; its condition is its dir name")
         if run.corpus is not None:
             run.manifest = read_manifest(run.corpus)
-            if run.manifest is None:
+            if run.manifest is None and not run.corpus.is_file():  # a plain file has none
                 run.notes.append(f"{run.label}: corpus manifest {run.corpus}/manifest.json not "
                                  "readable (moved?); the corpus is named by its path")
         runs.append(run)
@@ -237,12 +237,21 @@ def identity(run: Run) -> dict[str, str]:
 
 
 def describe(run: Run) -> dict[str, str]:
-    """The parts of a condition's name: student, source, temperature, corpus kind."""
-    corpus = run.get("data.corpus")
-    source = run.source or (f"corpus {Path(corpus).name}" if corpus else None)
+    """The parts of a condition's name: student, source, temperature, corpus kind.
+
+    A run on a mixture (``data.mixture_weights``) shows its weights and token budget after its
+    kind: an SBP mixture and its repetition baseline differ there.
+    """
+    corpus = run.corpus
+    source = run.source or (f"corpus {corpus.name}" if corpus is not None else None)
+    kind = run.kind or ""
+    weights = run.get("data.mixture_weights")
+    if weights:
+        shown = "/".join(f"{w:g}" for w in weights)
+        kind = f"{kind} mixture {shown} of {run.get('data.mixture_tokens') or 'all'} tokens"
     parts = {"student": run.student or "", "source": source or "",
              "temperature": f"T={run.temperature:g}" if run.temperature is not None else "",
-             "kind": run.kind or ""}
+             "kind": kind.strip()}
     if not run.config:
         parts["source"] = run.path.name
     return parts

@@ -39,6 +39,7 @@ from selftrain.models import (
     load_tokenizer,
     parse_model_spec,
     resolve_bos_id,
+    weights_digest,
 )
 from selftrain.outputs import refuse_input_overlap
 from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
@@ -116,7 +117,11 @@ def generate(
     record = _source_provenance(model, tokenizer, source, bos_token_id)
     description = {"kind": "synthetic", **record, "seed": seed, "num_subsets": num_subsets,
                    "decontamination": None}
-    corpora = {t: ShardedCorpus(target, {**flags, "temperature": t, **_resolved_spec(record)},
+    resolved = _resolved_spec(record)
+    weights = weights_digest(model)  # a local dir (an export) may be retrained in place
+    if weights is not None:
+        resolved["weights_sha256"] = weights
+    corpora = {t: ShardedCorpus(target, {**flags, "temperature": t, **resolved},
                                 num_samples, shard_size) for t, target in targets.items()}
     written = []
     try:

@@ -89,11 +89,11 @@ class Proxies:
 class Sbp:
     """Synthetic Bootstrapped Pretraining on a real corpus, trained beside the BOS conditions.
 
-    Expands into ``selftrain pairs`` on the real corpus, a synthesizer ``selftrain fit`` on
-    the pairs, ``selftrain synthesize`` seeded from the real corpus, and per subset a student
-    on the mixture of real and synthetic text (condition ``sbp``) and, with ``repetition``,
-    one on the real corpus alone repeated to the same token budget (``sbp_repeat``) and, with
-    an ``oracle`` corpus, one on more unique real text at that budget (``sbp_oracle``).
+    Expands, for each subset k of the real corpus, into ``selftrain pairs`` on subset k, a
+    synthesizer ``selftrain fit`` on those pairs, ``selftrain synthesize`` seeded from subset
+    k, and students on the mixture of subset k and its synthetic text (condition ``sbp``), on
+    subset k alone repeated to the same token budget (``sbp_repeat``, with ``repetition``) and
+    on more unique real text at that budget (``sbp_oracle``, with an ``oracle`` corpus).
 
     Args:
         corpus: the real corpus (a corpus dir, or a .jsonl / .parquet / .txt file): pairs
@@ -161,8 +161,9 @@ RESERVED_FLAGS = {
     "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "overwrite"),
     "fit": ("config", "model.model", "data.corpus", "data.subset", "data.num_subsets",
             "trainer.default_root_dir", "overwrite", "ckpt_path"),
-    "pairs": ("corpus", "out", "overwrite"),
-    "synthesize": ("synthesizer", "seeds", "out", "num_subsets", "overwrite"),
+    "pairs": ("corpus", "out", "subset", "num_subsets", "overwrite"),
+    "synthesize": ("synthesizer", "seeds", "out", "seeds_subset", "seeds_num_subsets",
+                   "overwrite"),
 }
 """Flags the sweep sets itself in each kind of step; a grid may not set them in ``flags``."""
 

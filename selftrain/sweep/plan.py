@@ -7,14 +7,16 @@ replay control is matched to its (clean) synthetic corpus; proxies measure every
 first-generation training corpus (and optionally split it by proximity into two more
 conditions); one fit per condition x subset. Generation g+1 samples, for each condition and
 subset, from the final export of generation g's student, and trains a fresh student on it
-(``mode: replace``) or on the whole chain so far (``accumulate``). With an ``sbp`` block,
-generation 0 finds pairs in the real corpus and trains the synthesizer on them; generation 1
-synthesizes from it and trains the ``sbp`` (real + synthetic) and ``sbp_repeat`` (real alone,
-same token budget) conditions. The report reads every run.
+(``mode: replace``) or on the whole chain so far (``accumulate``). With an ``sbp`` block, for
+each subset k of the real corpus, generation 0 finds pairs in subset k and trains a
+synthesizer on them, and generation 1 synthesizes from subset k's seeds and trains the ``sbp``
+(real subset k + its synthetic text), ``sbp_repeat`` (real subset k alone) and ``sbp_oracle``
+conditions at one token budget: no student sees, even through its synthesizer, real text its
+baselines do not. The report reads every run.
 
-Layout under ``out``: ``pairs/``, ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
-``runs/g0/synthesizer``, ``runs/g<g>/<condition>/s<k>``, ``report/``, and ``.sweep/`` (what
-has finished).
+Layout under ``out``: ``pairs/s<k>``, ``corpora/g<g>/...``, ``proxies/g1/<condition>``,
+``runs/g0/synthesizer/s<k>``, ``runs/g<g>/<condition>/s<k>``, ``report/``, and ``.sweep/``
+(what has finished).
 """
 
 from __future__ import annotations
@@ -135,11 +137,10 @@ def expand(grid: Grid) -> list[Step]:
                                "--student", grid.student, *as_flags(grid.replay.flags),
                                "--overwrite", "true"], [producer], str(target)))
             replayed[f"replay_{match}"] = (str(target), f"replay/g1/{match}")
-    synthetic = _sbp_corpus(grid, steps) if grid.sbp is not None else {}
     split: dict[str, tuple[str, str]] = {}
     proxy_dirs: list[tuple[str, str]] = []
     if grid.proxies is not None:
-        for condition, (corpus, producer) in {**training, **replayed, **synthetic}.items():
+        for condition, (corpus, producer) in {**training, **replayed}.items():
             target = out / "proxies" / "g1" / condition
             argv = ["selftrain", "proxies", "--corpus", corpus, "--out", str(target),
                     "--benchmarks", json.dumps(grid.proxies.benchmarks),
@@ -167,13 +168,14 @@ def expand(grid: Grid) -> list[Step]:
             if condition in training:
                 previous[condition, k] = step
                 chains[condition, k] = [(corpus, producer)]
-    for condition, (corpora, needs, flags) in _sbp_conditions(grid, synthetic).items():
+    if grid.sbp is not None:
         for k in range(grid.num_subsets):
-            run = out / "runs" / "g1" / condition / f"s{k}"
-            step = _fit(grid, {**extra, **flags}, f"fit/g1/{condition}/s{k}", corpora,
-                        _subset_flags(grid, k), run, needs)
-            steps.append(step)
-            runs.append((str(run), step.id, condition))
+            for condition, (corpora, needs, flags) in _sbp_conditions(grid, steps, k).items():
+                run = out / "runs" / "g1" / condition / f"s{k}"
+                step = _fit(grid, {**extra, **flags}, f"fit/g1/{condition}/s{k}", corpora,
+                            _subset_flags(grid, k), run, needs)
+                steps.append(step)
+                runs.append((str(run), step.id, condition))
     if grid.generations > 1:
         epoch = final_epoch(grid.fit_config, grid.fit)
         per_student = _per_subset(grid)
@@ -226,41 +228,49 @@ def _per_subset(grid: Grid) -> int:
     return max(1, total // grid.num_subsets)
 
 
-def _sbp_corpus(grid: Grid, steps: list[Step]) -> dict[str, tuple[str, str]]:
-    """Add pairs, the synthesizer's fit and synthesis; {"sbp": (synthetic corpus, step)}."""
+def _sbp_corpus(grid: Grid, steps: list[Step], k: int) -> tuple[str, str]:
+    """Add subset k's pairs, synthesizer fit and synthesis; (its synthetic corpus, step)."""
     sbp, out = grid.sbp, Path(grid.out)
     assert sbp is not None
-    pairs = out / "pairs"
-    steps.append(Step("pairs/g0/sbp", "pairs",
+    many = grid.num_subsets > 1
+    subset = ["--subset", str(k), "--num_subsets", str(grid.num_subsets)] if many else []
+    seeds = ["--seeds_subset", str(k), "--seeds_num_subsets", str(grid.num_subsets)] if (
+        many) else []
+    pairs = out / "pairs" / f"s{k}"
+    steps.append(Step(f"pairs/g0/sbp/s{k}", "pairs",
                       ["selftrain", "pairs", "--corpus", sbp.corpus, "--out", str(pairs),
-                       *as_flags(sbp.pairs), "--overwrite", "true"], output=str(pairs)))
+                       *subset, *as_flags(sbp.pairs), "--overwrite", "true"], output=str(pairs)))
     config = sbp.synthesizer_config or grid.fit_config
     key = "--sbp.synthesizer_config" if sbp.synthesizer_config else "--fit_config"
-    run = out / "runs" / "g0" / "synthesizer"
+    run = out / "runs" / "g0" / "synthesizer" / f"s{k}"
     flags = dict(sbp.synthesizer_fit)
     if (_fit_config(config, key).get("model") or {}).get("export_hf") == "never":
         flags.setdefault("model.export_hf", "last")
-    steps.append(Step("fit/g0/synthesizer", "fit",
+    steps.append(Step(f"fit/g0/synthesizer/s{k}", "fit",
                       ["selftrain", "fit", "--config", config, "--model.model",
                        sbp.synthesizer or grid.student, "--data.corpus", str(pairs),
                        "--trainer.default_root_dir", str(run), *as_flags(flags)],
-                      ["pairs/g0/sbp"], str(run)))
+                      [f"pairs/g0/sbp/s{k}"], str(run)))
     export = run / "hf" / f"epoch={final_epoch(config, sbp.synthesizer_fit, key)}"
-    corpus = out / "corpora" / "g1" / "sbp"
-    steps.append(Step("synthesize/g1/sbp", "synthesize",
+    corpus = out / "corpora" / "g1" / "sbp" / f"s{k}"
+    steps.append(Step(f"synthesize/g1/sbp/s{k}", "synthesize",
                       ["selftrain", "synthesize", "--synthesizer", str(export), "--seeds",
-                       sbp.corpus, "--out", str(corpus), "--num_subsets", str(grid.num_subsets),
-                       *as_flags(sbp.synthesize)], ["fit/g0/synthesizer"], str(corpus)))
-    return {"sbp": _clean(grid, steps, str(corpus), "synthesize/g1/sbp", "g1/sbp")}
+                       sbp.corpus, "--out", str(corpus), *seeds, *as_flags(sbp.synthesize)],
+                      [f"fit/g0/synthesizer/s{k}"], str(corpus)))
+    return _clean(grid, steps, str(corpus), f"synthesize/g1/sbp/s{k}", f"g1/sbp/s{k}")
 
 
-def _sbp_conditions(grid: Grid, synthetic: dict[str, tuple[str, str]]
+def _sbp_conditions(grid: Grid, steps: list[Step], k: int
                     ) -> dict[str, tuple[str | list[str], list[str], dict[str, Any]]]:
-    """SBP condition -> (its corpora, the steps they need, its mixture flags)."""
-    if grid.sbp is None:
-        return {}
+    """Subset k's SBP conditions -> (corpora, steps they need, mixture flags); adds its steps.
+
+    The synthetic corpus is written for student k alone (one subset), so in the ``sbp``
+    student's list it is taken whole while ``--data.subset k`` selects in the real corpus, as
+    it does in the baselines'.
+    """
     sbp = grid.sbp
-    corpus, producer = synthetic["sbp"]
+    assert sbp is not None
+    corpus, producer = _sbp_corpus(grid, steps, k)
     found: dict[str, tuple[str | list[str], list[str], dict[str, Any]]] = {
         "sbp": ([sbp.corpus, corpus], [producer],
                 {"data.mixture_weights": sbp.weights, "data.mixture_tokens": sbp.tokens})}

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from selftrain.corpus import DATA_DIR, MANIFEST_NAME, read_corpus, stamp
+from selftrain.corpus import DATA_DIR, MANIFEST_NAME, corpus_documents, stamp
 from selftrain.embedding import DEFAULT_EMBEDDING_MODEL, embed, load_embedder
 from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.io import atomic_dir, write_json_atomic, write_parquet_atomic
@@ -49,8 +49,10 @@ def pairs(
     ngram: int = 5,
     embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     index: Literal["exact", "faiss"] = "exact",
+    subset: int | None = None,
+    num_subsets: int | None = None,
     embed_batch_size: int = 64,
-    block_size: int = 4096,
+    block_size: int = 1024,
     device: str = "auto",
     overwrite: bool = False,
 ) -> Path:
@@ -72,8 +74,13 @@ def pairs(
             ``proxies`` extra), a local model dir, or a hub id already in the HF cache.
         index: ``exact`` top-k in torch blocks, or ``faiss`` (an HNSW index, approximate; the
             ``ann`` extra) for millions of documents.
+        subset: pair the documents of subset k only (0..K-1), as ``--data.subset`` selects
+            them; None pairs the whole corpus.
+        num_subsets: K; None takes the corpus's own ``subset`` column, another K takes row i
+            into subset i mod K (as ``--data.num_subsets``).
         embed_batch_size: documents per embedding forward pass.
-        block_size: documents per block of the exact search (memory ``block x N``).
+        block_size: documents per block of the exact search (memory about ``8 x block x N``
+            bytes: the block's similarities and the top k kept).
         device: "auto", "cpu" or "cuda[:N]" for the embedding model.
         overwrite: replace a pairs dir already at ``out``.
 
@@ -95,7 +102,7 @@ def pairs(
     refuse_input_overlap(target, [("--corpus", corpus)])
     check_out_dir(target, overwrite, (MANIFEST_NAME,), OUT_ENTRIES, "pairs dir")
     torch_device = pick_device(device)
-    ids, texts = _documents(corpus)
+    ids, texts = _documents(corpus, subset, num_subsets)
 
     start = time.perf_counter()
     model = load_embedder(embedding_model, torch_device)
@@ -113,6 +120,7 @@ def pairs(
     similarity = np.asarray(table.column("similarity").to_pylist())
     manifest = stamp({
         "format": PAIRS_FORMAT, "kind": PAIRS_KIND, "corpus": str(corpus),
+        "subset": subset, "num_subsets": num_subsets,
         "documents": len(texts), "embedding_model": embedding_model, "index": index,
         "threshold": threshold, "top_k": top_k,
         "near_copy": {"ngram": ngram, "max_overlap": max_overlap,
@@ -134,25 +142,13 @@ def pairs(
     return target
 
 
-def _documents(corpus: str) -> tuple[list[int], list[str]]:
+def _documents(corpus: str, subset: int | None, num_subsets: int | None
+               ) -> tuple[list[int], list[str]]:
     """The corpus's document ids and texts, refused when fewer than two are non-empty."""
-    rows = read_corpus(corpus, flag="--corpus")
-    if "text" not in rows.columns:
-        raise SelftrainError(f"--corpus {corpus}: has no 'text' column; pairs are found "
-                             "between document texts")
-    stored = rows.columns.get("id")
-    ids, texts = [], []
-    for row, text in enumerate(rows.columns["text"]):
-        if text and text.strip():
-            ids.append(int(stored[row]) if stored is not None and stored[row] is not None
-                       else row)
-            texts.append(text)
+    ids, texts = corpus_documents(corpus, "--corpus", subset, num_subsets)
     if len(texts) < 2:
         raise SelftrainError(f"--corpus {corpus}: {len(texts)} non-empty document(s); pairs "
                              "need at least two")
-    if len(set(ids)) != len(ids):
-        raise SelftrainError(f"--corpus {corpus}: its 'id' column repeats ids; give each "
-                             "document its own id (or drop the column to use row numbers)")
     return ids, texts
 
 

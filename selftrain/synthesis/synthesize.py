@@ -16,6 +16,7 @@ alone (``BOS d2 EOS`` as ``input_ids``, d2 as ``text``) with the id of its seed 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from selftrain.corpus import SCHEMA, check_seed, provenance, read_corpus
+from selftrain.corpus import SCHEMA, check_seed, corpus_documents, provenance
 from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
 from selftrain.models import (
     as_dtype,
@@ -37,6 +38,7 @@ from selftrain.models import (
     load_tokenizer,
     parse_model_spec,
     resolve_bos_id,
+    weights_digest,
 )
 from selftrain.outputs import refuse_input_overlap
 from selftrain.sampling.generate import claim_shards, finish_corpus
@@ -50,7 +52,8 @@ log = logging.getLogger(__name__)
 SYNTHESIZER_VERSION = "sbp-prompted/1"
 """Bump when a change here changes what a given (seed, id) synthesizes."""
 SBP_SCHEMA = SCHEMA.append(pa.field("seed_id", pa.int64()))
-FLAG_KEYS = ("synthesizer", "seeds", "num_samples", "max_new_tokens", "temperature", "top_p",
+FLAG_KEYS = ("synthesizer", "seeds", "seeds_sha256", "seeds_subset", "seeds_num_subsets",
+             "num_samples", "max_new_tokens", "temperature", "top_p",
              "top_k", "seed", "num_subsets", "shard_size", "dtype", "version")
 """Spec keys known from the flags alone (checked before the synthesizer loads)."""
 
@@ -70,6 +73,8 @@ def synthesize(
     shard_size: int = 10_000,
     separator: str | None = None,
     max_d1_tokens: int | None = None,
+    seeds_subset: int | None = None,
+    seeds_num_subsets: int | None = None,
     dtype: str = "float32",
     device: str = "auto",
     overwrite: bool = False,
@@ -99,6 +104,10 @@ def synthesize(
         separator: text between d1 and d2; None takes the one the synthesizer's export
             records (an export without one needs it given).
         max_d1_tokens: d1 is cut to this many tokens; None takes the export's.
+        seeds_subset: draw seeds from subset k of ``seeds`` only (0..K-1), as
+            ``--data.subset`` selects it; None draws from every document.
+        seeds_num_subsets: K for ``seeds_subset``; None takes the corpus's own ``subset``
+            column, another K takes row i into subset i mod K.
         dtype: float32, bfloat16 or float16 for the synthesizer's weights.
         device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
         overwrite: replace an existing corpus written with other settings.
@@ -109,6 +118,11 @@ def synthesize(
     _validate(synthesizer, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
               seed, num_subsets, shard_size, max_d1_tokens, dtype, device)
     layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
+    for flag, given, trained in (("--separator", separator, layout.get("separator")),
+                                 ("--max_d1_tokens", max_d1_tokens, layout.get("max_d1_tokens"))):
+        if given is not None and trained is not None and given != trained:
+            log.warning("%s %r differs from the %r the synthesizer was trained with: its "
+                        "prompts will not look like its training rows", flag, given, trained)
     separator = layout.get("separator") if separator is None else separator
     max_d1_tokens = layout.get("max_d1_tokens") if max_d1_tokens is None else max_d1_tokens
     if separator is None or max_d1_tokens is None:
@@ -118,8 +132,13 @@ def synthesize(
                              f"{missing} as the synthesizer was trained")
     target = Path(out)
     refuse_input_overlap(target, [("--synthesizer", synthesizer), ("--seeds", seeds)])
-    seed_ids, seed_texts = _seed_documents(seeds)
+    seed_ids, seed_texts = corpus_documents(seeds, "--seeds", seeds_subset, seeds_num_subsets,
+                                            "--seeds_subset")
+    if not seed_texts:
+        raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
     flags = {"synthesizer": synthesizer, "seeds": str(Path(seeds).resolve()),
+             "seeds_sha256": _seeds_digest(seed_ids, seed_texts), "seeds_subset": seeds_subset,
+             "seeds_num_subsets": seeds_num_subsets,
              "seed_documents": len(seed_texts), "num_samples": num_samples,
              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
              "top_k": top_k, "seed": seed, "num_subsets": num_subsets,
@@ -136,7 +155,9 @@ def synthesize(
     eos_id = tokenizer.eos_token_id
     record = provenance(tokenizer, synthesizer, bos_id, bos_source, eos_id,
                         source_config=model.config)
+    _check_length(model, sep_ids, max_d1_tokens, max_new_tokens)
     spec = {**flags, "revision": record["source"]["revision"],
+            **({"weights_sha256": weights} if (weights := weights_digest(synthesizer)) else {}),
             "tokenizer_fingerprint": record["tokenizer"]["fingerprint"], "bos_token_id": bos_id}
     corpus = ShardedCorpus(target, spec, num_samples, shard_size, schema=SBP_SCHEMA)
     action = corpus.check(overwrite)
@@ -164,6 +185,7 @@ def synthesize(
     manifest = {"kind": "sbp", **record, "seed": seed, "num_subsets": num_subsets,
                 "decontamination": None,
                 "seeds": {"corpus": str(seeds), "documents": len(seed_texts),
+                          "subset": seeds_subset, "num_subsets": seeds_num_subsets,
                           "draw": "uniform with replacement, seed document of sample i from "
                                   "(seed, i)"},
                 "pair_layout": {"separator": separator, "max_d1_tokens": max_d1_tokens},
@@ -171,6 +193,25 @@ def synthesize(
                              "max_new_tokens": max_new_tokens, "dtype": dtype,
                              "sampler": SYNTHESIZER_VERSION}}
     return finish_corpus(corpus, manifest, seconds, world, samples_all, tokens_all)
+
+
+def _seeds_digest(ids: list[int], texts: list[str]) -> str:
+    """A short hash of the seed documents (ids and texts), so edited seeds never resume."""
+    digest = hashlib.sha256()
+    for key, text in zip(ids, texts, strict=True):
+        digest.update(f"{key}\0{text}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_length(model, sep_ids: list[int], max_d1_tokens: int, max_new_tokens: int) -> None:
+    """Refuse prompts plus documents longer than the synthesizer's context, before writing."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = 1 + max_d1_tokens + len(sep_ids) + max_new_tokens
+    if context is not None and longest > context:
+        raise SelftrainError(f"--max_new_tokens {max_new_tokens}: BOS, {max_d1_tokens} tokens of "
+                             f"d1 (--max_d1_tokens), the {len(sep_ids)}-token separator and the "
+                             f"new document make {longest} tokens, more than the synthesizer's "
+                             f"context ({context}); lower --max_new_tokens or --max_d1_tokens")
 
 
 def seed_row(seed: int, sample: int, documents: int) -> int:
@@ -221,23 +262,6 @@ class SeedPrompts:
                                                   self.max_d1_tokens),
                           max_new_tokens=max_new_tokens) for i in samples]
         return prompts, {i: self.ids[row] for i, row in rows.items()}
-
-
-def _seed_documents(seeds: str) -> tuple[list[int], list[str]]:
-    """The seed corpus's ids and non-empty texts."""
-    corpus = read_corpus(seeds, flag="--seeds")
-    if "text" not in corpus.columns:
-        raise SelftrainError(f"--seeds {seeds}: has no 'text' column; seeds are documents")
-    stored = corpus.columns.get("id")
-    ids, texts = [], []
-    for row, text in enumerate(corpus.columns["text"]):
-        if text and text.strip():
-            ids.append(int(stored[row]) if stored is not None and stored[row] is not None
-                       else row)
-            texts.append(text)
-    if not texts:
-        raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
-    return ids, texts
 
 
 def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int],

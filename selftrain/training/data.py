@@ -64,9 +64,10 @@ class CorpusDataModule(L.LightningDataModule):
         corpus: corpus dir (manifest.json + data/*.parquet) or a .jsonl/.parquet/.txt file;
             or a list of them, trained on together (their rows concatenated), as
             ``selftrain sweep`` does in ``mode: accumulate``. In a list, ``subset`` selects
-            in each corpus except those sampled for one student (``num_subsets: 1`` in their
-            manifest), which are taken whole. A pairs dir (``selftrain pairs``) trains an SBP
-            synthesizer: ``BOS d1 SEP d2 EOS`` rows, loss on d2 only.
+            in each corpus except those a model sampled for one student (``kind`` synthetic
+            or sbp and ``num_subsets: 1`` in their manifest), which are taken whole. A pairs
+            dir (``selftrain pairs``) trains an SBP synthesizer: ``BOS d1 SEP d2 EOS`` rows,
+            loss on d2 only.
         tokenizer: the student's model spec; under ``selftrain fit`` it is linked to
             ``--model.model`` and set for you.
         max_length: longest training sequence in tokens, BOS included; longer rows are cut.
@@ -223,7 +224,8 @@ class CorpusDataModule(L.LightningDataModule):
             rows = self._pair_rows(path, flag)
             return rows, False, len(rows)
         corpus = read_corpus(path, flag=flag)
-        if in_list and (corpus.manifest or {}).get("num_subsets") == 1:
+        manifest = corpus.manifest or {}
+        if in_list and manifest.get("num_subsets") == 1 and manifest.get("kind") in SAMPLED:
             use_subset = False  # sampled for one student: all of it is that student's
         tokenizer = self._tokenizer
         keep = (select_subset(corpus, hp.subset, hp.num_subsets, path) if use_subset
@@ -360,6 +362,9 @@ class CorpusDataModule(L.LightningDataModule):
             raise SelftrainError("selftrain test needs --data.eval_corpus (a held-out corpus)")
         return self.val_dataloader()
 
+
+SAMPLED = ("synthetic", "sbp")
+"""Corpus kinds a model sampled: in a list, one sampled for a single student is taken whole."""
 
 STUDENT_FLAG = "--model.model"
 """The flag the student's spec (the data's ``tokenizer``) comes from under ``selftrain fit``."""

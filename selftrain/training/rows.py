@@ -1,49 +1,22 @@
 """A corpus's rows as the student's token ids: subset selection, id reuse or retokenizing.
 
 :class:`selftrain.training.data.CorpusDataModule` reads a corpus and hands it here. Rows of one
-of K disjoint subsets are kept if asked (the corpus's own ``subset`` column, or row i -> i mod K
-for another K). The stored ``input_ids`` are reused when they are the student's (same
-tokenizer fingerprint, or declared so) and checked against its vocabulary; otherwise ``text``
-is retokenized with the student's tokenizer, the student's BOS id prepended and EOS appended to
-rows that finished.
+of K disjoint subsets are kept if asked (:func:`selftrain.corpus.select_subset`: the corpus's own
+``subset`` column, or row i -> i mod K for another K). The stored ``input_ids`` are reused when
+they are the student's (same tokenizer fingerprint, or declared so) and checked against its
+vocabulary; otherwise ``text`` is retokenized with the student's tokenizer, the student's BOS id
+prepended and EOS appended to rows that finished.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from selftrain.corpus import Corpus
+from selftrain.corpus import Corpus, select_subset
 from selftrain.errors import SelftrainError
 from selftrain.models import resolve_bos_id
 
-
-def select_subset(corpus: Corpus, subset: int | None, num_subsets: int | None,
-                  path: str) -> list[int]:
-    """Indices of the rows in subset ``subset`` (every row when None).
-
-    Args:
-        corpus: the training corpus.
-        subset: ``--data.subset`` k.
-        num_subsets: ``--data.num_subsets`` K; None, or the corpus's own K, uses its
-            ``subset`` column; another K takes row i into subset i mod K.
-        path: the corpus path, named in error messages.
-    """
-    rows = range(len(corpus))
-    if subset is None:
-        return list(rows)
-    column = corpus.columns.get("subset")
-    stored_k = (corpus.manifest or {}).get("num_subsets")
-    if num_subsets is None or (column is not None and num_subsets == stored_k):
-        if column is None:
-            raise SelftrainError(f"--data.subset {subset}: {path} has no 'subset' "
-                                 "column; also set --data.num_subsets K")
-        keep = [i for i in rows if column[i] == subset]
-    else:
-        keep = [i for i in rows if i % num_subsets == subset]
-    if not keep:
-        raise SelftrainError(f"--data.subset {subset}: no rows of {path} are in "
-                             "that subset; pick a subset the corpus has")
-    return keep
+__all__ = ["retokenize", "reuse_ids", "select_subset", "stored_ids"]
 
 
 def reuse_ids(corpus: Corpus, same_tokenizer: bool | None, fingerprint: Callable[[], str],
