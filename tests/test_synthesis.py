@@ -98,6 +98,21 @@ def test_pairs_are_the_known_neighbours_and_the_copy_is_dropped(pairs_dir):
     assert manifest["counts"]["pairs"] == len(table)
 
 
+def test_pairs_of_one_subset_stay_inside_it(tmp_path):
+    from selftrain.synthesis.pairs import pairs
+
+    docs = known_neighbours(tmp_path / "docs.jsonl")
+    out = pairs(str(docs), str(tmp_path / "pairs"), threshold=-1.0, top_k=3, subset=1,
+                num_subsets=2, device="cpu")
+    import pandas as pd
+
+    table = pd.read_parquet(out / "data" / "pairs.parquet")
+    rows = [json.loads(line)["id"] for line in docs.read_text().splitlines()]
+    odd = {rows[i] for i in range(1, len(rows), 2)}  # subset 1 of 2: rows 1, 3, 5, ...
+    assert set(table.d1_id) | set(table.d2_id) <= odd and len(table) > 0
+    assert manifest_of(out)["documents"] == len(odd)
+
+
 def tiny_tokenizer():
     from selftrain.models import load_tokenizer
 
@@ -168,6 +183,25 @@ def test_a_synthesizer_fit_on_pairs_exports_its_layout_and_synthesize_reads_it(
     assert manifest["source"]["model"] == str(export)
 
 
+def test_synthesis_prompts_are_the_training_rows_up_to_d2(pairs_dir):
+    """SeedPrompts builds, for a seed d1, exactly the tokens a training row puts before d2."""
+    from selftrain.synthesis.synthesize import SeedPrompts
+    from selftrain.training.data import CorpusDataModule
+
+    data = CorpusDataModule(str(pairs_dir), tokenizer="tiny:qwen2", max_length=80,
+                            batch_size=4)
+    data.load()
+    layout = data.pair_layout
+    import pandas as pd
+
+    table = pd.read_parquet(pairs_dir / "data" / "pairs.parquet")
+    for row, d1 in zip(data.rows, table.d1_text, strict=True):
+        seeding = SeedPrompts(0, [7], [d1], layout["separator_ids"], layout["bos_token_id"],
+                              layout["max_d1_tokens"])
+        (prompt,), seeds = seeding.prompts([0], tiny_tokenizer(), max_new_tokens=5)
+        assert prompt.tokens == row["input_ids"][:row["loss_from"]] and seeds == {0: 7}
+
+
 @pytest.fixture(scope="module")
 def synthesizer(tmp_path_factory) -> Path:
     """A tiny Qwen2 saved as a synthesizer export (with the pair layout fit would record)."""
@@ -212,6 +246,29 @@ def test_synthesis_killed_resumes_to_exactly_n_rows_as_one_run_writes_them(
     assert manifest["kind"] == "sbp" and manifest["counts"]["written"] == 240
     assert manifest["pair_layout"]["separator"] == DEFAULT_SEPARATOR
     assert manifest["timing"]["samples_this_run"] < 240
+
+
+def test_a_synthesizer_trained_again_in_place_does_not_complete_the_old_corpus(
+        tmp_path, synthesizer):
+    import shutil
+
+    import torch
+
+    from selftrain.errors import SelftrainError
+    from selftrain.models import load_model
+    from selftrain.synthesis.synthesize import synthesize
+
+    export = Path(shutil.copytree(synthesizer, tmp_path / "hf"))
+    seeds = str(known_neighbours(tmp_path / "seeds.jsonl"))
+    out = str(tmp_path / "sbp")
+    synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")
+    synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")  # done
+    model = load_model(str(export))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1.5)
+    model.save_pretrained(export)  # same path, same config: new weights
+    with pytest.raises(SelftrainError, match="weights_sha256"):
+        synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")
 
 
 def test_synthesis_continues_bos_seed_separator_as_greedy_generate_does(tmp_path, synthesizer):

@@ -29,6 +29,8 @@ def exact_neighbours(vectors: np.ndarray, k: int, block: int = 4096
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar other documents of every document, exactly.
 
+    Memory is the block's similarities, ``4 x block x N`` bytes, plus the top k kept.
+
     Args:
         vectors: ``[N, dim]`` unit-length embeddings (N >= 2).
         k: neighbours per document; at most N - 1 are returned.
@@ -36,7 +38,7 @@ def exact_neighbours(vectors: np.ndarray, k: int, block: int = 4096
 
     Returns:
         (similarities, indices), each ``[N, min(k, N - 1)]``, most similar first; a document
-        is never its own neighbour. Ties go to the lower index.
+        is never its own neighbour. Exact ties are ordered as ``torch.topk`` orders them.
     """
     matrix = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     count = matrix.shape[0]
@@ -48,10 +50,9 @@ def exact_neighbours(vectors: np.ndarray, k: int, block: int = 4096
         sims = matrix[start:stop] @ matrix.T
         rows = torch.arange(stop - start)
         sims[rows, rows + start] = -torch.inf
-        # sort (stable) rather than topk, so ties break by index on every machine
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
-        scores[start:stop] = torch.gather(sims, 1, order).numpy()
-        indices[start:stop] = order.numpy()
+        top = torch.topk(sims, k, dim=1, largest=True, sorted=True)
+        scores[start:stop] = top.values.numpy()
+        indices[start:stop] = top.indices.numpy()
     return scores, indices
 
 

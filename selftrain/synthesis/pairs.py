@@ -79,8 +79,8 @@ def pairs(
         num_subsets: K; None takes the corpus's own ``subset`` column, another K takes row i
             into subset i mod K (as ``--data.num_subsets``).
         embed_batch_size: documents per embedding forward pass.
-        block_size: documents per block of the exact search (memory about ``8 x block x N``
-            bytes: the block's similarities and the top k kept).
+        block_size: documents per block of the exact search (memory ``4 x block x N``
+            bytes: the block's similarities).
         device: "auto", "cpu" or "cuda[:N]" for the embedding model.
         overwrite: replace a pairs dir already at ``out``.
 
