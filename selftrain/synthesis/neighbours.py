@@ -9,8 +9,9 @@ thousand documents; :func:`faiss_neighbours` hands the same question to a FAISS 
 A pair of near-copies teaches the synthesizer to copy, not to write a related document, so
 pairs are tested with :func:`overlap`: the share of the shorter document's word n-grams
 (lower-cased, whitespace-split) that also occur in the other one. 1.0 means one document is
-contained in the other; two unrelated texts score near 0. Documents shorter than n words are
-compared as whole normalized strings (1.0 when equal, else 0.0).
+contained in the other; two unrelated texts score near 0. When either document is shorter
+than n words the two are compared as whole normalized strings (1.0 when equal, else 0.0), so a
+short document inside a long one is not caught; with n = 5 such documents are one short line.
 """
 
 from __future__ import annotations

@@ -66,6 +66,10 @@ def mixture_plan(lengths: Sequence[Sequence[int]], weights: Sequence[float],
     records = []
     for j, (rows, share) in enumerate(zip(lengths, shares, strict=True)):
         target = share * tokens
+        if target > 0 and not rows:
+            raise SelftrainError(f"--data.mixture_weights: corpus {j + 1} has weight "
+                                 f"{weights[j]} but no rows to train on; give it weight 0 or "
+                                 "leave it out")
         order = np.random.default_rng([seed, j]).permutation(len(rows))
         chosen, got = [], 0
         while got + 0.5 < target:
