@@ -13,7 +13,8 @@
    synthetic documents beside their seeds, the grid, the commands and the wall times.
 
 Rerunning resumes (the sweep's records). Flags: ``--out DIR`` (default runs/sbp-mini; the
-grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""`` skips the copy).
+grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""`` skips the copy),
+``--publish_only`` (copy a finished run again; its wall time is then the sum of the steps').
 """
 
 from __future__ import annotations
@@ -62,8 +63,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/sbp-mini")
     parser.add_argument("--publish", default="docs/sbp-mini")
     parser.add_argument("--real", type=int, default=96, help="documents of the real corpus")
+    parser.add_argument("--publish_only", action="store_true",
+                        help="copy a finished run into --publish without running anything")
     args = parser.parse_args()
     out = REPO / args.out
+    if args.publish_only:
+        seconds = json.loads((out / ".sweep" / "summary.json").read_text())["seconds"]
+        publish(out, REPO / args.publish, sum(v or 0.0 for v in seconds.values()),
+                {"real": args.real, "oracle": 2 * args.real}, "sum of the steps")
+        return
     start = time.perf_counter()
     counts = write_real_text(out, args.real)
     print(f"real text: {counts} documents -> {out}", flush=True)
@@ -74,16 +82,17 @@ def main() -> None:
         publish(out, REPO / args.publish, total, counts)
 
 
-def examples(out: Path, count: int = 3) -> list[str]:
-    """Markdown of the first synthetic documents beside the start of their seeds."""
+def examples(corpus: Path, seeds_file: Path, count: int = 3) -> list[str]:
+    """Markdown of a synthetic corpus's first documents beside the start of their seeds."""
     import pyarrow.parquet as pq
 
     seeds = {json.loads(line)["id"]: json.loads(line)["text"]
-             for line in (out / "real.jsonl").read_text().splitlines()}
-    table = pq.read_table(out / "corpora" / "g1" / "sbp" / "data").to_pylist()
+             for line in seeds_file.read_text().splitlines()}
+    table = pq.read_table(corpus / "data").to_pylist()
     lines = []
     for row in table[:count]:
-        lines += [f"### Synthetic document {row['id']} (seed document {row['seed_id']})", "",
+        lines += [f"### {corpus.name}: synthetic document {row['id']} (seed document "
+                  f"{row['seed_id']})", "",
                   "Seed (first 400 characters):", "", "```text",
                   seeds[row["seed_id"]][:400].replace("```", "'''"), "```", "",
                   "Synthesized (first 600 characters):", "", "```text",
@@ -91,7 +100,8 @@ def examples(out: Path, count: int = 3) -> list[str]:
     return lines
 
 
-def publish(out: Path, target: Path, total: float, counts: dict[str, int]) -> None:
+def publish(out: Path, target: Path, total: float, counts: dict[str, int],
+            timed: str = "the whole script") -> None:
     """Copy the report and the run's record into ``target``, replacing what was there."""
     record = json.loads((out / ".sweep" / "summary.json").read_text())
     if target.exists():
@@ -99,8 +109,12 @@ def publish(out: Path, target: Path, total: float, counts: dict[str, int]) -> No
     shutil.copytree(out / "report" / "figures", target / "figures")
     for name in ("summary.md", "scalars.csv"):
         shutil.copy(out / "report" / name, target / name)
-    shutil.copy(out / "pairs" / "manifest.json", target / "pairs_manifest.json")
-    shutil.copy(out / "corpora" / "g1" / "sbp" / "manifest.json", target / "sbp_manifest.json")
+    subsets = sorted(path.name for path in (out / "pairs").iterdir() if path.is_dir())
+    for subset in subsets:  # one pairs dir and synthetic corpus per subset
+        shutil.copy(out / "pairs" / subset / "manifest.json",
+                    target / f"pairs_manifest_{subset}.json")
+        shutil.copy(out / "corpora" / "g1" / "sbp" / subset / "manifest.json",
+                    target / f"sbp_manifest_{subset}.json")
     shutil.copy(REPO / GRID, target / "grid.yaml")
     shutil.copy(out / ".sweep" / "commands.sh", target / "commands.sh")
     seconds = record.get("seconds", {})
@@ -110,9 +124,11 @@ def publish(out: Path, target: Path, total: float, counts: dict[str, int]) -> No
              f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
              f"Python {platform.python_version()}",
              f"- real documents: {counts['real']} (oracle: {counts['oracle']})",
-             f"- wall time: {total:.0f} s", "", "| step | seconds |", "|---|---|"]
+             f"- wall time: {total:.0f} s ({timed})", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {value:.0f} |" for step, value in seconds.items() if value]
-    lines += ["", "## Synthetic documents beside their seeds", "", *examples(out)]
+    lines += ["", "## Synthetic documents beside their seeds", ""]
+    for subset in subsets:
+        lines += examples(out / "corpora" / "g1" / "sbp" / subset, out / "real.jsonl", count=2)
     (target / "RUN.md").write_text("\n".join(lines) + "\n")
     print(f"published {target}", flush=True)
 
