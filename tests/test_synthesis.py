@@ -90,7 +90,9 @@ def test_pairs_are_the_known_neighbours_and_the_copy_is_dropped(pairs_dir):
     by_d1 = dict(zip(table.d1_id, table.d2_id, strict=True))
     for t in range(1, len(TOPICS)):  # topic 0 has the copy: its top-1 is the copy itself
         assert by_d1[2 * t] == 2 * t + 1 and by_d1[2 * t + 1] == 2 * t
-    assert 100 not in set(table.d2_id) | set(table.d1_id)  # 0 <-> 100 is a near-copy
+    pairs = {frozenset(pair) for pair in zip(table.d1_id, table.d2_id, strict=True)}
+    assert frozenset({0, 100}) not in pairs  # 0 and 100 are the same text: a near-copy
+    assert by_d1[1] in (0, 100)  # either copy is 1's paraphrase (an exact tie)
     assert (table.similarity >= 0.3).all() and (table.d1_id != table.d2_id).all()
     manifest = manifest_of(pairs_dir)
     assert manifest["kind"] == "pairs" and manifest["documents"] == 11
