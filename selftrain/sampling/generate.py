@@ -23,8 +23,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +115,10 @@ def generate(
     rank, world = init_distributed(target_device)
     tokenizer = load_tokenizer(model, flag="--model")
     source = load_model(model, dtype=dtype, flag="--model").to(target_device).eval()
-    record = _source_provenance(model, tokenizer, source, bos_token_id)
+    record = source_provenance(model, tokenizer, source, bos_token_id)
     description = {"kind": "synthetic", **record, "seed": seed, "num_subsets": num_subsets,
                    "decontamination": None}
-    resolved = _resolved_spec(record)
-    weights = weights_digest(model)  # a local dir (an export) may be retrained in place
-    if weights is not None:
-        resolved["weights_sha256"] = weights
+    resolved = resolved_spec(model, record)
     corpora = {t: ShardedCorpus(target, {**flags, "temperature": t, **resolved},
                                 num_samples, shard_size) for t, target in targets.items()}
     written = []
@@ -134,8 +132,10 @@ def generate(
                         "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens, "dtype": dtype,
                                      "sampler": SAMPLER_VERSION}}
-            path = _sample_corpus(corpus, sampler, tokenizer, manifest, model, overwrite, rank,
-                                  world)
+            path = fill_corpus(corpus, partial(_fill_shards, corpus, sampler, tokenizer,
+                                               num_subsets=num_subsets, source_name=model,
+                                               rank=rank),
+                               manifest, overwrite, rank, world)
             if path is not None:
                 written.append(path)
     except KeyboardInterrupt as interrupt:
@@ -180,15 +180,16 @@ def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], nu
             overwrite, compare=FLAG_KEYS)
 
 
-def _source_provenance(model: str, tokenizer, source, bos_token_id: int | None
-                       ) -> dict[str, Any]:
+def source_provenance(model: str, tokenizer, source, bos_token_id: int | None,
+                      flag: str = "--bos_token_id") -> dict[str, Any]:
     """Resolve the source's BOS and EOS ids, check the BOS id, and record where they came from.
 
     Args:
         model: the source's spec.
         tokenizer: its tokenizer.
         source: the loaded source model.
-        bos_token_id: the ``--bos_token_id`` override, or None.
+        bos_token_id: the BOS override (``--bos_token_id``), or None.
+        flag: where the override came from, named when it is outside the vocabulary.
 
     Returns:
         The manifest's provenance fields (:func:`selftrain.corpus.provenance`).
@@ -198,21 +199,50 @@ def _source_provenance(model: str, tokenizer, source, bos_token_id: int | None
         source.config.eos_token_id)
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
-    check_token_id(bos_id, source.get_input_embeddings().weight.shape[0], "--bos_token_id")
+    check_token_id(bos_id, source.get_input_embeddings().weight.shape[0], flag)
     return provenance(tokenizer, model, bos_id, bos_source, eos_id, source_config=source.config)
 
 
-def _resolved_spec(record: dict[str, Any]) -> dict[str, Any]:
-    """The spec keys known only once the model is loaded, from its provenance record."""
-    return {"revision": record["source"]["revision"],
+def resolved_spec(model: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The spec keys known only once the model is loaded, from its provenance record.
+
+    A local model dir (an ``hf/epoch=N`` export may be trained again in place) adds the hash
+    of its weight files, which its config-only revision does not cover.
+
+    Args:
+        model: the model's spec.
+        record: its provenance (:func:`source_provenance`).
+    """
+    spec = {"revision": record["source"]["revision"],
             "tokenizer_fingerprint": record["tokenizer"]["fingerprint"],
             "resolved_bos_token_id": record["bos_token_id"],
             "eos_token_id": record["eos_token_id"]}
+    weights = weights_digest(model)
+    if weights is not None:
+        spec["weights_sha256"] = weights
+    return spec
 
 
-def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manifest: dict,
-                   source_name: str, overwrite: bool, rank: int, world: int) -> Path | None:
-    """Fill the missing shards this rank owns, then (rank 0) write the manifest."""
+def fill_corpus(corpus: ShardedCorpus, fill: Callable[[list[int]], tuple[int, int, float]],
+                manifest: dict[str, Any], overwrite: bool, rank: int, world: int
+                ) -> Path | None:
+    """Fill the missing shards this rank owns, then (rank 0) write the manifest.
+
+    The whole life of a sharded corpus, whatever writes its rows (``generate``,
+    ``synthesize``): replace beside or resume, skip a finished one, claim shards, fill them,
+    total the counts over ranks, finish on rank 0.
+
+    Args:
+        corpus: the corpus dir.
+        fill: writes the rows of the given shards; returns (tokens, samples, seconds).
+        manifest: the manifest's fields (counts and timing are added).
+        overwrite: an existing corpus with other settings may be replaced.
+        rank: this process's rank.
+        world: the number of processes.
+
+    Returns:
+        The corpus dir on rank 0 (and on every rank when it was already complete), else None.
+    """
     action = corpus.check(overwrite)
     if action == "replace":  # filled beside --out; the old corpus goes once the new is whole
         action = corpus.stage_replacement()
@@ -220,9 +250,7 @@ def _sample_corpus(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, manife
     if action == "done":
         log.info("%s is already complete with these settings; nothing to do", corpus.out)
         return corpus.out
-    mine = claim_shards(corpus, action, rank, world)
-    tokens, samples, seconds = _fill_shards(corpus, sampler, tokenizer, mine,
-                                            manifest["num_subsets"], source_name, rank)
+    tokens, samples, seconds = fill(claim_shards(corpus, action, rank, world))
     tokens_all, samples_all = sum_over_ranks([tokens, samples], world)
     barrier(world)
     if rank != 0:
@@ -250,7 +278,7 @@ def claim_shards(corpus: ShardedCorpus, action: str, rank: int, world: int) -> l
     return missing[rank::world]
 
 
-def _fill_shards(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, shards: list[int],
+def _fill_shards(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, shards: list[int], *,
                  num_subsets: int, source_name: str, rank: int) -> tuple[int, int, float]:
     """Sample every id of the given shards, writing each shard as soon as it is complete.
 

@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from selftrain.corpus import SCHEMA, check_seed, corpus_documents, provenance
+from selftrain.corpus import SCHEMA, check_seed, corpus_documents
 from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
 from selftrain.models import (
     as_dtype,
@@ -37,13 +38,11 @@ from selftrain.models import (
     load_model,
     load_tokenizer,
     parse_model_spec,
-    resolve_bos_id,
-    weights_digest,
 )
 from selftrain.outputs import refuse_input_overlap
-from selftrain.sampling.generate import claim_shards, finish_corpus
+from selftrain.sampling.generate import fill_corpus, resolved_spec, source_provenance
 from selftrain.sampling.prompted import Prompt, PromptedDecoder
-from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
+from selftrain.sampling.ranks import init_distributed, pick_device
 from selftrain.sampling.shards import ShardedCorpus
 from selftrain.synthesis.layout import prompt_ids, separator_ids
 
@@ -151,37 +150,16 @@ def synthesize(
     tokenizer = load_tokenizer(synthesizer, flag="--synthesizer")
     sep_ids = separator_ids(tokenizer, separator, "--separator")
     model = load_model(synthesizer, dtype=dtype, flag="--synthesizer").to(torch_device).eval()
-    bos_id, bos_source = resolve_bos_id(tokenizer, model.config, layout.get("bos_token_id"))
-    eos_id = tokenizer.eos_token_id
-    record = provenance(tokenizer, synthesizer, bos_id, bos_source, eos_id,
-                        source_config=model.config)
+    record = source_provenance(synthesizer, tokenizer, model, layout.get("bos_token_id"),
+                               flag="--synthesizer")
     _check_length(model, sep_ids, max_d1_tokens, max_new_tokens)
-    spec = {**flags, "revision": record["source"]["revision"],
-            **({"weights_sha256": weights} if (weights := weights_digest(synthesizer)) else {}),
-            "tokenizer_fingerprint": record["tokenizer"]["fingerprint"], "bos_token_id": bos_id}
-    corpus = ShardedCorpus(target, spec, num_samples, shard_size, schema=SBP_SCHEMA)
-    action = corpus.check(overwrite)
-    if action == "replace":
-        action = corpus.stage_replacement()
-    barrier(world)
-    if action == "done":
-        log.info("%s is already complete with these settings; nothing to do", corpus.out)
-        return corpus.out
-    decoder = PromptedDecoder(model, eos_id, batch_size, temperature=temperature, seed=seed,
-                              top_k=top_k, top_p=top_p, vocab_size=len(tokenizer),
+    corpus = ShardedCorpus(target, {**flags, **resolved_spec(synthesizer, record)}, num_samples,
+                           shard_size, schema=SBP_SCHEMA)
+    decoder = PromptedDecoder(model, record["eos_token_id"], batch_size, temperature=temperature,
+                              seed=seed, top_k=top_k, top_p=top_p, vocab_size=len(tokenizer),
                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    seeding = SeedPrompts(seed, seed_ids, seed_texts, sep_ids, bos_id, max_d1_tokens)
-    mine = claim_shards(corpus, action, rank, world)
-    try:
-        tokens, samples, seconds = _fill(corpus, decoder, tokenizer, mine, seeding,
-                                         max_new_tokens, num_subsets, synthesizer, rank)
-    except KeyboardInterrupt as interrupt:
-        raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
-                          "shards; rerun the same command to resume") from interrupt
-    tokens_all, samples_all = sum_over_ranks([tokens, samples], world)
-    barrier(world)
-    if rank != 0:
-        return corpus.out
+    seeding = SeedPrompts(seed, seed_ids, seed_texts, sep_ids, record["bos_token_id"],
+                          max_d1_tokens)
     manifest = {"kind": "sbp", **record, "seed": seed, "num_subsets": num_subsets,
                 "decontamination": None,
                 "seeds": {"corpus": str(seeds), "documents": len(seed_texts),
@@ -192,7 +170,15 @@ def synthesize(
                 "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                              "max_new_tokens": max_new_tokens, "dtype": dtype,
                              "sampler": SYNTHESIZER_VERSION}}
-    return finish_corpus(corpus, manifest, seconds, world, samples_all, tokens_all)
+    fill = partial(_fill, corpus, decoder, tokenizer, seeding=seeding,
+                   max_new_tokens=max_new_tokens, num_subsets=num_subsets, source=synthesizer,
+                   rank=rank)
+    try:
+        path = fill_corpus(corpus, fill, manifest, overwrite, rank, world)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
+                          "shards; rerun the same command to resume") from interrupt
+    return path or corpus.out
 
 
 def _seeds_digest(ids: list[int], texts: list[str]) -> str:
@@ -264,7 +250,7 @@ class SeedPrompts:
         return prompts, {i: self.ids[row] for i, row in rows.items()}
 
 
-def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int],
+def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int], *,
           seeding: SeedPrompts, max_new_tokens: int, num_subsets: int, source: str,
           rank: int) -> tuple[int, int, float]:
     """Synthesize every id of the given shards, writing each shard once it is complete.
