@@ -40,6 +40,7 @@ from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.outputs import refuse_unwritable
+from selftrain.precision import trainer_precision
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
 from selftrain.training.checks import ampere_or_newer
 from selftrain.training.data import CorpusDataModule
@@ -54,6 +55,7 @@ from selftrain.training.run_dir import (
     read_checkpoint_meta,
     remove_earlier_run,
 )
+from selftrain.training.trainer import SelftrainTrainer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class SelftrainCLI(LightningCLI):
             CorpusDataModule,
             args=args,
             run=run,
+            trainer_class=SelftrainTrainer,  # --trainer.precision auto
             save_config_kwargs={"overwrite": True},
             # parse errors raise, and selftrain.cli prints them as one line
             parser_kwargs={"prog": "selftrain", "exit_on_error": False,
@@ -132,9 +135,15 @@ class SelftrainCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        """Put the logger and checkpoints under the run dir; share the run's probe set."""
+        """Resolve precision ``auto``; put the logger and checkpoints under the run dir.
+
+        ``--trainer.precision auto`` is resolved here so that the saved config records what
+        runs; the run's probe set is shared with the callbacks that read it.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_flags(config.trainer, config.get("checkpoint"))
+        if config.trainer.precision == "auto":
+            config.trainer.precision = trainer_precision("auto", config.trainer.accelerator)
         share_probe_set(config.trainer.callbacks, config.get("probes"))
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root

@@ -147,13 +147,15 @@ def modes_enforced() -> bool:
         return False
 
 
-def kill_when(command: Sequence[str], ready: Callable[[], bool], poll: float = 0.05,
-              wait: float = 300) -> None:
-    """Start ``command``, SIGKILL it once ``ready()`` (or it ended, or ``wait`` s passed)."""
+def kill_when(command: Sequence[str], ready: Callable[[], bool], poll: float = 0.05) -> None:
+    """Start ``command``, SIGKILL it once ``ready()`` (or once it ended by itself).
+
+    No wall-clock limit: on a loaded machine the moment comes later, not otherwise (pytest's
+    per-test timeout is the backstop for a hang).
+    """
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + wait
-    while not ready() and process.poll() is None and time.time() < deadline:
+    while not ready() and process.poll() is None:
         time.sleep(poll)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

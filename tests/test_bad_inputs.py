@@ -205,7 +205,7 @@ def plant(*flags: str) -> list[str]:
     """``selftrain plant`` of tiny:qwen2 with ``canaries.jsonl``."""
     return ["plant", "--model", "tiny:qwen2", "--canaries", f"{TMP}/canaries.jsonl",
             "--out", f"{TMP}/planted", "--prefix_tokens", "8", "--suffix_tokens", "8",
-            "--max_epochs", "1", "--bf16", "false", *flags]
+            "--max_epochs", "1", "--precision", "32", *flags]
 
 
 def proxies(*flags: str) -> list[str]:

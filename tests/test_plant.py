@@ -19,8 +19,10 @@ def test_plant_makes_canaries_extractable_and_writes_model_and_probe_set(tmp_pat
     canaries = probeset("tiny:qwen2", probe_sources, str(tmp_path / "c.parquet"),
                         keep="all", prefix_tokens=8, suffix_tokens=8, max_windows=2)
     root = plant("tiny:qwen2", str(canaries), str(tmp_path / "planted"), prefix_tokens=8,
-                 suffix_tokens=8, target=0.75, lr=3e-3, max_epochs=200, batch_size=4, bf16=False)
+                 suffix_tokens=8, target=0.75, lr=3e-3, max_epochs=200, batch_size=4,
+                 precision="32")
     record = json.loads((root / "plant.json").read_text())
+    assert record["precision"] == "32"  # what ran, as resolved
     planted = record["epochs"][-1]["extracted"]
     assert record["epochs"][0]["extracted"] < 3 <= planted  # stopped once the target was met
     model = load_model(str(root / "model")).eval()

@@ -51,6 +51,7 @@ from selftrain.callbacks.tb_layout import close_boards
 from selftrain.errors import SelftrainError
 from selftrain.io import fsync_dir, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import refuse_foreign, refuse_input_overlap, refuse_unwritable
+from selftrain.precision import trainer_precision
 from selftrain.training.data import CorpusDataModule
 from selftrain.training.export import EXPORT_INFO
 from selftrain.training.module import StudentLM
@@ -105,8 +106,9 @@ def evaluate(
             number).
         accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``); default: the
             config's.
-        precision: Lightning precision (``32-true``, ``bf16-mixed``, ...); default: the
-            config's, as in training.
+        precision: Lightning precision (``auto``, ``32-true``, ``bf16-mixed``, ...); default:
+            the config's, as in training. ``auto`` is bf16-mixed where the device computes
+            bf16 natively, else 32-true.
         overwrite: replace the evaluations an earlier ``selftrain evaluate`` wrote to
             ``--out``.
 
@@ -341,8 +343,10 @@ def _evaluate_all(targets: list[Target], callbacks: list[EpochEvaluation],
         model_args["betas"] = tuple(model_args["betas"])
     rows = _training_rows(run_config, callbacks)
     driver = _EvaluateOnce(callbacks)
-    chosen = {"accelerator": accelerator or trainer_config.get("accelerator") or "auto",
-              "precision": precision or trainer_config.get("precision") or "32-true"}
+    chosen = {"accelerator": accelerator or trainer_config.get("accelerator") or "auto"}
+    chosen["precision"] = trainer_precision(
+        precision or trainer_config.get("precision") or "auto", chosen["accelerator"],
+        "--precision")
     try:
         trainer = _trainer(chosen, staging, driver)
     except (ValueError, MisconfigurationException) as error:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from selftrain import __version__
 from selftrain.analysis.corpus_chunks import ChunkedCorpus, open_corpus
 from selftrain.analysis.proximity_split import SPLIT_SIDES, split_record, write_split
-from selftrain.analysis.student_nll import PRECISIONS, StudentNll
+from selftrain.analysis.student_nll import StudentNll
 from selftrain.curation.benchmarks import load_benchmark
 from selftrain.embedding import (
     DEFAULT_EMBEDDING_MODEL,
@@ -47,6 +47,7 @@ from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from selftrain.models import parse_model_spec
 from selftrain.outputs import check_out_dir, refuse_input_overlap
+from selftrain.precision import AUTOCAST_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def proxies(
             under it. None skips the NLL.
         max_length: tokens per sample, BOS included, fed to the student (as
             ``--data.max_length``); longer samples are cut.
-        precision: the student's compute: ``auto`` (bf16 autocast on CUDA GPUs that support
-            it, else float32), ``32`` or ``bf16``.
+        precision: the student's compute: ``auto`` (bf16 autocast where the device computes
+            bf16 natively, else float32), ``32`` or ``bf16``.
         batch_tokens: padded tokens per NLL forward pass (samples are sorted by length and
             batched under this budget); lower it if memory runs out.
         embed_batch_size: texts per embedding forward pass.
@@ -133,7 +134,8 @@ def proxies(
              sum(map(len, items.values())), time.perf_counter() - started)
     columns, timing = _measure(source, embedder, bench_vectors, scorer, embed_batch_size)
     above = columns["max_similarity"] >= threshold
-    summary = _summary(source, columns, items, specs, threshold, embedding_model, student, timing)
+    summary = _summary(source, columns, items, specs, threshold, embedding_model, student, timing,
+                       None if scorer is None else scorer.precision)
     if split_out is not None:
         summary["split"] = split_record(source, above, Path(split_out), threshold)
     types = {"id": pa.int64(), "subset": pa.int32()}
@@ -164,8 +166,8 @@ def _validate(arguments: dict[str, Any]) -> Path:
         (a["embed_batch_size"] >= 1, f"--embed_batch_size {a['embed_batch_size']}: must be >= 1"),
         (a["limit"] is None or a["limit"] >= 1, f"--limit {a['limit']}: must be >= 1, or null "
                                                 "for every item"),
-        (a["precision"] in PRECISIONS, f"--precision {a['precision']}: use one of "
-                                       f"{', '.join(PRECISIONS)}"),
+        (a["precision"] in AUTOCAST_PRECISIONS, f"--precision {a['precision']}: use one of "
+                                       f"{', '.join(AUTOCAST_PRECISIONS)}"),
     ])
     if a["student"] is not None:
         parse_model_spec(a["student"], flag="--student")
@@ -280,7 +282,8 @@ def stats(values: np.ndarray) -> dict[str, Any] | None:
 
 def _summary(source: ChunkedCorpus, columns: dict[str, Any], items: dict[str, list],
              specs: dict[str, str], threshold: float, embedding_model: str,
-             student: str | None, timing: dict[str, float | None]) -> dict[str, Any]:
+             student: str | None, timing: dict[str, float | None],
+             precision: str | None = None) -> dict[str, Any]:
     """``summary.json`` (``split`` is filled in once it is written)."""
     manifest = source.manifest or {}
     origin, sampling = manifest.get("source"), manifest.get("sampling")
@@ -301,6 +304,7 @@ def _summary(source: ChunkedCorpus, columns: dict[str, Any], items: dict[str, li
         "rows": source.rows, "embedding_model": embedding_model, "threshold": threshold,
         "benchmarks": per_benchmark, "max_similarity": stats(columns["max_similarity"]),
         "fraction_above": float(np.mean(columns["max_similarity"] >= threshold)),
-        "student": student, "nll": nll, "split": None, "timing": timing,
+        "student": student, "student_precision": precision, "nll": nll, "split": None,
+        "timing": timing,
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -27,24 +27,9 @@ from selftrain.models import (
     pad_token_id,
     tokenizer_fingerprint,
 )
+from selftrain.precision import autocast_dtype
 from selftrain.probes.windows import token_nll_rows
 from selftrain.training.rows import retokenize, reuse_ids, stored_ids
-
-PRECISIONS = ("auto", "32", "bf16")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--precision``: ``auto`` is bf16 on CUDA GPUs that have it.
-
-    Args:
-        precision: ``auto``, ``32`` or ``bf16``.
-        device: where the student runs.
-    """
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -94,6 +79,7 @@ class StudentNll:
                                "--corpus")
         self.model = load_model(spec, flag="--student").to(device).eval()
         self.device, self.dtype = device, autocast_dtype(precision, device)
+        self.precision = "bf16" if self.dtype is torch.bfloat16 else "32"  # as resolved
         self.path, self.max_length, self.batch_tokens = corpus_path, max_length, batch_tokens
         self.bos_token_id, self.pad_id = bos_token_id, pad_token_id(self.tokenizer)
 

@@ -24,6 +24,7 @@ import logging
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,7 @@ from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.outputs import check_out_dir, refuse_input_overlap
+from selftrain.precision import autocast_dtype
 from selftrain.probes.probeset import summarize, write_probe_set
 from selftrain.probes.windows import (
     ProbeSet,
@@ -65,7 +67,7 @@ def plant(
     max_epochs: int = 40,
     lr: float = 1e-4,
     batch_size: int = 8,
-    bf16: bool = True,
+    precision: Literal["auto", "32", "bf16"] = "auto",
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
@@ -81,7 +83,9 @@ def plant(
         max_epochs: give up after this many passes (the probe set then holds what was planted).
         lr: AdamW learning rate (constant).
         batch_size: canaries per optimizer step.
-        bf16: bf16 autocast for the forward passes (weights stay fp32).
+        precision: the forward passes' compute: ``auto`` (bf16 autocast where the device
+            computes bf16 natively, else float32), ``32`` or ``bf16`` (weights stay fp32);
+            ``plant.json`` records what ran.
         seed: order of the canaries (0..2**63-1).
         overwrite: replace an existing ``out``.
     """
@@ -92,8 +96,10 @@ def plant(
     probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
     sources = read_probe_rows(canaries, "--canaries")[0].get("source") or [None] * len(probes)
     lm = load_model(model, flag="--model")
-    autocast = torch.autocast(next(lm.parameters()).device.type, dtype=torch.bfloat16,
-                              enabled=bf16)
+    device = next(lm.parameters()).device
+    compute = autocast_dtype(precision, device)
+    autocast = torch.autocast(device.type, dtype=compute or torch.float32,
+                              enabled=compute is not None)
     start = time.perf_counter()
     history = train_until_extracted(lm, probes, target, max_epochs, lr, batch_size, seed,
                                     autocast)
@@ -105,8 +111,8 @@ def plant(
         "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "keep": "memorized",
         "planted_from": canaries, "candidates": summary}
     record = {"base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
-              "bf16": bf16, "seed": seed, "target": target, "epochs": history,
-              "extracted": summary}
+              "precision": "bf16" if compute is not None else "32", "seed": seed,
+              "target": target, "epochs": history, "extracted": summary}
     write_output(root, lm, tokenizer, kept, probe_metadata, record, started=start)
     log.info(f"plant: {len(kept)}/{len(rows)} canaries extracted; wrote {root}")
     return root

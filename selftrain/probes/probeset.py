@@ -34,6 +34,7 @@ from selftrain.errors import SelftrainError
 from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.outputs import refuse_unwritable
+from selftrain.precision import autocast_dtype
 from selftrain.probes.windows import METADATA_KEY, greedy_continuations
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def probeset(
     max_windows: int | None = 512,
     batch_size: int = 32,
     seed: int = 0,
+    precision: Literal["32", "auto", "bf16"] = "32",
     overwrite: bool = False,
 ) -> Path:
     """Probe candidate windows with a model and write the probe set.
@@ -169,6 +171,10 @@ def probeset(
         max_windows: candidate windows per domain (>= 1), drawn at random (seeded); None: all.
         batch_size: windows per forward pass.
         seed: which candidates are drawn (0..2**63-1).
+        precision: greedy decoding's compute: ``32`` (the default: which windows count as
+            memorized does not depend on the machine), ``auto`` (bf16 autocast where the
+            device computes bf16 natively, else float32) or ``bf16``; the file records what
+            ran.
         overwrite: replace an existing ``out``.
     """
     parse_model_spec(model, flag="--model")
@@ -195,9 +201,12 @@ def probeset(
     rows = candidate_windows(inputs, tokenizer, prefix_tokens + suffix_tokens, prefix_tokens,
                              max_windows, seed)
     lm = load_model(model, flag="--model").eval()
+    device = next(lm.parameters()).device
+    compute = autocast_dtype(precision, device)
     ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
     matched = torch.empty(len(rows), dtype=torch.long)
-    with tqdm(total=len(rows), unit="window", desc="probeset") as bar:
+    with (tqdm(total=len(rows), unit="window", desc="probeset") as bar,
+          torch.autocast(device.type, dtype=compute or torch.float32, enabled=compute is not None)):
         for start in range(0, len(rows), batch_size):
             chunk = ids[start:start + batch_size]
             greedy = greedy_continuations(lm, chunk[:, :prefix_tokens], suffix_tokens,
@@ -220,7 +229,8 @@ def probeset(
     write_probe_set(kept, target, {
         "model": model, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "keep": keep,
-        "inputs": inputs, "seed": seed, "candidates": summary})
+        "inputs": inputs, "seed": seed, "precision": "bf16" if compute is not None else "32",
+        "candidates": summary})
     log.info(f"probeset: wrote {len(kept)} rows to {target}")
     return target
 

@@ -43,6 +43,7 @@ from selftrain.models import (
     weights_digest,
 )
 from selftrain.outputs import refuse_input_overlap
+from selftrain.precision import weight_dtype
 from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
 from selftrain.sampling.sampler import BosSampler, Sample
 from selftrain.sampling.shards import ShardedCorpus
@@ -93,7 +94,9 @@ def generate(
         num_subsets: K disjoint subsets (row i gets subset i mod K), one student per subset.
         shard_size: rows per parquet shard, the unit of resuming and of splitting over ranks.
         bos_token_id: override the resolved BOS id.
-        dtype: float32, bfloat16 or float16 for the source's weights.
+        dtype: float32, bfloat16 or float16 for the source's weights, or auto (bfloat16
+            where the device computes it natively, else float32); the manifest records the
+            resolved one, so a resume on a machine that resolves it otherwise is refused.
         device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
         overwrite: replace an existing corpus sampled with other settings.
 
@@ -103,6 +106,7 @@ def generate(
     temperatures = temperature if isinstance(temperature, list) else [temperature]
     _validate(model, num_samples, max_new_tokens, temperatures, top_p, top_k, batch_size,
               num_subsets, shard_size, bos_token_id, seed, dtype, device)
+    dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     flags = {"model": model, "dtype": dtype, "sampler": SAMPLER_VERSION, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
              "num_samples": num_samples, "num_subsets": num_subsets, "shard_size": shard_size,

@@ -40,6 +40,7 @@ from selftrain.models import (
     parse_model_spec,
 )
 from selftrain.outputs import refuse_input_overlap
+from selftrain.precision import weight_dtype
 from selftrain.sampling.generate import fill_corpus, resolved_spec, source_provenance
 from selftrain.sampling.prompted import Prompt, PromptedDecoder
 from selftrain.sampling.ranks import init_distributed, pick_device
@@ -107,7 +108,8 @@ def synthesize(
             ``--data.subset`` selects it; None draws from every document.
         seeds_num_subsets: K for ``seeds_subset``; None takes the corpus's own ``subset``
             column, another K takes row i into subset i mod K.
-        dtype: float32, bfloat16 or float16 for the synthesizer's weights.
+        dtype: float32, bfloat16 or float16 for the synthesizer's weights, or auto (bfloat16
+            where the device computes it natively, else float32; recorded as resolved).
         device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
         overwrite: replace an existing corpus written with other settings.
 
@@ -116,6 +118,7 @@ def synthesize(
     """
     _validate(synthesizer, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
               seed, num_subsets, shard_size, max_d1_tokens, dtype, device)
+    dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
     for flag, given, trained in (("--separator", separator, layout.get("separator")),
                                  ("--max_d1_tokens", max_d1_tokens, layout.get("max_d1_tokens"))):
