@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from selftrain.analysis.tb import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +100,10 @@ def main() -> None:
         print(f"  likelihood  {domain:<8} delta log p(x|y) {deltas}")
     for name, values in bench.items():
         print(f"  benchmark   {name:<40} by epoch {values}")
+    run_config = yaml.safe_load((run_dir / "tb" / "config.yaml").read_text())
+    print(f"precision   planting {plant_record['precision']}, training "
+          f"{run_config['trainer']['precision']} (auto: bf16 only where this CPU computes it "
+          "natively)")
     print(f"wall time   {trained - start:.0f} s (planting {plant_done - start:.0f} s, sampling "
           f"{sampled - plant_done:.0f} s, training {trained - sampled:.0f} s, of which "
           f"evaluation callbacks {eval_seconds:.0f} s)")
