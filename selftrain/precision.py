@@ -1,19 +1,21 @@
 """Precision ``auto``: bf16 only where the device computes it natively, decided once per process.
 
 bf16 halves memory traffic where the hardware has it (Ampere and newer GPUs; CPUs with
-AVX512-BF16 or AMX) and is emulated, about 60 to 80 times slower than float32 per matmul,
-where it does not (an AVX2-only x86 CPU, most laptops and many servers). Every command with a
-precision or dtype setting accepts ``auto`` and resolves it here:
+AVX512-BF16 or AMX) and is emulated, 20 to 150 times slower than float32 per matmul, where it
+does not (an AVX2-only x86 CPU, most laptops and many servers). Every command with a precision
+or dtype setting accepts ``auto`` and resolves it here:
 
 - **CUDA**: ``torch.cuda.is_bf16_supported()``.
 - **CPU**: a short measured matmul check (:func:`measure_cpu_bf16_slowdown`): the best of a
-  few square bf16 matmuls against the same in float32, in this process. Measured rather than
-  read off the capability torch reports because that string (``AVX2``, ``AVX512``, ...) does
-  not say whether the CPU has the bf16 instructions (an AVX512 CPU without AVX512-BF16 still
-  prints ``AVX512``), and because the measurement sees what this torch build really dispatches
-  to, under whatever ISA cap (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``) the process runs
-  with. The gap it separates is wide (about 1x or faster against 60x and slower), so the best of
-  interleaved repeats decides the same way on a busy machine. It costs about 0.1 to 0.3 s, once.
+  few square bf16 matmuls against the same in float32, in this process, on one thread timed
+  by its own CPU clock. Measured rather than read off the capability torch reports, because
+  that string (``AVX2``, ``AVX512``, ...) does not say whether the CPU has the bf16
+  instructions (an AVX512 CPU without AVX512-BF16 still prints ``AVX512``), and because the
+  measurement sees what this torch build really dispatches to, under whatever ISA cap
+  (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``) the process runs with. The gap it
+  separates is wide (about 1x or faster against 20x and slower), and CPU time on one thread
+  does not stretch when other work shares the cores, so a busy machine decides the same way.
+  It costs about 0.2 s, once per process.
 - anything else (MPS, ...): float32.
 
 Asking for bf16 explicitly where it is emulated is allowed (a user may want the numerics), with
@@ -59,22 +61,32 @@ class Bf16Support:
 def measure_cpu_bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
     """bf16 matmul time over float32 matmul time on this CPU, best of ``repeats`` each.
 
+    One thread, timed by that thread's own CPU clock (``time.thread_time``): a busy machine
+    delays a timed matmul but does not add to its CPU time, and one thread has no parallel
+    region waiting for a descheduled partner. (Timed by the wall clock on all cores, the ratio
+    fell from about 40 to 3 with two test suites running beside it.)
+
     Args:
-        size: side of the square matrices (256: a few ms in float32, about 25 ms emulated).
+        size: side of the square matrices (256: about 1 ms in float32, about 30 ms emulated).
         repeats: timed runs of each, interleaved, after one untimed warm-up run each.
     """
-    generator = torch.Generator().manual_seed(0)
-    a32 = torch.randn(size, size, generator=generator)
-    b32 = torch.randn(size, size, generator=generator)
-    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
-    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        a32 @ b32, a16 @ b16  # thread pool and kernel selection warm-up
-        for _ in range(repeats):
-            for dtype, (a, b) in ((torch.float32, (a32, b32)), (torch.bfloat16, (a16, b16))):
-                start = time.perf_counter()
-                a @ b
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a32 = torch.randn(size, size, generator=generator)
+        b32 = torch.randn(size, size, generator=generator)
+        a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
+        best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            a32 @ b32, a16 @ b16  # kernel selection warm-up
+            for _ in range(repeats):
+                for dtype, (a, b) in ((torch.float32, (a32, b32)), (torch.bfloat16, (a16, b16))):
+                    start = time.thread_time()
+                    a @ b
+                    best[dtype] = min(best[dtype], time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
 
 
@@ -145,6 +157,24 @@ def warn_if_emulated(what: str, support: Bf16Support) -> None:
                 "bf16's numerics", what, support.how)
 
 
+def _resolve(value: Any, asks_bf16: bool, device: Any, flag: str, choices: tuple[Any, Any]
+             ) -> Any:
+    """``auto`` -> ``choices[0]`` where bf16 is native on ``device``, else ``choices[1]``.
+
+    An explicit bf16 (``asks_bf16``) passes through, warned about where it is emulated; any
+    other value passes through untouched.
+    """
+    if value != "auto" and not asks_bf16:
+        return value
+    support = bf16_support(device_type(device))
+    if value != "auto":
+        warn_if_emulated(f"{flag} {value}", support)
+        return value
+    resolved = choices[0] if support.native else choices[1]
+    log.info("%s auto -> %s on %s: %s", flag, resolved, support.device_type, support.how)
+    return resolved
+
+
 def trainer_precision(precision: Any, accelerator: Any, flag: str = "--trainer.precision"
                       ) -> Any:
     """Lightning's ``precision`` with ``auto`` resolved (bf16-mixed where native, else 32-true).
@@ -156,16 +186,8 @@ def trainer_precision(precision: Any, accelerator: Any, flag: str = "--trainer.p
         accelerator: the Trainer's accelerator (``cpu``, ``gpu``, ``auto``, ...).
         flag: the flag named in logs and warnings.
     """
-    text = str(precision) if precision is not None else None
-    if text != "auto" and not (text or "").startswith("bf16"):
-        return precision
-    support = bf16_support(device_type(accelerator))
-    if text != "auto":
-        warn_if_emulated(f"{flag} {text}", support)
-        return precision
-    resolved = "bf16-mixed" if support.native else "32-true"
-    log.info("%s auto -> %s on %s: %s", flag, resolved, support.device_type, support.how)
-    return resolved
+    return _resolve(precision, str(precision).startswith("bf16"), accelerator, flag,
+                    ("bf16-mixed", "32-true"))
 
 
 def autocast_dtype(precision: str, device: torch.device, flag: str = "--precision"
@@ -177,17 +199,8 @@ def autocast_dtype(precision: str, device: torch.device, flag: str = "--precisio
         device: where the model runs.
         flag: the flag named in logs and warnings.
     """
-    if precision == "32":
-        return None
-    support = bf16_support(device.type)
-    if precision == "bf16":
-        warn_if_emulated(f"{flag} bf16", support)
-        return torch.bfloat16
-    if support.native:
-        log.info("%s auto -> bf16 on %s: %s", flag, support.device_type, support.how)
-        return torch.bfloat16
-    log.info("%s auto -> 32 on %s: %s", flag, support.device_type, support.how)
-    return None
+    name = _resolve(precision, precision == "bf16", device, flag, ("bf16", "32"))
+    return torch.bfloat16 if name == "bf16" else None
 
 
 def weight_dtype(dtype: str, device: str | torch.device, flag: str = "--dtype") -> str:
@@ -200,12 +213,4 @@ def weight_dtype(dtype: str, device: str | torch.device, flag: str = "--dtype") 
         device: where the model runs (``cpu``, ``cuda``, ``auto``, or a torch device).
         flag: the flag named in logs and warnings.
     """
-    if dtype not in ("auto", "bfloat16", "bf16"):
-        return dtype
-    support = bf16_support(device_type(device))
-    if dtype != "auto":
-        warn_if_emulated(f"{flag} {dtype}", support)
-        return dtype
-    resolved = "bfloat16" if support.native else "float32"
-    log.info("%s auto -> %s on %s: %s", flag, resolved, support.device_type, support.how)
-    return resolved
+    return _resolve(dtype, dtype in ("bfloat16", "bf16"), device, flag, ("bfloat16", "float32"))

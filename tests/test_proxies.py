@@ -182,8 +182,13 @@ def test_summary_matches_the_parquet(tmp_path, benches):
     got, report = samples(out), summary(out)
     assert set(report) == {"format", "corpus", "corpus_kind", "source_model", "temperature",
                            "rows", "embedding_model", "threshold", "benchmarks",
-                           "max_similarity", "fraction_above", "student", "nll", "split",
-                           "timing", "tool_version", "created"}
+                           "max_similarity", "fraction_above", "student",
+                           "student_precision", "nll", "split", "timing", "tool_version",
+                           "created"}
+    from selftrain.precision import bf16_support
+
+    # --precision auto, as resolved on this machine
+    assert report["student_precision"] == ("bf16" if bf16_support("cpu").native else "32")
     assert (report["format"], report["corpus"], report["rows"]) == (
         "selftrain-proxies/1", str(corpus.resolve()), 20)
     assert (report["corpus_kind"], report["source_model"], report["temperature"]) == (
