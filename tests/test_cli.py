@@ -202,7 +202,7 @@ def test_a_real_sigint_ends_fit_with_status_130_and_one_line(tmp_path):
         time.sleep(0.05)
     assert process.poll() is None, "fit ended before its first checkpoint"
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate()  # however long a loaded machine takes; pytest-timeout backs it
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
