@@ -40,7 +40,7 @@ from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.outputs import refuse_unwritable
-from selftrain.precision import trainer_precision
+from selftrain.precision import device_type, trainer_precision
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
 from selftrain.training.checks import ampere_or_newer
 from selftrain.training.data import CorpusDataModule
@@ -368,10 +368,4 @@ def _check_gpu_request(trainer: dict[str, Any]) -> None:
 
 def _resolves_to_cuda(accelerator: str | Accelerator | None) -> bool:
     """Whether Lightning runs this ``--trainer.accelerator`` on CUDA (MPS wins where present)."""
-    if isinstance(accelerator, Accelerator):
-        return isinstance(accelerator, CUDAAccelerator)
-    name = str(accelerator or "auto").lower()
-    if name == "cuda":
-        return True
-    return (name in ("gpu", "auto") and not MPSAccelerator.is_available()
-            and CUDAAccelerator.is_available())
+    return device_type(accelerator) == "cuda"
