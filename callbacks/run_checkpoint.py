@@ -19,13 +19,20 @@ epoch ends, through Lightning's public API only:
   checkpoint at an epoch's end always holds them and a resume never evaluates that step again;
 - before ModelCheckpoint has written ``last.ckpt`` once in this run (no ``last_model_path``
   yet), the refresh is ModelCheckpoint's own ``on_train_end``, which writes it exactly when
-  nothing was saved yet, choosing its name (and version) as every later save will.
+  nothing was saved yet, choosing its name (and version) as every later save will;
+- a run dir that was moved or copied before its resume keeps writing its own ``last.ckpt``:
+  ModelCheckpoint forgets ``last_model_path`` when the saved ``dirpath`` differs from the
+  current one, and would then version the next save as ``last-v1.ckpt`` beside it (two
+  checkpoints in one run dir, the newest found by modification time); the same file name in
+  the current dir is taken instead.
 
 Checked against lightning 2.6.6.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,6 +60,19 @@ class RunCheckpoint(ModelCheckpoint):
             yield
         finally:
             self._noting = False
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir, saved_last = state_dict.get("dirpath"), state_dict.get("last_model_path")
+        moved = saved_dir is not None and saved_dir != self.dirpath
+        with warnings.catch_warnings():
+            if moved:  # handled here: the run keeps its own last.ckpt
+                warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+        if moved and saved_last and self.dirpath is not None:
+            here = os.path.join(self.dirpath, os.path.basename(saved_last))
+            if os.path.isfile(here):
+                self.last_model_path = here
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,

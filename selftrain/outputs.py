@@ -44,7 +44,8 @@ def refuse_unwritable(out: Path, flag: str = "--out", beside: bool = True) -> No
                                  "you can write to")
 
 
-def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | None]],
+                         flag: str = "--out") -> None:
     """Refuse an ``--out`` that is, holds or lies inside an input of the same command.
 
     Replacing such an ``--out`` would delete the input, and writing inside one would change it.
@@ -53,18 +54,19 @@ def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | Non
         out: the output path.
         inputs: (flag, path) of what the command reads; None and paths that do not exist
             (hub ids, dataset names) are skipped.
+        flag: the flag ``out`` came from (``--trainer.default_root_dir`` for a run dir).
     """
     target = out.resolve()
-    for flag, value in inputs:
+    for name, value in inputs:
         if value is None or not Path(value).exists():
             continue
         source = Path(value).resolve()
         if source == target:
-            raise SelftrainError(f"--out {out}: is {flag} itself, an input of this command; "
+            raise SelftrainError(f"{flag} {out}: is {name} itself, an input of this command; "
                                  "write to a new directory")
         if target in source.parents or source in target.parents:
             where = "holds" if target in source.parents else "lies inside"
-            raise SelftrainError(f"--out {out}: it {where} {flag} {value}, an input of this "
+            raise SelftrainError(f"{flag} {out}: it {where} {name} {value}, an input of this "
                                  "command; choose a directory apart from the inputs")
 
 

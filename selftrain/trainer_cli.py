@@ -39,7 +39,7 @@ from selftrain.callbacks.probe_eval import SharedProbeSet, mark_shared, share_pr
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.errors import Interrupted, SelftrainError
-from selftrain.outputs import refuse_unwritable
+from selftrain.outputs import refuse_input_overlap, refuse_unwritable
 from selftrain.precision import device_type, trainer_precision
 from selftrain.training.checkpoint_io import AtomicCheckpointIO
 from selftrain.training.checks import ampere_or_newer
@@ -53,7 +53,10 @@ from selftrain.training.run_dir import (
     earlier_run,
     find_last_checkpoint,
     read_checkpoint_meta,
+    refuse_foreign_root,
     remove_earlier_run,
+    remove_export_leftovers,
+    write_run_marker,
 )
 from selftrain.training.trainer import SelftrainTrainer
 
@@ -115,7 +118,10 @@ class SelftrainCLI(LightningCLI):
         """``--ckpt_path``'s state without its tensors, read once (it is checked, then used)."""
         cached = getattr(self, "_read_meta", None)
         if cached is None or cached[0] != ckpt:
-            self._read_meta = (ckpt, read_checkpoint_meta(Path(ckpt)))
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else self.config
+            trusted = config.get("weights_only") is False  # warned about before it is read
+            self._read_meta = (ckpt, read_checkpoint_meta(Path(ckpt), weights_only=not trusted))
         return self._read_meta[1]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -148,9 +154,12 @@ class SelftrainCLI(LightningCLI):
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root
         if config.trainer.logger in (None, True):
+            # validate and test log into a sub-run of their own (tb/validate, tb/test), so a
+            # fit's config.yaml and hparams.yaml in tb/ are never written over
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=root, name="tb", version="",
+                init_args=Namespace(save_dir=root, name="tb",
+                                    version="" if self.subcommand == "fit" else self.subcommand,
                                     default_hp_metric=False))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -168,6 +177,8 @@ class SelftrainCLI(LightningCLI):
         root = Path(config.trainer.default_root_dir)
         checkpoint_dir = Path(config.checkpoint.dirpath)
         refuse_unwritable(root, "--trainer.default_root_dir", beside=False)
+        refuse_input_overlap(root, run_inputs(config), flag="--trainer.default_root_dir")
+        refuse_foreign_root(root, checkpoint_dir, "--trainer.default_root_dir")
         self.resume_meta: dict[str, Any] | None = None
         self.start_over = False
         ckpt = config.get("ckpt_path")
@@ -262,19 +273,26 @@ class SelftrainCLI(LightningCLI):
             if isinstance(callback, EpochEvaluation):
                 callback.ensure_checked(self.trainer, self.model)
         self.model.run_identity = self.model.identity(self.datamodule.rows)
+        config = self.config_init[self.subcommand]
+        root = Path(config.trainer.default_root_dir)
         if self.resume_meta is not None:
             check_identity(self.resume_meta.get(IDENTITY_KEY), self.model.run_identity,
-                           Path(self.config_init[self.subcommand]["ckpt_path"]))
+                           Path(config["ckpt_path"]))
             step = int(self.resume_meta["global_step"])
             for callback in self.trainer.callbacks:
                 if isinstance(callback, SaveConfigCallback):  # the run's first config stays
                     callback.config_filename = f"config.resumed-at-step={step}.yaml"
+            if self.trainer.is_global_zero:  # an export the killed process was writing
+                removed = remove_export_leftovers(root)
+                if removed:
+                    log.info("removed what a killed HF export left in %s/hf: %s", root,
+                             ", ".join(removed))
         elif self.start_over and self.trainer.is_global_zero:
-            config = self.config_init[self.subcommand]
-            root = Path(config.trainer.default_root_dir)
             log.info("starting %s over: removing the earlier run's %s", root,
                      ", ".join(earlier_run(root, Path(config.checkpoint.dirpath))))
             remove_earlier_run(root, Path(config.checkpoint.dirpath))
+        if self.trainer.is_global_zero:
+            write_run_marker(root, "fit")
 
     def before_validate(self) -> None:
         """Evaluation needs a held-out corpus; say so before loading anything."""
@@ -288,6 +306,9 @@ class SelftrainCLI(LightningCLI):
                            self.model.identity(self.datamodule.eval_rows),
                            Path(self.config_init[self.subcommand]["ckpt_path"]),
                            fields=("student", "tokenizer"))
+        if self.trainer.is_global_zero:
+            write_run_marker(Path(self.config_init[self.subcommand].trainer.default_root_dir),
+                             self.subcommand)
 
     before_test = before_validate
 
@@ -337,6 +358,22 @@ class SelftrainCLI(LightningCLI):
                  if found is not None else "no checkpoint was written yet")
         return (f"interrupted at step {self.trainer.global_step}; {saved}: rerun the same "
                 "command with --ckpt_path last to resume")
+
+
+def run_inputs(config: Namespace) -> list[tuple[str, str | None]]:
+    """What a fit, validate or test reads from disk, with its flag: no run dir may touch them.
+
+    Args:
+        config: the subcommand's parsed config.
+    """
+    data, model = config.get("data") or Namespace(), config.get("model") or Namespace()
+    corpora = data.get("corpus")
+    corpora = corpora if isinstance(corpora, list) else [corpora]
+    probes = config.get("probes") or Namespace()
+    return [*(("--data.corpus", corpus) for corpus in corpora),
+            ("--data.eval_corpus", data.get("eval_corpus")),
+            ("--model.model", model.get("model")),
+            ("--probes.probe_set", probes.get("probe_set"))]
 
 
 def _nothing_to_keep() -> str:

@@ -183,6 +183,80 @@ def crash_flag(step: int, epoch_end: bool = False) -> str:
             f'{{"step": {step}, "epoch_end": {str(epoch_end).lower()}}}}}')
 
 
+EXPORT_WRITE_POINTS = ("weights", "tokenizer", "info", "fsynced", "published")
+"""Moments of the final HF export's write, in order: after the weights are in the staging dir,
+after the tokenizer, after ``selftrain_export.json``, after every staged file is fsynced, and
+after the export is swapped into place."""
+
+
+class SignalInExport(Callback):
+    """Sends a signal to its own process at one moment of the final HF export's write, once.
+
+    Installed in ``on_train_end``, which Lightning calls on callbacks before the module's own
+    (where the export is written).
+
+    Args:
+        point: one of :data:`EXPORT_WRITE_POINTS`.
+        signal_name: ``SIGKILL`` (the process dies there) or ``SIGINT`` (Ctrl-C).
+        once: a file made just before the signal; while it exists, nothing is sent (the rerun).
+        group: signal the whole process group (a sweep and the fit it runs, at once).
+    """
+
+    def __init__(self, point: str, signal_name: str = "SIGKILL", once: str | None = None,
+                 group: bool = False) -> None:
+        assert point in EXPORT_WRITE_POINTS, point
+        self.point, self.signal_name, self.once, self.group = point, signal_name, once, group
+
+    def _hit(self) -> None:
+        if self.once is not None:
+            Path(self.once).touch()
+        number = getattr(signal, self.signal_name)
+        if number == signal.SIGINT:  # Ctrl-C, even where the shell that started us ignores it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.group:
+            os.killpg(os.getpgrp(), number)
+        else:
+            os.kill(os.getpid(), number)
+
+    def _after(self, owner: Any, name: str, point: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if point == self.point:
+                self._hit()
+            return result
+
+        setattr(owner, name, wrapped)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import selftrain.io
+        import selftrain.training.export
+
+        if self.once is not None and Path(self.once).exists():
+            return
+        self._after(pl_module.model, "save_pretrained", "weights")
+        self._after(pl_module.tokenizer, "save_pretrained", "tokenizer")
+        self._after(selftrain.training.export, "write_json_atomic", "info")
+        self._after(selftrain.io, "fsync_tree", "fsynced")
+        self._after(selftrain.io, "publish_dir", "published")
+
+
+def signal_in_export_flag(point: str, signal_name: str = "SIGKILL", once: Path | None = None,
+                          group: bool = False) -> str:
+    """The ``selftrain fit`` flag adding :class:`SignalInExport` (needs ``tests`` importable)."""
+    init = {"point": point, "signal_name": signal_name, "group": group,
+            **({"once": str(once)} if once is not None else {})}
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "helpers.SignalInExport",
+                                                 "init_args": init})
+
+
+def tests_importable() -> dict[str, str]:
+    """The environment of a subprocess that can import this module (``helpers.*`` callbacks)."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
 # --- the debug config in process ---------------------------------------------------------------
 
 

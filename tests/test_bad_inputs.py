@@ -141,9 +141,12 @@ def text_corpus(tmp: Path) -> None:
 
 
 def earlier_run(tmp: Path) -> None:
-    """A run dir that holds a run: its TensorBoard events."""
+    """A run dir that holds a run: its marker and TensorBoard events."""
+    from selftrain.training.run_dir import write_run_marker
+
     (tmp / "run" / "tb").mkdir(parents=True)
     (tmp / "run" / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
+    write_run_marker(tmp / "run", "fit")
 
 
 def saved_dict(name: str) -> Callable[[Path], None]:
@@ -152,6 +155,17 @@ def saved_dict(name: str) -> Callable[[Path], None]:
         import torch
 
         torch.save({"weights": [1, 2, 3]}, tmp / name)
+    return setup
+
+
+def pickled_checkpoint(name: str) -> Callable[[Path], None]:
+    """A checkpoint-shaped dict holding an object that loads only by unpickling (a Fraction)."""
+    def setup(tmp: Path) -> None:
+        from fractions import Fraction
+
+        import torch
+
+        torch.save({"global_step": 3, "state_dict": {}, "note": Fraction(1, 3)}, tmp / name)
     return setup
 
 
@@ -420,6 +434,8 @@ CASES = [
         "truncated", setup=garbage_file("cut.ckpt")),
     bad("fit-ckpt-not-a-checkpoint", fit("--ckpt_path", f"{TMP}/dict.ckpt"), "--ckpt_path",
         "not a Lightning checkpoint", setup=saved_dict("dict.ckpt")),
+    bad("fit-ckpt-needs-unpickling", fit("--ckpt_path", f"{TMP}/pickled.ckpt"), "--ckpt_path",
+        "--weights_only false", setup=pickled_checkpoint("pickled.ckpt")),
     bad("validate-ckpt-truncated", evaluate("validate", "--data.eval_corpus", DEBUG_CORPUS,
                                             "--ckpt_path", f"{TMP}/cut.ckpt"),
         "--ckpt_path", setup=garbage_file("cut.ckpt")),
@@ -652,9 +668,12 @@ def selftrain_log(capsys) -> None:
     log.setLevel(saved[1])
 
 
-def tree(root: Path) -> list[str]:
-    """Every path under ``root``, relative, sorted."""
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root``, relative, with the SHA-256 of a file's bytes ("dir": a dir)."""
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_file() else "dir" for path in sorted(root.rglob("*"))}
 
 
 def run(argv: list[str]) -> int:
@@ -691,7 +710,8 @@ def refusal(case: Bad, tmp_path: Path, capsys) -> str:
                 if other.startswith(("usage:", "error:"))], err[-3000:]
     for name in case.names:
         assert expand(name) in line, line
-    assert after == before, f"{case.id} wrote {sorted(set(after) - set(before))}"
+    changed = sorted(name for name in before if after.get(name) != before[name])
+    assert after == before, f"{case.id} wrote {sorted(set(after) - set(before))}, changed {changed}"
     return line
 
 

@@ -10,12 +10,19 @@ evaluation history, each evaluation once in ``eval/*.jsonl`` and in TensorBoard.
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    DEBUG,
+    DEBUG_CORPUS,
+    EXPORT_WRITE_POINTS,
+    NO_CALLBACKS,
+    REPO,
     crash_flag,
     fit_args,
     fit_command,
@@ -23,12 +30,20 @@ from helpers import (
     kill_when,
     one_error_line,
     run_fit,
+    signal_in_export_flag,
     succeeded,
+    tests_importable,
 )
 
 from selftrain.analysis.tb import scalar_events
 from selftrain.cli import main
-from selftrain.training.run_dir import IDENTITY_KEY, find_last_checkpoint
+from selftrain.training.run_dir import (
+    IDENTITY_KEY,
+    RUN_MARKER,
+    find_last_checkpoint,
+    is_run_dir,
+    run_files,
+)
 
 EVALUATIONS = ("benchmark", "extraction", "likelihood")
 """The debug config's evaluation callbacks (their ``eval/<name>.jsonl``)."""
@@ -92,10 +107,13 @@ def test_a_second_fit_is_refused_and_overwrite_starts_the_run_over(tmp_path, cap
     assert "--trainer.default_root_dir" in line and "--ckpt_path last" in line, line
     assert tree(run) == before  # nothing touched
 
-    (run / "notes.md").write_text("mine")  # the user's own file stays through a start-over
+    mine = {"notes.md": "mine", "eval/score.py": "print(1)\n", "hf/README.md": "a card\n"}
+    for name, text in mine.items():  # the user's own files stay through a start-over
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text(text)
     main([*args, "--overwrite", "true"])
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
-    assert (run / "notes.md").read_text() == "mine"
+    assert {name: (run / name).read_text() for name in mine} == mine
     assert "overwrite: false" in (run / "tb" / "config.yaml").read_text()  # not saved as set
 
 
@@ -147,6 +165,64 @@ def test_a_checkpoint_without_a_run_identity_is_refused(one_epoch, tmp_path, cap
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_dir_is_known_by_what_only_a_run_writes(one_epoch, tmp_path):
+    import shutil
+
+    folder = tmp_path / "folder"  # every folder name a run has, and none of a run's files
+    for name in ("tb", "eval", "hf", "checkpoints"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "mine.txt").write_text("mine")
+    assert run_files(folder, folder / "checkpoints") == []
+    (folder / "tb" / "config.yaml").write_text("colour: blue\n")  # a config, not a run's
+    assert not is_run_dir(folder, folder / "checkpoints")
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    assert (run / RUN_MARKER).is_file() and is_run_dir(run, run / "checkpoints")
+    (run / RUN_MARKER).unlink()  # a run of a version before the marker: its saved config
+    assert is_run_dir(run, run / "checkpoints")
+    (run / "tb" / "config.yaml").unlink()  # its checkpoint's run identity
+    assert is_run_dir(run, run / "checkpoints")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    del state[IDENTITY_KEY]
+    torch.save(state, run / "checkpoints" / "last.ckpt")
+    assert not is_run_dir(run, run / "checkpoints")
+
+
+def test_validate_in_a_fit_run_dir_writes_over_nothing(one_epoch, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    main(["validate", "--config", DEBUG, NO_CALLBACKS, "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false", "--data.eval_corpus", DEBUG_CORPUS,
+          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    after = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert {name: after[name] for name in before} == before  # hparams.yaml, config.yaml kept
+    added = sorted(set(after) - set(before))
+    assert added and all(name.startswith("tb/validate/") for name in added), added
+    assert "val/loss" in scalar_events(run / "tb" / "validate")
+
+
+def test_weights_only_false_loads_a_checkpoint_that_needs_unpickling(one_epoch, tmp_path,
+                                                                     capsys):
+    import shutil
+    from fractions import Fraction
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**state, "note": Fraction(1, 3)}, run / "checkpoints" / "last.ckpt")
+    args = fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False)
+    line = refused(capsys, *args)
+    assert "only by unpickling" in line and "--weights_only false" in line, line
+    with pytest.warns(UserWarning, match="--weights_only false: the checkpoint is unpickled"):
+        main([*args, "--weights_only", "false"])
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 48 and "note" not in resumed
+
+
 def test_a_resume_keeps_the_first_config_and_saves_its_own(one_epoch, tmp_path):
     import shutil
 
@@ -156,6 +232,9 @@ def test_a_resume_keeps_the_first_config_and_saves_its_own(one_epoch, tmp_path):
     main(fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False))
     assert (run / "tb" / "config.yaml").read_text() == first
     assert "max_epochs: 2" in (run / "tb" / "config.resumed-at-step=24.yaml").read_text()
+    # a copied (or moved) run dir goes on in its own last.ckpt, not in a last-v1.ckpt beside it
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
 
 
 # --- exactly once after a crash --------------------------------------------------------------
@@ -189,6 +268,47 @@ def test_a_sigkill_at_a_random_moment_leaves_each_evaluation_once(reference, tmp
     kill_when(fit_command(run, *TWO_EPOCHS), moment, poll=0.01)
     succeeded(run_fit(run, *TWO_EPOCHS, "--ckpt_path", "last"))
     assert_same_run(run, reference)
+
+
+# --- an HF export interrupted while it is written -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def final_export(tmp_path_factory) -> dict[str, bytes]:
+    """Every file of the uninterrupted debug run's final export (2 epochs, no evaluations)."""
+    run = tmp_path_factory.mktemp("exported") / "run"
+    main(fit_args(run, *TWO_EPOCHS, callbacks=False))
+    return files_of(run / "hf" / "epoch=2")
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+EXPORT_INTERRUPTS = [("SIGKILL", 0), ("SIGKILL", 2), ("SIGINT", 1), ("SIGINT", 5)]
+"""(signal, seed): the seed picks the moment of the write (:data:`EXPORT_WRITE_POINTS`)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "point"), [
+    pytest.param(name, point, id=f"{name}-seed{seed}-{point}") for name, seed in EXPORT_INTERRUPTS
+    for point in [EXPORT_WRITE_POINTS[random.Random(seed).randrange(len(EXPORT_WRITE_POINTS))]]])
+def test_a_final_export_interrupted_comes_back_whole_on_resume(final_export, tmp_path,
+                                                               signal_name, point):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    killed = subprocess.run(
+        fit_command(run, *TWO_EPOCHS, signal_in_export_flag(point, signal_name), callbacks=False),
+        cwd=REPO, env=tests_importable(), capture_output=True, text=True)
+    assert killed.returncode == (130 if signal_name == "SIGINT" else -signal.SIGKILL), \
+        killed.stderr[-3000:]
+    assert (run / "hf" / "epoch=2").exists() == (point == "published")
+    resumed = succeeded(run_fit(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False))
+    assert files_of(run / "hf" / "epoch=2") == final_export  # bit for bit
+    assert [p.name for p in (run / "hf").iterdir()] == ["epoch=2"]  # no staging dir left
+    assert ("export was interrupted" in resumed.stderr) == (point != "published")
+    AutoModelForCausalLM.from_pretrained(run / "hf" / "epoch=2")
 
 
 def test_weights_only_false_is_warned_about_loudly(one_epoch, tmp_path):

@@ -28,7 +28,7 @@ from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.training.batching import BATCH_KEYS, documents, real_tokens
 from selftrain.training.checks import check_installed, check_machine, resolve_attention
-from selftrain.training.export import export_student
+from selftrain.training.export import EXPORT_INFO, export_dir, export_student
 from selftrain.training.fsdp import compile_decoder_layers, is_sharded
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
 from selftrain.training.run_dir import IDENTITY_KEY, run_identity
@@ -290,6 +290,24 @@ class StudentLM(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_hf != "never" and self._exported_step != self.global_step:
             self.export_hf(self.trainer.fit_loop.epoch_progress.current.completed)
+
+    @override
+    def on_fit_end(self) -> None:
+        """Write the final export if a finished fit lacks it: the resume of a killed export.
+
+        A fit killed (or interrupted) while it wrote its last export resumes from the
+        checkpoint of its last epoch, which Lightning finds complete: it trains nothing and
+        calls no ``on_train_end``, but it does end here, with the checkpoint's weights loaded.
+        Rank 0 decides (it writes the exports), and every rank takes part in the export.
+        """
+        if self.hparams.export_hf == "never" or self.global_step == 0:
+            return  # nothing trained, nothing to export
+        epoch = self.trainer.fit_loop.epoch_progress.current.completed
+        missing = not (export_dir(self.trainer, epoch) / EXPORT_INFO).is_file()
+        if self.trainer.strategy.broadcast(missing, src=0):
+            rank_zero_info(f"training is complete but hf/epoch={epoch} is missing (its export "
+                           "was interrupted): exporting it from the checkpoint")
+            self.export_hf(epoch)
 
     def export_hf(self, epoch: int) -> Path | None:
         """Write HF weights + tokenizer to ``<run>/hf/epoch=N`` atomically (global rank 0).

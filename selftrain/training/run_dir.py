@@ -6,6 +6,11 @@ beside ``last.ckpt``, two runs' curves in one TensorBoard, duplicate evaluation 
 is refused unless the command resumes the run (``--ckpt_path last``) or asks to start it over
 (``--overwrite true``).
 
+A run dir is recognised by what only a run writes: the marker every run writes first
+(:data:`RUN_MARKER`), LightningCLI's saved config, or a checkpoint's run identity, never by the
+names of its subfolders. A folder of other files is refused whatever the flags, and
+``--overwrite`` deletes only the files a run wrote (:func:`run_files`).
+
 Every checkpoint records the run's identity (:func:`run_identity`: a fingerprint of the
 training rows, the student's spec and revision, the tokenizer's fingerprint) under
 :data:`IDENTITY_KEY`; a resume whose corpus, student or tokenizer differs is refused in one
@@ -15,17 +20,22 @@ line. Settings that may change on resume (epochs, the callbacks' cadence) are no
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from selftrain.errors import SelftrainError
-from selftrain.io import remove
+from selftrain.io import is_temp_name, remove, write_json_atomic
 
 RUN_ENTRIES = ("tb", "checkpoints", "eval", "hf")
 """What ``selftrain fit`` writes into a run dir (``checkpoints`` unless moved elsewhere)."""
+RUN_MARKER = "selftrain_run.json"
+"""Written first into every run dir (command, version, time): a run dir is one because of it."""
 IDENTITY_KEY = "selftrain_run"
 """Where a checkpoint keeps the identity of the run that wrote it."""
 IDENTITY_FIELDS = {"student": "--model.model (with --model.revision)",
@@ -34,10 +44,103 @@ IDENTITY_FIELDS = {"student": "--model.model (with --model.revision)",
 """Identity field -> the flags that decide it, named when a resume is refused."""
 _LAST = re.compile(r"^last(-.*)?$")
 """Lightning's ``--ckpt_path last`` candidates: ``last.ckpt``, ``last-v1.ckpt``, ..."""
+_TB_FILE = re.compile(r"^(events\.out\.tfevents\..+|hparams\.yaml|config(\.resumed-at-step=\d+)?"
+                      r"\.yaml)$")
+"""What TensorBoard and the saved config put in ``tb/`` and its sub-runs."""
+_EVAL_FILE = re.compile(r"^([\w.-]+\.jsonl|[\w.-]+_base\.pt|evaluate\.json)$")
+"""What the evaluation callbacks and ``selftrain evaluate`` put in ``eval/``."""
+_EVAL_EPOCH_FILE = re.compile(r"^epoch=\d+-step=\d+\.\w+$")
+"""A per-evaluation file in ``eval/<name>/``."""
+_EXPORT_STAGING = re.compile(r"^\.epoch=\d+\.(partial-|previous-).+$")
+"""An HF export's staging or replaced dir (:mod:`selftrain.io`), left behind by a kill."""
+
+
+def write_run_marker(root: Path, command: str) -> None:
+    """Mark ``root`` as a run dir of this project, before anything else of the run is written.
+
+    An existing marker stays as it is (a resume, or ``validate`` in a fit's run dir).
+
+    Args:
+        root: the run dir.
+        command: the subcommand that first wrote there (``fit``, ``validate``, ``test``).
+    """
+    from selftrain import __version__
+
+    marker = root / RUN_MARKER
+    if not marker.is_file():
+        write_json_atomic({"command": command, "tool_version": __version__,
+                           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                          marker)
+
+
+def is_run_dir(root: Path, checkpoint_dir: Path) -> bool:
+    """Whether ``root`` holds a run of this project, by what only a run writes there.
+
+    Its marker (:data:`RUN_MARKER`), a ``tb/config.yaml`` that LightningCLI saved (a run of a
+    version before the marker), or a checkpoint that records a run identity. Names of
+    subfolders alone (``tb/``, ``eval/``, ``hf/``) are not enough: a user's folder may have them.
+
+    Args:
+        root: the candidate run dir.
+        checkpoint_dir: where the run's checkpoints go.
+    """
+    if (root / RUN_MARKER).is_file():
+        return True
+    try:
+        config = yaml.safe_load((root / "tb" / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        config = None
+    if isinstance(config, dict) and {"trainer", "model", "data"} <= set(config):
+        return True
+    last = find_last_checkpoint(checkpoint_dir)
+    if last is None:
+        return False
+    try:
+        return IDENTITY_KEY in read_checkpoint_meta(last)
+    except SelftrainError:
+        return False
+
+
+def run_files(root: Path, checkpoint_dir: Path) -> list[Path]:
+    """Every file and dir in ``root`` that a run of this project wrote, and nothing else.
+
+    The marker, TensorBoard's files and saved configs in ``tb/`` (and its sub-runs),
+    checkpoints (and their temp files), the evaluation callbacks' files in ``eval/``, and HF
+    exports (a dir holding ``selftrain_export.json``) with their staging leftovers. A user's
+    ``eval/score.py`` or ``hf/README.md`` is none of these.
+
+    Args:
+        root: the run dir.
+        checkpoint_dir: the run's checkpoint dir (its ``*.ckpt`` and temp files count).
+    """
+    from selftrain.models import EXPORT_INFO
+
+    found = [root / RUN_MARKER] if (root / RUN_MARKER).is_file() else []
+    tb = root / "tb"
+    if tb.is_dir():
+        found += sorted(path for path in tb.rglob("*") if path.is_file()
+                        and (_TB_FILE.match(path.name) or is_temp_name(path.name)))
+    if checkpoint_dir.is_dir():
+        found += sorted(path for path in checkpoint_dir.iterdir()
+                        if path.suffix == ".ckpt" or is_temp_name(path.name)
+                        or path.name.startswith(".last"))
+    evaluations = root / "eval"
+    if evaluations.is_dir():
+        for path in sorted(evaluations.iterdir()):
+            if path.is_file() and (_EVAL_FILE.match(path.name) or is_temp_name(path.name)):
+                found.append(path)
+            elif path.is_dir():
+                found += sorted(entry for entry in path.iterdir() if entry.is_file()
+                                and _EVAL_EPOCH_FILE.match(entry.name))
+    exports = root / "hf"
+    if exports.is_dir():
+        found += sorted(path for path in exports.iterdir() if path.is_dir() and (
+            (path / EXPORT_INFO).is_file() or _EXPORT_STAGING.match(path.name)))
+    return found
 
 
 def earlier_run(root: Path, checkpoint_dir: Path) -> list[str]:
-    """What of an earlier run a run dir holds: its non-empty run entries and checkpoints.
+    """What of an earlier run a run dir holds (:func:`run_files`), as names for messages.
 
     Args:
         root: the run dir.
@@ -46,27 +149,66 @@ def earlier_run(root: Path, checkpoint_dir: Path) -> list[str]:
     Returns:
         Paths relative to ``root`` where they lie under it (empty: no earlier run).
     """
-    found = [root / name for name in RUN_ENTRIES
-             if (root / name).is_dir() and any((root / name).iterdir())]
-    if checkpoint_dir.is_dir() and not checkpoint_dir.is_relative_to(root):
-        found += sorted(path for path in checkpoint_dir.iterdir() if path.suffix == ".ckpt")
     return [str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-            for path in found]
+            for path in run_files(root, checkpoint_dir)]
 
 
 def remove_earlier_run(root: Path, checkpoint_dir: Path) -> None:
-    """Delete an earlier run's entries from a run dir (``--overwrite true``); nothing else.
+    """Delete what an earlier run wrote in a run dir (``--overwrite true``); nothing else.
+
+    Only :func:`run_files` go, then the folders they leave empty; a user's file in ``eval/``
+    or ``hf/`` stays where it is, and so does its folder.
 
     Args:
         root: the run dir.
         checkpoint_dir: the run's checkpoint dir; outside ``root`` only its ``*.ckpt`` go.
     """
-    for name in RUN_ENTRIES:
-        remove(root / name)
-    if checkpoint_dir.is_dir():
-        for path in checkpoint_dir.iterdir():
-            if path.suffix == ".ckpt" or path.name.startswith(".last"):
-                remove(path)
+    written = run_files(root, checkpoint_dir)
+    for path in sorted(written, key=lambda path: len(path.parts), reverse=True):
+        remove(path)
+    folders = {folder for path in written for folder in path.parents
+               if folder.is_relative_to(root) and folder != root}
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def remove_export_leftovers(root: Path) -> list[str]:
+    """Delete the staging dirs a killed HF export left in ``<root>/hf``; only those.
+
+    Args:
+        root: the run dir.
+
+    Returns:
+        The names removed.
+    """
+    exports = root / "hf"
+    if not exports.is_dir():
+        return []
+    leftovers = sorted(path for path in exports.iterdir() if _EXPORT_STAGING.match(path.name))
+    for path in leftovers:
+        remove(path)
+    return [path.name for path in leftovers]
+
+
+def refuse_foreign_root(root: Path, checkpoint_dir: Path, flag: str) -> None:
+    """Refuse a run dir that holds files but no run of this project (a user's folder).
+
+    Whatever ``--overwrite`` says: a run writes only into an empty or new dir, or one that
+    already holds a run (:func:`is_run_dir`).
+
+    Args:
+        root: the run dir.
+        checkpoint_dir: the run's checkpoint dir.
+        flag: the flag ``root`` came from, named in the message.
+    """
+    if not root.is_dir():
+        return
+    names = sorted(entry.name for entry in root.iterdir() if not is_temp_name(entry.name))
+    if names and not is_run_dir(root, checkpoint_dir):
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise SelftrainError(f"{flag} {root}: holds files but no selftrain run ({listed}); "
+                             "choose a new or empty directory")
 
 
 def find_last_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -82,7 +224,8 @@ def find_last_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
 
 
-def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path") -> dict[str, Any]:
+def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path", weights_only: bool = True
+                         ) -> dict[str, Any]:
     """A checkpoint's state without loading its tensors: step, identity, callbacks' state.
 
     A full checkpoint is memory-mapped (its tensors are not read); a sharded one (a
@@ -91,6 +234,8 @@ def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path") -> dict[str, Any
     Args:
         path: the checkpoint file or sharded checkpoint dir.
         flag: the flag the path came from, named in error messages.
+        weights_only: load tensors and plain values only; False unpickles the file, which
+            runs any code it carries (``--weights_only false``, for trusted checkpoints).
 
     Raises:
         SelftrainError: the path is missing, or not a readable checkpoint.
@@ -102,8 +247,16 @@ def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path") -> dict[str, Any
                              "last to resume the run dir's newest one")
     source = path / "meta.pt" if path.is_dir() else path
     try:
-        meta = torch.load(source, map_location="cpu", weights_only=True,
+        meta = torch.load(source, map_location="cpu", weights_only=weights_only,
                           mmap=not path.is_dir())
+    except pickle.UnpicklingError as error:
+        if weights_only and "weights_only" in str(error):
+            raise SelftrainError(f"{flag} {path}: holds objects beyond tensors and plain values,"
+                                 " which load only by unpickling; if you trust the file, pass "
+                                 "--weights_only false") from None
+        raise SelftrainError(f"{flag} {path}: not a readable checkpoint (UnpicklingError); it "
+                             "is truncated or not a checkpoint: give another one, or start "
+                             "over") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, pickle errors, OSError
         raise SelftrainError(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}"
                              "); it is truncated or not a checkpoint: give another one, or "
