@@ -98,6 +98,8 @@ def test_in_place_then_overwrite(untrained_evals, capsys):
     run = untrained_evals
     assert not evaluation_scalars(run / "tb")
     loss_before = read_scalars(run / "tb")["train/loss"]
+    training = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert b"lr:" in training["tb/hparams.yaml"]  # the training's hyperparameters
     main(["evaluate", "--run", str(run), "--fit_config", DEBUG])
     first = evaluation_scalars(run / "tb")
     logged_once = len(scalar_events(run / "tb")["eval/epochs_completed"])
@@ -111,6 +113,10 @@ def test_in_place_then_overwrite(untrained_evals, capsys):
     assert len(events["eval/epochs_completed"]) == logged_once  # replaced, not added to
     assert evaluation_scalars(run / "tb") == first
     assert read_scalars(run / "tb")["train/loss"] == loss_before
+    for name, data in training.items():  # evaluate adds files to the run, and changes none
+        assert (run / name).read_bytes() == data, name
+    record = json.loads((run / "eval" / "evaluate.json").read_text())
+    assert not set(record["files"]) & set(training), record["files"]
 
 
 def test_a_model_beside_its_base(tmp_path, trained):

@@ -6,13 +6,23 @@ file added, a dir that holds an input of the same command, a dir inside one. Eac
 one line naming ``--out`` and what is in the way, and leave every file as it was.
 """
 
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import modes_enforced, one_error_line, selftrain, write_jsonl
+from helpers import (
+    DEBUG,
+    NO_CALLBACKS,
+    fit_args,
+    modes_enforced,
+    one_error_line,
+    selftrain,
+    write_jsonl,
+)
 
 from selftrain.curation.decontaminate import decontaminate
 from selftrain.curation.replay import replay
@@ -49,6 +59,12 @@ def world(tmp_path, qwen_corpus):
     write_jsonl(tmp_path / "canaries" / "c.jsonl", [{"text": "x " * 80, "domain": "d"}])
     pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "table.parquet")
     (tmp_path / "folder.parquet").mkdir()
+    (tmp_path / "lookalike" / "eval").mkdir(parents=True)  # a run's folder names, no run
+    (tmp_path / "lookalike" / "eval" / "score.py").write_text("print('my scoring')\n")
+    (tmp_path / "lookalike" / "hf").mkdir()
+    (tmp_path / "lookalike" / "hf" / "README.md").write_text("my model card\n")
+    (tmp_path / "grids").mkdir()
+    shutil.copy(DEBUG, tmp_path / "grids" / "fit.yaml")
     return tmp_path
 
 
@@ -113,6 +129,88 @@ CASES = {
                            str(w / "folder.parquet"), overwrite=True),
         r"is a directory"),
 }
+
+
+def fit(root: Path, *flags: str) -> list[str]:
+    """``selftrain fit`` of the debug config without callbacks into ``root``."""
+    return fit_args(root, *flags, callbacks=False)
+
+
+def validate(root: Path, *flags: str) -> list[str]:
+    """``selftrain validate`` of the debug config's student into ``root``."""
+    return ["validate", "--config", DEBUG, NO_CALLBACKS, "--trainer.default_root_dir", str(root),
+            *flags]
+
+
+def sweep(out: Path, *flags: str) -> list[str]:
+    """``selftrain sweep`` of one tiny source into ``out`` (not a dry run)."""
+    return ["sweep", "--out", str(out), "--student", "tiny:qwen2", "--fit_config", DEBUG,
+            "--sources", '{"self": {"model": "tiny:qwen2"}}', *flags]
+
+
+RUN_CASES = {
+    # what writes runs: (argv with the world's paths, fragment of the one-line refusal)
+    "fit_into_a_folder_with_a_runs_folder_names": (
+        lambda w: fit(w / "lookalike"), r"holds files but no selftrain run \(eval, hf\)"),
+    "fit_overwrite_into_a_folder_with_a_runs_folder_names": (
+        lambda w: fit(w / "lookalike", "--overwrite", "true"),
+        r"holds files but no selftrain run \(eval, hf\)"),
+    "fit_into_a_users_folder": (
+        lambda w: fit(w / "documents", "--overwrite", "true"),
+        r"holds files but no selftrain run \(thesis\.txt\)"),
+    "fit_into_the_parent_of_its_corpus": (
+        lambda w: fit(w / "inputs", "--data.corpus", str(w / "inputs" / "corpus")),
+        r"it holds --data\.corpus"),
+    "fit_overwrite_into_its_corpus": (
+        lambda w: fit(w / "inputs" / "corpus", "--data.corpus", str(w / "inputs" / "corpus"),
+                      "--overwrite", "true"),
+        r"is --data\.corpus itself"),
+    "fit_inside_its_corpus": (
+        lambda w: fit(w / "inputs" / "corpus" / "run", "--data.corpus",
+                      str(w / "inputs" / "corpus")),
+        r"it lies inside --data\.corpus"),
+    "fit_into_the_folder_of_its_student": (
+        lambda w: fit(w / "models", "--model.model", str(w / "models" / "base")),
+        r"it holds --model\.model"),
+    "validate_into_a_users_folder": (
+        lambda w: validate(w / "documents", "--data.eval_corpus", str(w / "text" / "docs.jsonl")),
+        r"holds files but no selftrain run \(thesis\.txt\)"),
+    "validate_into_the_folder_of_its_eval_corpus": (
+        lambda w: validate(w / "text", "--data.eval_corpus", str(w / "text" / "docs.jsonl")),
+        r"it holds --data\.eval_corpus"),
+    "sweep_into_a_users_folder": (
+        lambda w: sweep(w / "documents"),
+        r"^--out \S+: holds files selftrain did not write there \(thesis\.txt\)"),
+    "sweep_into_the_folder_of_its_grid_and_fit_config": (
+        lambda w: ["sweep", "--out", str(w / "grids"), "--student", "tiny:qwen2",
+                   "--fit_config", str(w / "grids" / "fit.yaml"),
+                   "--sources", '{"self": {"model": "tiny:qwen2"}}'],
+        r"^--out \S+: it holds --fit_config"),
+    "sweep_into_its_student": (
+        lambda w: [*sweep(w / "models" / "base"), "--student", str(w / "models" / "base")],
+        r"^--out \S+: is --student itself"),
+    "sweep_into_the_folder_of_its_student": (
+        lambda w: [*sweep(w / "models"), "--student", str(w / "models" / "base")],
+        r"^--out \S+: it holds --student"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CASES))
+def test_no_run_is_written_into_a_users_folder_or_over_an_input(world, case, capsys,
+                                                                  monkeypatch):
+    from selftrain.cli import main
+
+    build, fragment = RUN_CASES[case]
+    argv = build(world)
+    monkeypatch.setattr(sys, "argv", ["selftrain", *argv])  # LightningCLI reads it too
+    before = snapshot(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    line = one_error_line(capsys.readouterr().err)
+    assert exit_info.value.code == 2, line
+    assert re.search(fragment, line.removeprefix("selftrain: error: ")), line
+    assert snapshot(world) == before
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -4,7 +4,8 @@ The shipped grids are expanded with ``--dry_run`` and every command they print i
 its own subcommand's parser (``--print_config``), as a user pasting it would run it. The
 runner's bookkeeping (skip, refuse, block, resume) is checked on real ``selftrain``
 commands that take a second; a whole tiny sweep (two sources, two subsets, two generations),
-killed once and rerun, runs in the slow tier.
+killed once and rerun, runs in the slow tier, and so does a chain killed inside its first
+student's final export, whose rerun must reach the uninterrupted chain's report.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DEBUG, DEBUG_CORPUS, REPO
+from helpers import DEBUG, DEBUG_CORPUS, REPO, tests_importable
 
 from selftrain.cli import TOOLS, main
 from selftrain.errors import SelftrainError
@@ -297,6 +298,49 @@ def test_a_tiny_sweep_killed_once_and_rerun_reaches_the_whole_report(tmp_path):
         assert len(list((run / "hf").glob("epoch=*"))) == 1, run
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 run, 15 skipped" in again.stderr, again.stderr[-2000:]
+
+
+def tiny_chain(out: Path, **fit: object) -> Path:
+    """A grid file beside ``out``: one source, one subset, two generations (g2 samples g1's
+    export), one epoch of the debug config per student; ``fit`` adds fit flags."""
+    grid = out.with_name(out.name + ".yaml")
+    grid.write_text(yaml.safe_dump({
+        "out": str(out), "student": "tiny:qwen2", "fit_config": DEBUG,
+        "sources": {"self": {"model": "tiny:qwen2"}}, "num_subsets": 1, "generations": 2,
+        "generate": {"num_samples": 16, "max_new_tokens": 16, "batch_size": 16},
+        "fit": {"trainer.max_epochs": 1, "trainer.enable_progress_bar": False, **fit}}))
+    return grid
+
+
+def report_of(out: Path) -> tuple[str, str]:
+    """A sweep's report (summary.md, scalars.csv) with its own dir and date taken out."""
+    summary, scalars = ((out / "report" / name).read_text().replace(str(out), "OUT")
+                        for name in ("summary.md", "scalars.csv"))
+    return "\n".join(line for line in summary.splitlines()
+                     if not line.startswith("2 runs in 2 conditions; selftrain")), scalars
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_inside_a_final_export_reruns_to_the_same_report(tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "selftrain", "sweep", "--config",
+                    str(tiny_chain(reference))], cwd=REPO, check=True, capture_output=True)
+    out, once = tmp_path / "killed", tmp_path / "signalled"
+    kill = {"class_path": "helpers.SignalInExport",  # the sweep and its fit, at once, once
+            "init_args": {"point": "fsynced", "group": True, "once": str(once)}}
+    command = [sys.executable, "-m", "selftrain", "sweep", "--config",
+               str(tiny_chain(out, **{"trainer.callbacks+": kill}))]
+    killed = subprocess.run(command, cwd=REPO, env=tests_importable(), start_new_session=True,
+                            capture_output=True)
+    assert killed.returncode == -signal.SIGKILL and once.is_file()
+    first_fit = out / "runs" / "g1" / "self_t1.0" / "s0"
+    assert not (first_fit / "hf" / "epoch=1").exists()  # g2 has no model to sample from yet
+    assert list((first_fit / "hf").glob(".epoch=1.partial-*"))
+    rerun = subprocess.run(command, cwd=REPO, env=tests_importable(), capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [p.name for p in (first_fit / "hf").iterdir()] == ["epoch=1"]
+    assert report_of(out) == report_of(reference)
 
 
 def test_generations_are_read_from_condition_names():

@@ -413,9 +413,24 @@ def _training_rows(run_config: dict[str, Any], callbacks: list[EpochEvaluation]
 def _publish(staging: Path, out: Path, run_dir: Path | None, replaced: list[Path],
              records: list[dict[str, Any]], run: str | None, model: str | None,
              config_path: Path) -> None:
-    """Move the staged evaluation into ``out``: a new run dir whole, or file by file."""
+    """Move the staged evaluation into ``out``: a new run dir whole, or file by file.
+
+    Into the run itself, nothing of the training's is written over: the logger's
+    ``tb/hparams.yaml`` (empty, evaluate logs no hyperparameters) stays in staging, and any
+    other staged file whose name the run already holds, and which is not an earlier
+    evaluation's being replaced, stops the command before anything moves.
+    """
+    if out == run_dir:
+        (staging / "tb" / "hparams.yaml").unlink(missing_ok=True)
     files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*")
                    if path.is_file())
+    if out == run_dir:
+        taken = [name for name in files
+                 if (out / name).exists() and out / name not in replaced]
+        if taken:
+            raise SelftrainError(f"--run {out}: already holds {taken[0]}, which this "
+                                 "evaluation would write over; evaluate into a new dir with "
+                                 "--out")
     summary = {"run": str(run_dir.resolve()) if run_dir else None, "model": model,
                "fit_config": str(config_path.resolve()), "evaluations": records,
                "files": [name for name in files if name != f"eval/{RECORD}"],

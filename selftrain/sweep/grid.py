@@ -251,6 +251,30 @@ def _check_sbp(sbp: Sbp) -> None:
                                  "pairs alone; remove it")
 
 
+def grid_inputs(grid: Grid) -> list[tuple[str, str | None]]:
+    """What a sweep reads and never writes, with its key: no ``--out`` may hold or be one.
+
+    Model specs and benchmark names that are not paths are listed too; only existing paths are
+    compared with ``--out``.
+
+    Args:
+        grid: the parsed grid.
+    """
+    found: list[tuple[str, str | None]] = [("--student", grid.student),
+                                           ("--fit_config", grid.fit_config)]
+    found += [(f"--sources.{name}.model", source.model) for name, source in grid.sources.items()]
+    if grid.replay is not None:
+        found += [("--replay.sources", source) for source in grid.replay.sources]
+    for key, block in (("--decontaminate", grid.decontaminate), ("--proxies", grid.proxies)):
+        if block is not None:
+            found += [(f"{key}.benchmarks", name) for name in block.benchmarks]
+    if grid.sbp is not None:
+        found += [("--sbp.corpus", grid.sbp.corpus), ("--sbp.oracle", grid.sbp.oracle),
+                  ("--sbp.synthesizer", grid.sbp.synthesizer),
+                  ("--sbp.synthesizer_config", grid.sbp.synthesizer_config)]
+    return found
+
+
 def _check_flags(flags: dict[str, Any], kind: str, key: str) -> None:
     """Refuse extra flags that the sweep sets itself (they would fight the grid)."""
     for name in flags:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.io import write_json_atomic, write_text_atomic
+from selftrain.outputs import refuse_foreign, refuse_input_overlap, refuse_unwritable
 from selftrain.sweep.grid import (
     Decontamination,
     Grid,
@@ -38,6 +39,7 @@ from selftrain.sweep.grid import (
     Sbp,
     Source,
     check_grid,
+    grid_inputs,
 )
 from selftrain.sweep.plan import Step, digests, expand
 from selftrain.sweep.slurm import write_slurm
@@ -49,6 +51,8 @@ RESUMABLE = ("generate", "synthesize", "fit")
 
 STATE = ".sweep"
 """Under ``out``: ``started/``, ``done/`` (a record per step), ``commands.sh``, ``summary.json``."""
+OUT_ENTRIES = (STATE, "corpora", "proxies", "pairs", "runs", "report")
+"""Everything a sweep writes at the top of ``out`` (its state first, before any step runs)."""
 
 
 def sweep(
@@ -116,6 +120,7 @@ def sweep(
                 replay=replay, decontaminate=decontaminate, proxies=proxies, sbp=sbp,
                 generations=generations, mode=mode, note=note)
     check_grid(grid)
+    check_out(grid)
     steps = expand(grid)
     if check_fit:
         check_fit_commands(steps)
@@ -130,6 +135,23 @@ def sweep(
         return steps
     run_here(steps, Path(out), overwrite)
     return steps
+
+
+def check_out(grid: Grid) -> None:
+    """Refuse an ``--out`` a sweep may not write into, before anything runs (dry runs too).
+
+    It must be new, empty, or an earlier sweep's (its ``.sweep`` state and nothing but what a
+    sweep writes), and apart from every input: the grid's fit config, the student's and the
+    sources' model dirs, the replay and SBP corpora. A folder holding the grid file itself is a
+    folder of other files.
+
+    Args:
+        grid: the parsed grid.
+    """
+    out = Path(grid.out)
+    refuse_unwritable(out, beside=False)
+    refuse_input_overlap(out, grid_inputs(grid))
+    refuse_foreign(out, (STATE,), OUT_ENTRIES)
 
 
 def check_fit_commands(steps: list[Step]) -> None:
