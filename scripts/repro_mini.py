@@ -10,8 +10,10 @@
 4. copies what a reader needs into ``docs/repro-mini/`` as the run wrote it: the report's
    ``summary.md`` and figures, the grid file, the commands and the wall time of every stage.
 
-Rerunning resumes: a finished stage is skipped (the sweep's records; the planted model).
-Flags: ``--out DIR`` (default runs/repro-mini; the grid's paths assume it), ``--publish DIR``
+The planted model, the canaries and the replay text go into ``--out`` and the sweep into
+``--out``/sweep, a dir of its own apart from its inputs. Rerunning resumes: a finished stage is
+skipped (the sweep's records; the planted model). Flags: ``--out DIR`` (default
+runs/repro-mini; the grid's paths assume it), ``--publish DIR``
 (default docs/repro-mini; ``""`` skips the copy).
 """
 
@@ -106,12 +108,12 @@ def main() -> None:
     stages["sweep"] = run(sweep)
     total = time.perf_counter() - start
     if args.publish:
-        publish(out, REPO / args.publish, stages, total, commands)
+        publish(out / "sweep", REPO / args.publish, stages, total, commands)
 
 
 def publish(out: Path, target: Path, stages: dict[str, float], total: float,
             commands: list[list[str]]) -> None:
-    """Copy the report and the run's record into ``target``, replacing what was there."""
+    """Copy the sweep's (``out``) report and record into ``target``, replacing what was there."""
     record = json.loads((out / ".sweep" / "summary.json").read_text())
     if target.exists():
         shutil.rmtree(target)

@@ -12,9 +12,11 @@
    ``summary.md``, figures and scalars, the pairs' and the synthetic corpus's manifests, a few
    synthetic documents beside their seeds, the grid, the commands and the wall times.
 
-Rerunning resumes (the sweep's records). Flags: ``--out DIR`` (default runs/sbp-mini; the
-grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""`` skips the copy),
-``--publish_only`` (copy a finished run again; its wall time is then the sum of the steps').
+The real text goes into ``--out`` and the sweep into ``--out``/sweep, a dir of its own apart
+from its inputs. Rerunning resumes (the sweep's records). Flags: ``--out DIR`` (default
+runs/sbp-mini; the grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""``
+skips the copy), ``--publish_only`` (copy a finished run again; its wall time is then the sum of
+the steps').
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     out = REPO / args.out
     if args.publish_only:
-        seconds = json.loads((out / ".sweep" / "summary.json").read_text())["seconds"]
+        seconds = json.loads((out / "sweep" / ".sweep" / "summary.json").read_text())["seconds"]
         publish(out, REPO / args.publish, sum(v or 0.0 for v in seconds.values()),
                 {"real": args.real, "oracle": 2 * args.real}, "sum of the steps")
         return
@@ -102,21 +104,25 @@ def examples(corpus: Path, seeds_file: Path, count: int = 3) -> list[str]:
 
 def publish(out: Path, target: Path, total: float, counts: dict[str, int],
             timed: str = "the whole script") -> None:
-    """Copy the report and the run's record into ``target``, replacing what was there."""
-    record = json.loads((out / ".sweep" / "summary.json").read_text())
+    """Copy the report and the run's record into ``target``, replacing what was there.
+
+    ``out`` holds the real text the script wrote and ``out/sweep``, the sweep's own dir.
+    """
+    swept = out / "sweep"
+    record = json.loads((swept / ".sweep" / "summary.json").read_text())
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(out / "report" / "figures", target / "figures")
+    shutil.copytree(swept / "report" / "figures", target / "figures")
     for name in ("summary.md", "scalars.csv"):
-        shutil.copy(out / "report" / name, target / name)
-    subsets = sorted(path.name for path in (out / "pairs").iterdir() if path.is_dir())
+        shutil.copy(swept / "report" / name, target / name)
+    subsets = sorted(path.name for path in (swept / "pairs").iterdir() if path.is_dir())
     for subset in subsets:  # one pairs dir and synthetic corpus per subset
-        shutil.copy(out / "pairs" / subset / "manifest.json",
+        shutil.copy(swept / "pairs" / subset / "manifest.json",
                     target / f"pairs_manifest_{subset}.json")
-        shutil.copy(out / "corpora" / "g1" / "sbp" / subset / "manifest.json",
+        shutil.copy(swept / "corpora" / "g1" / "sbp" / subset / "manifest.json",
                     target / f"sbp_manifest_{subset}.json")
     shutil.copy(REPO / GRID, target / "grid.yaml")
-    shutil.copy(out / ".sweep" / "commands.sh", target / "commands.sh")
+    shutil.copy(swept / ".sweep" / "commands.sh", target / "commands.sh")
     seconds = record.get("seconds", {})
     lines = ["# SBP in miniature: how it was run", "",
              "Written by `scripts/sbp_mini.py` (`make sbp-mini`) at the end of the run; nothing "
@@ -128,7 +134,8 @@ def publish(out: Path, target: Path, total: float, counts: dict[str, int],
     lines += [f"| {step} | {value:.0f} |" for step, value in seconds.items() if value]
     lines += ["", "## Synthetic documents beside their seeds", ""]
     for subset in subsets:
-        lines += examples(out / "corpora" / "g1" / "sbp" / subset, out / "real.jsonl", count=2)
+        lines += examples(swept / "corpora" / "g1" / "sbp" / subset, out / "real.jsonl",
+                          count=2)
     (target / "RUN.md").write_text("\n".join(lines) + "\n")
     print(f"published {target}", flush=True)
 
