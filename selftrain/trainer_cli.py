@@ -31,7 +31,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
@@ -159,7 +159,8 @@ class SelftrainCLI(LightningCLI):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=root, name="tb",
-                                    version="" if self.subcommand == "fit" else self.subcommand,
+                                    version=(self.subcommand if self.subcommand
+                                             in ("validate", "test") else ""),
                                     default_hp_metric=False))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -178,7 +179,11 @@ class SelftrainCLI(LightningCLI):
         checkpoint_dir = Path(config.checkpoint.dirpath)
         refuse_unwritable(root, "--trainer.default_root_dir", beside=False)
         refuse_input_overlap(root, run_inputs(config), flag="--trainer.default_root_dir")
-        refuse_foreign_root(root, checkpoint_dir, "--trainer.default_root_dir")
+        # what the run dir holds is judged by global rank 0 alone: the other ranks of a DDP
+        # launch may start after rank 0 wrote the run's marker
+        first_rank = getattr(rank_zero_only, "rank", 0) == 0
+        if first_rank:
+            refuse_foreign_root(root, checkpoint_dir, "--trainer.default_root_dir")
         self.resume_meta: dict[str, Any] | None = None
         self.start_over = False
         ckpt = config.get("ckpt_path")
@@ -197,6 +202,19 @@ class SelftrainCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         overwrite, config.overwrite = config.get("overwrite", False), False  # not saved as set
+        if first_rank:
+            self._check_earlier_run(root, checkpoint_dir, ckpt, overwrite)
+        if self.resume_meta is not None and isinstance(config.trainer.logger, Namespace) \
+                and config.trainer.logger.class_path.endswith("TensorBoardLogger"):
+            # TensorBoard drops what the killed process logged at or after the checkpoint's
+            # step; the evaluation callbacks log again what the checkpoint holds at that step
+            # (their by-epoch sub-run, tb/by_epoch, they purge themselves: its steps are
+            # epochs, see selftrain.callbacks.tb_layout.resume_epoch)
+            config.trainer.logger.init_args.purge_step = int(self.resume_meta["global_step"])
+
+    def _check_earlier_run(self, root: Path, checkpoint_dir: Path, ckpt: str | None,
+                           overwrite: bool) -> None:
+        """Refuse a fit that would mix two runs in ``root``; note an earlier run to remove."""
         if (self.resume_meta is not None and earlier_run(root, checkpoint_dir)
                 and Path(ckpt).resolve().parent != checkpoint_dir.resolve()):
             raise SelftrainError(f"--ckpt_path {ckpt}: is not this run dir's checkpoint, and "
@@ -212,13 +230,6 @@ class SelftrainCLI(LightningCLI):
                     "it with --ckpt_path last, start it over with --overwrite true, or give a "
                     "new run dir")
             self.start_over = bool(found)
-        if self.resume_meta is not None and isinstance(config.trainer.logger, Namespace) \
-                and config.trainer.logger.class_path.endswith("TensorBoardLogger"):
-            # TensorBoard drops what the killed process logged at or after the checkpoint's
-            # step; the evaluation callbacks log again what the checkpoint holds at that step
-            # (their by-epoch sub-run, tb/by_epoch, they purge themselves: its steps are
-            # epochs, see selftrain.callbacks.tb_layout.resume_epoch)
-            config.trainer.logger.init_args.purge_step = int(self.resume_meta["global_step"])
 
     def after_instantiate_classes(self) -> None:
         """Probe callbacks that read the run's probe set name ``--probes.*`` in messages."""
