@@ -187,6 +187,9 @@ class SelftrainCLI(LightningCLI):
         self.resume_meta: dict[str, Any] | None = None
         self.start_over = False
         ckpt = config.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt is not None and config.get("overwrite"):
+            raise SelftrainError(f"--overwrite true with --ckpt_path {ckpt}: one starts the run "
+                                 "over, the other resumes it; pass only the one you mean")
         if ckpt == "last" and self.subcommand == "fit":
             found = find_last_checkpoint(checkpoint_dir)
             if found is None:

@@ -434,6 +434,8 @@ CASES = [
         "truncated", setup=garbage_file("cut.ckpt")),
     bad("fit-ckpt-not-a-checkpoint", fit("--ckpt_path", f"{TMP}/dict.ckpt"), "--ckpt_path",
         "not a Lightning checkpoint", setup=saved_dict("dict.ckpt")),
+    bad("fit-ckpt-last-and-overwrite", fit("--ckpt_path", "last", "--overwrite", "true"),
+        "--overwrite true", "--ckpt_path last", setup=earlier_run),
     bad("fit-ckpt-needs-unpickling", fit("--ckpt_path", f"{TMP}/pickled.ckpt"), "--ckpt_path",
         "--weights_only false", setup=pickled_checkpoint("pickled.ckpt")),
     bad("validate-ckpt-truncated", evaluate("validate", "--data.eval_corpus", DEBUG_CORPUS,
