@@ -119,14 +119,22 @@ def refuse_foreign(out: Path, markers: tuple[str, ...], entries: tuple[str, ...]
     Returns:
         The names in ``out``, temp files left out (empty when it does not exist).
     """
-    if not out.is_dir():
-        return []
-    names = sorted(entry.name for entry in out.iterdir() if not is_temp_name(entry.name))
+    names = dir_entries(out)
     foreign = [name for name in names if name not in entries]
     if names and (foreign or not set(markers) & set(names)):
-        shown = foreign or names
-        listed = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
         raise SelftrainError(f"--out {out}: holds files selftrain did not write there "
-                             f"({listed}); choose a new or empty directory")
+                             f"({listing(foreign or names)}); choose a new or empty directory")
     return names
+
+
+def dir_entries(folder: Path) -> list[str]:
+    """The names in ``folder``, sorted, this project's temp files left out (none: no folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if not is_temp_name(entry.name))
+
+
+def listing(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, comma-separated, with ``...`` when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 

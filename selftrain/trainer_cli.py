@@ -56,6 +56,7 @@ from selftrain.training.run_dir import (
     refuse_foreign_root,
     remove_earlier_run,
     remove_export_leftovers,
+    run_inputs,
     write_run_marker,
 )
 from selftrain.training.trainer import SelftrainTrainer
@@ -372,22 +373,6 @@ class SelftrainCLI(LightningCLI):
                  if found is not None else "no checkpoint was written yet")
         return (f"interrupted at step {self.trainer.global_step}; {saved}: rerun the same "
                 "command with --ckpt_path last to resume")
-
-
-def run_inputs(config: Namespace) -> list[tuple[str, str | None]]:
-    """What a fit, validate or test reads from disk, with its flag: no run dir may touch them.
-
-    Args:
-        config: the subcommand's parsed config.
-    """
-    data, model = config.get("data") or Namespace(), config.get("model") or Namespace()
-    corpora = data.get("corpus")
-    corpora = corpora if isinstance(corpora, list) else [corpora]
-    probes = config.get("probes") or Namespace()
-    return [*(("--data.corpus", corpus) for corpus in corpora),
-            ("--data.eval_corpus", data.get("eval_corpus")),
-            ("--model.model", model.get("model")),
-            ("--probes.probe_set", probes.get("probe_set"))]
 
 
 def _nothing_to_keep() -> str:

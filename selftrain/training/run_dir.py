@@ -31,6 +31,7 @@ import yaml
 
 from selftrain.errors import SelftrainError
 from selftrain.io import is_temp_name, remove, write_json_atomic
+from selftrain.outputs import dir_entries, listing
 
 RUN_ENTRIES = ("tb", "checkpoints", "eval", "hf")
 """What ``selftrain fit`` writes into a run dir (``checkpoints`` unless moved elsewhere)."""
@@ -191,6 +192,22 @@ def remove_export_leftovers(root: Path) -> list[str]:
     return [path.name for path in leftovers]
 
 
+def run_inputs(config: Any) -> list[tuple[str, str | None]]:
+    """What a fit, validate or test reads from disk, with its flag: no run dir may touch them.
+
+    Args:
+        config: the subcommand's parsed config (a jsonargparse Namespace).
+    """
+    data, model = config.get("data") or {}, config.get("model") or {}
+    corpora = data.get("corpus")
+    corpora = corpora if isinstance(corpora, list) else [corpora]
+    probes = config.get("probes") or {}
+    return [*(("--data.corpus", corpus) for corpus in corpora),
+            ("--data.eval_corpus", data.get("eval_corpus")),
+            ("--model.model", model.get("model")),
+            ("--probes.probe_set", probes.get("probe_set"))]
+
+
 def refuse_foreign_root(root: Path, checkpoint_dir: Path, flag: str) -> None:
     """Refuse a run dir that holds files but no run of this project (a user's folder).
 
@@ -202,13 +219,10 @@ def refuse_foreign_root(root: Path, checkpoint_dir: Path, flag: str) -> None:
         checkpoint_dir: the run's checkpoint dir.
         flag: the flag ``root`` came from, named in the message.
     """
-    if not root.is_dir():
-        return
-    names = sorted(entry.name for entry in root.iterdir() if not is_temp_name(entry.name))
+    names = dir_entries(root)
     if names and not is_run_dir(root, checkpoint_dir):
-        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise SelftrainError(f"{flag} {root}: holds files but no selftrain run ({listed}); "
-                             "choose a new or empty directory")
+        raise SelftrainError(f"{flag} {root}: holds files but no selftrain run "
+                             f"({listing(names)}); choose a new or empty directory")
 
 
 def find_last_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -249,15 +263,12 @@ def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path", weights_only: bo
     try:
         meta = torch.load(source, map_location="cpu", weights_only=weights_only,
                           mmap=not path.is_dir())
-    except pickle.UnpicklingError as error:
-        if weights_only and "weights_only" in str(error):
+    except Exception as error:  # torch raises RuntimeError, EOFError, pickle errors, OSError
+        if (weights_only and isinstance(error, pickle.UnpicklingError)
+                and "weights_only" in str(error)):  # torch's own refusal, not a damaged file
             raise SelftrainError(f"{flag} {path}: holds objects beyond tensors and plain values,"
                                  " which load only by unpickling; if you trust the file, pass "
                                  "--weights_only false") from None
-        raise SelftrainError(f"{flag} {path}: not a readable checkpoint (UnpicklingError); it "
-                             "is truncated or not a checkpoint: give another one, or start "
-                             "over") from None
-    except Exception as error:  # torch raises RuntimeError, EOFError, pickle errors, OSError
         raise SelftrainError(f"{flag} {path}: not a readable checkpoint ({type(error).__name__}"
                              "); it is truncated or not a checkpoint: give another one, or "
                              "start over") from None
