@@ -121,6 +121,12 @@ def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedP
     return result
 
 
+def file_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path) and its bytes: to show what a command changed."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
+            if path.is_file()}
+
+
 def one_error_line(stderr: str) -> str:
     """The one ``selftrain: error`` line of a refused command; no traceback either."""
     errors = [line for line in stderr.splitlines() if line.startswith("selftrain: error")]

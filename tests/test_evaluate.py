@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEBUG, fit, one_error_line, selftrain
+from helpers import DEBUG, file_bytes, fit, one_error_line, selftrain
 
 from selftrain.analysis.tb import read_scalars, scalar_events
 from selftrain.cli import main
@@ -98,7 +98,7 @@ def test_in_place_then_overwrite(untrained_evals, capsys):
     run = untrained_evals
     assert not evaluation_scalars(run / "tb")
     loss_before = read_scalars(run / "tb")["train/loss"]
-    training = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    training = file_bytes(run)
     assert b"lr:" in training["tb/hparams.yaml"]  # the training's hyperparameters
     main(["evaluate", "--run", str(run), "--fit_config", DEBUG])
     first = evaluation_scalars(run / "tb")

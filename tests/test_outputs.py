@@ -17,6 +17,7 @@ import pytest
 from helpers import (
     DEBUG,
     NO_CALLBACKS,
+    file_bytes,
     fit_args,
     modes_enforced,
     one_error_line,
@@ -32,12 +33,6 @@ from selftrain.outputs import refuse_unwritable
 from selftrain.probes.plant import plant
 from selftrain.probes.probeset import probeset
 from selftrain.sampling.generate import generate
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` and its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 @pytest.fixture
@@ -203,32 +198,32 @@ def test_no_run_is_written_into_a_users_folder_or_over_an_input(world, case, cap
     build, fragment = RUN_CASES[case]
     argv = build(world)
     monkeypatch.setattr(sys, "argv", ["selftrain", *argv])  # LightningCLI reads it too
-    before = snapshot(world)
+    before = file_bytes(world)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     line = one_error_line(capsys.readouterr().err)
     assert exit_info.value.code == 2, line
     assert re.search(fragment, line.removeprefix("selftrain: error: ")), line
-    assert snapshot(world) == before
+    assert file_bytes(world) == before
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_overwrite_never_replaces_what_selftrain_did_not_write_or_an_input(world, case):
     call, fragment = CASES[case]
-    before = snapshot(world)
+    before = file_bytes(world)
     with pytest.raises(SelftrainError, match=r"^--out \S+: " + r".*" + fragment):
         call(world)
-    assert snapshot(world) == before
+    assert file_bytes(world) == before
 
 
 def test_overwrite_still_replaces_an_earlier_output_of_the_same_kind(world):
     out = world / "clean"
     decontaminate(str(world / "inputs" / "corpus"), str(out), [str(world / "bench.jsonl")])
-    first = snapshot(out)
+    first = file_bytes(out)
     decontaminate(str(world / "inputs" / "corpus"), str(out), [str(world / "bench.jsonl")],
                   ngram=4, overwrite=True)
-    assert snapshot(out) != first
+    assert file_bytes(out) != first
     assert sorted(p.name for p in out.iterdir()) == ["data", "manifest.json"]
 
 

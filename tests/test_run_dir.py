@@ -24,6 +24,7 @@ from helpers import (
     NO_CALLBACKS,
     REPO,
     crash_flag,
+    file_bytes,
     fit_args,
     fit_command,
     history,
@@ -194,11 +195,11 @@ def test_validate_in_a_fit_run_dir_writes_over_nothing(one_epoch, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(one_epoch, run)
-    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    before = file_bytes(run)
     main(["validate", "--config", DEBUG, NO_CALLBACKS, "--trainer.default_root_dir", str(run),
           "--trainer.enable_progress_bar", "false", "--data.eval_corpus", DEBUG_CORPUS,
           "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    after = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    after = file_bytes(run)
     assert {name: after[name] for name in before} == before  # hparams.yaml, config.yaml kept
     added = sorted(set(after) - set(before))
     assert added and all(name.startswith("tb/validate/") for name in added), added
@@ -278,11 +279,7 @@ def final_export(tmp_path_factory) -> dict[str, bytes]:
     """Every file of the uninterrupted debug run's final export (2 epochs, no evaluations)."""
     run = tmp_path_factory.mktemp("exported") / "run"
     main(fit_args(run, *TWO_EPOCHS, callbacks=False))
-    return files_of(run / "hf" / "epoch=2")
-
-
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return file_bytes(run / "hf" / "epoch=2")
 
 
 EXPORT_INTERRUPTS = [("SIGKILL", 0), ("SIGKILL", 2), ("SIGINT", 1), ("SIGINT", 5)]
@@ -305,7 +302,7 @@ def test_a_final_export_interrupted_comes_back_whole_on_resume(final_export, tmp
         killed.stderr[-3000:]
     assert (run / "hf" / "epoch=2").exists() == (point == "published")
     resumed = succeeded(run_fit(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False))
-    assert files_of(run / "hf" / "epoch=2") == final_export  # bit for bit
+    assert file_bytes(run / "hf" / "epoch=2") == final_export  # bit for bit
     assert [p.name for p in (run / "hf").iterdir()] == ["epoch=2"]  # no staging dir left
     assert ("export was interrupted" in resumed.stderr) == (point != "published")
     AutoModelForCausalLM.from_pretrained(run / "hf" / "epoch=2")
