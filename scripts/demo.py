@@ -3,7 +3,9 @@
 1. plants verbatim memories: canary windows of license text and Python source
    (``selftrain probeset``) are fine-tuned into SmolLM2-135M until it extracts every one
    (``selftrain plant``); the planted model is the base, the canaries its probe set;
-2. samples a small corpus from the base's BOS token (``selftrain generate``);
+2. samples a small corpus from the base's BOS token (``selftrain generate``) and drops every
+   sample that shares a token 8-gram with a canary (``selftrain decontaminate --probe_sets``):
+   the canaries are the probes, and must stay held out;
 3. fine-tunes the base on it for a few epochs (``selftrain fit --config
    configs/smollm2_self.yaml``) while benchmark scores, canary extraction and canary
    likelihood are tracked every epoch from the base on;
@@ -42,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
 
     out = REPO / args.out
-    corpus, run_dir, planted = out / "corpus", out / "run", out / "planted"
+    sampled, corpus = out / "sampled", out / "corpus"
+    run_dir, planted = out / "run", out / "planted"
     start = time.perf_counter()
     selftrain = [sys.executable, "-m", "selftrain"]
     run([*selftrain, "probeset", "--config", "configs/probeset/smollm2_canaries.yaml",
@@ -50,9 +53,11 @@ def main() -> None:
     run([*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
          "--canaries", str(out / "canaries.parquet"), "--out", str(planted)])
     plant_done = time.perf_counter()
-    run([*selftrain, "generate", "--model", str(planted / "model"), "--out", str(corpus),
+    run([*selftrain, "generate", "--model", str(planted / "model"), "--out", str(sampled),
          "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),
          "--temperature", "1.0", "--batch_size", "64", "--overwrite", "true"])
+    run([*selftrain, "decontaminate", "--corpus", str(sampled), "--out", str(corpus),
+         "--probe_sets", str(planted / "probes.parquet"), "--overwrite", "true"])
     sampled = time.perf_counter()
     run([*selftrain, "fit", "--config", "configs/smollm2_self.yaml",
          "--trainer.default_root_dir", str(run_dir), "--overwrite", "true",
@@ -82,10 +87,14 @@ def main() -> None:
                   and tag.count("/") == 2}
     eval_seconds = sum(v for tag, series in scalars.items() if tag.startswith("eval_time/")
                        for _, v in series)
+    cleaning = manifest["decontamination"]["probe_sets"][str(planted / "probes.parquet")]
     print("\n=== selftrain demo ===")
-    print(f"corpus      {corpus}  ({manifest['counts']['written']} samples, "
+    print(f"corpus      {corpus}  ({manifest['decontamination']['kept']} samples, "
           f"{manifest['counts']['tokens']} tokens, {manifest['counts']['finished']} ended on "
           f"EOS, sampled at {manifest['timing']['tokens_per_sec']:.0f} tokens/s)")
+    print(f"held out    {cleaning['removed']} of {args.num_samples} samples shared a "
+          f"{cleaning['ngram_tokens']}-token n-gram with {cleaning['windows_leaked']} of the "
+          f"{cleaning['windows']} canaries and were dropped")
     print(f"train loss  per epoch {epoch_loss}")
     print(f"throughput  {sum(speeds) / max(len(speeds), 1):.0f} training tokens/s (mean over "
           f"steps), real-token fraction of batches {sum(fractions) / len(fractions):.3f}")

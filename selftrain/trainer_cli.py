@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -35,9 +36,15 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
-from selftrain.callbacks.probe_eval import SharedProbeSet, mark_shared, share_probe_set
+from selftrain.callbacks.probe_eval import (
+    ProbeEvaluation,
+    SharedProbeSet,
+    mark_shared,
+    share_probe_set,
+)
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
+from selftrain.curation.leaks import LeakCheck, check_ngram, find_leaks, refuse_leaks
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.outputs import refuse_input_overlap, refuse_unwritable
 from selftrain.precision import device_type, trainer_precision
@@ -131,6 +138,7 @@ class SelftrainCLI(LightningCLI):
         parser.link_arguments("model.revision", "data.revision")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_class_arguments(SharedProbeSet, "probes", instantiate=False)
+        parser.add_class_arguments(LeakCheck, "leak_check", instantiate=False)
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: start over in a run dir that holds an earlier run, "
                                  "deleting its tb/, checkpoints/, eval/ and hf/ (without it "
@@ -149,6 +157,8 @@ class SelftrainCLI(LightningCLI):
         """
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_flags(config.trainer, config.get("checkpoint"))
+        if config.get("leak_check") is not None:
+            check_ngram(config.leak_check.ngram, "--leak_check.ngram")
         if config.trainer.precision == "auto":
             config.trainer.precision = trainer_precision("auto", config.trainer.accelerator)
         share_probe_set(config.trainer.callbacks, config.get("probes"))
@@ -289,6 +299,7 @@ class SelftrainCLI(LightningCLI):
                 callback.ensure_checked(self.trainer, self.model)
         self.model.run_identity = self.model.identity(self.datamodule.rows)
         config = self.config_init[self.subcommand]
+        leaks = self._check_probe_leaks(config)
         root = Path(config.trainer.default_root_dir)
         if self.resume_meta is not None:
             check_identity(self.resume_meta.get(IDENTITY_KEY), self.model.run_identity,
@@ -308,6 +319,43 @@ class SelftrainCLI(LightningCLI):
             remove_earlier_run(root, Path(config.checkpoint.dirpath))
         if self.trainer.is_global_zero:
             write_run_marker(root, "fit")
+        if self.resume_meta is None and self.trainer.logger is not None:
+            # what the run trains on, once at step 0 (the report's run table reads it)
+            self.trainer.logger.log_metrics({
+                "data/train_rows": len(self.datamodule.rows),
+                "data/train_tokens": self.datamodule.stats["tokens"], **leaks}, step=0)
+
+    def _check_probe_leaks(self, config: Namespace) -> dict[str, int]:
+        """Refuse training rows that share a token n-gram with a probe window of the run.
+
+        Every probe set a probe callback loaded (in the student's tokenizer) is checked against
+        the rows the student trains on, unless ``--leak_check.allow_probe_leaks true``.
+
+        Returns:
+            ``data/probe_leak_rows`` and ``data/probe_leak_windows`` summed over the probe
+            sets; empty without a probe set (nothing was checked).
+        """
+        settings = config.get("leak_check") or LeakCheck()
+        probe_sets = {callback.probes.fingerprint(): callback.probes
+                      for callback in self.trainer.callbacks
+                      if isinstance(callback, ProbeEvaluation) and callback.probes is not None}
+        if not probe_sets:
+            return {}
+        rows = [row["input_ids"] for row in self.datamodule.rows]
+        leaking, windows = np.zeros(len(rows), dtype=bool), 0
+        corpus = self.datamodule.hparams.corpus
+        for probes in probe_sets.values():
+            leaks = find_leaks(rows, probes.input_ids.tolist(), settings.ngram)
+            refuse_leaks(leaks, corpus if isinstance(corpus, str) else " ".join(corpus),
+                         probes.path, settings.allow_probe_leaks)
+            record = leaks.record()
+            leaking |= leaks.rows
+            windows += record["windows_leaked"]
+            if record["rows_leaking"]:
+                rank_zero_warn(f"--leak_check.allow_probe_leaks true: {record['rows_leaking']} "
+                               f"training rows share a {settings.ngram}-token n-gram with "
+                               f"{record['windows_leaked']} windows of {probes.path}")
+        return {"data/probe_leak_rows": int(leaking.sum()), "data/probe_leak_windows": windows}
 
     def before_validate(self) -> None:
         """Evaluation needs a held-out corpus; say so before loading anything."""

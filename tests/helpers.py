@@ -459,8 +459,16 @@ def write_probes(path: Path, rows: Iterable[Sequence[int]], domains: list[str]) 
     return path
 
 
+ALLOW_LEAKS = "--leak_check.allow_probe_leaks=true"
+"""What a fit on :func:`corpus_probes` needs: some of its probes are training rows on purpose."""
+
+
 def corpus_probes(path: Path, count: int = 6, heldout: int = 5) -> Path:
-    """Probe rows from the debug corpus (trained on) and random rows (held out), 16 + 16."""
+    """Probe rows from the debug corpus (trained on) and random rows (held out), 16 + 16.
+
+    The trained rows leak into the training corpus by design (extraction of them climbs), so
+    a fit on these probes passes :data:`ALLOW_LEAKS`.
+    """
     from selftrain.corpus import read_corpus
 
     trained = [ids[:32] for ids in read_corpus(CONFIGS / "data" / "tiny_qwen2_self").columns[
@@ -470,9 +478,10 @@ def corpus_probes(path: Path, count: int = 6, heldout: int = 5) -> Path:
 
 
 def probe_flags(probes: Path, extraction_every: int = 2) -> list[str]:
-    """Flags adding both probe callbacks on ``probes``, 16 + 16 windows."""
+    """Flags adding both probe callbacks on ``probes`` (:func:`corpus_probes`), 16 + 16."""
     window = ["--trainer.callbacks.prefix_tokens=16", "--trainer.callbacks.suffix_tokens=16"]
-    return [f"--trainer.callbacks+={EXTRACTION}", f"--trainer.callbacks.probe_set={probes}",
+    return [ALLOW_LEAKS,
+            f"--trainer.callbacks+={EXTRACTION}", f"--trainer.callbacks.probe_set={probes}",
             *window, f"--trainer.callbacks.every_n_epochs={extraction_every}",
             f"--trainer.callbacks+={LIKELIHOOD}", f"--trainer.callbacks.probe_set={probes}",
             *window, "--trainer.callbacks.corpus_sample=40"]

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import (
+    ALLOW_LEAKS,
     EXTRACTION,
     LIKELIHOOD,
     bare_trainer,
@@ -127,7 +128,7 @@ def test_ddp_on_two_processes_gives_the_numbers_of_one(tmp_path):
                       "corpus_sample": 37, "batch_size": 2}))
     run = tmp_path / "ddp"
     succeeded(run_fit(run, "--config", extra, "--trainer.devices", "2", "--trainer.strategy",
-                      "ddp", "--trainer.max_epochs", "1", callbacks=False))
+                      "ddp", "--trainer.max_epochs", "1", ALLOW_LEAKS, callbacks=False))
     ddp = read_scalars(run / "tb")
     assert [s for s, _ in ddp["likelihood/train/logprob"]] == [0, 12]
     start, end = (v for _, v in ddp["likelihood/train/logprob"])
@@ -151,7 +152,7 @@ def test_ddp_on_two_processes_gives_the_numbers_of_one(tmp_path):
     single = tmp_path / "single"
     fit_cli(single, "--config", extra, "--model.model", str(run / "hf" / "epoch=1"),
             "--data.same_tokenizer", "true", "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "1", callbacks=False, export=False)
+            "--trainer.limit_train_batches", "1", ALLOW_LEAKS, callbacks=False, export=False)
     one = read_scalars(single / "tb")
     tags = [t for t in ddp if t.startswith(("likelihood/", "extraction/"))
             and not t.endswith("delta_logprob")]

@@ -8,8 +8,9 @@ from helpers import CODE, LICENSE
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer
+from selftrain.probe_file import METADATA_KEY
 from selftrain.probes.probeset import expand_input, probeset
-from selftrain.probes.windows import METADATA_KEY, load_probe_set
+from selftrain.probes.windows import load_probe_set
 
 
 def test_probeset_cuts_distinct_windows_per_domain_and_records_extraction(tmp_path,

@@ -428,3 +428,9 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
     drawn = json.loads((out / "figures.json").read_text())
     assert {d["file"] for d in drawn} == {"benchmark_delta.png", "extraction.png",
                                           "likelihood.png"}
+    for name in ("t0.7_s0", "t0.7_s1", "t1.0_s0", "t1.0_s1"):  # what each run trained on
+        scalars = read_scalars(runs / name / "tb")
+        (row,) = [r for r in summary.splitlines() if r.startswith(f"| {runs / name} |")]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3:] == [f"{int(scalars['data/train_rows'][0][1]):,}",
+                             f"{int(scalars['data/train_tokens'][0][1]):,}", "0"]

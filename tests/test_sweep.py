@@ -125,7 +125,9 @@ def test_sbp_is_a_condition_beside_the_bos_ones_at_one_token_budget(tmp_path):
         assert "--num_subsets" not in synthesize.argv  # written for student k alone
         mixed, alone = by_id[f"fit/g1/sbp/s{k}"], by_id[f"fit/g1/sbp_repeat/s{k}"]
         flags = dict(zip(mixed.argv, mixed.argv[1:], strict=False))
-        assert json.loads(flags["--data.corpus"])[1] == synthesize.output
+        clean = by_id[f"decontaminate/g1/sbp/s{k}"]  # of the fit config's probe set
+        assert clean.needs == [synthesize.id] and clean.argv[3] == synthesize.output
+        assert json.loads(flags["--data.corpus"])[1] == clean.output
         assert flags["--data.mixture_weights"] == "[0.25, 0.75]"
         assert flags["--data.mixture_tokens"] == "5000" and flags["--data.subset"] == str(k)
         repeat = dict(zip(alone.argv, alone.argv[1:], strict=False))
@@ -179,7 +181,10 @@ def test_order_runs_every_step_after_what_it_needs(tmp_path):
     fits = {s.id: s for s in steps if s.kind == "fit"}
     third = fits["fit/g3/self_t1.0/s1"]
     corpora = json.loads(third.argv[third.argv.index("--data.corpus") + 1])
-    assert [Path(c).parts[-4] if "g1" not in c else "g1" for c in corpora] == ["g1", "g2", "g3"]
+    # every generation's corpus, each cleaned of the probe set
+    assert [Path(c).relative_to(tmp_path / "sw" / "corpora").parts[0] for c in corpora] == [
+        "g1", "g2", "g3"]
+    assert all(c.endswith("-clean") for c in corpora)
     generate = next(s for s in steps if s.id == "generate/g3/self_t1.0/s1")
     assert generate.argv[generate.argv.index("--model") + 1].endswith(
         "runs/g2/self_t1.0/s1/hf/epoch=2")
@@ -282,12 +287,13 @@ def test_a_tiny_sweep_killed_once_and_rerun_reaches_the_whole_report(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the sweep and the command it runs, at once
     process.wait()
     killed = len(list(done.glob("*.json")))
-    assert 0 < killed < 15
+    assert 0 < killed < 21
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / STATE / "summary.json").read_text())
     assert len(summary["skipped"]) == killed and not summary["failed"] + summary["blocked"]
-    assert len(summary["skipped"]) + len(summary["done"]) == 15  # 2 + 4 fits + 4 + 4 + report
+    # per generation: sampling (2, then 4), cleaning of the probe set (as many), 4 fits; report
+    assert len(summary["skipped"]) + len(summary["done"]) == 21
     report = (out / "report" / "summary.md").read_text()
     for condition in ("self_t1.0", "llama_t1.0", "self_t1.0@g2", "llama_t1.0@g2"):
         assert f"| {condition} |" in report
@@ -356,3 +362,24 @@ def test_generations_are_read_from_condition_names():
     assert table["chain"].tolist() == ["self_t1.0"] * 3  # no later generation: left out
     assert table["generation"].tolist() == [1, 2, 3]
     assert table["final_mean"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_sampled_corpora_are_cleaned_of_the_fit_probe_set_unless_turned_off(tmp_path):
+    steps = sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
+                  sources=_sources(), num_subsets=2, check_fit=False, dry_run=True)
+    probes = yaml.safe_load(Path(DEBUG).read_text())["probes"]["probe_set"]
+    cleans = {step.output: step for step in steps if step.kind == "decontaminate"}
+    assert len(cleans) == len(_sources())  # one per sampled corpus
+    for step in cleans.values():
+        flags = dict(zip(step.argv[2::2], step.argv[3::2], strict=False))
+        assert json.loads(flags["--probe_sets"]) == [probes]
+        assert flags["--tokenizer"] == "tiny:qwen2"  # the student's, as its fit compares
+        assert "--benchmarks" not in flags  # the grid names none
+    for step in steps:
+        if step.kind == "fit":
+            corpus = step.argv[step.argv.index("--data.corpus") + 1]
+            assert corpus in cleans and cleans[corpus].id in step.needs
+    off = sweep(out=str(tmp_path / "sw2"), student="tiny:qwen2", fit_config=DEBUG,
+                sources=_sources(), num_subsets=2, check_fit=False, dry_run=True,
+                decontaminate_probes=False)
+    assert not [step for step in off if step.kind == "decontaminate"]

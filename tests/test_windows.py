@@ -18,8 +18,8 @@ from torch import nn
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, tokenizer_fingerprint
+from selftrain.probe_file import METADATA_KEY
 from selftrain.probes.windows import (
-    METADATA_KEY,
     continuation_logprobs,
     greedy_continuations,
     greedy_counts,

@@ -102,8 +102,12 @@ def build(found: Findings) -> Page:
         page.add("h3", drawn.title)
         page.add("figure", (f"figures/{drawn.file}", drawn.caption))
     page.add("h2", "Runs")
-    page.add("table", (["run", "condition", "subset"],
-                       [[r["run"], r["condition"], r["subset"]] for r in found.runs]))
+    page.add("p", "Rows and tokens: what each run trained on per epoch, in the student's "
+                  "tokenizer after cutting at max_length. Probe leaks: training rows that share "
+                  "a token n-gram with a held-out probe window (refused unless the fit allowed "
+                  "them; — where the run had no probe set or predates the check).")
+    headers = ["run", "condition", "subset", "rows", "tokens", "probe leaks"]
+    page.add("table", (headers, [[r.get(h, "—") for h in headers] for r in found.runs]))
     return page
 
 

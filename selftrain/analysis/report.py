@@ -184,7 +184,8 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
     return Findings(
         conditions=conditions,
         runs=[{"run": r.label, "condition": r.condition,
-               "subset": "—" if r.subset is None else r.subset} for r in runs],
+               "subset": "—" if r.subset is None else r.subset, **_trained_on(r)}
+              for r in runs],
         benchmark=finals["benchmark"], extraction=finals["extraction"],
         likelihood=finals["likelihood"], extraction_base=base_values(curve),
         joined=joined, correlations=correlations(joined, family_tags(tags, "benchmark")),
@@ -193,6 +194,21 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         proxies_given=bool(proxy_dirs),
         generations=by_generation(pd.concat([finals[f] for f in FAMILIES], ignore_index=True)),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _trained_on(run: Run) -> dict[str, str]:
+    """A run's training rows, tokens and probe-leak rows, as its fit logged them ("—": none).
+
+    Tokens are in the student's tokenizer after cutting at ``max_length``; leak rows share a
+    token n-gram with a probe window.
+    """
+
+    def shown(key: str) -> str:
+        value = run.data.get(key)
+        return "—" if value is None else f"{int(value):,}"
+
+    return {"rows": shown("train_rows"), "tokens": shown("train_tokens"),
+            "probe leaks": shown("probe_leak_rows")}
 
 
 def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:

@@ -34,11 +34,14 @@ EPOCH_TAG = "eval/epochs_completed"
 EVAL_PREFIXES = ("benchmark/", "benchmark_delta/", "benchmark_stderr/", "extraction/",
                  "likelihood/")
 """The evaluation tags the report reads (the training curves stay in TensorBoard)."""
+DATA_PREFIX = "data/"
+"""What a fit logs once about its training rows (read into :attr:`Run.data`)."""
 IGNORED_KEYS = ("data.subset", "seed_everything", "data.seed", "data.num_workers", "ckpt_path",
                 "overwrite", "weights_only", "trainer.callbacks", "trainer.logger",
                 "trainer.max_epochs", "trainer.max_steps", "trainer.max_time",
                 "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-                "trainer.enable_progress_bar", "trainer.default_root_dir", "checkpoint", "probes")
+                "trainer.enable_progress_bar", "trainer.default_root_dir", "checkpoint", "probes",
+                "leak_check")
 """Config keys (and key prefixes) that do not make two runs different conditions."""
 
 
@@ -59,6 +62,9 @@ class Run:
     manifest: dict[str, Any] | None = None
     condition: str = ""
     notes: list[str] = field(default_factory=list)
+    data: dict[str, float] = field(default_factory=dict)
+    """What the run trained on, logged once by ``selftrain fit`` (``data/*``: rows, tokens,
+    probe leak rows and windows); filled by :func:`read_table`."""
 
     @property
     def tb(self) -> Path:
@@ -325,7 +331,8 @@ def read_table(runs: list[Run]) -> pd.DataFrame:
     """Every evaluation scalar of the runs, tidy: run, condition, subset, tag, step, epoch, value.
 
     The epoch of each point is the ``eval/epochs_completed`` value logged at its global step;
-    points at steps without one (not an evaluation) are left out.
+    points at steps without one (not an evaluation) are left out. Each run's ``data/*`` scalars
+    go to its :attr:`Run.data`.
 
     Args:
         runs: runs with their conditions named.
@@ -337,6 +344,8 @@ def read_table(runs: list[Run]) -> pd.DataFrame:
         scalars = read_scalars(run.tb)
         epochs = {step: value for step, value in scalars.get(EPOCH_TAG, [])}
         subset = run.subset if run.subset is not None else math.nan
+        run.data = {tag.split("/", 1)[1]: float(points[-1][1]) for tag, points in scalars.items()
+                    if tag.startswith(DATA_PREFIX) and points}
         for tag, points in scalars.items():
             if not tag.startswith(EVAL_PREFIXES):
                 continue

@@ -14,13 +14,15 @@ such a sample is never removed, and such a benchmark item removes nothing (count
 ``items_too_short``), as in lm-eval-harness's own decontamination.
 
 n-grams are hashed to 64 bits by vectorized polynomial hashing in numpy (see
-:class:`NgramHasher`; the same value in every process and on every machine, unlike ``hash()``)
-and looked up in the benchmarks' sorted hash arrays: 100k samples of ~200 words against 50k
-items take about 10 s end to end on one core (``scripts/bench/bench_decontaminate.py``).
+:class:`NgramHasher` and :mod:`selftrain.curation.ngrams`; the same value in every process and on
+every machine, unlike ``hash()``) and looked up in the benchmarks' sorted hash arrays: 100k
+samples of ~200 words against 50k items take about 10 s end to end on one core
+(``scripts/bench/bench_decontaminate.py``).
 
-The module runs past 300 lines on purpose: normalization, hashing and lookup are one algorithm,
-tuned and benchmarked together (the benchmark script and the tests import its parts from here),
-and split apart they would only re-export one another.
+Held-out probe sets (``--probe_sets``) are checked beside the benchmarks, by token n-grams in the
+probe set's tokenizer (:mod:`selftrain.curation.leaks`), so that no training sample holds a
+window the extraction probes test; the manifest records the drops per benchmark and per probe
+set.
 """
 
 from __future__ import annotations
@@ -44,7 +46,22 @@ from selftrain.corpus import (
     read_corpus,
 )
 from selftrain.curation.benchmarks import load_benchmark
+from selftrain.curation.leaks import (
+    DEFAULT_NGRAM,
+    check_ngram,
+    corpus_ids,
+    find_leaks,
+    probe_windows,
+)
+from selftrain.curation.ngrams import (
+    NGRAM_BASE,
+    NGRAM_BASE_INVERSE,
+    HashIndex,
+    distinct,
+    mix64,
+)
 from selftrain.errors import SelftrainError
+from selftrain.models import tokenizer_fingerprint
 from selftrain.outputs import refuse_input_overlap
 
 log = logging.getLogger(__name__)
@@ -52,21 +69,26 @@ log = logging.getLogger(__name__)
 NORMALIZATION = ("lowercase; delete apostrophes and format characters (Cf); other punctuation, "
                  "symbols and controls (P*, S*, Cc) become spaces; split on whitespace")
 _APOSTROPHES = "'`\u00b4\u2018\u2019\u201b\u2032"  # deleted: they sit inside words
-_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2**64: polynomial hash base
-_BASE_INVERSE = np.uint64(pow(int(_BASE), -1, 2**64))
 _PROGRESS_FROM = 10_000  # show a progress bar from this many samples
 
 
 def decontaminate(
     corpus: str,
     out: str,
-    benchmarks: list[str] | str,
+    benchmarks: list[str] | str | None = None,
     ngram: int = 8,
     include_path: str | None = None,
     limit: int | None = None,
+    probe_sets: list[str] | str | None = None,
+    probe_ngram: int = DEFAULT_NGRAM,
+    tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a copy of a corpus without the samples that share an n-gram with a benchmark.
+
+    Held-out probe sets are checked beside the benchmarks: a sample sharing a token n-gram
+    with any window (prefix and suffix together) of a probe set goes too
+    (:mod:`selftrain.curation.leaks`), so the probes stay held out.
 
     Args:
         corpus: corpus dir (or .jsonl / .parquet / .txt file) whose ``text`` is checked.
@@ -80,15 +102,23 @@ def decontaminate(
             skip indexing lm-eval's built-in tasks (about 10 s); a local .yaml is indexed with
             its own directory and this one only.
         limit: use at most this many items of each benchmark (None: all).
+        probe_sets: held-out probe sets (``selftrain probeset`` / ``plant`` parquet, or jsonl)
+            whose windows no sample may share a token n-gram with.
+        probe_ngram: tokens per n-gram for the probe sets (the same n as ``selftrain fit``'s
+            ``--leak_check.ngram``).
+        tokenizer: the tokenizer the probe windows are compared in; None: the model each probe
+            set records (its ids are used as stored; the corpus's too where they are that
+            tokenizer's, else its text is tokenized).
         overwrite: replace an existing corpus at --out.
 
     Returns:
         The new corpus directory.
     """
-    benchmarks = [benchmarks] if isinstance(benchmarks, str) else list(benchmarks)
-    _validate(corpus, out, benchmarks, ngram, limit, overwrite)
+    benchmarks = _as_list(benchmarks)
+    probe_sets = _as_list(probe_sets)
+    _validate(corpus, out, benchmarks, probe_sets, ngram, probe_ngram, limit, overwrite)
     source = read_corpus(corpus, flag="--corpus")
-    if "text" not in source.columns:
+    if "text" not in source.columns and (benchmarks or "input_ids" not in source.columns):
         raise SelftrainError(f"--corpus {corpus}: rows have no 'text' column; decontamination "
                              "compares text, so decode the ids into a text column first")
     hasher = NgramHasher(ngram)
@@ -100,9 +130,11 @@ def decontaminate(
                                  "rename one of the files")
         tables[name], counts = _benchmark_table(hasher, items)
         stats[name] = {"source": spec, **counts}
-    texts = [text if isinstance(text, str) else "" for text in source.columns["text"]]
-    hits = _contaminated(hasher, texts, tables)
-    removed = np.logical_or.reduce(list(hits.values()))
+    texts = [text if isinstance(text, str) else "" for text in source.columns.get("text", [])]
+    hits = _contaminated(hasher, texts, tables) if tables else {}
+    probe_stats, probe_hits = _probe_leaks(source, probe_sets, probe_ngram, tokenizer)
+    removed = np.logical_or.reduce([np.zeros(len(source), dtype=bool), *hits.values(),
+                                    *probe_hits])
     for name, mask in hits.items():
         stats[name]["removed"] = int(mask.sum())
         log.info("decontaminate: %s: %d items (%d shorter than %d words), %d distinct %d-grams, "
@@ -114,31 +146,61 @@ def decontaminate(
                         "lower --ngram", name, ngram)
     keep = np.flatnonzero(~removed)
     if keep.size == 0:
-        raise SelftrainError(f"--benchmarks: every one of the {len(texts)} samples of --corpus "
-                             f"{corpus} shares a {ngram}-gram with a benchmark; nothing would be "
-                             "left: check the benchmarks or raise --ngram")
+        raise SelftrainError(f"--benchmarks/--probe_sets: every one of the {len(source)} samples "
+                             f"of --corpus {corpus} shares an n-gram with a benchmark or probe "
+                             "window; nothing would be left: check them or raise --ngram / "
+                             "--probe_ngram")
     record = {"ngram": ngram, "normalization": NORMALIZATION,
               "unicode_version": unicodedata.unidata_version,
               "hash": "per word: polynomial of its UTF-8 bytes mod 2**64, splitmix64-mixed with "
                       "its length; per n-gram: polynomial of its word hashes mod 2**64",
-              "benchmarks": stats, "removed": int(removed.sum()), "kept": int(keep.size),
+              "benchmarks": stats, "probe_sets": probe_stats,
+              "removed": int(removed.sum()), "kept": int(keep.size),
               "input": str(corpus)}
     return _write(source, keep, record, Path(out), overwrite)
 
 
-def _validate(corpus: str, out: str, benchmarks: Sequence[str], ngram: int, limit: int | None,
-              overwrite: bool) -> None:
+def _as_list(value: list[str] | str | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _validate(corpus: str, out: str, benchmarks: Sequence[str], probe_sets: Sequence[str],
+              ngram: int, probe_ngram: int, limit: int | None, overwrite: bool) -> None:
     if ngram < 1:
         raise SelftrainError(f"--ngram {ngram}: must be >= 1 (words per n-gram; 8 is usual)")
+    check_ngram(probe_ngram, "--probe_ngram")
     if limit is not None and limit < 1:
         raise SelftrainError(f"--limit {limit}: must be >= 1, or null for every item")
-    if not benchmarks:
+    if not benchmarks and not probe_sets:
         raise SelftrainError("--benchmarks: none given; pass at least one .jsonl, task .yaml or "
-                             "lm-eval task name")
+                             "lm-eval task name, or a probe set in --probe_sets")
     target = Path(out)
     refuse_input_overlap(target, [("--corpus", corpus),
-                                  *(("--benchmarks", spec) for spec in benchmarks)])
+                                  *(("--benchmarks", spec) for spec in benchmarks),
+                                  *(("--probe_sets", path) for path in probe_sets)])
     check_corpus_out(target, overwrite)
+
+
+def _probe_leaks(source: Corpus, probe_sets: Sequence[str], ngram: int,
+                 tokenizer: str | None) -> tuple[dict[str, dict], list[np.ndarray]]:
+    """Per probe set, its counts and the mask of the samples that hold one of its windows."""
+    stats, masks, ids_in = {}, [], {}
+    for path in probe_sets:
+        windows, model_tokenizer, spec = probe_windows(path, "--probe_sets", tokenizer)
+        fingerprint = tokenizer_fingerprint(model_tokenizer)
+        if fingerprint not in ids_in:  # the corpus once per tokenizer
+            ids_in[fingerprint] = corpus_ids(source.columns, source.manifest, model_tokenizer)
+        leaks = find_leaks(ids_in[fingerprint], windows, ngram)
+        record = leaks.record()
+        stats[str(path)] = {"source": str(path), "tokenizer": spec,
+                            "windows": record["windows"],
+                            "windows_leaked": record["windows_leaked"],
+                            "ngram_tokens": ngram, "removed": record["rows_leaking"]}
+        masks.append(leaks.rows)
+        log.info("decontaminate: %s: %d samples share a %d-token n-gram with %d of its %d "
+                 "windows", path, record["rows_leaking"], ngram, record["windows_leaked"],
+                 record["windows"])
+    return stats, masks
 
 
 @functools.cache
@@ -159,15 +221,6 @@ def _translation() -> dict[int, str | None]:
 def normalize(text: str) -> list[str]:
     """The words of a text, as :data:`NORMALIZATION` says."""
     return text.lower().translate(_translation()).split()
-
-
-def _mix(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: spreads every input bit over the whole 64-bit word."""
-    values = values ^ (values >> np.uint64(30))
-    values *= np.uint64(0xBF58476D1CE4E5B9)
-    values ^= values >> np.uint64(27)
-    values *= np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
 
 
 class NgramHasher:
@@ -191,7 +244,7 @@ class NgramHasher:
     def _grow(self, size: int) -> None:
         if size > self._powers.size:
             size = max(size, 2 * self._powers.size)
-            for name, base in (("_powers", _BASE), ("_inverses", _BASE_INVERSE)):
+            for name, base in (("_powers", NGRAM_BASE), ("_inverses", NGRAM_BASE_INVERSE)):
                 table = np.full(size, base, dtype=np.uint64)
                 table[0] = 1
                 setattr(self, name, np.cumprod(table, dtype=np.uint64))
@@ -213,12 +266,12 @@ class NgramHasher:
         np.multiply(buffer, self._inverses[:buffer.size], out=prefix[1:])
         np.cumsum(prefix, out=prefix)  # prefix[i] = sum_{j < i} byte[j] * B**-j
         words = (prefix[ends] - prefix[starts]) * self._powers[ends - 1]
-        words = _mix(words ^ (ends - starts).astype(np.uint64))
+        words = mix64(words ^ (ends - starts).astype(np.uint64))
         owner = np.searchsorted(np.flatnonzero(buffer == 0), starts)  # the text of each word
         count = words.size - self.n + 1
         hashes = words[:count].copy()
         for offset in range(1, self.n):  # h = sum_k word[i + k] * B**(n - 1 - k), mod 2**64
-            hashes *= _BASE
+            hashes *= NGRAM_BASE
             hashes += words[offset:offset + count]
         inside = owner[:count] == owner[self.n - 1:]  # the n-gram does not cross two texts
         return hashes[inside], owner[:count][inside]
@@ -240,12 +293,6 @@ class NgramHasher:
             start = stop
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; sort-based, as np.unique's hash path is slower here."""
-    values = np.sort(values)
-    return values[np.concatenate(([True], values[1:] != values[:-1]))] if values.size else values
-
-
 def _benchmark_table(hasher: NgramHasher, items: list[list[str]]) -> tuple[np.ndarray, dict]:
     """Sorted distinct n-gram hashes of a benchmark's items, and its counts."""
     values = [value for item in items for value in item]
@@ -254,8 +301,8 @@ def _benchmark_table(hasher: NgramHasher, items: list[list[str]]) -> tuple[np.nd
     for _, _, hashes, owner in hasher.hash_batches(values):
         tables.append(hashes)
         owners.append(item_of_value[owner])
-    table = _distinct(np.concatenate(tables))
-    with_ngrams = _distinct(np.concatenate(owners)).size
+    table = distinct(np.concatenate(tables))
+    with_ngrams = distinct(np.concatenate(owners)).size
     return table, {"items": len(items), "items_too_short": len(items) - with_ngrams,
                    "ngrams": int(table.size)}
 
@@ -270,7 +317,7 @@ def _contaminated(hasher: NgramHasher, texts: list[str],
         return {name: hits[:, column] for column, name in enumerate(names)}
     member = np.zeros((union.size, len(names)), dtype=bool)  # n-gram x benchmark
     member[inverse, np.repeat(np.arange(len(names)), [t.size for t in tables.values()])] = True
-    index = _HashIndex(union)
+    index = HashIndex(union)
     with tqdm(total=len(texts), unit="sample", desc="decontaminate", dynamic_ncols=True,
               disable=len(texts) < _PROGRESS_FROM) as bar:
         for start, stop, hashes, owner in hasher.hash_batches(texts):
@@ -278,32 +325,6 @@ def _contaminated(hasher: NgramHasher, texts: list[str],
             np.logical_or.at(hits, owner[positions], member[found])
             bar.update(stop - start)
     return {name: hits[:, column] for column, name in enumerate(names)}
-
-
-class _HashIndex:
-    """Membership in a sorted uint64 array, fast when most queries are absent.
-
-    A bitmap over the top bits of the stored hashes (about one bit in 32 set) rejects most
-    absent queries with one gather; only the rest go through ``searchsorted``.
-
-    Args:
-        table: sorted distinct hashes.
-    """
-
-    def __init__(self, table: np.ndarray) -> None:
-        self.table = table
-        bits = int(np.clip(np.ceil(np.log2(max(table.size, 1) * 32)), 16, 26))
-        self._shift = np.uint64(64 - bits)
-        self._bitmap = np.zeros(1 << bits, dtype=bool)
-        self._bitmap[table >> self._shift] = True
-
-    def find(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions in ``hashes`` of those in the table, and where each is in the table."""
-        candidates = np.flatnonzero(self._bitmap[hashes >> self._shift])
-        values = hashes[candidates]
-        index = np.minimum(np.searchsorted(self.table, values), self.table.size - 1)
-        found = self.table[index] == values
-        return candidates[found], index[found]
 
 
 def _write(source: Corpus, keep: np.ndarray, record: dict[str, Any], out: Path,

@@ -34,13 +34,9 @@ from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.outputs import check_out_dir, refuse_input_overlap
 from selftrain.precision import autocast_dtype
+from selftrain.probe_file import read_probe_rows
 from selftrain.probes.probeset import summarize, write_probe_set
-from selftrain.probes.windows import (
-    ProbeSet,
-    greedy_continuations,
-    load_probe_set,
-    read_probe_rows,
-)
+from selftrain.probes.windows import ProbeSet, greedy_continuations, load_probe_set
 
 log = logging.getLogger(__name__)
 

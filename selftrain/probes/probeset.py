@@ -35,7 +35,8 @@ from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.outputs import refuse_unwritable
 from selftrain.precision import autocast_dtype
-from selftrain.probes.windows import METADATA_KEY, greedy_continuations
+from selftrain.probe_file import METADATA_KEY
+from selftrain.probes.windows import greedy_continuations
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selftrain.corpus import check_rows, read_json_records, read_parquet
+from selftrain.corpus import check_rows
 from selftrain.errors import SelftrainError
 from selftrain.models import kv_cache_argument, tokenizer_fingerprint
+from selftrain.probe_file import read_probe_rows
 from selftrain.training.batching import pad_collate
-
-METADATA_KEY = b"selftrain"
-"""Parquet schema metadata key of a probe set written by selftrain (JSON: model, tokenizer...)."""
 
 
 @dataclass
@@ -84,28 +82,6 @@ class ProbeSet:
         digest.update(json.dumps([self.domains, self.prefix_tokens, self.suffix_tokens,
                                   list(self.input_ids.shape)]).encode())
         return digest.hexdigest()[:16]
-
-
-def read_probe_rows(path: str | Path, flag: str) -> tuple[dict[str, list], dict]:
-    """Columns of a probe file (parquet or jsonl) and its selftrain metadata (or {}).
-
-    Read through :mod:`selftrain.corpus`'s readers: a damaged parquet file or a line that is
-    not a JSON object is refused in one line naming the file (and the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SelftrainError(f"{flag} {path}: no such file; build one with `selftrain "
-                             "probeset` or `selftrain plant`, or give a parquet/jsonl file")
-    if path.suffix == ".parquet":
-        table = read_parquet(path, flag, "rebuild it with `selftrain probeset` or give another "
-                                         "probe set")
-        raw = (table.schema.metadata or {}).get(METADATA_KEY)
-        return table.to_pydict(), json.loads(raw) if raw else {}
-    if path.suffix in (".jsonl", ".json"):
-        rows = read_json_records(path, flag)
-        names = sorted({name for row in rows for name in row})
-        return {name: [row.get(name) for row in rows] for name in names}, {}
-    raise SelftrainError(f"{flag} {path}: unsupported file type; use .parquet or .jsonl")
 
 
 def load_probe_set(path: str | Path, tokenizer, prefix_tokens: int = 32,

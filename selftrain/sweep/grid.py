@@ -137,6 +137,7 @@ class Grid:
     fit: dict[str, Any] = field(default_factory=dict)
     replay: Replay | None = None
     decontaminate: Decontamination | None = None
+    decontaminate_probes: bool = True
     proxies: Proxies | None = None
     sbp: Sbp | None = None
     generations: int = 1
@@ -157,7 +158,7 @@ def condition_name(source: str, temperature: float) -> str:
 RESERVED_FLAGS = {
     "generate": ("model", "out", "temperature", "num_subsets", "overwrite"),
     "replay": ("match", "out", "sources", "student", "num_subsets", "overwrite"),
-    "decontaminate": ("corpus", "out", "benchmarks", "overwrite"),
+    "decontaminate": ("corpus", "out", "benchmarks", "probe_sets", "overwrite"),
     "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "overwrite"),
     "fit": ("config", "model.model", "data.corpus", "data.subset", "data.num_subsets",
             "trainer.default_root_dir", "overwrite", "ckpt_path"),

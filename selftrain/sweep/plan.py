@@ -284,17 +284,37 @@ def _sbp_conditions(grid: Grid, steps: list[Step], k: int
 
 def _clean(grid: Grid, steps: list[Step], corpus: str, producer: str, name: str
            ) -> tuple[str, str]:
-    """Add the decontamination of a corpus when the grid asks; the corpus to train on."""
-    if grid.decontaminate is None:
+    """Add the decontamination of a corpus when the grid asks; the corpus to train on.
+
+    Against the grid's benchmarks, and against the fit's probe set unless
+    ``decontaminate_probes`` is off.
+    """
+    probe_set = probe_set_of(grid) if grid.decontaminate_probes else None
+    if grid.decontaminate is None and probe_set is None:
         return corpus, producer
     target = str(Path(grid.out) / "corpora" / f"{name}-clean")
     step_id = f"decontaminate/{name}"
-    steps.append(Step(step_id, "decontaminate",
-                      ["selftrain", "decontaminate", "--corpus", corpus, "--out", target,
-                       "--benchmarks", json.dumps(grid.decontaminate.benchmarks),
-                       *as_flags(grid.decontaminate.flags), "--overwrite", "true"],
-                      [producer], target))
+    argv = ["selftrain", "decontaminate", "--corpus", corpus, "--out", target]
+    if grid.decontaminate is not None:
+        argv += ["--benchmarks", json.dumps(grid.decontaminate.benchmarks),
+                 *as_flags(grid.decontaminate.flags)]
+    if probe_set is not None:
+        # compared in the student's tokenizer, as its fit's leak check compares
+        argv += ["--probe_sets", json.dumps([probe_set]), "--tokenizer", grid.student]
+        ngram = grid.fit.get("leak_check.ngram", (_fit_config(grid.fit_config).get(
+            "leak_check") or {}).get("ngram"))
+        if ngram is not None:  # the n the students' leak check uses
+            argv += ["--probe_ngram", str(ngram)]
+    steps.append(Step(step_id, "decontaminate", [*argv, "--overwrite", "true"], [producer],
+                      target))
     return target, step_id
+
+
+def probe_set_of(grid: Grid) -> str | None:
+    """The probe set the grid's students are probed on: ``fit``'s, else the fit config's."""
+    if "probes.probe_set" in grid.fit:
+        return grid.fit["probes.probe_set"]
+    return (_fit_config(grid.fit_config).get("probes") or {}).get("probe_set")
 
 
 def _fit_flags(grid: Grid) -> dict[str, Any]:

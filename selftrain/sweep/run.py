@@ -65,6 +65,7 @@ def sweep(
     fit: dict | None = None,
     replay: Replay | None = None,
     decontaminate: Decontamination | None = None,
+    decontaminate_probes: bool = True,
     proxies: Proxies | None = None,
     sbp: Sbp | None = None,
     generations: int = 1,
@@ -92,6 +93,10 @@ def sweep(
         replay: the real-text control: {sources, match, flags}; one ``replay_<condition>``
             condition per matched condition (default: the first).
         decontaminate: {benchmarks, flags}: clean every sampled corpus before it is used.
+        decontaminate_probes: also drop every sampled sample that shares a token n-gram with
+            a window of the fit config's probe set (``probes.probe_set``, or ``fit``'s
+            ``probes.probe_set``), so that the probes stay held out; on by default, also
+            without a ``decontaminate`` block.
         proxies: {benchmarks, split, flags}: proxies of every generation-1 corpus; with
             ``split``, each synthetic corpus's proximity halves are trained on as well.
         sbp: {corpus, weights, tokens, repetition, oracle, synthesizer, synthesizer_config,
@@ -117,7 +122,8 @@ def sweep(
     """
     grid = Grid(out=out, student=student, fit_config=fit_config, sources=dict(sources or {}),
                 num_subsets=num_subsets, generate=dict(generate or {}), fit=dict(fit or {}),
-                replay=replay, decontaminate=decontaminate, proxies=proxies, sbp=sbp,
+                replay=replay, decontaminate=decontaminate,
+                decontaminate_probes=decontaminate_probes, proxies=proxies, sbp=sbp,
                 generations=generations, mode=mode, note=note)
     check_grid(grid)
     check_out(grid)
