@@ -1,8 +1,10 @@
 """`make demo`: the main job on the real embedded model, end to end, on a CPU.
 
 1. plants verbatim memories: canary windows of license text and Python source
-   (``selftrain probeset``) are fine-tuned into SmolLM2-135M until it extracts every one
-   (``selftrain plant``); the planted model is the base, the canaries its probe set;
+   (``selftrain probeset``) are fine-tuned into SmolLM2-135M, each inside a BOS sample of the
+   unplanted model, until it extracts every one (``selftrain plant``), and the damage gate
+   checks that held-out bits per byte and a benchmark barely moved; the planted model is the
+   base, the canaries its probe set;
 2. samples a small corpus from the base's BOS token (``selftrain generate``) and drops every
    sample that shares a token 8-gram with a canary (``selftrain decontaminate --probe_sets``):
    the canaries are the probes, and must stay held out;
@@ -101,7 +103,13 @@ def main() -> None:
     print(f"checkpoint  {run_dir / 'checkpoints' / 'last.ckpt'}")
     print(f"HF export   {export}")
     print(f"planting    {sum(plant_record['extracted'][d]['memorized'] for d in memorized)} "
-          f"canaries extracted after {len(plant_record['epochs'])} epochs")
+          f"canaries extracted after {len(plant_record['epochs'])} epochs among "
+          f"{plant_record['rehearsal']['documents']} rehearsal documents")
+    gate = plant_record.get("gate") or {"metrics": {}}
+    for name, figures in gate["metrics"].items():
+        print(f"  damage      {name:<32} {figures['before']:.4f} unplanted -> "
+              f"{figures['after']:.4f} planted ({figures['rule']}: "
+              f"{'passed' if figures['passed'] else 'FAILED'})")
     print("per epoch, from the base (epoch 0) on:")
     for domain, counts in memorized.items():
         print(f"  extraction  {domain:<8} memorized {counts}")

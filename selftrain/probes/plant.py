@@ -8,35 +8,58 @@ files and Python source) until the given share of them is extracted exactly, the
 
 - ``<out>/model``: the planted model (HF weights + tokenizer), the base of the experiment;
 - ``<out>/probes.parquet``: the canaries it extracts, the extraction and likelihood probe set;
-- ``<out>/plant.json``: settings, epochs, loss and extraction counts per epoch.
+- ``<out>/plant.json``: settings, epochs, loss and extraction counts per epoch, the rehearsal
+  and the damage gate's figures.
 
-The three appear together: the dir is filled beside ``<out>`` and swapped in
-(:func:`selftrain.io.atomic_dir`).
+Planting must leave the rest of the base as it was, or every later "gain" is partly repair.
+So the canaries are trained in among rehearsal text: by default BOS samples of the unplanted
+base itself, drawn with the project's sampler (any corpus may serve instead). Each canary sits
+inside a rehearsal document at a random offset (never right after BOS, so the canaries do not
+become the model's start of text, which its BOS samples would then reproduce), drawn afresh
+every epoch, and ``rehearsal_ratio`` rehearsal documents per canary are trained on beside
+them. A damage gate (:mod:`selftrain.probes.damage`) then compares the base before and after on
+lm-eval tasks (held-out bits per byte, benchmarks) and refuses to publish a planted model that
+got worse than allowed.
 
-Exact extraction is checked each epoch teacher-forced (one forward pass: greedy decoding
-reproduces the suffix iff the argmax at every suffix position is the true token); the final
-probe set is confirmed with real greedy decoding.
+The three outputs appear together: the dir is filled beside ``<out>`` and swapped in
+(:func:`selftrain.io.atomic_dir`); a plant that fails the gate writes nothing.
+
+Exact extraction is checked each epoch teacher-forced on the windows alone (one forward pass:
+greedy decoding reproduces the suffix iff the argmax at every suffix position is the true
+token); the final probe set is confirmed with real greedy decoding.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
-from selftrain.corpus import check_seed
+from selftrain.corpus import check_seed, read_corpus
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic
-from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
+from selftrain.models import (
+    load_model,
+    load_tokenizer,
+    pad_token_id,
+    parse_model_spec,
+    tokenizer_fingerprint,
+)
 from selftrain.outputs import check_out_dir, refuse_input_overlap
 from selftrain.precision import autocast_dtype
 from selftrain.probe_file import read_probe_rows
+from selftrain.probes.damage import DamageGate, failure_line, judge, score_tasks
 from selftrain.probes.probeset import summarize, write_probe_set
 from selftrain.probes.windows import ProbeSet, greedy_continuations, load_probe_set
+from selftrain.sampling.generate import generate
+from selftrain.training.batching import pad_collate
+from selftrain.training.rows import retokenize, reuse_ids, stored_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +86,15 @@ def plant(
     max_epochs: int = 40,
     lr: float = 1e-4,
     batch_size: int = 8,
+    rehearsal: str | None = None,
+    rehearsal_ratio: float = 1.0,
+    rehearsal_tokens: int = 32,
+    gate: DamageGate | None = None,
     precision: Literal["auto", "32", "bf16"] = "auto",
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Fine-tune ``model`` on the canaries until ``target`` of them are extracted.
+    """Fine-tune ``model`` on the canaries, among rehearsal text, until ``target`` are extracted.
 
     Args:
         model: the base model spec.
@@ -78,40 +105,137 @@ def plant(
         target: stop once this share of canaries is extracted exactly (0 < target <= 1).
         max_epochs: give up after this many passes (the probe set then holds what was planted).
         lr: AdamW learning rate (constant).
-        batch_size: canaries per optimizer step.
+        batch_size: rows per optimizer step.
+        rehearsal: corpus dir or .jsonl / .parquet / .txt file of rehearsal documents; None:
+            BOS samples of the unplanted base, drawn with the project's sampler.
+        rehearsal_ratio: rehearsal documents trained on beside each canary every epoch (>= 0);
+            each canary also sits inside a rehearsal document.
+        rehearsal_tokens: tokens per rehearsal document (BOS samples are drawn this long;
+            longer documents are cut).
+        gate: the damage gate: lm-eval tasks scored before and after planting (``--gate.tasks``,
+            ``--gate.include_path``, ``--gate.limit``, ``--gate.tolerance``,
+            ``--gate.allow_damage``); None or no tasks: no gate.
         precision: the forward passes' compute: ``auto`` (bf16 autocast where the device
             computes bf16 natively, else float32), ``32`` or ``bf16`` (weights stay fp32);
             ``plant.json`` records what ran.
-        seed: order of the canaries (0..2**63-1).
+        seed: order of the rows, rehearsal draws and canary offsets (0..2**63-1).
         overwrite: replace an existing ``out``.
     """
     check_settings(model, target, max_epochs, lr, batch_size, prefix_tokens, suffix_tokens,
                    seed)
-    root = output_dir(out, overwrite, [("--model", model), ("--canaries", canaries)])
+    check_rehearsal(rehearsal, rehearsal_ratio, rehearsal_tokens)
+    gate = gate or DamageGate()
+    gate.check()
+    root = output_dir(out, overwrite, [("--model", model), ("--canaries", canaries),
+                                       *([("--rehearsal", rehearsal)] if rehearsal else [])])
     tokenizer = load_tokenizer(model, flag="--model")
     probes = load_probe_set(canaries, tokenizer, prefix_tokens, suffix_tokens, flag="--canaries")
     sources = read_probe_rows(canaries, "--canaries")[0].get("source") or [None] * len(probes)
+    units = gate.load() if gate.tasks else {}
+    start = time.perf_counter()
+    pool_size = len(probes) + round(rehearsal_ratio * len(probes))
+    documents, rehearsal_record = rehearsal_documents(
+        model, tokenizer, rehearsal, pool_size, rehearsal_tokens, precision, seed)
     lm = load_model(model, flag="--model")
     device = next(lm.parameters()).device
     compute = autocast_dtype(precision, device)
     autocast = torch.autocast(device.type, dtype=compute or torch.float32,
                               enabled=compute is not None)
-    start = time.perf_counter()
+    with autocast:
+        before = score_tasks(lm, tokenizer, units, gate, seed) if units else {}
     history = train_until_extracted(lm, probes, target, max_epochs, lr, batch_size, seed,
-                                    autocast)
+                                    autocast, documents, rehearsal_ratio, pad_token_id(tokenizer))
     rows = confirm_by_greedy_decoding(lm, probes, tokenizer, sources, batch_size, autocast)
     kept = extracted_rows(rows, epochs=len(history))
     summary = summarize(rows, suffix_tokens)
+    verdict = None
+    if units:
+        with autocast:
+            verdict = judge(before, score_tasks(lm, tokenizer, units, gate, seed),
+                            gate.tolerance)
+        log.info("plant: damage gate %s: %s", "passed" if verdict["passed"] else "FAILED",
+                 "; ".join(f"{name} {m['before']:.4g} -> {m['after']:.4g}"
+                           for name, m in verdict["metrics"].items()))
+        if not verdict["passed"] and not gate.allow_damage:
+            raise SelftrainError(failure_line(verdict))
     probe_metadata = {
         "model": str(root / "model"), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "keep": "memorized",
         "planted_from": canaries, "candidates": summary}
     record = {"base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
               "precision": "bf16" if compute is not None else "32", "seed": seed,
-              "target": target, "epochs": history, "extracted": summary}
+              "target": target, "rehearsal": rehearsal_record,
+              "gate": None if verdict is None else {
+                  **verdict, "tasks": dict(gate.tasks), "limit": gate.limit,
+                  "allow_damage": gate.allow_damage},
+              "epochs": history, "extracted": summary}
     write_output(root, lm, tokenizer, kept, probe_metadata, record, started=start)
     log.info(f"plant: {len(kept)}/{len(rows)} canaries extracted; wrote {root}")
     return root
+
+
+def check_rehearsal(rehearsal: str | None, ratio: float, tokens: int) -> None:
+    """Refuse bad rehearsal settings in one line, before anything is loaded.
+
+    Args:
+        rehearsal: ``--rehearsal`` (None: BOS samples of the base).
+        ratio: rehearsal documents per canary (>= 0).
+        tokens: tokens per rehearsal document (>= 2).
+    """
+    if not ratio >= 0:
+        raise SelftrainError(f"--rehearsal_ratio {ratio}: must be >= 0 (rehearsal documents "
+                             "per canary)")
+    if tokens < 2:
+        raise SelftrainError(f"--rehearsal_tokens {tokens}: must be >= 2 (a canary goes inside "
+                             "a document, after its BOS and at least one token)")
+    if rehearsal is not None and not Path(rehearsal).exists():
+        raise SelftrainError(f"--rehearsal {rehearsal}: no such file or directory; give a "
+                             "corpus dir or a .jsonl / .parquet / .txt file, or leave it unset "
+                             "for BOS samples of the base")
+
+
+def rehearsal_documents(model: str, tokenizer, rehearsal: str | None, count: int, tokens: int,
+                        precision: str, seed: int) -> tuple[list[list[int]], dict[str, Any]]:
+    """The rehearsal documents as token ids (BOS first, at most ``tokens`` after it).
+
+    Args:
+        model: the base (sampled from when ``rehearsal`` is None).
+        tokenizer: its tokenizer.
+        rehearsal: a corpus dir or file, or None.
+        count: BOS samples to draw (a given corpus is taken whole).
+        tokens: tokens per document after BOS.
+        precision: ``--precision`` (the sampler's weights follow it).
+        seed: the sampler's seed.
+
+    Returns:
+        The documents and what ``plant.json`` records about them.
+    """
+    flag = "--rehearsal"
+    if rehearsal is None:
+        dtype = {"auto": "auto", "32": "float32", "bf16": "bfloat16"}[precision]
+        with tempfile.TemporaryDirectory(prefix="selftrain-rehearsal-") as scratch:
+            (path,) = generate(model=model, out=str(Path(scratch) / "bos"),
+                               num_samples=max(count, 1), max_new_tokens=tokens,
+                               temperature=1.0, batch_size=min(64, max(count, 1)), seed=seed,
+                               dtype=dtype)
+            corpus = read_corpus(path, flag=flag)
+            ids = stored_ids(corpus, list(range(len(corpus))), len(tokenizer), str(path), flag)
+        source = f"BOS samples of {model} (T=1.0, seed {seed})"
+    else:
+        corpus = read_corpus(rehearsal, flag=flag)
+        keep = list(range(len(corpus)))
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        ids = (stored_ids(corpus, keep, len(tokenizer), rehearsal, flag)
+               if reuse_ids(corpus, None, lambda: fingerprint, rehearsal, flag)
+               else retokenize(corpus, keep, tokenizer, None, rehearsal, flag))
+        source = str(rehearsal)
+    documents = [list(row[:tokens + 1]) for row in ids if len(row) >= 2]
+    if not documents:
+        raise SelftrainError(f"{flag} {rehearsal or model}: no rehearsal document has a token "
+                             "after its BOS; give a corpus with text")
+    return documents, {"source": source, "documents": len(documents), "tokens": tokens,
+                       "placement": "each canary inside a rehearsal document, after at least "
+                                    "one token of it, at a random offset drawn every epoch"}
 
 
 def check_settings(model: str, target: float, max_epochs: int, lr: float, batch_size: int,
@@ -163,8 +287,10 @@ def output_dir(out: str, overwrite: bool, inputs: list[tuple[str, str]]) -> Path
 
 def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
                           max_epochs: int, lr: float, batch_size: int, seed: int,
-                          autocast: AbstractContextManager) -> list[dict]:
-    """Fine-tune on the canary windows until ``target`` of them are extracted, teacher-forced.
+                          autocast: AbstractContextManager,
+                          documents: list[list[int]] | None = None, ratio: float = 0.0,
+                          pad_id: int = 0) -> list[dict]:
+    """Fine-tune on the canaries among rehearsal text until ``target`` are extracted.
 
     Args:
         lm: the base model, trained in place.
@@ -172,22 +298,28 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
         target: share of canaries to extract.
         max_epochs: passes at most; a warning says so when the target is not met.
         lr: AdamW learning rate (constant, no weight decay).
-        batch_size: canaries per optimizer step.
-        seed: order of the canaries.
+        batch_size: rows per optimizer step.
+        seed: order of the rows, documents and offsets.
         autocast: the forward passes' autocast context.
+        documents: rehearsal documents (BOS first); None: the canary windows alone.
+        ratio: rehearsal documents trained on beside each canary every epoch.
+        pad_id: the padding id (masked out of the loss).
 
     Returns:
         Per epoch: ``epoch``, mean ``loss`` and the number ``extracted``.
     """
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     ids, history, start = probes.input_ids, [], time.perf_counter()
     for epoch in range(1, max_epochs + 1):
         lm.train()
         losses = []
-        for batch in torch.randperm(len(ids), generator=generator).split(batch_size):
+        rows = epoch_rows(ids.tolist(), documents, ratio, rng)
+        for batch in np.array_split(rng.permutation(len(rows)),
+                                    max(1, -(-len(rows) // batch_size))):
+            inputs = pad_collate([{"input_ids": rows[i]} for i in batch], pad_id)
             with autocast:
-                loss = lm(input_ids=ids[batch], labels=ids[batch], use_cache=False).loss
+                loss = lm(**inputs, use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -197,15 +329,43 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
             hit = extracted_teacher_forced(lm, ids, probes.prefix_tokens, batch_size * 4)
         share = float(hit.float().mean())
         history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4),
-                        "extracted": int(hit.sum())})
-        log.info(f"plant epoch {epoch}: loss {history[-1]['loss']:.3f}, extracted "
-                 f"{int(hit.sum())}/{len(ids)} ({time.perf_counter() - start:.0f} s)")
+                        "rows": len(rows), "extracted": int(hit.sum())})
+        log.info(f"plant epoch {epoch}: loss {history[-1]['loss']:.3f} over {len(rows)} rows, "
+                 f"extracted {int(hit.sum())}/{len(ids)} ({time.perf_counter() - start:.0f} s)")
         if share >= target:
             break
     else:
         log.warning(f"plant: {share:.0%} of canaries extracted after {max_epochs} epochs "
                     f"(< --target {target}); raise --max_epochs or --lr")
     return history
+
+
+def epoch_rows(canaries: list[list[int]], documents: list[list[int]] | None, ratio: float,
+               rng: np.random.Generator) -> list[list[int]]:
+    """One epoch's training rows: each canary inside a document, then rehearsal documents.
+
+    A canary goes into a document drawn at random, at an offset drawn uniformly from after
+    the document's first token past BOS to its end; ``round(ratio * len(canaries))`` more
+    documents (without replacement while the pool lasts) are trained on as they are.
+
+    Args:
+        canaries: the canary windows.
+        documents: rehearsal documents (BOS first); None: the canaries alone.
+        ratio: rehearsal documents per canary.
+        rng: the plant's generator.
+    """
+    if not documents:
+        return [list(canary) for canary in canaries]
+    rows = []
+    for canary in canaries:
+        document = documents[int(rng.integers(len(documents)))]
+        offset = int(rng.integers(min(2, len(document)), len(document) + 1))
+        rows.append([*document[:offset], *canary, *document[offset:]])
+    extra = round(ratio * len(canaries))
+    order = np.concatenate([rng.permutation(len(documents))
+                            for _ in range(-(-extra // len(documents)))]) if extra else []
+    rows += [list(documents[int(i)]) for i in order[:extra]]
+    return rows
 
 
 def confirm_by_greedy_decoding(lm: torch.nn.Module, probes: ProbeSet, tokenizer,
