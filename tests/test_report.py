@@ -428,9 +428,36 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
     drawn = json.loads((out / "figures.json").read_text())
     assert {d["file"] for d in drawn} == {"benchmark_delta.png", "extraction.png",
                                           "likelihood.png"}
+    assert "which way is better" not in summary  # lm-eval's results files said, per task
     for name in ("t0.7_s0", "t0.7_s1", "t1.0_s0", "t1.0_s1"):  # what each run trained on
         scalars = read_scalars(runs / name / "tb")
         (row,) = [r for r in summary.splitlines() if r.startswith(f"| {runs / name} |")]
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3:] == [f"{int(scalars['data/train_rows'][0][1]):,}",
                              f"{int(scalars['data/train_tokens'][0][1]):,}", "0"]
+
+
+def test_the_best_epoch_goes_the_way_lm_eval_says_the_metric_improves(tmp_path):
+    """brier_score is lower-is-better in lm-eval: its best is its lowest mean, not its highest."""
+    import pandas as pd
+
+    from selftrain.analysis.curves import final_and_best
+    from selftrain.analysis.runs import metric_directions
+
+    results = tmp_path / "eval" / "BenchmarkEval" / "epoch=1-step=8.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({
+        "results": {"t": {"alias": "t", "brier_score,none": 0.3, "acc,none": 0.5,
+                          "acc_stderr,none": 0.1, "exact_match,strict-match": 0.2}},
+        "higher_is_better": {"t": {"brier_score": False, "acc": True, "exact_match": True}}}))
+    directions = metric_directions(tmp_path / "eval")
+    assert directions == {"benchmark_delta/t/brier_score": False, "benchmark_delta/t/acc": True,
+                          "benchmark_delta/t/exact_match_strict-match": True}
+    means = [0.0, -0.095, -0.30, -0.192]  # replay's brier deltas, epochs 0..3
+    curve = pd.DataFrame({"tag": "benchmark_delta/t/brier_score", "condition": "replay",
+                          "epoch": range(4), "mean": means, "sd": 0.01, "n": 2})
+    best = final_and_best(curve, {"replay": 2}, directions).iloc[0]
+    assert (best.best_epoch, best.best_mean, best.final_mean) == (2, -0.30, -0.192)
+    told_otherwise = final_and_best(curve, {"replay": 2},
+                                    {"benchmark_delta/t/brier_score": True}).iloc[0]
+    assert (told_otherwise.best_epoch, told_otherwise.best_mean) == (1, -0.095)

@@ -20,8 +20,8 @@ FAMILIES = {
     "likelihood": re.compile(r"^likelihood/(?:(?P<domain>[^/]+)/)?delta_logprob$"),
 }
 """The tag families the report draws: benchmark deltas, extraction counts, log p deltas."""
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "nll", "loss")
-"""Metric names (substrings) whose best value is the lowest."""
+NAMED_LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "brier", "nll", "loss")
+"""Metric names (substrings) taken as lower-is-better only where no lm-eval results say."""
 
 
 def family_tags(tags: set[str], family: str) -> list[str]:
@@ -66,20 +66,33 @@ def curves(table: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["tag", "condition", "epoch"], ignore_index=True)
 
 
-def lower_is_better(tag: str) -> bool:
-    """Whether the metric of a tag improves downwards (perplexity, bits per byte, NLL)."""
-    return any(word in tag.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER)
+def lower_is_better(tag: str, directions: dict[str, bool] | None = None) -> bool:
+    """Whether the metric of a tag improves downwards.
+
+    Args:
+        tag: a ``benchmark_delta/<task>/<metric>`` (or other) tag.
+        directions: tag -> higher_is_better, as lm-eval's results files declare it per task
+            (:func:`selftrain.analysis.runs.metric_directions`); a tag missing there falls back
+            to :data:`NAMED_LOWER_IS_BETTER`.
+    """
+    if directions and tag in directions:
+        return not directions[tag]
+    return any(word in tag.rsplit("/", 1)[-1] for word in NAMED_LOWER_IS_BETTER)
 
 
-def final_and_best(curve: pd.DataFrame, runs_per_condition: dict[str, int]) -> pd.DataFrame:
+def final_and_best(curve: pd.DataFrame, runs_per_condition: dict[str, int],
+                   directions: dict[str, bool] | None = None) -> pd.DataFrame:
     """Where each condition ends on each tag, and the best mean it reached after epoch 0.
 
     The final epoch is the last one every run of the condition reached; the best is taken over
-    the epochs after 0 that every run reached (the base itself, epoch 0, is delta 0).
+    the epochs after 0 that every run reached (the base itself, epoch 0, is delta 0), in the
+    metric's own direction. The best is the extreme of noisy means, biased away from zero by
+    construction; the final value is the one to compare.
 
     Args:
         curve: :func:`curves` rows (one family's tags).
         runs_per_condition: condition -> its number of runs.
+        directions: tag -> higher_is_better from lm-eval (see :func:`lower_is_better`).
 
     Returns:
         Columns tag, condition, final_epoch, final_mean, final_sd, n, best_epoch, best_mean,
@@ -95,7 +108,8 @@ def final_and_best(curve: pd.DataFrame, runs_per_condition: dict[str, int]) -> p
         if later.empty:
             best = final
         else:
-            pick = later["mean"].idxmin() if lower_is_better(tag) else later["mean"].idxmax()
+            pick = (later["mean"].idxmin() if lower_is_better(tag, directions)
+                    else later["mean"].idxmax())
             best = later.loc[pick]
         rows.append({"tag": tag, "condition": condition,
                      "final_epoch": int(final["epoch"]), "final_mean": float(final["mean"]),

@@ -136,7 +136,9 @@ def _benchmarks(page: Page, found: Findings) -> None:
         page.add("p", "No benchmark deltas were logged (no BenchmarkEval callback).")
         return
     page.add("p", "Final: the last epoch every run of the condition reached. Best: the epoch "
-                  "after 0 with the best mean (highest; lowest for perplexity-like metrics). "
+                  "after 0 with the best mean, in the direction each lm-eval task declares "
+                  "(higher_is_better); as the extreme of noisy means it is biased away from "
+                  "zero, so compare conditions on the final values. "
                   "sd is over the condition's runs; item SE is lm-eval's standard error over "
                   "the task's items at the final epoch (mean over runs; only with "
                   "bootstrap_iters > 0, and none for perplexities or bits per byte).")

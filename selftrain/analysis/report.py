@@ -168,8 +168,13 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
     curve = curves(table)
     per_condition = {c: sum(r.condition == c for r in runs) for c in {r.condition for r in runs}}
     tags = set(table["tag"])
+    directions = {tag: higher for run in runs for tag, higher in run.directions.items()}
+    undeclared = sorted(tag for tag in family_tags(tags, "benchmark") if tag not in directions)
+    if undeclared:
+        notes.append(f"{', '.join(undeclared)}: no lm-eval results file says which way is "
+                     "better; the best epoch takes the direction from the metric's name")
     finals = {family: _ordered(final_and_best(
-        curve[curve["tag"].isin(family_tags(tags, family))], per_condition),
+        curve[curve["tag"].isin(family_tags(tags, family))], per_condition, directions),
         family_tags(tags, family)) for family in FAMILIES}
     finals["benchmark"] = _with_item_se(finals["benchmark"], curve)
     conditions = _conditions(runs, table)

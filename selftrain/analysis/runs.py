@@ -62,6 +62,9 @@ class Run:
     manifest: dict[str, Any] | None = None
     condition: str = ""
     notes: list[str] = field(default_factory=list)
+    directions: dict[str, bool] = field(default_factory=dict)
+    """``benchmark_delta/<task>/<metric>`` -> higher_is_better, from the run's lm-eval results
+    files (:func:`metric_directions`)."""
     data: dict[str, float] = field(default_factory=dict)
     """What the run trained on, logged once by ``selftrain fit`` (``data/*``: rows, tokens,
     probe leak rows and windows); filled by :func:`read_table`."""
@@ -210,6 +213,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
             run.config = config if isinstance(config, dict) else {}
         else:
             run.notes.append(f"{run.label}: no tb/config.yaml; its condition is its dir name")
+        run.directions = metric_directions(path / "eval")
         if run.corpus is not None:
             run.manifest = read_manifest(run.corpus)
             if run.manifest is None and not run.corpus.is_file():  # a plain file has none
@@ -217,6 +221,40 @@ def load_runs(paths: list[Path]) -> list[Run]:
                                  "readable (moved?); the corpus is named by its path")
         runs.append(run)
     return runs
+
+
+def metric_directions(eval_dir: Path) -> dict[str, bool]:
+    """``benchmark_delta/<task>/<metric>`` -> higher_is_better, as lm-eval declared it.
+
+    Read from the ``higher_is_better`` map of every BenchmarkEval results file
+    (``eval/<callback>/epoch=N-step=S.json``), which lm-eval keys by metric (``exact_match``)
+    where the tags carry metric and filter (``exact_match_flexible-extract``). Unreadable files
+    are skipped (the report then falls back to metric names, and says so).
+
+    Args:
+        eval_dir: the run's ``eval`` dir.
+    """
+    found: dict[str, bool] = {}
+    for path in sorted(eval_dir.glob("*/epoch=*.json")):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(document, dict):
+            continue
+        declared, results = document.get("higher_is_better"), document.get("results")
+        if not isinstance(declared, dict) or not isinstance(results, dict):
+            continue
+        for task, row in results.items():
+            metrics = declared.get(task)
+            if not isinstance(metrics, dict) or not isinstance(row, dict):
+                continue
+            for key in row:
+                metric, comma, filter_name = key.partition(",")
+                if comma and metric in metrics:
+                    name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+                    found[f"benchmark_delta/{task}/{name}"] = bool(metrics[metric])
+    return found
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
