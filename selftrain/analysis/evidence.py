@@ -5,13 +5,22 @@ samples to benchmark items) and the corpus's mean NLL under the student do not p
 corpora help. ``selftrain proxies`` measures both per corpus (``<dir>/summary.json`` and
 ``<dir>/samples.parquet``); this module reads those dirs, joins each to the runs that trained on
 its corpus (by the resolved corpus path) and computes the Spearman rank correlation between each
-proxy and the gain, with an exact permutation p-value for small n (every ordering of the gains)
-and a plain verdict: with fewer than :data:`MIN_EVIDENCE_N` corpora a correlation is not
-evidence either way, whatever its value.
+proxy and the gain, and what it can show:
+
+- the permutation p-value, exact up to :data:`EXACT_MAX_N` corpora (every ordering of the gains)
+  and from random orderings above, beside the smallest p that n corpora allow at all (2 / n!
+  without ties: n = 5 cannot go below 1/60);
+- a 95% confidence interval for rho (Fisher's z with the Bonett-Wright standard error);
+- Holm's correction over every correlation the report ran (m of them, named), since testing
+  proxies x benchmarks at once makes some small p-value likely by chance;
+- a verdict fixed before any run: a relation is shown when its Holm-adjusted p is below
+  :data:`ALPHA`; *no* relation (the paper's finding 2) only when the interval excludes
+  |rho| >= :data:`NO_RELATION_EFFECT`; anything else is "not resolved".
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -27,10 +36,12 @@ from scipy.stats import rankdata, spearmanr
 from selftrain.errors import SelftrainError
 
 FORMAT = "selftrain-proxies/1"
-MIN_EVIDENCE_N = 10
-"""Below this many corpora the report says a rank correlation is not evidence either way."""
-EXACT_MAX_N = 8
-"""Up to this n the permutation p-value enumerates every ordering (8! = 40320)."""
+ALPHA = 0.05
+"""Family-wise error rate of the Holm-corrected tests."""
+NO_RELATION_EFFECT = 0.5
+"""|rho| a claim of no relation must exclude: its 95% interval must lie inside (-0.5, 0.5)."""
+EXACT_MAX_N = 10
+"""Up to this n the permutation p-value enumerates every ordering (10! = 3,628,800)."""
 PERMUTATIONS = 20_000
 PROXIES = {"max_similarity": "mean max similarity", "fraction_above": "fraction above threshold",
            "nll": "mean NLL (student)"}
@@ -160,42 +171,109 @@ def permutation_p(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, s
     observed = abs(float(rx @ ry)) / scale
     n = len(x)
     if n <= EXACT_MAX_N:
-        orderings = np.array(list(itertools.permutations(ry)))
-        method = f"exact, all {len(orderings)} orderings"
-    else:
-        rng = np.random.default_rng(seed)
-        orderings = np.array([rng.permutation(ry) for _ in range(PERMUTATIONS)])
-        method = f"{PERMUTATIONS} random orderings"
-    extreme = np.abs(orderings @ rx) / scale >= observed - 1e-12
+        null = _exact_null(tuple(rx), tuple(sorted(ry)))
+        extreme = int(np.count_nonzero(null / scale >= observed - 1e-12))
+        return extreme / null.size, f"exact, all {null.size:,} orderings"
+    rng = np.random.default_rng(seed)
+    orderings = np.array([rng.permutation(ry) for _ in range(PERMUTATIONS)])
+    extreme = int(np.count_nonzero(np.abs(orderings @ rx) / scale >= observed - 1e-12))
+    return (extreme + 1) / (PERMUTATIONS + 1), f"{PERMUTATIONS:,} random orderings"
+
+
+@functools.cache
+def _exact_null(rx: tuple[float, ...], ry: tuple[float, ...]) -> np.ndarray:
+    """|sum rx * ry[order]| over every ordering of ry (enumerated in chunks; cached per ranks)."""
+    x = np.asarray(rx)
+    values, orderings = [], itertools.permutations(ry)
+    while chunk := list(itertools.islice(orderings, 500_000)):
+        values.append(np.abs(np.asarray(chunk) @ x))
+    return np.concatenate(values)
+
+
+def smallest_p(x: np.ndarray, y: np.ndarray) -> float:
+    """The smallest two-sided permutation p these ranks allow (2 / n! without ties)."""
+    n = len(x)
     if n <= EXACT_MAX_N:
-        return float(extreme.mean()), method
-    return float((extreme.sum() + 1) / (len(orderings) + 1)), method
+        rx, ry = rankdata(x), rankdata(y)
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        null = _exact_null(tuple(rx), tuple(sorted(ry)))
+        return float(np.count_nonzero(null >= null.max() - 1e-9) / null.size)
+    return 2 / math.factorial(n)
 
 
-def verdict(n: int, rho: float, p: float) -> str:
-    """What a rank correlation over n corpora can and cannot say, in words."""
+def rho_interval(rho: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval for Spearman's rho: Fisher's z, Bonett-Wright standard error.
+
+    ``se = sqrt((1 + rho**2 / 2) / (n - 3))`` on ``atanh(rho)`` (Bonett & Wright 2000); NaN
+    below n = 4. A perfect ranking (|rho| = 1) gives no interval from z; it is clipped.
+
+    Args:
+        rho: Spearman's rho.
+        n: pairs.
+        level: coverage.
+    """
+    if n < 4 or math.isnan(rho):
+        return math.nan, math.nan
+    from scipy.stats import norm
+
+    z = math.atanh(max(-0.999999, min(0.999999, rho)))
+    half = norm.ppf(0.5 + level / 2) * math.sqrt((1 + rho ** 2 / 2) / (n - 3))
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count in m).
+
+    Args:
+        p_values: the raw p-values of every test run together.
+    """
+    finite = [(p, i) for i, p in enumerate(p_values) if not math.isnan(p)]
+    adjusted = [math.nan] * len(p_values)
+    m, running = len(finite), 0.0
+    for rank, (p, i) in enumerate(sorted(finite)):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(n: int, rho: float, p_holm: float, interval: tuple[float, float], floor: float,
+            tests: int) -> str:
+    """What a rank correlation over n corpora can and cannot say, in words.
+
+    Args:
+        n: corpora.
+        rho: Spearman's rho.
+        p_holm: its Holm-adjusted permutation p.
+        interval: its 95% interval.
+        floor: the smallest p n corpora allow.
+        tests: how many correlations the report ran (Holm's m).
+    """
     if n < 3:
         return f"n = {n}: too few corpora to rank"
     if math.isnan(rho):
         return "undefined: the proxy or the gain is the same for every corpus"
-    if n < MIN_EVIDENCE_N:
-        floor = 2 / math.factorial(n)
-        return (f"n = {n} corpora: not evidence either way (even a perfect ranking has "
-                f"p >= {floor:.3g})")
-    if p < 0.05:
-        return "a monotone relation (p < 0.05)"
-    return "no evidence of a monotone relation (which is not evidence of none)"
+    if p_holm < ALPHA:
+        return f"a monotone relation (Holm-adjusted p = {p_holm:.3g} over {tests} tests)"
+    low, high = interval
+    if not math.isnan(low) and -NO_RELATION_EFFECT < low and high < NO_RELATION_EFFECT:
+        return (f"no relation as strong as |ρ| = {NO_RELATION_EFFECT:g} (95% interval "
+                f"[{low:.2f}, {high:.2f}])")
+    reach = (f"; n = {n} allows p >= {floor:.3g}, so after Holm over {tests} tests nothing "
+             f"could pass" if floor * tests >= ALPHA else "")
+    shown = "no interval below n = 4" if math.isnan(low) else f"95% interval [{low:.2f}, " \
+        f"{high:.2f}]"
+    return f"not resolved ({shown}{reach})"
 
 
 def correlations(joined: pd.DataFrame, tags: list[str]) -> pd.DataFrame:
-    """Spearman rho between each proxy and each benchmark's final delta, over the conditions.
+    """Spearman rho between each proxy and each benchmark's final delta, over the corpora.
 
     Args:
         joined: :func:`join` rows.
         tags: the benchmark-delta tags.
 
     Returns:
-        Columns proxy, tag, n, rho, p, method, verdict.
+        Columns proxy, tag, n, rho, low, high, p, p_min, p_holm, tests, method, verdict.
     """
     rows = []
     matched = joined[joined["condition"].notna()] if not joined.empty else joined
@@ -209,7 +287,15 @@ def correlations(joined: pd.DataFrame, tags: list[str]) -> pd.DataFrame:
         x, y = pairs[proxy].to_numpy(float), pairs[tag].to_numpy(float)
         constant = n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
         rho = math.nan if constant else float(spearmanr(x, y).statistic)
-        p, method = (math.nan, "") if constant or n < 3 else permutation_p(x, y)
-        rows.append({"proxy": PROXIES[proxy], "tag": tag, "n": n, "rho": rho, "p": p,
-                     "method": method, "verdict": verdict(n, rho, p)})
-    return pd.DataFrame(rows, columns=["proxy", "tag", "n", "rho", "p", "method", "verdict"])
+        p, method = (math.nan, "") if constant else permutation_p(x, y)
+        low, high = rho_interval(rho, n)
+        rows.append({"proxy": PROXIES[proxy], "tag": tag, "n": n, "rho": rho, "low": low,
+                     "high": high, "p": p, "p_min": math.nan if constant else smallest_p(x, y),
+                     "method": method})
+    tests = sum(not math.isnan(row["p"]) for row in rows)
+    for row, adjusted in zip(rows, holm([row["p"] for row in rows]), strict=True):
+        row.update(p_holm=adjusted, tests=tests,
+                   verdict=verdict(row["n"], row["rho"], adjusted, (row["low"], row["high"]),
+                                   row["p_min"], tests))
+    return pd.DataFrame(rows, columns=["proxy", "tag", "n", "rho", "low", "high", "p", "p_min",
+                                       "p_holm", "tests", "method", "verdict"])

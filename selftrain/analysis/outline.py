@@ -15,7 +15,7 @@ import pandas as pd
 
 from selftrain import __version__
 from selftrain.analysis.curves import relative_change
-from selftrain.analysis.evidence import MIN_EVIDENCE_N, PROXIES
+from selftrain.analysis.evidence import ALPHA, NO_RELATION_EFFECT, PROXIES
 from selftrain.analysis.figures import Drawn
 from selftrain.analysis.pages import Page
 
@@ -192,11 +192,17 @@ def _proxies(page: Page, found: Findings) -> None:
     if found.correlations.empty:
         page.add("p", "No condition trained on a corpus with proxies: nothing to correlate.")
         return
+    tests = int(found.correlations["tests"].max()) if len(found.correlations) else 0
     page.add("p", "Spearman rank correlation between each proxy and each benchmark's final delta "
-                  "over the conditions with proxies; p is a two-sided permutation p-value. "
-                  f"With fewer than {MIN_EVIDENCE_N} corpora a rank correlation is not evidence "
-                  "either way, whatever its value.")
-    rows = [[r.proxy, found.titles.get(r.tag, r.tag), r.n, num(r.rho, True, 3), num(r.p, False, 3),
-             r.method, r.verdict] for r in found.correlations.itertuples()]
-    page.add("table", (["proxy", "gain", "n", "Spearman ρ", "p", "p from", "what it shows"],
-                       rows))
+                  "over the corpora with proxies. p is the two-sided permutation p-value; "
+                  "smallest p is the least that n corpora allow at all; Holm p corrects for the "
+                  f"{tests} correlations this report ran; the interval is 95% (Fisher z, "
+                  "Bonett-Wright SE). The rules were fixed before any run: a relation is shown "
+                  f"when Holm p < {ALPHA:g}; no relation only when the interval lies inside "
+                  f"(-{NO_RELATION_EFFECT:g}, {NO_RELATION_EFFECT:g}); otherwise not resolved.")
+    rows = [[r.proxy, found.titles.get(r.tag, r.tag), r.n, num(r.rho, True, 3),
+             "—" if math.isnan(r.low) else f"[{r.low:.2f}, {r.high:.2f}]", num(r.p, False, 3),
+             num(r.p_min, False, 3), num(r.p_holm, False, 3), r.method, r.verdict]
+            for r in found.correlations.itertuples()]
+    page.add("table", (["proxy", "gain", "n", "Spearman ρ", "95% interval", "p", "smallest p",
+                        "Holm p", "p from", "what it shows"], rows))
