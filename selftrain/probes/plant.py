@@ -89,7 +89,7 @@ def plant(
     rehearsal: str | None = None,
     rehearsal_ratio: float = 1.0,
     rehearsal_tokens: int = 32,
-    gate: DamageGate | None = None,
+    gate: DamageGate = DamageGate(),  # noqa: B008 (never mutated; jsonargparse lists its flags)
     precision: Literal["auto", "32", "bf16"] = "auto",
     seed: int = 0,
     overwrite: bool = False,
@@ -114,7 +114,7 @@ def plant(
             longer documents are cut).
         gate: the damage gate: lm-eval tasks scored before and after planting (``--gate.tasks``,
             ``--gate.include_path``, ``--gate.limit``, ``--gate.tolerance``,
-            ``--gate.allow_damage``); None or no tasks: no gate.
+            ``--gate.allow_damage``); no tasks: no gate.
         precision: the forward passes' compute: ``auto`` (bf16 autocast where the device
             computes bf16 natively, else float32), ``32`` or ``bf16`` (weights stay fp32);
             ``plant.json`` records what ran.
