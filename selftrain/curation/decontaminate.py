@@ -59,6 +59,7 @@ from selftrain.curation.ngrams import (
     HashIndex,
     distinct,
     mix64,
+    polynomial_ngrams,
 )
 from selftrain.errors import SelftrainError
 from selftrain.models import tokenizer_fingerprint
@@ -268,13 +269,7 @@ class NgramHasher:
         words = (prefix[ends] - prefix[starts]) * self._powers[ends - 1]
         words = mix64(words ^ (ends - starts).astype(np.uint64))
         owner = np.searchsorted(np.flatnonzero(buffer == 0), starts)  # the text of each word
-        count = words.size - self.n + 1
-        hashes = words[:count].copy()
-        for offset in range(1, self.n):  # h = sum_k word[i + k] * B**(n - 1 - k), mod 2**64
-            hashes *= NGRAM_BASE
-            hashes += words[offset:offset + count]
-        inside = owner[:count] == owner[self.n - 1:]  # the n-gram does not cross two texts
-        return hashes[inside], owner[:count][inside]
+        return polynomial_ngrams(words, owner, self.n)
 
     def hash_batches(self, texts: Sequence[str], max_chars: int = 1 << 22
                      ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:

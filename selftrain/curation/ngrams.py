@@ -44,12 +44,26 @@ def token_ngram_hashes(sequences: Sequence[Sequence[int]], n: int
         return empty
     ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in sequences if len(ids)])
     words = mix64(ids.astype(np.uint64) + np.uint64(1))
-    owner = np.repeat(np.arange(len(sequences)), lengths)
-    count = words.size - n + 1
-    hashes = words[:count].copy()
+    return polynomial_ngrams(words, np.repeat(np.arange(len(sequences)), lengths), n)
+
+
+def polynomial_ngrams(units: np.ndarray, owner: np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of every run of n consecutive units of one text, and the text of each.
+
+    ``h = sum_k unit[i + k] * B**(n - 1 - k)`` mod 2**64 (B = :data:`NGRAM_BASE`), computed for
+    all i at once; runs that cross two texts are left out.
+
+    Args:
+        units: uint64 hashes of the words or tokens, every text's end to end (at least n).
+        owner: the text of each unit.
+        n: units per n-gram.
+    """
+    count = units.size - n + 1
+    hashes = units[:count].copy()
     for offset in range(1, n):
         hashes *= NGRAM_BASE
-        hashes += words[offset:offset + count]
+        hashes += units[offset:offset + count]
     inside = owner[:count] == owner[n - 1:]
     return hashes[inside], owner[:count][inside]
 
