@@ -5,8 +5,11 @@ frozen base model. This callback hands the student that is training (``pl_module
 reload, no second copy of the weights) to lm-eval as ``HFLM(pretrained=model)`` and logs
 ``benchmark/<task>/<metric>`` and ``benchmark_delta/<task>/<metric>`` (vs the epoch-0 pass,
 so every delta curve starts at exactly 0). The base scores live in the callback's state, so
-they survive ``--ckpt_path last``. lm-eval's full results (no per-sample logs) go to
-``<run>/eval/benchmark/epoch=<E>-step=<S>.json``.
+they survive ``--ckpt_path last``. lm-eval's full results go to
+``<run>/eval/benchmark/epoch=<E>-step=<S>.json``, and its per-item results, compactly (document
+id, target, per-choice log-likelihoods or the generated answer, each metric's item value), to
+``epoch=<E>-step=<S>.items.parquet`` beside it, so that the report's deltas carry the standard
+error of the paired per-item difference (:mod:`selftrain.analysis.items`).
 
 Choices worth knowing:
 
@@ -70,6 +73,7 @@ from typing_extensions import override
 from selftrain.callbacks.benchmark_results import (
     benchmark_metrics,
     gather_parts,
+    item_rows,
     merge_results,
     metric_scores,
     stderr_metrics,
@@ -359,14 +363,19 @@ class BenchmarkEval(EpochEvaluation):
                 _seed_all(self.seed)
                 for task_obj in loaded["tasks"].values():
                     task_obj.set_fewshot_seed(seed=self.seed)
-                parts.append(evaluate(lm=lm, task_dict=loaded, limit=self.limit,
-                                      bootstrap_iters=self.bootstrap_iters, log_samples=False,
-                                      confirm_run_unsafe_code=self.allow_code_execution))
+                result = evaluate(lm=lm, task_dict=loaded, limit=self.limit,
+                                  bootstrap_iters=self.bootstrap_iters, log_samples=True,
+                                  confirm_run_unsafe_code=self.allow_code_execution)
+                aggregations = {task: {metric: getattr(how, "__name__", str(how))
+                                       for metric, how in task_obj.aggregation().items()}
+                                for task, task_obj in loaded["tasks"].items()}
+                result["items"] = item_rows(result.pop("samples", {}) or {}, aggregations)
+                parts.append(result)
         return merge_results(parts)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
                results: dict, evaluated: list[str]) -> Path:
-        """lm-eval's results (no per-sample logs) and this callback's settings, as JSON.
+        """lm-eval's results and this callback's settings as JSON, per-item rows beside it.
 
         Args:
             trainer: the running Trainer.

@@ -4,7 +4,9 @@ lm-eval returns one nested results dict per evaluated task; the callback evaluat
 a time and splits them over ranks, so this module gathers the parts from every rank, merges
 them back into one dict, turns its rows into flat ``<task>/<metric>`` scores (and standard
 errors, where lm-eval gives them), computes the deltas from the base model's scores, and writes
-the merged results (no per-sample logs) as one JSON file per evaluation.
+the merged results as one JSON file per evaluation, with lm-eval's per-item results beside it in
+a compact parquet table (:func:`item_rows`), so that any two evaluations of the same items can
+be compared item by item (:mod:`selftrain.analysis.items`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from selftrain.errors import SelftrainError
-from selftrain.io import write_json_atomic
+from selftrain.io import write_json_atomic, write_parquet_atomic
+
+ITEMS_SUFFIX = ".items.parquet"
+"""The per-item table beside each results JSON: ``epoch=<E>-step=<S>.items.parquet``."""
+
+ITEM_SCHEMA = pa.schema([
+    ("task", pa.string()), ("doc_id", pa.int64()), ("filter", pa.string()),
+    ("metric", pa.string()), ("aggregation", pa.string()), ("value", pa.float64()),
+    ("weight", pa.float64()), ("target", pa.string()),
+    ("loglikelihoods", pa.list_(pa.float64())), ("answer", pa.string())])
+"""One row per (task, document, filter, metric): the metric's per-item value and what it came
+from. ``aggregation`` is the name of lm-eval's aggregation of that metric (``mean``,
+``bits_per_byte``, ``brier_score``, ...). ``value``/``weight``: the item's value with weight 1,
+or, for the perplexity family (whose item is a pair), the document's log-likelihood and its
+word or byte count. ``brier_score`` items are each item's squared error (the aggregate is their
+mean). ``loglikelihoods``: each request's log-likelihood (per choice; one for a rolling
+document), ``answer``: the generated text (generation tasks)."""
 
 MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                "higher_is_better", "n-samples")
@@ -26,9 +45,81 @@ MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """One lm-eval results dict from several (disjoint tasks): its per-task maps united."""
-    return {key: {k: v for part in parts for k, v in part.get(key, {}).items()}
-            for key in MERGED_KEYS}
+    """One lm-eval results dict from several (disjoint tasks): its per-task maps united.
+
+    The parts' ``items`` (:func:`item_rows`, where kept) are concatenated under ``items``.
+    """
+    merged: dict[str, Any] = {key: {k: v for part in parts for k, v in part.get(key, {}).items()}
+                              for key in MERGED_KEYS}
+    merged["items"] = [row for part in parts for row in part.get("items", [])]
+    return merged
+
+
+def item_rows(samples: dict[str, list[dict]], aggregations: dict[str, dict[str, str]]
+              ) -> list[dict[str, Any]]:
+    """lm-eval's logged samples as compact :data:`ITEM_SCHEMA` rows (no documents, no prompts).
+
+    Args:
+        samples: ``results["samples"]`` of ``evaluate(..., log_samples=True)``: task -> examples.
+        aggregations: task -> metric -> the name of lm-eval's aggregation of it.
+    """
+    rows = []
+    for task, examples in samples.items():
+        for example in examples:
+            responses = list(example.get("filtered_resps") or [])
+            likelihoods = [_loglikelihood(response) for response in responses]
+            filter_name = str(example.get("filter", "none"))
+            common = {"task": task, "doc_id": int(example["doc_id"]), "filter": filter_name,
+                      "target": str(example.get("target")),
+                      "loglikelihoods": likelihoods if likelihoods and None not in likelihoods
+                      else None,
+                      "answer": next((r for r in responses if isinstance(r, str)), None)}
+            for metric in example.get("metrics", []):
+                value = _item_value(example.get(metric))
+                if value is None:
+                    continue
+                rows.append({**common, "metric": metric_name(metric, filter_name),
+                             "aggregation": aggregations.get(task, {}).get(metric, ""),
+                             "value": value[0], "weight": value[1]})
+    return rows
+
+
+def _loglikelihood(response: Any) -> float | None:
+    """A loglikelihood request's response (``(ll, is_greedy)``, or a rolling ``ll``) as a float."""
+    if isinstance(response, (tuple, list)) and response:
+        response = response[0]
+    if isinstance(response, (int, float, np.number)) and not isinstance(response, bool):
+        return float(response)
+    return None
+
+
+def _item_value(value: Any) -> tuple[float, float] | None:
+    """An item's metric value as (value, weight); None where it has no numeric per-item form.
+
+    A number is itself with weight 1; the perplexity family's ``(loglikelihood, count)`` is
+    that pair; brier's ``(gold, probabilities)`` is the item's squared error, weight 1.
+    """
+    if isinstance(value, (bool, int, float, np.number)):
+        return float(value), 1.0
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        first, second = value
+        if _is_number(first) and _is_number(second):
+            return float(first), float(second)
+        if _is_number(first) and np.ndim(second) == 1:
+            probabilities = np.asarray(second, dtype=float)
+            gold = np.zeros_like(probabilities)
+            gold[int(first)] = 1.0
+            return float(np.sum((probabilities - gold) ** 2)), 1.0
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def metric_name(metric: str, filter_name: str) -> str:
+    """lm-eval's metric and filter as one name: ``acc`` (filter ``none``), else ``acc_<filter>``."""
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
 def gather_parts(part: dict, error: Exception | None, rank: int, world: int,
@@ -71,8 +162,7 @@ def metric_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             if (not comma or "_stderr" in metric or isinstance(value, bool)
                     or not isinstance(value, (int, float, np.number))):
                 continue
-            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-            scores[f"{task}/{name}"] = float(value)
+            scores[f"{task}/{metric_name(metric, filter_name)}"] = float(value)
     return scores
 
 
@@ -94,8 +184,7 @@ def stderr_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
                     or not isinstance(value, (int, float, np.number))
                     or not math.isfinite(value)):
                 continue
-            metric = metric[:-len("_stderr")]
-            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            name = metric_name(metric[:-len("_stderr")], filter_name)
             stderrs[f"benchmark_stderr/{task}/{name}"] = float(value)
     return stderrs
 
@@ -126,10 +215,13 @@ def benchmark_metrics(scores: dict[str, float], base: dict[str, float] | None, e
 
 def write_results(target: Path, results: dict, config: dict[str, Any], epoch: int,
                   step: int) -> Path:
-    """lm-eval's merged results (no per-sample logs) with the run's settings, as JSON.
+    """lm-eval's merged results with the run's settings as JSON, and its per-item rows beside it.
+
+    The items (``results["items"]``, :func:`item_rows`) go to ``<target stem>`` +
+    :data:`ITEMS_SUFFIX` first, so a results JSON never names items that are not there.
 
     Args:
-        target: the file, written atomically.
+        target: the JSON file; both files are written atomically.
         results: :func:`merge_results` of one evaluation.
         config: what the scores depend on (model, tasks, limit, seed, ...).
         epoch: epochs completed.
@@ -139,9 +231,18 @@ def write_results(target: Path, results: dict, config: dict[str, Any], epoch: in
     import transformers
     from lm_eval.utils import handle_non_serializable
 
-    document = {**{k: v for k, v in results.items() if v or k != "groups"},
+    items = results.get("items")
+    if items:
+        write_parquet_atomic(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), items_path(target))
+    document = {**{k: v for k, v in results.items() if (v or k != "groups") and k != "items"},
                 "config": config, "epoch": epoch, "global_step": step, "date": time.time(),
                 "lm_eval_version": lm_eval.__version__,
-                "transformers_version": transformers.__version__}
+                "transformers_version": transformers.__version__,
+                "items": items_path(target).name if items else None}
     write_json_atomic(document, target, default=handle_non_serializable, ensure_ascii=False)
     return target
+
+
+def items_path(results_json: Path) -> Path:
+    """The per-item table beside a results JSON (``E-S.json`` -> ``E-S.items.parquet``)."""
+    return results_json.with_name(results_json.stem + ITEMS_SUFFIX)

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 from helpers import (
@@ -97,8 +98,10 @@ def test_scores_deltas_cadence_and_results_files(trained):
     assert [v for _, v in scalars["eval/epochs_completed"]] == [0, 2, 3]
     assert len(probe.modes) == 72 and set(probe.modes) == {(True, True)}  # train mode restored
 
-    files = sorted(p.name for p in (run / "eval" / "benchmark").iterdir())
+    files = sorted(p.name for p in (run / "eval" / "benchmark").glob("*.json"))
     assert files == ["epoch=0-step=0.json", "epoch=2-step=48.json", "epoch=3-step=72.json"]
+    assert sorted(p.name for p in (run / "eval" / "benchmark").glob("*.parquet")) == [
+        name.replace(".json", ".items.parquet") for name in files]
     for name in files:
         document = json.loads((run / "eval" / "benchmark" / name).read_text())
         assert set(document["results"]) == set(document["configs"]) == set(SHOTS)
@@ -109,6 +112,11 @@ def test_scores_deltas_cadence_and_results_files(trained):
         logged = {f"benchmark/{k}": v for k, v in metric_scores(document["results"]).items()}
         step = document["global_step"]
         assert {k: pytest.approx(dict(scalars[k])[step], abs=FLOAT32) for k in logged} == logged
+        items = pd.read_parquet(run / "eval" / "benchmark" / document["items"])
+        means = items[items["aggregation"] == "mean"].groupby(["task", "metric"])["value"]
+        assert means.size().eq(8).all() and len(means) >= len(SHOTS)  # 8 items per task metric
+        for (task, metric), value in means.mean().items():  # the score is their mean
+            assert value == pytest.approx(logged[f"benchmark/{task}/{metric}"], abs=1e-6)
     assert [h["epoch"] for h in history(run, "benchmark")] == [0, 2, 3]
 
 
@@ -482,7 +490,7 @@ def test_ddp_splits_tasks_across_two_ranks_and_writes_once(tmp_path, trained):
     succeeded(run_fit(run, "--config", extra, "--trainer.strategy", "ddp", "--trainer.devices",
                       "2", "--trainer.max_epochs", "2", "--model.export_hf", "never",
                       callbacks=False))
-    files = sorted(p.name for p in (run / "eval" / "benchmark").iterdir())
+    files = sorted(p.name for p in (run / "eval" / "benchmark").glob("*.json"))
     assert files == ["epoch=0-step=0.json", "epoch=1-step=12.json", "epoch=2-step=24.json"]
     assert len((run / "eval" / "benchmark.jsonl").read_text().splitlines()) == 3
     scalars = read_scalars(run / "tb")
@@ -492,4 +500,8 @@ def test_ddp_splits_tasks_across_two_ranks_and_writes_once(tmp_path, trained):
     ddp_base = json.loads((run / "eval" / "benchmark" / files[0]).read_text())
     one_base = json.loads((trained[0] / "eval" / "benchmark" / files[0]).read_text())
     assert ddp_base["results"] == one_base["results"]  # same base model, same numbers
+    ddp_items, one_items = (pd.read_parquet(root / "eval" / "benchmark" / document["items"])
+                            .sort_values(["task", "doc_id", "metric"], ignore_index=True)
+                            for root, document in ((run, ddp_base), (trained[0], one_base)))
+    pd.testing.assert_frame_equal(ddp_items, one_items)  # every rank's items reach the file
     assert ddp_base["n-shot"] == SHOTS

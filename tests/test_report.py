@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
@@ -121,14 +122,15 @@ def test_summary_quotes_final_and_best_deltas_computed_from_the_logged_values(
             name, metric = task.split("/")
             row = [r for r in table_rows(summary, f"{name}: {metric}") if r[1] == condition]
             assert len(row) == 1, (condition, task, summary)
-            (_, _, final_epoch, final, final_sd, item_se, n, best_epoch, best_mean, best_sd,
-             best_n) = row[0]
+            (_, _, final_epoch, final, final_sd, item_se, se_from, n, best_epoch, best_mean,
+             best_sd, best_n) = row[0]
             assert (int(final_epoch), int(n), int(best_n)) == (4, 2, 2)
-            if task.startswith("facts/"):
+            if task.startswith("facts/"):  # these runs kept no per-item results
                 stderr = [logged[(temperature, s)][f"benchmark_stderr/{task}"][-1] for s in (0, 1)]
                 assert float(item_se) == pytest.approx(np.mean(stderr), rel=1e-3)
+                assert se_from == "score SE, unpaired"
             else:
-                assert item_se == "—"
+                assert item_se == se_from == "—"
             assert float(final) == pytest.approx(mean[-1], rel=1e-3, abs=1e-6)
             assert float(final_sd) == pytest.approx(sd[-1], rel=1e-3, abs=1e-6)
             assert int(best_epoch) == best
@@ -200,7 +202,7 @@ def test_one_subset_draws_no_band_and_says_so(tmp_path):
     drawn = json.loads((out / "figures.json").read_text())
     assert all(any("1 subset: no band" in label for label in d["legend"]) for d in drawn)
     row = table_rows((out / "summary.md").read_text(), "facts: acc")[0]
-    assert row[4] == "—" and row[6] == "1"  # sd undefined, n = 1
+    assert row[4] == "—" and row[7] == "1"  # sd undefined, n = 1
 
 
 def test_conditions_group_subsets_and_can_be_named(tmp_path, capsys):
@@ -223,7 +225,7 @@ def test_conditions_group_subsets_and_can_be_named(tmp_path, capsys):
                f"{{{runs / 's0'}: mine, {runs / 's1'}: mine, {runs / 'other_lr'}: theirs}}")
     named = (tmp_path / "named" / "summary.md").read_text()
     assert {row[1] for row in table_rows(named, "facts: acc")} == {"mine", "theirs"}
-    assert [row[6] for row in table_rows(named, "facts: acc")] == ["2", "1"]
+    assert [row[7] for row in table_rows(named, "facts: acc")] == ["2", "1"]
 
 
 def test_moved_corpus_falls_back_to_its_path_name(tmp_path):
@@ -430,6 +432,23 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
     assert {d["file"] for d in drawn} == {"benchmark_delta.png", "extraction.png",
                                           "likelihood.png"}
     assert "which way is better" not in summary  # lm-eval's results files said, per task
+    for condition, name in (("T=0.7", "t0.7"), ("T=1", "t1.0")):  # SEs from the item files
+        for metric in ("acc", "acc_norm"):
+            differences = []
+            for subset in (0, 1):
+                eval_dir = runs / f"{name}_s{subset}" / "eval" / "benchmark"
+                before, after = (pd.read_parquet(next(eval_dir.glob(f"epoch={e}-*.parquet")))
+                                 for e in (0, 2))
+                before, after = (t[t["metric"] == metric].sort_values("doc_id")["value"]
+                                 .to_numpy() for t in (before, after))
+                differences.append(after - before)
+            change = np.mean(differences, axis=0)
+            expected = np.std(change, ddof=1) / np.sqrt(len(change))
+            row = [r for r in table_rows(summary, f"selftrain_facts: {metric}")
+                   if r[1] == condition][0]
+            assert float(row[3]) == pytest.approx(change.mean(), rel=1e-3, abs=1e-6)
+            assert row[6] == f"paired, {len(change)} items" and len(change) == 8
+            assert float(row[5]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
     for name in ("t0.7_s0", "t0.7_s1", "t1.0_s0", "t1.0_s1"):  # what each run trained on
         scalars = read_scalars(runs / name / "tb")
         (row,) = [r for r in summary.splitlines() if r.startswith(f"| {runs / name} |")]

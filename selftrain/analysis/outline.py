@@ -139,16 +139,22 @@ def _benchmarks(page: Page, found: Findings) -> None:
                   "after 0 with the best mean, in the direction each lm-eval task declares "
                   "(higher_is_better); as the extreme of noisy means it is biased away from "
                   "zero, so compare conditions on the final values. "
-                  "sd is over the condition's runs; item SE is lm-eval's standard error over "
-                  "the task's items at the final epoch (mean over runs; only with "
-                  "bootstrap_iters > 0, and none for perplexities or bits per byte).")
-    item_se = found.benchmark.get("item_se", pd.Series(math.nan, index=found.benchmark.index))
+                  "sd is over the condition's runs (subsets). Item SE is the standard error of "
+                  "the final delta over the benchmark's items: of the paired per-item "
+                  "difference from the base, averaged over the runs (\"paired, N items\"), for "
+                  "bits per byte that of the ratio over N documents (\"paired, N documents\"); "
+                  "where runs kept no per-item results, lm-eval's SE of the final score "
+                  "(\"score SE, unpaired\", which overstates it); none for perplexities.")
+    empty = pd.Series(math.nan, index=found.benchmark.index)
+    item_se = found.benchmark.get("item_se", empty)
+    se_from = found.benchmark.get("se_from", empty.astype(object).fillna("—"))
     rows = [[found.titles.get(r.tag, r.tag), r.condition, r.final_epoch, num(r.final_mean, True),
-             num(r.final_sd), num(se), r.n, r.best_epoch, num(r.best_mean, True),
+             num(r.final_sd), num(se), source, r.n, r.best_epoch, num(r.best_mean, True),
              num(r.best_sd), r.best_n]
-            for r, se in zip(found.benchmark.itertuples(), item_se, strict=True)]
+            for r, se, source in zip(found.benchmark.itertuples(), item_se, se_from,
+                                     strict=True)]
     page.add("table", (["task / metric", "condition", "final epoch", "final Δ", "sd", "item SE",
-                        "n", "best epoch", "best Δ", "sd", "n"], rows))
+                        "SE from", "n", "best epoch", "best Δ", "sd", "n"], rows))
 
 
 def _probes(page: Page, found: Findings) -> None:

@@ -22,6 +22,7 @@ and bad input is refused in one line before anything is written.
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from selftrain.analysis.curves import (
     final_and_best,
 )
 from selftrain.analysis.evidence import PROXIES, correlations, join, load_proxies
+from selftrain.analysis.items import items_file, metric_items, paired
 from selftrain.analysis.outline import Findings, build
 from selftrain.analysis.pages import html_page, markdown
 from selftrain.analysis.runs import Run, find_runs, load_runs, name_conditions, read_table
@@ -176,7 +178,7 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
     finals = {family: _ordered(final_and_best(
         curve[curve["tag"].isin(family_tags(tags, family))], per_condition, directions),
         family_tags(tags, family)) for family in FAMILIES}
-    finals["benchmark"] = _with_item_se(finals["benchmark"], curve)
+    finals["benchmark"] = _with_item_se(finals["benchmark"], curve, runs, notes)
     conditions = _conditions(runs, table)
     corpora = {c["condition"]: c["_corpus"] for c in conditions}
     joined = join(proxy_dirs, corpora, finals["benchmark"])
@@ -216,18 +218,53 @@ def _trained_on(run: Run) -> dict[str, str]:
             "probe leaks": shown("probe_leak_rows")}
 
 
-def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
-    """Add ``item_se``: lm-eval's standard error over a task's items at the final epoch.
+def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
+                  notes: list[str]) -> pd.DataFrame:
+    """Add ``item_se`` and ``se_from``: the standard error of each final delta over items.
 
-    The mean over the condition's runs of ``benchmark_stderr/<task>/<metric>`` (logged with
-    ``bootstrap_iters`` > 0); NaN where lm-eval gives none (perplexities, bits per byte).
+    Where every run of the condition kept per-item results at epoch 0 and at the final epoch,
+    the SE is that of the paired per-item difference (:func:`selftrain.analysis.items.paired`),
+    ``se_from`` says over how many items or documents. Otherwise (runs from before per-item
+    results were kept, or a metric with no per-item form) it falls back to the mean over runs of
+    lm-eval's SE of the final score (``benchmark_stderr/<task>/<metric>``, only with
+    ``bootstrap_iters`` > 0), which ignores the pairing, and says so; NaN where there is neither.
     """
     stderr = {(r.tag, r.condition, r.epoch): r.mean for r in curve.itertuples()
               if r.tag.startswith("benchmark_stderr/")}
-    rows = rows.copy()
-    rows["item_se"] = [stderr.get((r.tag.replace("benchmark_delta/", "benchmark_stderr/", 1),
+    tables: dict[tuple[Path, int], pd.DataFrame | None] = {}
+
+    def table(run: Run, epoch: int) -> pd.DataFrame | None:
+        if (run.path, epoch) not in tables:
+            found = items_file(run.path / "eval", epoch)
+            tables[run.path, epoch] = None if found is None else pd.read_parquet(found)
+        return tables[run.path, epoch]
+
+    item_ids: dict[str, dict[str, tuple]] = {}
+    se, se_from = [], []
+    for r in rows.itertuples():
+        members = [run for run in runs if run.condition == r.condition]
+        sides = [(table(run, 0), table(run, r.final_epoch)) for run in members]
+        result = None
+        if members and all(before is not None and after is not None for before, after in sides):
+            pairs = [(metric_items(before, r.tag), metric_items(after, r.tag))
+                     for before, after in sides]
+            result = paired(pairs)
+            if pairs[0][0].size:
+                item_ids.setdefault(r.tag, {})[r.condition] = tuple(pairs[0][0].index)
+        if result is not None:
+            se.append(result.se)
+            se_from.append(f"paired, {result.n} {result.form}")
+        else:
+            fallback = stderr.get((r.tag.replace("benchmark_delta/", "benchmark_stderr/", 1),
                                    r.condition, r.final_epoch), float("nan"))
-                       for r in rows.itertuples()]
+            se.append(fallback)
+            se_from.append("—" if math.isnan(fallback) else "score SE, unpaired")
+    for tag, by_condition in item_ids.items():
+        if len(set(by_condition.values())) > 1:
+            notes.append(f"{tag}: the conditions were evaluated on different items (another "
+                         "limit or task version); their deltas are not paired with each other")
+    rows = rows.copy()
+    rows["item_se"], rows["se_from"] = se, se_from
     return rows
 
 
