@@ -3,7 +3,10 @@
 A corpus dir holds ``manifest.json`` (provenance: source model, tokenizer, BOS id, sampling
 parameters, seed, counts) and ``data/*.parquet`` shards with at least ``id``, ``text``,
 ``input_ids`` (source tokenizer, starting with the BOS id), ``num_tokens``, ``finished`` and
-``subset``. It loads as it is with ``datasets.load_dataset("parquet", data_files=...)``.
+``subset``; ``selftrain generate`` adds ``source_logprobs``, each sampled token's
+log-probability under the distribution it was drawn from (the relational proxy's source side;
+null where a writer has none). It loads as it is with ``datasets.load_dataset("parquet",
+data_files=...)``.
 
 Writers stage everything in a hidden sibling directory and swap it into place at the end, and
 shards are written to a temp file and renamed (all through :mod:`selftrain.io`), so a killed run
@@ -61,6 +64,7 @@ SCHEMA = pa.schema([
     ("finished", pa.bool_()),
     ("subset", pa.int32()),
     ("source", pa.string()),
+    ("source_logprobs", pa.list_(pa.float32())),
 ])
 
 
@@ -80,8 +84,10 @@ class Corpus:
     manifest: dict[str, Any] | None = None
 
     def __len__(self) -> int:
-        return len(self.columns["text"]) if "text" in self.columns else len(
-            self.columns["input_ids"])
+        for name in ("text", "input_ids", *self.columns):
+            if name in self.columns:
+                return len(self.columns[name])
+        return 0
 
 
 @dataclass
@@ -389,6 +395,27 @@ def _is_integer_lists(kind: pa.DataType) -> bool:
         kind.value_type)
 
 
+def row_subsets(corpus: Corpus, num_subsets: int | None, path: str,
+                flag: str = "--data.subset") -> list[Any]:
+    """Each row's subset, as training assigns them.
+
+    Args:
+        corpus: the corpus.
+        num_subsets: K; None, or the corpus's own K, uses its ``subset`` column; another K
+            puts row i into subset i mod K.
+        path: the corpus path, named in error messages.
+        flag: the flag the subset came from (``num_subsets``' is named the same way).
+    """
+    column = corpus.columns.get("subset")
+    stored_k = (corpus.manifest or {}).get("num_subsets")
+    if num_subsets is None or (column is not None and num_subsets == stored_k):
+        if column is None:
+            raise SelftrainError(f"{flag}: {path} has no 'subset' column; also "
+                                 f"set {flag.replace('subset', 'num_subsets')} K")
+        return list(column)
+    return [i % num_subsets for i in range(len(corpus))]
+
+
 def select_subset(corpus: Corpus, subset: int | None, num_subsets: int | None,
                   path: str, flag: str = "--data.subset") -> list[int]:
     """Indices of the rows in subset ``subset`` (every row when None).
@@ -401,18 +428,13 @@ def select_subset(corpus: Corpus, subset: int | None, num_subsets: int | None,
         path: the corpus path, named in error messages.
         flag: the flag ``subset`` came from (``num_subsets``' is named the same way).
     """
-    rows = range(len(corpus))
     if subset is None:
-        return list(rows)
-    column = corpus.columns.get("subset")
-    stored_k = (corpus.manifest or {}).get("num_subsets")
-    if num_subsets is None or (column is not None and num_subsets == stored_k):
-        if column is None:
-            raise SelftrainError(f"{flag} {subset}: {path} has no 'subset' column; also "
-                                 f"set {flag.replace('subset', 'num_subsets')} K")
-        keep = [i for i in rows if column[i] == subset]
-    else:
-        keep = [i for i in rows if i % num_subsets == subset]
+        return list(range(len(corpus)))
+    try:
+        assigned = row_subsets(corpus, num_subsets, path, flag)
+    except SelftrainError as error:
+        raise SelftrainError(str(error).replace(f"{flag}:", f"{flag} {subset}:", 1)) from None
+    keep = [i for i, k in enumerate(assigned) if k == subset]
     if not keep:
         raise SelftrainError(f"{flag} {subset}: no rows of {path} are in that subset; "
                              "pick a subset the corpus has")

@@ -67,7 +67,15 @@ def test_same_tokenizer_matches_every_length_exactly(qwen_corpus, text_file, par
     assert sum(rows["num_tokens"]) == target  # exact, so within 1% a fortiori
     assert sorted(rows["num_tokens"]) == sorted(synthetic["num_tokens"])
     assert sorted(rows["id"]) == list(range(48)) and manifest["counts"]["written"] == 48
-    assert rows["subset"] == [i % 2 for i in rows["id"]] and manifest["num_subsets"] == 2
+    assert manifest["num_subsets"] == 2
+    for subset in (0, 1):  # subset k of the replay matches subset k of the synthetic, row for row
+        copied = [n for n, k in zip(synthetic["num_tokens"], synthetic["subset"], strict=True)
+                  if k == subset]
+        replayed = [n for n, k in zip(rows["num_tokens"], rows["subset"], strict=True)
+                    if k == subset]
+        assert sorted(replayed) == sorted(copied)
+        assert manifest["subset_tokens"]["replay"][subset] == sum(copied) == (
+            manifest["subset_tokens"]["synthetic"][subset])
     assert manifest["kind"] == "replay" and manifest["tokenizer"]["fingerprint"] == (
         tokenizer_fingerprint(tokenizer))
     assert manifest["length_stats"]["replay"] == manifest["length_stats"]["synthetic"]
@@ -285,7 +293,9 @@ def test_cli_flags_and_help(qwen_corpus, text_file, tmp_path, capsys):
         "--seed", "7"])
     rows, manifest = rows_of(out), manifest_of(out)
     assert manifest["num_subsets"] == 3 and manifest["seed"] == 7
-    assert rows["subset"] == [i % 3 for i in rows["id"]]
+    synthetic = rows_of(qwen_corpus)  # K = 3 is not the corpus's: its row i is in i mod 3
+    assert [sorted(n for n, k in zip(rows["num_tokens"], rows["subset"], strict=True) if k == s)
+            for s in range(3)] == [sorted(synthetic["num_tokens"][s::3]) for s in range(3)]
     with pytest.raises(SystemExit) as done:
         jsonargparse.CLI(replay, as_positional=False, args=["--help"])
     assert done.value.code == 0

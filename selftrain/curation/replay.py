@@ -6,6 +6,9 @@ txt / jsonl / parquet files or a streamed `datasets` name, a corpus dir in the u
 (:mod:`selftrain.corpus`) with one row per synthetic sample, each row exactly as long as its
 synthetic counterpart under the student's tokenizer. Same row count, same length multiset,
 same token count, so the two corpora train for the same number of steps on the same shapes.
+Each replay row also takes the subset of the synthetic row whose length it copies, so subset k
+of the replay matches subset k of the synthetic corpus, row for row: a student trained on one
+subset of each sees the same tokens (the manifest's ``subset_tokens`` says so per subset).
 
 Lengths are counted the way :class:`~selftrain.training.data.CorpusDataModule` feeds rows:
 stored ids when the corpus tokenizer is the student's, else student BOS + the text's ids + EOS
@@ -35,6 +38,7 @@ from selftrain.corpus import (
     check_seed,
     provenance,
     read_corpus,
+    row_subsets,
 )
 from selftrain.curation.documents import documents, encoded, is_local, local_files
 from selftrain.errors import SelftrainError, refuse_first_failed
@@ -81,8 +85,10 @@ def replay(
         tolerance: how far short of the synthetic token count (as a fraction) the replay may
             end when the sources run out; rows left unfilled are then dropped. 0 demands an
             exact match.
-        num_subsets: K disjoint subsets (row i gets subset i mod K); None takes the matched
-            corpus's K (1 when it has none).
+        num_subsets: K disjoint subsets; each row takes the subset of the synthetic row it
+            matches (as ``--data.num_subsets K`` assigns them there: the matched corpus's own
+            subsets at its K, else row i mod K). None takes the matched corpus's K (1 when it
+            has none).
         bos_token_id: override the student's BOS id (as --data.bos_token_id does in training);
             an id of the student's vocabulary.
         shard_size: rows per parquet shard.
@@ -105,12 +111,15 @@ def replay(
                                            bos_id, eos_id)
         target = sum(lengths)
         subsets = num_subsets or (matched.manifest or {}).get("num_subsets") or 1
-        windows = _shuffled_windows(lengths, seed)
+        subset_of = row_subsets(matched, subsets, str(match), "--num_subsets")
+        order = _shuffled_order(len(lengths), seed)
+        windows = [lengths[i] - 1 for i in order]
         texts = documents(local, [s for s in sources if s not in local], text_field, split, seed,
                           SHUFFLE_BUFFER)
         filled, doc_counts = _fill_rows(windows, texts, tokenizer, eos_id, target)
         kept = _enough_text(filled, windows, target, tolerance, sources, doc_counts)
-        rows = _rows(kept, tokenizer, bos_id, eos_id, subsets)
+        rows = _rows(kept, [subset_of[i] for i, row in zip(order, filled, strict=True)
+                            if row is not None], tokenizer, bos_id, eos_id)
         tokens = _checked_token_count(rows, target, tolerance)
         writer.add(rows)
         manifest = {
@@ -125,6 +134,9 @@ def replay(
                        "finished": sum(row["finished"] for row in rows)},
             "length_stats": {"synthetic": _length_stats(lengths),
                              "replay": _length_stats([row["num_tokens"] for row in rows])},
+            "subset_tokens": {"synthetic": _per_subset(lengths, subset_of, subsets),
+                              "replay": _per_subset([row["num_tokens"] for row in rows],
+                                                    [row["subset"] for row in rows], subsets)},
             "decontamination": None,
         }
         path = writer.finish(manifest)
@@ -134,10 +146,18 @@ def replay(
     return path
 
 
-def _shuffled_windows(lengths: list[int], seed: int) -> list[int]:
-    """The rows' windows (length minus BOS), in a seeded order: documents fill them in it."""
-    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
-    return [lengths[i] - 1 for i in order]
+def _shuffled_order(rows: int, seed: int) -> list[int]:
+    """The synthetic rows in a seeded order: documents fill their windows in it."""
+    return [int(i) for i in np.random.default_rng([seed, 0]).permutation(rows)]
+
+
+def _per_subset(lengths: list[int], subsets: list[Any], count: int) -> list[int]:
+    """Tokens per subset 0..count-1."""
+    totals = [0] * count
+    for length, subset in zip(lengths, subsets, strict=True):
+        if isinstance(subset, int) and 0 <= subset < count:
+            totals[subset] += length
+    return totals
 
 
 def _fill_rows(windows: list[int], texts: Iterable[tuple[str, str]], tokenizer,
@@ -188,15 +208,19 @@ def _enough_text(filled: list[tuple[list[int], bool, str] | None], windows: list
     return kept
 
 
-def _rows(kept: list[tuple[list[int], bool, str]], tokenizer, bos_id: int, eos_id: int | None,
-          subsets: int) -> list[dict[str, Any]]:
-    """The corpus rows: BOS then the window; the text leaves out a closing EOS; subset i mod K."""
+def _rows(kept: list[tuple[list[int], bool, str]], subsets: list[Any], tokenizer, bos_id: int,
+          eos_id: int | None) -> list[dict[str, Any]]:
+    """The corpus rows: BOS then the window, in the subset of the synthetic row it matches.
+
+    The text leaves out a closing EOS.
+    """
     texts = tokenizer.batch_decode([w[:-1] if done and eos_id is not None else w
                                     for w, done, _ in kept], skip_special_tokens=False)
     return [{"id": i, "text": text, "input_ids": [bos_id, *window],
-             "num_tokens": len(window) + 1, "finished": done, "subset": i % subsets,
+             "num_tokens": len(window) + 1, "finished": done, "subset": subset,
              "source": source}
-            for i, ((window, done, source), text) in enumerate(zip(kept, texts, strict=True))]
+            for i, ((window, done, source), text, subset) in enumerate(
+                zip(kept, texts, subsets, strict=True))]
 
 
 def _checked_token_count(rows: list[dict[str, Any]], target: int, tolerance: float) -> int:
