@@ -183,8 +183,9 @@ def test_summary_matches_the_parquet(tmp_path, benches):
     assert set(report) == {"format", "corpus", "corpus_kind", "source_model", "temperature",
                            "rows", "embedding_model", "threshold", "benchmarks",
                            "max_similarity", "fraction_above", "student",
-                           "student_precision", "nll", "split", "timing", "tool_version",
-                           "created"}
+                           "student_precision", "nll", "kl", "kl_estimate", "split", "timing",
+                           "tool_version", "created"}
+    assert report["kl"] is None and np.isnan(got["kl"]).all()  # no recorded source logprobs
     from selftrain.precision import bf16_support
 
     # --precision auto, as resolved on this machine
@@ -300,3 +301,53 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, benches, case
     assert len(errors) == 1, lines
     assert re.search(pattern, errors[0]), errors[0]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_kl_is_the_recorded_source_logprob_minus_the_students_per_token(tmp_path, benches,
+                                                                         temperature):
+    """The estimate equals an independent forward pass: log softmax(logits / T) over the
+    tokenizer's vocabulary (all the sampler draws from) minus the student's log-probability
+    (over the model's whole, padded vocabulary). Self-sampled at T=1 that is only the mass the
+    student puts on padding ids, near 0; at T=0.5 it is clearly above."""
+    from helpers import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", num_samples=24, max_new_tokens=20,
+                         temperature=temperature)
+    out = proxies(str(corpus), str(tmp_path / "out"), benches[:1], student="tiny:qwen2",
+                  max_length=16)  # rows are cut: the source side is cut with them
+    model, vocab = load_model("tiny:qwen2").eval(), len(load_tokenizer("tiny:qwen2"))
+    rows = read_corpus(corpus).columns
+    expected = []
+    with torch.no_grad():
+        for ids, recorded in zip(rows["input_ids"], rows["source_logprobs"], strict=True):
+            ids = torch.tensor([ids[:16]])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            targets = ids[0, 1:, None]
+            source = torch.log_softmax(logits[:, :vocab] / temperature, -1).gather(
+                -1, targets).squeeze(-1)
+            student = torch.log_softmax(logits, -1).gather(-1, targets).squeeze(-1)
+            np.testing.assert_allclose(recorded[:len(source)], source.numpy(), atol=1e-4)
+            expected.append((source - student).mean().item())
+    kl = np.array(samples(out)["kl"])
+    np.testing.assert_allclose(kl, expected, atol=1e-4)
+    if temperature == 1.0:
+        assert (kl > -1e-4).all() and kl.max() < 0.05
+    else:
+        assert kl.mean() > 0.03  # beyond the padding mass alone (about 0.027 per token)
+    record = summary(out)
+    assert record["kl"]["mean"] == pytest.approx(kl.mean())
+    assert record["kl_estimate"]["temperature"] == temperature
+
+
+def test_kl_needs_recorded_logprobs_and_whole_rows_when_retokenized():
+    from selftrain.analysis.student_nll import source_kl
+
+    sums, counts = np.array([6.0, 6.0, 6.0, np.nan]), np.array([3.0, 3.0, 3.0, np.nan])
+    recorded = [[-1.0, -1.0, -1.0, -1.0], None, [-2.0, -2.0], [-1.0]]
+    same = source_kl(recorded, sums, counts, np.array([4, 4, 4, 1]), True, 4)
+    np.testing.assert_allclose(same[:1], [(-3.0 + 6.0) / 3])  # first 3 targets only
+    assert np.isnan(same[1:]).all()  # none recorded; fewer recorded than scored; < 2 tokens
+    other = source_kl(recorded, sums, counts, np.array([4, 4, 9, 1]), False, 4)
+    np.testing.assert_allclose(other[:1], [(-4.0 + 6.0) / 4])  # over the whole source row
+    assert np.isnan(other[1:]).all()  # a row cut at max_length is not comparable

@@ -2,10 +2,14 @@
 
 The paper's second finding is negative: benchmark proximity (max cosine similarity of corpus
 samples to benchmark items) and the corpus's mean NLL under the student do not predict which
-corpora help. ``selftrain proxies`` measures both per corpus (``<dir>/summary.json`` and
-``<dir>/samples.parquet``); this module reads those dirs, joins each to the runs that trained on
-its corpus (by the resolved corpus path) and computes the Spearman rank correlation between each
-proxy and the gain, and what it can show:
+corpora help. ``selftrain proxies`` measures both per sample (``<dir>/samples.parquet``, with
+``<dir>/summary.json``), and a third, relational one where the corpus recorded its source's
+log-probabilities: a per-token estimate of KL(source || student). This module reads those dirs
+and joins them to each run that trained on their corpus (by the resolved corpus path): a run's
+proxies are the means over the samples of its own subset (rows chosen as the data module
+chooses them), and its gain is its own final delta, so C corpora x K subsets give up to C x K
+points. It then computes the Spearman rank correlation between each proxy and the gain, and
+what it can show:
 
 - the permutation p-value, exact up to :data:`EXACT_MAX_N` corpora (every ordering of the gains)
   and from random orderings above, beside the smallest p that n corpora allow at all (2 / n!
@@ -33,6 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata, spearmanr
 
+from selftrain.corpus import Corpus, select_subset
 from selftrain.errors import SelftrainError
 
 FORMAT = "selftrain-proxies/1"
@@ -44,7 +49,7 @@ EXACT_MAX_N = 10
 """Up to this n the permutation p-value enumerates every ordering (10! = 3,628,800)."""
 PERMUTATIONS = 20_000
 PROXIES = {"max_similarity": "mean max similarity", "fraction_above": "fraction above threshold",
-           "nll": "mean NLL (student)"}
+           "nll": "mean NLL (student)", "kl": "KL(source‖student) per token"}
 """Proxy key -> how the tables name it."""
 
 
@@ -80,13 +85,55 @@ class Proxies:
         parts.append(f"{kind} {split['side']}" if kind and split.get("side") else str(kind or ""))
         return " ".join(p for p in parts if p) or Path(self.path).name
 
-    def value(self, proxy: str) -> float:
-        """A proxy's corpus-level value (mean max similarity, fraction above, mean NLL)."""
+    def value(self, proxy: str, rows: list[int] | None = None) -> float:
+        """A proxy's value: over the whole corpus, or the mean over some of its samples.
+
+        Args:
+            proxy: a :data:`PROXIES` key.
+            rows: positions of the samples to average (a run's subset); None: the corpus-level
+                value of ``summary.json``. Without ``samples.parquet`` (or its column) the
+                corpus-level value is all there is.
+        """
+        column = "max_similarity" if proxy == "fraction_above" else proxy
+        if rows is not None and self.samples is not None and column in self.samples:
+            values = self.samples[column].to_numpy(float)[rows]
+            if proxy == "fraction_above":
+                threshold = self.summary.get("threshold")
+                if not isinstance(threshold, (int, float)):
+                    return math.nan
+                return float(np.mean(values >= threshold)) if len(values) else math.nan
+            values = values[np.isfinite(values)]
+            return float(values.mean()) if len(values) else math.nan
         if proxy == "fraction_above":
             value = self.summary.get("fraction_above")
         else:
             value = (self.summary.get(proxy) or {}).get("mean")
         return float(value) if isinstance(value, (int, float)) else math.nan
+
+    def subset_rows(self, subset: int | None, num_subsets: int | None,
+                    manifest: dict[str, Any] | None) -> list[int] | None:
+        """Positions of a run's training subset among the samples (None: every sample).
+
+        Chosen by :func:`selftrain.corpus.select_subset`, as the data module chooses a run's
+        rows; None when the samples were not kept or the subset cannot be told.
+
+        Args:
+            subset: the run's ``data.subset``.
+            num_subsets: the run's ``data.num_subsets``.
+            manifest: the corpus manifest (its ``num_subsets``).
+        """
+        if subset is None or self.samples is None:
+            return None
+        columns = {"id": self.samples["id"].tolist()} if "id" in self.samples else {}
+        if "subset" in self.samples and self.samples["subset"].notna().all():
+            columns["subset"] = self.samples["subset"].astype(int).tolist()
+        if not columns:
+            return None
+        try:
+            return select_subset(Corpus(Path(self.path), columns, manifest), subset,
+                                 num_subsets, self.path)
+        except SelftrainError:
+            return None
 
 
 def load_proxies(paths: list[str] | None) -> list[Proxies]:
@@ -126,31 +173,36 @@ def load_proxies(paths: list[str] | None) -> list[Proxies]:
     return loaded
 
 
-def join(proxies: list[Proxies], corpora: dict[str, Path | None],
-         finals: pd.DataFrame) -> pd.DataFrame:
-    """One row per (proxies dir, condition trained on its corpus): the proxies and the gains.
+def join(proxies: list[Proxies], runs: list[Any], gains: dict[str, dict[str, float]]
+         ) -> pd.DataFrame:
+    """One row per (proxies dir, run trained on its corpus): the run's proxies and its gains.
+
+    A run's proxies are the means over the samples of its own subset; a corpus no run trained
+    on gets one row with its corpus-level values and no gains.
 
     Args:
         proxies: the proxies dirs.
-        corpora: condition -> its corpus (resolved), None when its runs differ or have none.
-        finals: :func:`selftrain.analysis.curves.final_and_best` rows of the benchmark deltas.
+        runs: the report's runs (:class:`selftrain.analysis.runs.Run`: label, condition,
+            corpus, subset, config, manifest).
+        gains: run label -> benchmark tag -> the run's final delta.
 
     Returns:
-        Columns proxies, corpus, condition (None: no run trained on it), each proxy key, and
-        one column per benchmark tag with the condition's final mean delta.
+        Columns proxies, corpus, subset (``all`` for the whole corpus), run, condition (None:
+        no run trained on it), each proxy key, and one column per benchmark tag.
     """
-    gains = finals.pivot(index="condition", columns="tag", values="final_mean") \
-        if not finals.empty else pd.DataFrame()
     rows = []
     for item in proxies:
-        matched = [c for c, corpus in corpora.items() if corpus is not None
-                   and corpus == item.corpus]
-        for condition in matched or [None]:
-            row = {"proxies": item.path, "corpus": item.label, "condition": condition}
-            row.update({key: item.value(key) for key in PROXIES})
-            if condition is not None and condition in gains.index:
-                row.update(gains.loc[condition].to_dict())
-            rows.append(row)
+        matched = [run for run in runs if run.corpus is not None and run.corpus == item.corpus]
+        base = {"proxies": item.path, "corpus": item.label}
+        if not matched:
+            rows.append({**base, "subset": "all", "run": None, "condition": None,
+                         **{key: item.value(key) for key in PROXIES}})
+        for run in matched:
+            chosen = item.subset_rows(run.subset, run.get("data.num_subsets"), run.manifest)
+            rows.append({**base, "subset": "all" if chosen is None else run.subset,
+                         "run": run.label, "condition": run.condition,
+                         **{key: item.value(key, chosen) for key in PROXIES},
+                         **gains.get(run.label, {})})
     return pd.DataFrame(rows)
 
 
@@ -266,7 +318,7 @@ def verdict(n: int, rho: float, p_holm: float, interval: tuple[float, float], fl
 
 
 def correlations(joined: pd.DataFrame, tags: list[str]) -> pd.DataFrame:
-    """Spearman rho between each proxy and each benchmark's final delta, over the corpora.
+    """Spearman rho between each proxy and each benchmark's final delta, over the runs.
 
     Args:
         joined: :func:`join` rows.

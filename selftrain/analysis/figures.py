@@ -306,7 +306,7 @@ def nll_figure(proxies: list, path: Path) -> Drawn | None:
 
 def scatter_figure(joined: pd.DataFrame, proxies: dict[str, str], tags: list[str],
                    panel_titles: dict[str, str], path: Path) -> Drawn | None:
-    """Each proxy against each benchmark's final delta: one point per condition.
+    """Each proxy against each benchmark's final delta: one point per run (its subset).
 
     Args:
         joined: :func:`selftrain.analysis.evidence.join` rows.
@@ -316,7 +316,7 @@ def scatter_figure(joined: pd.DataFrame, proxies: dict[str, str], tags: list[str
         path: the PNG to write.
 
     Returns:
-        None when no condition has both a proxy and a gain.
+        None when no run has both a proxy and a gain.
     """
     matched = joined[joined["condition"].notna()] if not joined.empty else joined
     pairs = [(p, t) for p in proxies for t in tags
@@ -338,9 +338,9 @@ def scatter_figure(joined: pd.DataFrame, proxies: dict[str, str], tags: list[str
         ax.set_xlabel(proxies[proxy])
         ax.set_ylabel("final Δ vs base")
         ax.grid(alpha=0.25)
-    title = "Proxies against realised gains (one point per condition)"
+    title = "Proxies against realised gains (one point per run)"
     figure.suptitle(title, fontsize=13)
     _save(figure, path)
     return Drawn(path.name, title, titles,
-                 "Each corpus proxy against the final benchmark change of the condition "
-                 "trained on that corpus.")
+                 "Each proxy over a run's training subset against that run's final "
+                 "benchmark change, labelled by condition.")

@@ -187,10 +187,17 @@ def _proxies(page: Page, found: Findings) -> None:
         return
     tags = [t for t in found.benchmark["tag"].unique() if t in joined]
     threshold = f" (threshold {found.threshold:g})" if found.threshold is not None else ""
-    headers = ["corpus", "proxies dir", "trained as", *(PROXIES[k] + (threshold if k ==
-               "fraction_above" else "") for k in PROXIES),
+    page.add("p", "One row per run: the proxies are means over the samples of the run's own "
+                  "subset (rows chosen as the data module chose them), the gain is the run's "
+                  "final delta; a corpus no run trained on gets one row over all its samples. "
+                  "KL(source‖student): mean over samples of (log q(x) - log p_student(x)) per "
+                  "source token, q the distribution the source sampled from (tempered and "
+                  "truncated, so at T ≠ 1 it is not the source model itself); — where the "
+                  "corpus recorded no source log-probabilities (replay, SBP, older corpora).")
+    headers = ["corpus", "subset", "proxies dir", "trained as", *(PROXIES[k] + (
+               threshold if k == "fraction_above" else "") for k in PROXIES),
                *(f"final Δ {found.titles.get(t, t)}" for t in tags)]
-    rows = [[r["corpus"], r["proxies"], r["condition"] or "no run trained on it",
+    rows = [[r["corpus"], r["subset"], r["proxies"], r["condition"] or "no run trained on it",
              *(num(r[k]) for k in PROXIES), *(num(r.get(t, math.nan), True) for t in tags)]
             for r in joined.to_dict("records")]
     page.add("table", (headers, rows))
@@ -200,8 +207,10 @@ def _proxies(page: Page, found: Findings) -> None:
         return
     tests = int(found.correlations["tests"].max()) if len(found.correlations) else 0
     page.add("p", "Spearman rank correlation between each proxy and each benchmark's final delta "
-                  "over the corpora with proxies. p is the two-sided permutation p-value; "
-                  "smallest p is the least that n corpora allow at all; Holm p corrects for the "
+                  "over the runs with proxies (subsets of one corpus share their source, so "
+                  "they show within-source spread as well as between-source differences). p is "
+                  "the two-sided permutation p-value; smallest p is the least that n points "
+                  "allow at all; Holm p corrects for the "
                   f"{tests} correlations this report ran; the interval is 95% (Fisher z, "
                   "Bonett-Wright SE). The rules were fixed before any run: a relation is shown "
                   f"when Holm p < {ALPHA:g}; no relation only when the interval lies inside "

@@ -1,4 +1,4 @@
-"""`selftrain proxies`: the paper's two intrinsic corpus proxies, and the proximity split.
+"""`selftrain proxies`: the paper's two intrinsic corpus proxies, a relational one, and the split.
 
 The paper asks whether what one can measure of a corpus before training predicts whether it
 helps the student, and finds that it does not. This command measures the two proxies for any
@@ -9,7 +9,12 @@ corpus dir so they can be set beside the realised gains:
   benchmark (read as ``selftrain decontaminate`` reads them; an item's texts joined by
   newlines), and the largest over all benchmarks;
 - **student NLL**: per sample, the mean per-token NLL under a student, fed the ids the data
-  module would feed it (:mod:`selftrain.analysis.student_nll`).
+  module would feed it (:mod:`selftrain.analysis.student_nll`);
+- **KL(source || student)**, beside the paper's two: utility is a property of the (source,
+  student) pair, and this looks at both sides. Where ``selftrain generate`` recorded each sampled
+  token's log-probability, per sample ``(log q(x) - log p_student(x))`` per source token,
+  q the distribution sampled from (tempered, truncated); its mean over the corpus estimates
+  KL(q || student). Corpora without recorded log-probabilities (replay, SBP) get none.
 
 With ``--split_out`` the corpus is also split at the threshold into two corpus dirs,
 ``below/`` and ``above/`` (a sample is above when its largest similarity is >= the threshold),
@@ -34,7 +39,7 @@ from tqdm.auto import tqdm
 from selftrain import __version__
 from selftrain.analysis.corpus_chunks import ChunkedCorpus, open_corpus
 from selftrain.analysis.proximity_split import SPLIT_SIDES, split_record, write_split
-from selftrain.analysis.student_nll import StudentNll
+from selftrain.analysis.student_nll import StudentNll, source_kl
 from selftrain.curation.benchmarks import load_benchmark
 from selftrain.embedding import (
     DEFAULT_EMBEDDING_MODEL,
@@ -223,10 +228,10 @@ def _measure(source: ChunkedCorpus, embedder, bench_vectors: dict[str, np.ndarra
              scorer: StudentNll | None, batch_size: int
              ) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
     """One pass over the corpus: the per-sample columns of ``samples.parquet``, and timings."""
-    parts: dict[str, list] = {"id": [], "subset": [], "nll": []}
+    parts: dict[str, list] = {"id": [], "subset": [], "nll": [], "kl": []}
     parts.update({f"max_similarity/{name}": [] for name in bench_vectors})
     seconds = {"embed": 0.0, "nll": 0.0}
-    wanted = ["id", "subset", "text", "input_ids", "finished"]
+    wanted = ["id", "subset", "text", "input_ids", "finished", "source_logprobs"]
     done = 0
     with tqdm(total=source.rows, unit="sample", desc="proxies", dynamic_ncols=True,
               disable=source.rows < _PROGRESS_FROM) as bar:
@@ -242,7 +247,11 @@ def _measure(source: ChunkedCorpus, embedder, bench_vectors: dict[str, np.ndarra
             seconds["embed"] += time.perf_counter() - started
             if scorer is not None:
                 started = time.perf_counter()
-                parts["nll"].append(scorer(chunk))
+                sums, counts, lengths = scorer.score(chunk)
+                parts["nll"].append(sums / counts)
+                parts["kl"].append(source_kl(chunk.columns.get("source_logprobs")
+                                             or [None] * count, sums, counts, lengths,
+                                             scorer.reuse, scorer.max_length))
                 seconds["nll"] += time.perf_counter() - started
             done += count
             bar.update(count)
@@ -255,6 +264,7 @@ def _measure(source: ChunkedCorpus, embedder, bench_vectors: dict[str, np.ndarra
                                         for name in bench_vectors], axis=0)
     if scorer is not None:
         columns["nll"] = np.concatenate(parts["nll"])
+        columns["kl"] = np.concatenate(parts["kl"])
     timing = {"embed_seconds": round(seconds["embed"], 3),
               "nll_seconds": round(seconds["nll"], 3) if scorer else None,
               "samples_per_second_embed": round(done / max(seconds["embed"], 1e-9), 2),
@@ -296,6 +306,16 @@ def _summary(source: ChunkedCorpus, columns: dict[str, Any], items: dict[str, li
     nll = stats(columns["nll"]) if student is not None else None
     if student is not None and nll is None:
         log.warning("proxies: no sample has 2 or more tokens for the student; no NLL")
+    kl = stats(columns["kl"]) if student is not None else None
+    kl_estimate = None
+    if kl is not None:
+        kl_estimate = {
+            "estimates": "KL(q || student) per source token, q the source's sampling "
+                         "distribution", "temperature": sampling.get("temperature")
+            if isinstance(sampling, dict) else None,
+            "top_k": sampling.get("top_k") if isinstance(sampling, dict) else None,
+            "top_p": sampling.get("top_p") if isinstance(sampling, dict) else None,
+            "samples": int(np.isfinite(columns["kl"]).sum())}
     return {
         "format": FORMAT, "corpus": str(source.path.resolve()),
         "corpus_kind": manifest.get("kind"),
@@ -304,7 +324,8 @@ def _summary(source: ChunkedCorpus, columns: dict[str, Any], items: dict[str, li
         "rows": source.rows, "embedding_model": embedding_model, "threshold": threshold,
         "benchmarks": per_benchmark, "max_similarity": stats(columns["max_similarity"]),
         "fraction_above": float(np.mean(columns["max_similarity"] >= threshold)),
-        "student": student, "student_precision": precision, "nll": nll, "split": None,
+        "student": student, "student_precision": precision, "nll": nll, "kl": kl,
+        "kl_estimate": kl_estimate, "split": None,
         "timing": timing,
         "tool_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

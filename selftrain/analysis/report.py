@@ -180,12 +180,14 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         family_tags(tags, family)) for family in FAMILIES}
     finals["benchmark"] = _with_item_se(finals["benchmark"], curve, runs, notes)
     conditions = _conditions(runs, table)
-    corpora = {c["condition"]: c["_corpus"] for c in conditions}
-    joined = join(proxy_dirs, corpora, finals["benchmark"])
+    joined = join(proxy_dirs, runs, _run_finals(table, finals["benchmark"]))
     for item in proxy_dirs:
-        if item.corpus not in corpora.values():
+        if all(run.corpus != item.corpus for run in runs):
             notes.append(f"--proxies {item.path}: its corpus {item.corpus} is no run's "
                          "data.corpus; shown without a gain")
+        elif item.samples is None:
+            notes.append(f"--proxies {item.path}: no samples.parquet, so its runs get the "
+                         "corpus-level proxies, not their subset's")
     thresholds = {item.summary.get("threshold") for item in proxy_dirs}
     threshold = next(iter(thresholds)) if len(thresholds) == 1 else None
     return Findings(
@@ -201,6 +203,22 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         proxies_given=bool(proxy_dirs),
         generations=by_generation(pd.concat([finals[f] for f in FAMILIES], ignore_index=True)),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _run_finals(table: pd.DataFrame, finals: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Run label -> benchmark tag -> the run's own delta at its condition's final epoch.
+
+    Args:
+        table: the tidy scalars (run, condition, tag, step, epoch, value).
+        finals: the benchmark rows of :func:`final_and_best` (tag, condition, final_epoch).
+    """
+    gains: dict[str, dict[str, float]] = {}
+    for r in finals.itertuples():
+        rows = table[(table["tag"] == r.tag) & (table["condition"] == r.condition)
+                     & (table["epoch"] == r.final_epoch)].sort_values("step")
+        for run, value in rows.groupby("run")["value"].last().items():
+            gains.setdefault(run, {})[r.tag] = float(value)
+    return gains
 
 
 def _trained_on(run: Run) -> dict[str, str]:

@@ -7,6 +7,15 @@ stored ``input_ids`` when the tokenizer matches, else ``text`` retokenized with 
 BOS), cut to ``max_length``; a row with fewer than 2 tokens (the data module drops it) gets NaN.
 Rows are sorted by length and packed into batches under a token budget, and the sums come from
 :func:`selftrain.probes.windows.token_nll_rows`, the likelihood tracker's maths.
+
+The same sums give the relational proxy (:func:`source_kl`): where the corpus recorded each
+sampled token's log-probability under the source's sampling distribution q, the per-sample
+``(log q(x) - log p_student(x)) / tokens`` is a Monte Carlo estimate of KL(q || student) per
+source token (its mean over samples drawn from q). With the student's own ids, token by token
+up to the cut at ``max_length``; with retokenized text, over the whole text (EOS included on
+both sides), so a row cut at ``max_length`` gets NaN. q is the tempered, truncated
+distribution: at T != 1 (or with top-k / top-p) this is KL(q || student), not the source
+model's own KL.
 """
 
 from __future__ import annotations
@@ -83,30 +92,74 @@ class StudentNll:
         self.path, self.max_length, self.batch_tokens = corpus_path, max_length, batch_tokens
         self.bos_token_id, self.pad_id = bos_token_id, pad_token_id(self.tokenizer)
 
-    def ids(self, chunk: Corpus) -> list[list[int]]:
-        """The chunk's rows as the student's ids, cut to ``max_length``."""
+    def full_ids(self, chunk: Corpus) -> list[list[int]]:
+        """The chunk's rows as the student's ids, before the cut at ``max_length``."""
         keep, path = list(range(len(chunk))), str(self.path)
         if self.reuse:
-            sequences = stored_ids(chunk, keep, len(self.tokenizer), path, "--corpus")
-        else:
-            sequences = retokenize(chunk, keep, self.tokenizer, self.bos_token_id, path,
-                                   "--corpus")
-        return [list(ids[: self.max_length]) for ids in sequences]
+            return stored_ids(chunk, keep, len(self.tokenizer), path, "--corpus")
+        return retokenize(chunk, keep, self.tokenizer, self.bos_token_id, path, "--corpus")
 
-    def __call__(self, chunk: Corpus) -> np.ndarray:
-        """Mean NLL per predicted token of each row of ``chunk`` (NaN below 2 tokens)."""
-        rows = self.ids(chunk)
-        out = np.full(len(rows), math.nan, dtype=np.float64)
+    def ids(self, chunk: Corpus) -> list[list[int]]:
+        """The chunk's rows as the student's ids, cut to ``max_length``."""
+        return [list(ids[: self.max_length]) for ids in self.full_ids(chunk)]
+
+    def score(self, chunk: Corpus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: the student's NLL sum, its predicted tokens, its length before the cut.
+
+        Sums and counts are NaN for rows under 2 tokens; the length is in the student's ids
+        before the cut at ``max_length``.
+
+        Args:
+            chunk: corpus rows.
+        """
+        full = self.full_ids(chunk)
+        rows = [list(ids[: self.max_length]) for ids in full]
+        sums = np.full(len(rows), math.nan, dtype=np.float64)
+        counts = np.full(len(rows), math.nan, dtype=np.float64)
         scored = [i for i, ids in enumerate(rows) if len(ids) >= 2]
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype
                     else nullcontext())
         with torch.inference_mode(), autocast:
             for batch in token_budget_batches([len(rows[i]) for i in scored], self.batch_tokens):
                 indices = [scored[b] for b in batch]
-                sums, counts = token_nll_rows(self.model, [rows[i] for i in indices],
-                                              self.pad_id, batch_size=len(indices))
-                out[indices] = (sums / counts).numpy()
-        if not np.isfinite(out[scored]).all():
+                batch_sums, batch_counts = token_nll_rows(
+                    self.model, [rows[i] for i in indices], self.pad_id,
+                    batch_size=len(indices))
+                sums[indices], counts[indices] = batch_sums.numpy(), batch_counts.numpy()
+        if not np.isfinite(sums[scored]).all():
             raise SelftrainError(f"--student {self.spec}: its NLL on {self.path} is not finite "
                                  "(inf or NaN); try --precision 32")
-        return out
+        return sums, counts, np.array([len(ids) for ids in full], dtype=np.int64)
+
+    def __call__(self, chunk: Corpus) -> np.ndarray:
+        """Mean NLL per predicted token of each row of ``chunk`` (NaN below 2 tokens)."""
+        sums, counts, _ = self.score(chunk)
+        return sums / counts
+
+
+def source_kl(source_logprobs: list[list[float] | None], sums: np.ndarray, counts: np.ndarray,
+              lengths: np.ndarray, same_ids: bool, max_length: int) -> np.ndarray:
+    """Per sample, ``(log q(x) - log p_student(x))`` per source token (NaN where not measurable).
+
+    Args:
+        source_logprobs: each row's recorded log-probabilities of its sampled tokens under the
+            source's sampling distribution (None: not recorded).
+        sums: the student's NLL sum per row (:meth:`StudentNll.score`).
+        counts: the student's predicted tokens per row.
+        lengths: the row's length in the student's ids before the cut at ``max_length``.
+        same_ids: the student reads the stored ids (token by token alignment); else the text
+            was retokenized, and only rows not cut at ``max_length`` are comparable.
+        max_length: the cut.
+    """
+    out = np.full(len(source_logprobs), math.nan, dtype=np.float64)
+    for i, recorded in enumerate(source_logprobs):
+        if recorded is None or not len(recorded) or math.isnan(counts[i]):
+            continue
+        if same_ids:  # the stored ids are BOS + the sampled tokens: one logprob per target
+            scored = int(counts[i])
+            if scored > len(recorded):
+                continue
+            out[i] = (float(np.sum(recorded[:scored], dtype=np.float64)) + sums[i]) / scored
+        elif lengths[i] <= max_length:
+            out[i] = (float(np.sum(recorded, dtype=np.float64)) + sums[i]) / len(recorded)
+    return out

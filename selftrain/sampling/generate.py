@@ -131,7 +131,7 @@ def generate(
             sampler = BosSampler(source, record["bos_token_id"], record["eos_token_id"],
                                  vocab_size=len(tokenizer), temperature=t,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 seed=seed, top_k=top_k, top_p=top_p)
+                                 seed=seed, top_k=top_k, top_p=top_p, record_logprobs=True)
             manifest = {**description,
                         "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens, "dtype": dtype,
@@ -319,13 +319,17 @@ def _fill_shards(corpus: ShardedCorpus, sampler: BosSampler, tokenizer, shards: 
 
 def _row(sample: Sample, bos_token_id: int, tokenizer, num_subsets: int,
          source_name: str) -> dict[str, Any]:
-    """The corpus row of one sample: BOS and the sampled ids, the text without EOS."""
+    """The corpus row of one sample: BOS and the sampled ids, the text without EOS.
+
+    ``source_logprobs``: each sampled id's log-probability under the distribution it was drawn
+    from (tempered, truncated).
+    """
     body = sample.tokens[:-1] if sample.finished else sample.tokens
     input_ids = [bos_token_id, *sample.tokens]
     return {"id": sample.id, "input_ids": input_ids, "num_tokens": len(input_ids),
             "text": tokenizer.decode(body, skip_special_tokens=True),
             "finished": sample.finished, "subset": sample.id % num_subsets,
-            "source": source_name}
+            "source": source_name, "source_logprobs": sample.logprobs}
 
 
 def finish_corpus(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: float, world: int,
