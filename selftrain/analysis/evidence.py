@@ -11,8 +11,8 @@ chooses them), and its gain is its own final delta, so C corpora x K subsets giv
 points. It then computes the Spearman rank correlation between each proxy and the gain, and
 what it can show:
 
-- the permutation p-value, exact up to :data:`EXACT_MAX_N` corpora (every ordering of the gains)
-  and from random orderings above, beside the smallest p that n corpora allow at all (2 / n!
+- the permutation p-value, exact up to :data:`EXACT_MAX_N` points (every ordering of the gains)
+  and from random orderings above, beside the smallest p that n points allow at all (2 / n!
   without ties: n = 5 cannot go below 1/60);
 - a 95% confidence interval for rho (Fisher's z with the Bonett-Wright standard error);
 - Holm's correction over every correlation the report ran (m of them, named), since testing
@@ -290,18 +290,18 @@ def holm(p_values: list[float]) -> list[float]:
 
 def verdict(n: int, rho: float, p_holm: float, interval: tuple[float, float], floor: float,
             tests: int) -> str:
-    """What a rank correlation over n corpora can and cannot say, in words.
+    """What a rank correlation over n points (runs) can and cannot say, in words.
 
     Args:
-        n: corpora.
+        n: points.
         rho: Spearman's rho.
         p_holm: its Holm-adjusted permutation p.
         interval: its 95% interval.
-        floor: the smallest p n corpora allow.
+        floor: the smallest p n points allow.
         tests: how many correlations the report ran (Holm's m).
     """
     if n < 3:
-        return f"n = {n}: too few corpora to rank"
+        return f"n = {n}: too few points to rank"
     if math.isnan(rho):
         return "undefined: the proxy or the gain is the same for every corpus"
     if p_holm < ALPHA:

@@ -3,7 +3,7 @@
 :mod:`selftrain.analysis.report` computes the numbers; this module lays them out as a
 :class:`selftrain.analysis.pages.Page` (rendered as ``summary.md`` and ``report.html``). Every
 table quotes n, the number of runs (disjoint subsets) behind each mean, and the sd over them;
-the proxy section states, in words, what a rank correlation over that few corpora can show.
+the proxy section states, in words, what a rank correlation over that few points can show.
 """
 
 from __future__ import annotations
