@@ -431,8 +431,9 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
                 epochs = dict(scalars["eval/epochs_completed"])
                 values.append([v for step, v in scalars[tag] if epochs.get(step) == 2.0][0])
             first = "selftrain_facts: acc" if tag.startswith("bench") else "code"
-            row = [r for r in table_rows(summary, first) if r[1] == condition][-1]
-            final, sd = row[3], row[4]  # the likelihood table comes after the extraction one
+            rows = [r for r in table_rows(summary, first) if r[1] == condition]
+            row = rows[0] if first != "code" else rows[-1]  # benchmark table; likelihood table
+            final, sd = row[3], row[4]
             assert float(final) == pytest.approx(np.mean(values), rel=1e-3, abs=1e-6)
             expected_sd = np.std(values, ddof=1)
             assert (sd == "—" and math.isnan(expected_sd)) or float(sd) == pytest.approx(
@@ -441,6 +442,7 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
     assert {d["file"] for d in drawn} == {"benchmark_delta.png", "extraction.png",
                                           "likelihood.png"}
     assert "which way is better" not in summary  # lm-eval's results files said, per task
+    changes = {}
     for condition, name in (("T=0.7", "t0.7"), ("T=1", "t1.0")):  # SEs from the item files
         for metric in ("acc", "acc_norm"):
             differences = []
@@ -451,13 +453,21 @@ def test_real_debug_runs_two_conditions_two_subsets(tmp_path, capsys):
                 before, after = (t[t["metric"] == metric].sort_values("doc_id")["value"]
                                  .to_numpy() for t in (before, after))
                 differences.append(after - before)
-            change = np.mean(differences, axis=0)
+            change = changes[condition, metric] = np.mean(differences, axis=0)
             expected = np.std(change, ddof=1) / np.sqrt(len(change))
             row = [r for r in table_rows(summary, f"selftrain_facts: {metric}")
                    if r[1] == condition][0]
             assert float(row[3]) == pytest.approx(change.mean(), rel=1e-3, abs=1e-6)
             assert row[6] == f"paired, {len(change)} items" and len(change) == 8
             assert float(row[5]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    for metric in ("acc", "acc_norm"):  # the two conditions against each other, item by item
+        gap = changes["T=0.7", metric] - changes["T=1", metric]
+        (row,) = [r for r in table_rows(summary, f"selftrain_facts: {metric}")
+                  if r[1:3] == ["T=0.7", "T=1"]]
+        assert float(row[3]) == pytest.approx(gap.mean(), rel=1e-3, abs=1e-6)
+        assert float(row[4]) == pytest.approx(np.std(gap, ddof=1) / np.sqrt(8), rel=1e-3,
+                                              abs=1e-6)
+        assert row[5] == "paired, 8 items"
     for name in ("t0.7_s0", "t0.7_s1", "t1.0_s0", "t1.0_s1"):  # what each run trained on
         scalars = read_scalars(runs / name / "tb")
         (row,) = [r for r in summary.splitlines() if r.startswith(f"| {runs / name} |")]

@@ -94,6 +94,40 @@ def paired(pairs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> Paired | None:
         None when the metric has no per-item form, or the runs do not share the same items
         (then no paired SE can be given).
     """
+    changes = _changes(pairs)
+    return None if changes is None else _estimate(*changes)
+
+
+def between(first: list[tuple[pd.DataFrame, pd.DataFrame]],
+            second: list[tuple[pd.DataFrame, pd.DataFrame]]) -> Paired | None:
+    """The first condition's change minus the second's, paired over the items both were scored on.
+
+    Each condition's per-item change from its base is averaged over its runs, and the SE is
+    that of the per-item difference of those changes: the item-sampling error of the gap
+    between the two conditions (the spread over runs is separate).
+
+    Args:
+        first: per run of the first condition, (before, after) rows of one metric.
+        second: the same for the second condition.
+
+    Returns:
+        None as :func:`paired`, or when the conditions were scored on different items.
+    """
+    a, b = _changes(first), _changes(second)
+    if a is None or b is None or a[2] != b[2] or not a[3].equals(b[3]):
+        return None
+    if a[2] in RATIO_AGGREGATIONS and not np.array_equal(a[1], b[1]):
+        return None
+    return _estimate(a[0] - b[0], a[1], a[2], a[3])
+
+
+def _changes(pairs: list[tuple[pd.DataFrame, pd.DataFrame]]
+             ) -> tuple[np.ndarray, np.ndarray, str, pd.Index] | None:
+    """Per item, the change averaged over runs; the item weights; the aggregation; the items.
+
+    For means the change is ``after - before`` of the item values; for bits per byte it is the
+    document's change of ``-loglik / ln 2`` (bits), its weight the document's bytes.
+    """
     if not pairs:
         return None
     items = pairs[0][0].index
@@ -104,12 +138,10 @@ def paired(pairs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> Paired | None:
                                      for before, after in pairs):
         return None
     (aggregation,) = aggregations
-    n = len(items)
     if aggregation in MEAN_AGGREGATIONS:
         change = np.mean([after["value"].to_numpy() - before["value"].to_numpy()
                           for before, after in pairs], axis=0)
-        se = float(np.std(change, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        return Paired(float(change.mean()), se, n, "items")
+        return change, np.ones(len(items)), aggregation, items
     if aggregation in RATIO_AGGREGATIONS:
         weights = pairs[0][0]["weight"].to_numpy()
         if any(not np.array_equal(side["weight"].to_numpy(), weights)
@@ -117,10 +149,19 @@ def paired(pairs: list[tuple[pd.DataFrame, pd.DataFrame]]) -> Paired | None:
             return None
         change = np.mean([(before["value"].to_numpy() - after["value"].to_numpy()) / math.log(2)
                           for before, after in pairs], axis=0)
-        total = float(weights.sum())
-        delta = float(change.sum()) / total
-        residual = change - delta * weights
-        se = (math.sqrt(n / (n - 1) * float(np.sum(residual ** 2))) / total
-              if n > 1 else math.nan)
-        return Paired(delta, se, n, "documents")
+        return change, weights, aggregation, items
     return None
+
+
+def _estimate(change: np.ndarray, weights: np.ndarray, aggregation: str,
+              items: pd.Index) -> Paired:
+    """The metric's change and its SE over items, from per-item changes (see the module doc)."""
+    n = len(items)
+    if aggregation in MEAN_AGGREGATIONS:
+        se = float(np.std(change, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        return Paired(float(change.mean()), se, n, "items")
+    total = float(weights.sum())
+    delta = float(change.sum()) / total
+    residual = change - delta * weights
+    se = math.sqrt(n / (n - 1) * float(np.sum(residual ** 2))) / total if n > 1 else math.nan
+    return Paired(delta, se, n, "documents")

@@ -29,6 +29,8 @@ class Findings:
             subsets, runs, epochs).
         runs: one row per run (run, condition, subset).
         benchmark: final/best rows of the benchmark-delta tags.
+        compared: every two conditions' final deltas, paired over items (tag, first, second,
+            difference, item_se, n, form, runs_se).
         extraction: final/best rows of the extraction counts.
         likelihood: final/best rows of the log p deltas.
         extraction_base: (tag, condition) -> memorized count at epoch 0.
@@ -47,6 +49,7 @@ class Findings:
     conditions: list[dict]
     runs: list[dict]
     benchmark: pd.DataFrame
+    compared: pd.DataFrame
     extraction: pd.DataFrame
     likelihood: pd.DataFrame
     extraction_base: dict[tuple[str, str], float]
@@ -155,6 +158,20 @@ def _benchmarks(page: Page, found: Findings) -> None:
                                      strict=True)]
     page.add("table", (["task / metric", "condition", "final epoch", "final Δ", "sd", "item SE",
                         "SE from", "n", "best epoch", "best Δ", "sd", "n"], rows))
+    if found.compared.empty:
+        return
+    page.add("h3", "Conditions against each other")
+    page.add("p", "Each pair of conditions scored on the same items: the first's final delta "
+                  "minus the second's. Item SE: of the per-item difference between the two "
+                  "conditions' changes (each averaged over its runs), the error from which "
+                  "items the benchmark happens to hold. SE over runs: sqrt(sd1²/n1 + sd2²/n2) "
+                  "from the spread over subsets, the error from which text each student saw. "
+                  "A difference within about two of the larger is not shown apart from noise.")
+    rows = [[found.titles.get(r.tag, r.tag), r.first, r.second, num(r.difference, True),
+             num(r.item_se), f"paired, {r.n} {r.form}", num(r.runs_se)]
+            for r in found.compared.itertuples()]
+    page.add("table", (["task / metric", "condition", "minus condition", "difference",
+                        "item SE", "SE from", "SE over runs"], rows))
 
 
 def _probes(page: Page, found: Findings) -> None:

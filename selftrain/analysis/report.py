@@ -21,6 +21,7 @@ and bad input is refused in one line before anything is written.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ from selftrain.analysis.curves import (
     final_and_best,
 )
 from selftrain.analysis.evidence import PROXIES, correlations, join, load_proxies
-from selftrain.analysis.items import items_file, metric_items, paired
+from selftrain.analysis.items import between, items_file, metric_items, paired
 from selftrain.analysis.outline import Findings, build
 from selftrain.analysis.pages import html_page, markdown
 from selftrain.analysis.runs import Run, find_runs, load_runs, name_conditions, read_table
@@ -178,7 +179,7 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
     finals = {family: _ordered(final_and_best(
         curve[curve["tag"].isin(family_tags(tags, family))], per_condition, directions),
         family_tags(tags, family)) for family in FAMILIES}
-    finals["benchmark"] = _with_item_se(finals["benchmark"], curve, runs, notes)
+    finals["benchmark"], compared = _item_evidence(finals["benchmark"], curve, runs, notes)
     conditions = _conditions(runs, table)
     joined = join(proxy_dirs, runs, _run_finals(table, finals["benchmark"]))
     for item in proxy_dirs:
@@ -195,7 +196,7 @@ def _findings(table: pd.DataFrame, runs: list[Run], proxy_dirs: list, notes: lis
         runs=[{"run": r.label, "condition": r.condition,
                "subset": "—" if r.subset is None else r.subset, **_trained_on(r)}
               for r in runs],
-        benchmark=finals["benchmark"], extraction=finals["extraction"],
+        benchmark=finals["benchmark"], compared=compared, extraction=finals["extraction"],
         likelihood=finals["likelihood"], extraction_base=base_values(curve),
         joined=joined, correlations=correlations(joined, family_tags(tags, "benchmark")),
         threshold=threshold if isinstance(threshold, (int, float)) else None,
@@ -236,16 +237,23 @@ def _trained_on(run: Run) -> dict[str, str]:
             "probe leaks": shown("probe_leak_rows")}
 
 
-def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
-                  notes: list[str]) -> pd.DataFrame:
-    """Add ``item_se`` and ``se_from``: the standard error of each final delta over items.
+def _item_evidence(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
+                   notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each final delta's SE over items, and every two conditions' final deltas compared.
 
     Where every run of the condition kept per-item results at epoch 0 and at the final epoch,
-    the SE is that of the paired per-item difference (:func:`selftrain.analysis.items.paired`),
-    ``se_from`` says over how many items or documents. Otherwise (runs from before per-item
-    results were kept, or a metric with no per-item form) it falls back to the mean over runs of
-    lm-eval's SE of the final score (``benchmark_stderr/<task>/<metric>``, only with
-    ``bootstrap_iters`` > 0), which ignores the pairing, and says so; NaN where there is neither.
+    the SE (``item_se``) is that of the paired per-item difference from the base
+    (:func:`selftrain.analysis.items.paired`); ``se_from`` says over how many items or
+    documents. Otherwise (runs from before per-item results were kept, or a metric with no
+    per-item form) it falls back to the mean over runs of lm-eval's SE of the final score
+    (``benchmark_stderr/<task>/<metric>``, only with ``bootstrap_iters`` > 0), which ignores the
+    pairing, and says so; NaN where there is neither.
+
+    Returns:
+        ``rows`` with ``item_se`` and ``se_from``; and one row per tag and pair of conditions
+        scored on the same items: tag, first, second, difference (first's final delta minus
+        second's), item_se (of the per-item difference), n, form, runs_se (from the sd over
+        runs: ``sqrt(sd1^2 / n1 + sd2^2 / n2)``).
     """
     stderr = {(r.tag, r.condition, r.epoch): r.mean for r in curve.itertuples()
               if r.tag.startswith("benchmark_stderr/")}
@@ -257,7 +265,7 @@ def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
             tables[run.path, epoch] = None if found is None else pd.read_parquet(found)
         return tables[run.path, epoch]
 
-    item_ids: dict[str, dict[str, tuple]] = {}
+    kept: dict[str, dict[str, tuple]] = {}  # tag -> condition -> (its pairs, its row)
     se, se_from = [], []
     for r in rows.itertuples():
         members = [run for run in runs if run.condition == r.condition]
@@ -267,8 +275,8 @@ def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
             pairs = [(metric_items(before, r.tag), metric_items(after, r.tag))
                      for before, after in sides]
             result = paired(pairs)
-            if pairs[0][0].size:
-                item_ids.setdefault(r.tag, {})[r.condition] = tuple(pairs[0][0].index)
+            if result is not None:
+                kept.setdefault(r.tag, {})[r.condition] = (pairs, r)
         if result is not None:
             se.append(result.se)
             se_from.append(f"paired, {result.n} {result.form}")
@@ -277,13 +285,27 @@ def _with_item_se(rows: pd.DataFrame, curve: pd.DataFrame, runs: list[Run],
                                    r.condition, r.final_epoch), float("nan"))
             se.append(fallback)
             se_from.append("—" if math.isnan(fallback) else "score SE, unpaired")
-    for tag, by_condition in item_ids.items():
-        if len(set(by_condition.values())) > 1:
-            notes.append(f"{tag}: the conditions were evaluated on different items (another "
-                         "limit or task version); their deltas are not paired with each other")
     rows = rows.copy()
     rows["item_se"], rows["se_from"] = se, se_from
-    return rows
+    compared = []
+    for tag, by_condition in kept.items():
+        unpaired = []
+        for (name, (pairs, row)), (other, (other_pairs, other_row)) in itertools.combinations(
+                sorted(by_condition.items()), 2):
+            result = between(pairs, other_pairs)
+            if result is None:
+                unpaired.append(f"{name} / {other}")
+                continue
+            spread = [(row.final_sd, row.n), (other_row.final_sd, other_row.n)]
+            runs_se = math.sqrt(sum(sd ** 2 / n for sd, n in spread))
+            compared.append({"tag": tag, "first": name, "second": other,
+                             "difference": result.delta, "item_se": result.se, "n": result.n,
+                             "form": result.form, "runs_se": runs_se})
+        if unpaired:
+            notes.append(f"{tag}: {', '.join(unpaired)} were evaluated on different items "
+                         "(another limit or task version); not compared item by item")
+    return rows, pd.DataFrame(compared, columns=["tag", "first", "second", "difference",
+                                                 "item_se", "n", "form", "runs_se"])
 
 
 def _ordered(rows: pd.DataFrame, tags: list[str]) -> pd.DataFrame:
