@@ -185,7 +185,8 @@ def test_summary_matches_the_parquet(tmp_path, benches):
                            "max_similarity", "fraction_above", "student",
                            "student_precision", "nll", "kl", "kl_estimate", "split", "timing",
                            "tool_version", "created"}
-    assert report["kl"] is None and np.isnan(got["kl"]).all()  # no recorded source logprobs
+    assert report["kl"]["mean"] == pytest.approx(np.nanmean(got["kl"]))  # logprobs recorded
+    assert report["kl_estimate"]["temperature"] == 0.7
     from selftrain.precision import bf16_support
 
     # --precision auto, as resolved on this machine
