@@ -40,7 +40,7 @@ MEAN_AGGREGATIONS = ("mean", "brier_score")
 RATIO_AGGREGATIONS = ("bits_per_byte",)
 """lm-eval aggregations that are a ratio over documents: paired SE of a ratio estimator."""
 
-_STEP = re.compile(r"-step=(\d+)\.items\.parquet$")
+_STEP = re.compile(r"-step=(\d+)" + re.escape(ITEMS_SUFFIX) + "$")
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,6 @@ def _conditions(runs: list[Run], table: pd.DataFrame) -> list[dict]:
                      "corpus": first.get("data.corpus") if len(corpora) == 1 else "several",
                      "subsets": ", ".join(map(str, subsets)) or "—", "runs": len(members),
                      "epochs": int(epochs.max()) if len(epochs) else 0,
-                     "_corpus": first.corpus if len(corpora) == 1 else None,
                      "_self": bool(first.student and first.student == first.source)})
     return rows
 

@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from selftrain.analysis.tb import read_scalars
+from selftrain.callbacks.benchmark_results import metric_name
 from selftrain.errors import SelftrainError
 
 EPOCH_TAG = "eval/epochs_completed"
@@ -252,8 +253,8 @@ def metric_directions(eval_dir: Path) -> dict[str, bool]:
             for key in row:
                 metric, comma, filter_name = key.partition(",")
                 if comma and metric in metrics:
-                    name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-                    found[f"benchmark_delta/{task}/{name}"] = bool(metrics[metric])
+                    tag = f"benchmark_delta/{task}/{metric_name(metric, filter_name)}"
+                    found[tag] = bool(metrics[metric])
     return found
 
 

@@ -99,10 +99,6 @@ class StudentNll:
             return stored_ids(chunk, keep, len(self.tokenizer), path, "--corpus")
         return retokenize(chunk, keep, self.tokenizer, self.bos_token_id, path, "--corpus")
 
-    def ids(self, chunk: Corpus) -> list[list[int]]:
-        """The chunk's rows as the student's ids, cut to ``max_length``."""
-        return [list(ids[: self.max_length]) for ids in self.full_ids(chunk)]
-
     def score(self, chunk: Corpus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: the student's NLL sum, its predicted tokens, its length before the cut.
 
@@ -130,11 +126,6 @@ class StudentNll:
             raise SelftrainError(f"--student {self.spec}: its NLL on {self.path} is not finite "
                                  "(inf or NaN); try --precision 32")
         return sums, counts, np.array([len(ids) for ids in full], dtype=np.int64)
-
-    def __call__(self, chunk: Corpus) -> np.ndarray:
-        """Mean NLL per predicted token of each row of ``chunk`` (NaN below 2 tokens)."""
-        sums, counts, _ = self.score(chunk)
-        return sums / counts
 
 
 def source_kl(source_logprobs: list[list[float] | None], sums: np.ndarray, counts: np.ndarray,

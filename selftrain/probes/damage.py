@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from selftrain.callbacks.benchmark_results import metric_name
 from selftrain.curation.lm_eval_tasks import check_names, load_units, task_manager
 from selftrain.errors import SelftrainError
 
@@ -128,8 +129,7 @@ def _scores(results: dict[str, Any]) -> dict[str, Score]:
                                      f"{metric} is better (higher_is_better); give its metric "
                                      "list higher_is_better or leave the task out of the gate")
             stderr = row.get(f"{metric}_stderr,{filter_name}")
-            name = metric if filter_name == "none" else f"{metric}_{filter_name}"
-            found[f"{task}/{name}"] = Score(
+            found[f"{task}/{metric_name(metric, filter_name)}"] = Score(
                 float(value), float(stderr) if isinstance(stderr, (int, float))
                 and math.isfinite(stderr) else None, bool(directions[metric]))
     return found
