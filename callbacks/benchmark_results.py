@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from selftrain.curation.lm_eval_tasks import metric_name
 from selftrain.errors import SelftrainError
 from selftrain.io import write_json_atomic, write_parquet_atomic
 
@@ -115,11 +116,6 @@ def _item_value(value: Any) -> tuple[float, float] | None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
-def metric_name(metric: str, filter_name: str) -> str:
-    """lm-eval's metric and filter as one name: ``acc`` (filter ``none``), else ``acc_<filter>``."""
-    return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
 def gather_parts(part: dict, error: Exception | None, rank: int, world: int,

@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from selftrain.analysis.tb import read_scalars
-from selftrain.callbacks.benchmark_results import metric_name
+from selftrain.curation.lm_eval_tasks import metric_name
 from selftrain.errors import SelftrainError
 
 EPOCH_TAG = "eval/epochs_completed"

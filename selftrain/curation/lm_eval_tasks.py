@@ -124,6 +124,11 @@ def _anchor(files: Any, folder: Path) -> Any:
     return files
 
 
+def metric_name(metric: str, filter_name: str) -> str:
+    """lm-eval's metric and filter as one name: ``acc`` (filter ``none``), else ``acc_<filter>``."""
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
+
+
 def check_names(manager, names: Iterable[str], flag: Callable[[str], str]) -> None:
     """Every name must be an lm-eval task, group or tag; suggest close ones if not.
 

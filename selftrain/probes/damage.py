@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from selftrain.callbacks.benchmark_results import metric_name
-from selftrain.curation.lm_eval_tasks import check_names, load_units, task_manager
+from selftrain.curation.lm_eval_tasks import check_names, load_units, metric_name, task_manager
 from selftrain.errors import SelftrainError
 
 DEFAULT_TOLERANCE = 0.03
