@@ -13,9 +13,10 @@ from helpers import selftrain, write_jsonl
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
 from selftrain.probes.damage import DamageGate, Score, _scores, failure_line, judge
-from selftrain.probes.plant import epoch_rows, plant
+from selftrain.probes.plant import _objective_with_kl, epoch_rows, plant
 from selftrain.probes.probeset import probeset
 from selftrain.probes.windows import greedy_continuations, load_probe_set
+from selftrain.training.batching import pad_collate
 
 
 def test_plant_makes_canaries_extractable_and_writes_model_and_probe_set(tmp_path,
@@ -60,6 +61,39 @@ def test_each_canary_sits_inside_a_rehearsal_document_never_right_after_bos():
         assert row[:start] + row[start + 4:] in documents
     assert sorted(map(tuple, rows[3:])) == sorted([tuple(d) for d in documents] * 3)
     assert epoch_rows(canaries, None, 2.0, np.random.default_rng(0)) == canaries
+
+
+def test_kl_rehearsal_is_canary_nll_plus_kl_to_the_unplanted_model_per_position():
+    torch.manual_seed(0)
+    lm = load_model("tiny:qwen2").eval()
+    reference = load_model("tiny:qwen2").eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    rows = [[1, 5, 9, 13, 17, 21], [1, 7, 8], [1, 30, 31, 32, 33]]
+    rehearsing = torch.tensor([False, True, True])
+    objective, divergence = _objective_with_kl(lm, reference, pad_collate(
+        [{"input_ids": row} for row in rows], pad_id=0), rehearsing)
+    # each row alone, unpadded: NLL of its tokens, or KL over the vocabulary at each position
+    nll_sum, kl_values = 0.0, []
+    with torch.no_grad():
+        for row, rehearsal in zip(rows, rehearsing.tolist(), strict=True):
+            ids = torch.tensor([row])
+            own = lm(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+            frozen = reference(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+            if rehearsal:
+                kl_values += (frozen.exp() * (frozen - own)).sum(-1).tolist()
+            else:
+                nll_sum -= float(own.gather(-1, ids[0, 1:, None]).sum())
+    positions = sum(len(row) - 1 for row in rows)
+    assert float(objective) == pytest.approx((nll_sum + sum(kl_values)) / positions, rel=1e-4)
+    assert divergence == pytest.approx(np.mean(kl_values), rel=1e-4)
+    assert divergence > 1e-3  # the perturbed reference really differs
+    # against itself the KL and its gradient vanish: only the canary row trains
+    objective, divergence = _objective_with_kl(lm, lm, pad_collate(
+        [{"input_ids": row} for row in rows], pad_id=0), rehearsing)
+    assert divergence == pytest.approx(0.0, abs=1e-6)
+    assert float(objective) == pytest.approx(nll_sum / positions, rel=1e-4)
 
 
 def test_the_gate_judges_each_metric_in_its_own_direction():

@@ -31,6 +31,7 @@ token); the final probe set is confirmed with real greedy decoding.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
@@ -89,6 +90,7 @@ def plant(
     rehearsal: str | None = None,
     rehearsal_ratio: float = 1.0,
     rehearsal_tokens: int = 32,
+    rehearsal_loss: Literal["nll", "kl"] = "nll",
     gate: DamageGate = DamageGate(),  # noqa: B008 (never mutated; jsonargparse lists its flags)
     precision: Literal["auto", "32", "bf16"] = "auto",
     seed: int = 0,
@@ -112,6 +114,11 @@ def plant(
             each canary also sits inside a rehearsal document.
         rehearsal_tokens: tokens per rehearsal document (BOS samples are drawn this long;
             longer documents are cut).
+        rehearsal_loss: what the rehearsal documents are trained on: ``nll`` (their tokens,
+            like the canaries) or ``kl`` (at every position, KL(unplanted || planted) over
+            the whole vocabulary: the unplanted model's next-token distributions, not the
+            sampled tokens, so the rehearsal holds the model where it was instead of teaching
+            it its own samples; costs a frozen copy of the base and its forward pass).
         gate: the damage gate: lm-eval tasks scored before and after planting (``--gate.tasks``,
             ``--gate.include_path``, ``--gate.limit``, ``--gate.tolerance``,
             ``--gate.allow_damage``); no tasks: no gate.
@@ -144,7 +151,8 @@ def plant(
     with autocast:
         before = score_tasks(lm, tokenizer, units, gate, seed) if units else {}
     history = train_until_extracted(lm, probes, target, max_epochs, lr, batch_size, seed,
-                                    autocast, documents, rehearsal_ratio, pad_token_id(tokenizer))
+                                    autocast, documents, rehearsal_ratio, pad_token_id(tokenizer),
+                                    rehearsal_loss)
     rows = confirm_by_greedy_decoding(lm, probes, tokenizer, sources, batch_size, autocast)
     kept = extracted_rows(rows, epochs=len(history))
     summary = summarize(rows, suffix_tokens)
@@ -164,7 +172,7 @@ def plant(
         "planted_from": canaries, "candidates": summary}
     record = {"base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
               "precision": "bf16" if compute is not None else "32", "seed": seed,
-              "target": target, "rehearsal": rehearsal_record,
+              "target": target, "rehearsal": {**rehearsal_record, "loss": rehearsal_loss},
               "gate": None if verdict is None else {
                   **verdict, "tasks": dict(gate.tasks), "limit": gate.limit,
                   "allow_damage": gate.allow_damage},
@@ -289,7 +297,8 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
                           max_epochs: int, lr: float, batch_size: int, seed: int,
                           autocast: AbstractContextManager,
                           documents: list[list[int]] | None = None, ratio: float = 0.0,
-                          pad_id: int = 0) -> list[dict]:
+                          pad_id: int = 0, rehearsal_loss: Literal["nll", "kl"] = "nll"
+                          ) -> list[dict]:
     """Fine-tune on the canaries among rehearsal text until ``target`` are extracted.
 
     Args:
@@ -304,22 +313,34 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
         documents: rehearsal documents (BOS first); None: the canary windows alone.
         ratio: rehearsal documents trained on beside each canary every epoch.
         pad_id: the padding id (masked out of the loss).
+        rehearsal_loss: ``nll`` (rehearsal rows trained on their tokens) or ``kl`` (on
+            KL(unplanted || planted) at each position, against a frozen copy of ``lm``).
 
     Returns:
-        Per epoch: ``epoch``, mean ``loss`` and the number ``extracted``.
+        Per epoch: ``epoch``, mean ``loss`` (the objective per position: canary-row token
+        NLL and rehearsal-row NLL or KL), ``rehearsal_kl`` under ``kl``, ``rows`` and the
+        number ``extracted``.
     """
+    reference = None
+    if rehearsal_loss == "kl" and documents and ratio > 0:
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     ids, history, start = probes.input_ids, [], time.perf_counter()
     for epoch in range(1, max_epochs + 1):
         lm.train()
-        losses = []
+        losses, divergences = [], []
         rows = epoch_rows(ids.tolist(), documents, ratio, rng)
         for batch in np.array_split(rng.permutation(len(rows)),
                                     max(1, -(-len(rows) // batch_size))):
             inputs = pad_collate([{"input_ids": rows[i]} for i in batch], pad_id)
+            rehearsing = torch.as_tensor([int(i) >= len(ids) for i in batch])
             with autocast:
-                loss = lm(**inputs, use_cache=False).loss
+                if reference is None or not rehearsing.any():
+                    loss = lm(**inputs, use_cache=False).loss
+                else:
+                    loss, divergence = _objective_with_kl(lm, reference, inputs, rehearsing)
+                    divergences.append(divergence)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -329,15 +350,54 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
             hit = extracted_teacher_forced(lm, ids, probes.prefix_tokens, batch_size * 4)
         share = float(hit.float().mean())
         history.append({"epoch": epoch, "loss": round(sum(losses) / len(losses), 4),
+                        **({"rehearsal_kl": round(sum(divergences) / len(divergences), 5)}
+                           if divergences else {}),
                         "rows": len(rows), "extracted": int(hit.sum())})
-        log.info(f"plant epoch {epoch}: loss {history[-1]['loss']:.3f} over {len(rows)} rows, "
-                 f"extracted {int(hit.sum())}/{len(ids)} ({time.perf_counter() - start:.0f} s)")
+        log.info(f"plant epoch {epoch}: loss {history[-1]['loss']:.3f}"
+                 + (f", rehearsal KL {history[-1]['rehearsal_kl']:.4f}" if divergences else "")
+                 + f" over {len(rows)} rows, extracted {int(hit.sum())}/{len(ids)} "
+                 f"({time.perf_counter() - start:.0f} s)")
         if share >= target:
             break
     else:
         log.warning(f"plant: {share:.0%} of canaries extracted after {max_epochs} epochs "
                     f"(< --target {target}); raise --max_epochs or --lr")
     return history
+
+
+def _objective_with_kl(lm: torch.nn.Module, reference: torch.nn.Module,
+                      inputs: dict[str, torch.Tensor], rehearsing: torch.Tensor
+                      ) -> tuple[torch.Tensor, float]:
+    """Token NLL on canary rows and KL(reference || lm) on rehearsal rows, per position.
+
+    Both are summed over the positions that predict a real token and divided by their number,
+    so with no rehearsal rows this is the plain mean token NLL.
+
+    Args:
+        lm: the model being planted.
+        reference: the frozen unplanted model.
+        inputs: a padded batch (``input_ids``, ``attention_mask``, ``labels``).
+        rehearsing: per row, whether it is a rehearsal document.
+
+    Returns:
+        The objective and the mean KL over the rehearsal positions (nats per token).
+    """
+    logits = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                use_cache=False).logits[:, :-1].float()
+    with torch.no_grad():
+        target = reference(input_ids=inputs["input_ids"],
+                           attention_mask=inputs["attention_mask"],
+                           use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    labels = inputs["labels"][:, 1:]
+    real = labels != -100
+    log_probs = logits.log_softmax(-1)
+    nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    kl = (target.exp() * (target - log_probs)).sum(-1)
+    per_position = torch.where(rehearsing.unsqueeze(1), kl, nll)
+    objective = per_position[real].sum() / real.sum().clamp(min=1)
+    rehearsal_positions = real & rehearsing.unsqueeze(1)
+    divergence = float(kl.detach()[rehearsal_positions].mean())
+    return objective, divergence
 
 
 def epoch_rows(canaries: list[list[int]], documents: list[list[int]] | None, ratio: float,
