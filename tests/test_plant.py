@@ -89,7 +89,7 @@ def test_kl_rehearsal_is_canary_nll_plus_kl_to_the_unplanted_model_per_position(
     assert float(objective) == pytest.approx((nll_sum + sum(kl_values)) / positions, rel=1e-4)
     assert divergence == pytest.approx(np.mean(kl_values), rel=1e-4)
     assert divergence > 1e-3  # the perturbed reference really differs
-    # against itself the KL and its gradient vanish: only the canary row trains
+    # against itself the KL vanishes: the objective is the canary row's NLL alone
     objective, divergence = _objective_with_kl(lm, lm, pad_collate(
         [{"input_ids": row} for row in rows], pad_id=0), rehearsing)
     assert divergence == pytest.approx(0.0, abs=1e-6)

@@ -382,21 +382,19 @@ def _objective_with_kl(lm: torch.nn.Module, reference: torch.nn.Module,
     Returns:
         The objective and the mean KL over the rehearsal positions (nats per token).
     """
-    logits = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                use_cache=False).logits[:, :-1].float()
-    with torch.no_grad():
-        target = reference(input_ids=inputs["input_ids"],
-                           attention_mask=inputs["attention_mask"],
+    log_probs = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    with torch.no_grad():  # the frozen model reads the rehearsal rows only
+        target = reference(input_ids=inputs["input_ids"][rehearsing],
+                           attention_mask=inputs["attention_mask"][rehearsing],
                            use_cache=False).logits[:, :-1].float().log_softmax(-1)
     labels = inputs["labels"][:, 1:]
     real = labels != -100
-    log_probs = logits.log_softmax(-1)
     nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    kl = (target.exp() * (target - log_probs)).sum(-1)
-    per_position = torch.where(rehearsing.unsqueeze(1), kl, nll)
+    kl = (target.exp() * (target - log_probs[rehearsing])).sum(-1)
+    per_position = nll.index_put((rehearsing,), kl)
     objective = per_position[real].sum() / real.sum().clamp(min=1)
-    rehearsal_positions = real & rehearsing.unsqueeze(1)
-    divergence = float(kl.detach()[rehearsal_positions].mean())
+    divergence = float(kl.detach()[real[rehearsing]].mean())
     return objective, divergence
 
 
