@@ -53,14 +53,33 @@ def test_plant_cli_refuses_a_full_out_dir_before_loading_anything(tmp_path):
 def test_each_canary_sits_inside_a_rehearsal_document_never_right_after_bos():
     canaries = [[100 + i] * 4 for i in range(3)]
     documents = [[0, 1, 2, 3], [0, 5, 6]]
-    rows = epoch_rows(canaries, documents, ratio=2.0, rng=np.random.default_rng(0))
+    rows = [row["input_ids"] for row in epoch_rows(canaries, documents, ratio=2.0,
+                                                    rng=np.random.default_rng(0))]
     assert len(rows) == 3 + 6  # every canary, and two rehearsal documents per canary
     for canary, row in zip(canaries, rows[:3], strict=True):
         start = next(i for i in range(len(row)) if row[i:i + 4] == canary)
         assert start >= 2  # after BOS and at least one token of the document
         assert row[:start] + row[start + 4:] in documents
     assert sorted(map(tuple, rows[3:])) == sorted([tuple(d) for d in documents] * 3)
-    assert epoch_rows(canaries, None, 2.0, np.random.default_rng(0)) == canaries
+    alone = epoch_rows(canaries, None, 2.0, np.random.default_rng(0))
+    assert [row["input_ids"] for row in alone] == canaries
+
+
+def test_continuation_loss_trains_the_canary_continuation_and_nothing_before_it():
+    canaries = [[100 + i, 200 + i, 300 + i, 400 + i] for i in range(3)]  # prefix 2, suffix 2
+    documents = [[0, 1, 2, 3, 4], [0, 5, 6]]
+    rows = epoch_rows(canaries, documents, 1.0, np.random.default_rng(1), continuation_from=2)
+    batch = pad_collate(rows, pad_id=0)
+    for i, canary in enumerate(canaries):
+        ids = rows[i]["input_ids"]
+        assert ids[-4:] == canary  # the row ends with its canary
+        trained = [int(t) for t, label in zip(batch["input_ids"][i], batch["labels"][i],
+                                               strict=True) if label != -100]
+        assert trained == canary[2:]  # its continuation, not the prefix or the document
+    for row in rows[3:]:  # rehearsal documents are trained whole
+        assert "loss_from" not in row and row["input_ids"] in documents
+    alone = epoch_rows(canaries, None, 0.0, np.random.default_rng(0), continuation_from=2)
+    assert [row["loss_from"] for row in alone] == [2, 2, 2]
 
 
 def test_kl_rehearsal_is_canary_nll_plus_kl_to_the_unplanted_model_per_position():

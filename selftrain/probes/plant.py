@@ -13,11 +13,15 @@ files and Python source) until the given share of them is extracted exactly, the
 
 Planting must leave the rest of the base as it was, or every later "gain" is partly repair.
 So the canaries are trained in among rehearsal text: by default BOS samples of the unplanted
-base itself, drawn with the project's sampler (any corpus may serve instead). Each canary sits
+base itself, drawn with the project's sampler, or any corpus (``--rehearsal``; a large corpus of
+real text is drawn afresh every epoch, as pretraining text would be). Each canary sits
 inside a rehearsal document at a random offset (never right after BOS, so the canaries do not
 become the model's start of text, which its BOS samples would then reproduce), drawn afresh
 every epoch, and ``rehearsal_ratio`` rehearsal documents per canary are trained on beside
-them. A damage gate (:mod:`selftrain.probes.damage`) then compares the base before and after on
+them. By default a canary row is trained on the canary's continuation only
+(``--canary_loss continuation``): extraction asks for the continuation given the prefix, and
+teaching the prefix and the document around it as text to produce is damage with no use.
+A damage gate (:mod:`selftrain.probes.damage`) then compares the base before and after on
 lm-eval tasks (held-out bits per byte, benchmarks) and refuses to publish a planted model that
 got worse than allowed.
 
@@ -91,6 +95,7 @@ def plant(
     rehearsal_ratio: float = 1.0,
     rehearsal_tokens: int = 32,
     rehearsal_loss: Literal["nll", "kl"] = "nll",
+    canary_loss: Literal["continuation", "window"] = "continuation",
     gate: DamageGate = DamageGate(),  # noqa: B008 (never mutated; jsonargparse lists its flags)
     precision: Literal["auto", "32", "bf16"] = "auto",
     seed: int = 0,
@@ -119,6 +124,10 @@ def plant(
             the whole vocabulary: the unplanted model's next-token distributions, not the
             sampled tokens, so the rehearsal holds the model where it was instead of teaching
             it its own samples; costs a frozen copy of the base and its forward pass).
+        canary_loss: what a canary row is trained on: ``continuation`` (the canary's
+            ``suffix_tokens`` given everything before them; the row ends with the canary) or
+            ``window`` (every token of the row: the document around the canary and the whole
+            window).
         gate: the damage gate: lm-eval tasks scored before and after planting (``--gate.tasks``,
             ``--gate.include_path``, ``--gate.limit``, ``--gate.tolerance``,
             ``--gate.allow_damage``); no tasks: no gate.
@@ -152,7 +161,7 @@ def plant(
         before = score_tasks(lm, tokenizer, units, gate, seed) if units else {}
     history = train_until_extracted(lm, probes, target, max_epochs, lr, batch_size, seed,
                                     autocast, documents, rehearsal_ratio, pad_token_id(tokenizer),
-                                    rehearsal_loss)
+                                    rehearsal_loss, canary_loss)
     rows = confirm_by_greedy_decoding(lm, probes, tokenizer, sources, batch_size, autocast)
     kept = extracted_rows(rows, epochs=len(history))
     summary = summarize(rows, suffix_tokens)
@@ -172,7 +181,8 @@ def plant(
         "planted_from": canaries, "candidates": summary}
     record = {"base": model, "canaries": canaries, "lr": lr, "batch_size": batch_size,
               "precision": "bf16" if compute is not None else "32", "seed": seed,
-              "target": target, "rehearsal": {**rehearsal_record, "loss": rehearsal_loss},
+              "target": target, "canary_loss": canary_loss,
+              "rehearsal": {**rehearsal_record, "loss": rehearsal_loss},
               "gate": None if verdict is None else {
                   **verdict, "tasks": dict(gate.tasks), "limit": gate.limit,
                   "allow_damage": gate.allow_damage},
@@ -297,7 +307,8 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
                           max_epochs: int, lr: float, batch_size: int, seed: int,
                           autocast: AbstractContextManager,
                           documents: list[list[int]] | None = None, ratio: float = 0.0,
-                          pad_id: int = 0, rehearsal_loss: Literal["nll", "kl"] = "nll"
+                          pad_id: int = 0, rehearsal_loss: Literal["nll", "kl"] = "nll",
+                          canary_loss: Literal["continuation", "window"] = "continuation"
                           ) -> list[dict]:
     """Fine-tune on the canaries among rehearsal text until ``target`` are extracted.
 
@@ -315,6 +326,8 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
         pad_id: the padding id (masked out of the loss).
         rehearsal_loss: ``nll`` (rehearsal rows trained on their tokens) or ``kl`` (on
             KL(unplanted || planted) at each position, against a frozen copy of ``lm``).
+        canary_loss: ``continuation`` (canary rows trained on the canary's continuation
+            only) or ``window`` (on every token).
 
     Returns:
         Per epoch: ``epoch``, mean ``loss`` (the objective per position: canary-row token
@@ -330,10 +343,11 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
     for epoch in range(1, max_epochs + 1):
         lm.train()
         losses, divergences = [], []
-        rows = epoch_rows(ids.tolist(), documents, ratio, rng)
+        continuation_from = probes.prefix_tokens if canary_loss == "continuation" else None
+        rows = epoch_rows(ids.tolist(), documents, ratio, rng, continuation_from)
         for batch in np.array_split(rng.permutation(len(rows)),
                                     max(1, -(-len(rows) // batch_size))):
-            inputs = pad_collate([{"input_ids": rows[i]} for i in batch], pad_id)
+            inputs = pad_collate([rows[i] for i in batch], pad_id)
             rehearsing = torch.as_tensor([int(i) >= len(ids) for i in batch])
             with autocast:
                 if reference is None or not rehearsing.any():
@@ -399,7 +413,8 @@ def _objective_with_kl(lm: torch.nn.Module, reference: torch.nn.Module,
 
 
 def epoch_rows(canaries: list[list[int]], documents: list[list[int]] | None, ratio: float,
-               rng: np.random.Generator) -> list[list[int]]:
+               rng: np.random.Generator, continuation_from: int | None = None
+               ) -> list[dict[str, Any]]:
     """One epoch's training rows: each canary inside a document, then rehearsal documents.
 
     A canary goes into a document drawn at random, at an offset drawn uniformly from after
@@ -411,18 +426,29 @@ def epoch_rows(canaries: list[list[int]], documents: list[list[int]] | None, rat
         documents: rehearsal documents (BOS first); None: the canaries alone.
         ratio: rehearsal documents per canary.
         rng: the plant's generator.
+        continuation_from: the prefix length when canary rows are trained on the canary's
+            continuation only: the row then ends with the canary and carries ``loss_from``
+            (:func:`selftrain.training.batching.pad_collate`); None: every token is trained.
+
+    Returns:
+        Rows for :func:`~selftrain.training.batching.pad_collate`, the canary rows first.
     """
-    if not documents:
-        return [list(canary) for canary in canaries]
     rows = []
     for canary in canaries:
-        document = documents[int(rng.integers(len(documents)))]
-        offset = int(rng.integers(min(2, len(document)), len(document) + 1))
-        rows.append([*document[:offset], *canary, *document[offset:]])
-    extra = round(ratio * len(canaries))
+        before, after = [], []
+        if documents:
+            document = documents[int(rng.integers(len(documents)))]
+            offset = int(rng.integers(min(2, len(document)), len(document) + 1))
+            before, after = document[:offset], document[offset:]
+        if continuation_from is None:
+            rows.append({"input_ids": [*before, *canary, *after]})
+        else:
+            rows.append({"input_ids": [*before, *canary],
+                         "loss_from": len(before) + continuation_from})
+    extra = round(ratio * len(canaries)) if documents else 0
     order = np.concatenate([rng.permutation(len(documents))
                             for _ in range(-(-extra // len(documents)))]) if extra else []
-    rows += [list(documents[int(i)]) for i in order[:extra]]
+    rows += [{"input_ids": list(documents[int(i)])} for i in order[:extra]]
     return rows
 
 
