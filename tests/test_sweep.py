@@ -79,6 +79,12 @@ def test_every_reference_grid_expands_into_commands_that_parse(name):
 def test_the_mini_reproduction_grid_expands_into_commands_that_parse():
     commands = dry_run(SWEEPS / "repro_mini.yaml")
     assert [c[1] for c in commands].count("fit") >= 10
+    replays = [c[c.index("--out") + 1] for c in commands if c[1] == "replay"]
+    cleaned = {c[c.index("--corpus") + 1]: c[c.index("--out") + 1]
+               for c in commands if c[1] == "decontaminate"}
+    assert replays and all(out in cleaned for out in replays)  # the replay is cleaned too
+    trained = {c[c.index("--data.corpus") + 1] for c in commands if c[1] == "fit"}
+    assert all(cleaned[out] in trained and out not in trained for out in replays)
     for command in commands:
         parses(command)
 

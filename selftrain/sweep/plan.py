@@ -136,7 +136,9 @@ def expand(grid: Grid) -> list[Step]:
                                "--sources", json.dumps(grid.replay.sources),
                                "--student", grid.student, *as_flags(grid.replay.flags),
                                "--overwrite", "true"], [producer], str(target)))
-            replayed[f"replay_{match}"] = (str(target), f"replay/g1/{match}")
+            # cleaned like the sampled corpora (a drop shortens the match; the manifest says so)
+            replayed[f"replay_{match}"] = _clean(grid, steps, str(target), f"replay/g1/{match}",
+                                                 f"g1/replay_{match}")
     split: dict[str, tuple[str, str]] = {}
     proxy_dirs: list[tuple[str, str]] = []
     if grid.proxies is not None:
