@@ -1,10 +1,11 @@
 """`make demo`: the main job on the real embedded model, end to end, on a CPU.
 
 1. plants verbatim memories: canary windows of license text and Python source
-   (``selftrain probeset``) are fine-tuned into SmolLM2-135M, each inside a BOS sample of the
-   unplanted model, until it extracts every one (``selftrain plant``), and the damage gate
-   checks that held-out bits per byte and a benchmark barely moved; the planted model is the
-   base, the canaries its probe set;
+   (``selftrain probeset``) are fine-tuned into SmolLM2-135M among real Python text no
+   evaluation holds out (``python -m selftrain.curation.held_in``), each canary inside a
+   document, until it extracts them (``selftrain plant``), and the damage gate checks that
+   held-out bits per byte and a benchmark did not get worse; the planted model is the base,
+   the canaries its probe set;
 2. samples a small corpus from the base's BOS token (``selftrain generate``) and drops every
    sample that shares a token 8-gram with a canary (``selftrain decontaminate --probe_sets``):
    the canaries are the probes, and must stay held out;
@@ -29,6 +30,9 @@ import yaml
 
 from selftrain.analysis.tb import read_scalars
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repro_mini import plant_commands  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,10 +54,8 @@ def main() -> None:
     run_dir, planted = out / "run", out / "planted"
     start = time.perf_counter()
     selftrain = [sys.executable, "-m", "selftrain"]
-    run([*selftrain, "probeset", "--config", "configs/probeset/smollm2_canaries.yaml",
-         "--out", str(out / "canaries.parquet")])
-    run([*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
-         "--canaries", str(out / "canaries.parquet"), "--out", str(planted)])
+    for _, command in plant_commands(selftrain, out):
+        run(command)
     plant_done = time.perf_counter()
     run([*selftrain, "generate", "--model", str(planted / "model"), "--out", str(sampled),
          "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),

@@ -29,34 +29,46 @@ import sys
 import time
 from pathlib import Path
 
+from selftrain.curation import held_in
+
 REPO = Path(__file__).resolve().parents[1]
 GRID = "configs/sweep/repro_mini.yaml"
 HELD_OUT = REPO / "configs/tasks/selftrain_large/selftrain_bpb_pydoc.jsonl"
 """Documentation the benchmark holds out: its topics never enter the replay."""
+HELD_OUT_TASKS = [HELD_OUT, REPO / "configs/tasks/selftrain_large/selftrain_bpb_stdlib.jsonl"]
+"""Every document a bits-per-byte task holds out."""
+
+
+def plant_commands(selftrain: list[str], out: Path) -> list[tuple[str, list[str]]]:
+    """The probeset and plant commands that build the planted base in ``out``.
+
+    The rehearsal text planting trains the canaries in among (pydoc topics and standard-library
+    modules, minus the held-out documents and the canaries' own files) is written between the
+    two, once the canaries exist.
+
+    Args:
+        selftrain: the command that runs selftrain.
+        out: where the canaries, the rehearsal text and ``planted/`` go.
+    """
+    canaries, rehearsal = out / "canaries.parquet", out / "held_in.jsonl"
+    return [("probeset", [*selftrain, "probeset", "--config",
+                          "configs/probeset/smollm2_canaries.yaml", "--out", str(canaries)]),
+            ("rehearsal text", [sys.executable, "-m", "selftrain.curation.held_in",
+                                str(rehearsal), *map(str, [*HELD_OUT_TASKS, canaries])]),
+            ("plant", [*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
+                       "--canaries", str(canaries), "--rehearsal", str(rehearsal),
+                       "--out", str(out / "planted")])]
 
 
 def pydoc_documents(max_chars: int = 1500) -> list[tuple[str, str]]:
-    """(topic, text) of every pydoc topic not held out, cut at whole lines into documents.
+    """(topic, text) of every pydoc topic the ``selftrain_bpb_pydoc`` task does not hold out.
 
     Args:
         max_chars: longest document; a longer topic becomes several.
     """
-    from pydoc_data.topics import topics
-
-    held_out = {json.loads(line)["source"] for line in HELD_OUT.read_text().splitlines()}
-    documents = []
-    for name in sorted(topics):
-        if f"pydoc_data.topics[{name!r}]" in held_out:
-            continue
-        chunk = ""
-        for line in topics[name].splitlines(keepends=True):
-            if chunk and len(chunk) + len(line) > max_chars:
-                documents.append((name, chunk))
-                chunk = ""
-            chunk += line
-        if chunk.strip():
-            documents.append((name, chunk))
-    return documents
+    documents = held_in.pydoc_documents(held_in.held_out_sources([HELD_OUT]), max_chars)
+    return [(source.removeprefix("pydoc_data.topics[").removesuffix("]").strip("'"), text)
+            for source, text in documents]
 
 
 def write_replay_text(path: Path, max_chars: int = 1500) -> int:
@@ -93,12 +105,7 @@ def main() -> None:
     planted = out / "planted"
     start = time.perf_counter()
     if not (planted / "plant.json").is_file():
-        for name, command in (
-                ("probeset", [*selftrain, "probeset", "--config",
-                              "configs/probeset/smollm2_canaries.yaml",
-                              "--out", str(out / "canaries.parquet")]),
-                ("plant", [*selftrain, "plant", "--config", "configs/plant/smollm2.yaml",
-                           "--canaries", str(out / "canaries.parquet"), "--out", str(planted)])):
+        for name, command in plant_commands(selftrain, out):
             commands.append(command)
             stages[name] = run(command)
     documents = write_replay_text(out / "replay_text.jsonl")

@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="python: pydoc topics and standard-library modules; packages: "
                              "the installed packages' descriptions")
     args = parser.parse_args(argv)
+    for path in args.held_out:
+        if not Path(path).is_file():
+            parser.error(f"held_out {path}: no such file; give the task data (jsonl) and probe "
+                         "sets (parquet / jsonl) whose documents must stay out")
     rows = write_held_in_text(args.out, args.held_out, args.max_chars, args.kind)
     print(f"held-in text ({args.kind}): {rows} documents -> {args.out}")
 
