@@ -18,6 +18,7 @@ import sysconfig
 from pathlib import Path
 
 from selftrain.io import write_text_atomic
+from selftrain.probe_file import read_probe_rows
 
 STDLIB = "{stdlib}"
 """How evaluation files name this Python's standard library in their ``source`` fields."""
@@ -34,15 +35,8 @@ def held_out_sources(files: list[str | Path]) -> set[str]:
     """
     stdlib = sysconfig.get_paths()["stdlib"]
     sources: set[str] = set()
-    for file in map(Path, files):
-        if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(file)
-            names = table.column("source").to_pylist() if "source" in table.column_names else []
-        else:
-            names = [json.loads(line).get("source") for line in file.read_text().splitlines()
-                     if line.strip()]
+    for file in files:
+        names = read_probe_rows(file, "held_out")[0].get("source") or []
         sources.update(name.split("#")[0].replace(STDLIB, stdlib) for name in names if name)
     return sources
 
@@ -140,7 +134,6 @@ def write_held_in_text(path: str | Path, held_out_files: list[str | Path],
     """
     held_out = held_out_sources(held_out_files)
     rows = [row for documents in KINDS[kind] for row in documents(held_out, max_chars)]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic("".join(json.dumps({"text": text, "source": source}) + "\n"
                               for source, text in rows), path)
     return len(rows)

@@ -340,10 +340,10 @@ def train_until_extracted(lm: torch.nn.Module, probes: ProbeSet, target: float,
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     ids, history, start = probes.input_ids, [], time.perf_counter()
+    continuation_from = probes.prefix_tokens if canary_loss == "continuation" else None
     for epoch in range(1, max_epochs + 1):
         lm.train()
         losses, divergences = [], []
-        continuation_from = probes.prefix_tokens if canary_loss == "continuation" else None
         rows = epoch_rows(ids.tolist(), documents, ratio, rng, continuation_from)
         for batch in np.array_split(rng.permutation(len(rows)),
                                     max(1, -(-len(rows) // batch_size))):
