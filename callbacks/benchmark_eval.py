@@ -56,6 +56,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import random
@@ -74,6 +75,7 @@ from selftrain.callbacks.benchmark_results import (
     benchmark_metrics,
     gather_parts,
     item_rows,
+    items_path,
     merge_results,
     metric_scores,
     stderr_metrics,
@@ -88,6 +90,7 @@ from selftrain.curation.lm_eval_tasks import (
     task_manager,
 )
 from selftrain.errors import SelftrainError
+from selftrain.io import copy_atomic
 
 TASK_KEYS = ("num_fewshot", "every_n_epochs")
 """What a task's mapping in ``tasks`` may set."""
@@ -342,6 +345,32 @@ class BenchmarkEval(EpochEvaluation):
             self._write(trainer, pl_module, epoch, results, evaluated)
         return metrics
 
+    @override
+    def adopt_base(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                   record: dict[str, Any], base_dir: Path) -> bool:
+        """The base's scores from ``base_dir``'s epoch-0 results, made under these settings."""
+        found = sorted((base_dir / "eval" / self.name).glob("epoch=0-step=*.json"))
+        if not found:
+            raise SelftrainError(f"--base_evaluations {base_dir}: has no epoch-0 benchmark "
+                                 f"results (eval/{self.name}/epoch=0-step=*.json)")
+        document = json.loads(found[-1].read_text())
+        theirs = document.get("config") or {}
+        ours = {"include_path": self.include_path, **self.settings}
+        changed = [key for key, value in ours.items()
+                   if key in theirs and json.loads(json.dumps(value)) != theirs[key]]
+        if changed:
+            raise SelftrainError(f"--base_evaluations {base_dir}: its base was evaluated with "
+                                 f"other {self.flag(changed[0])} ({', '.join(changed)} differ "
+                                 f"in {found[-1]}), so deltas from it would be wrong; evaluate "
+                                 "the base again under this config")
+        self._base = metric_scores(document["results"])
+        if trainer.is_global_zero:
+            target = self.run_dir(trainer) / "eval" / self.name / found[-1].name
+            copy_atomic(found[-1], target)
+            if document.get("items"):
+                copy_atomic(items_path(found[-1]), items_path(target))
+        return True
+
     def _evaluate_tasks(self, pl_module: L.LightningModule, names: list[str]) -> dict:
         """lm-eval's results for some of the tasks, each evaluated on its own, re-seeded."""
         if not names:
@@ -389,7 +418,8 @@ class BenchmarkEval(EpochEvaluation):
                   "every_n_epochs": self.task_every_n_epochs, "evaluated": evaluated,
                   "skipped": self.skipped, "include_path": self.include_path,
                   "limit": self.limit, "batch_size": self.batch_size, "seed": self.seed,
-                  "bootstrap_iters": self.bootstrap_iters, "max_length": self.max_length}
+                  "bootstrap_iters": self.bootstrap_iters, "max_length": self.max_length,
+                  "fast_generation": self.fast_generation}
         target = self.run_dir(trainer) / "eval" / self.name / f"epoch={epoch}-step={step}.json"
         return write_results(target, results, config, epoch, step)
 

@@ -10,6 +10,10 @@ subclass only says what to measure (:meth:`evaluate`) and what to check before t
 - runs :meth:`check` once in ``setup``, so bad input fails before any epoch is trained
   (``selftrain fit`` calls it even earlier, before the run dir is written);
 - skips the epoch-0 pass when a run resumes at a later step;
+- takes the epoch-0 pass from an earlier evaluation of the same base model instead of
+  repeating it, when the run names one (``selftrain fit --base_evaluations DIR``) and the
+  subclass can adopt it (:meth:`adopt_base`): a sweep of many students from one base
+  evaluates that base once;
 - switches the student to eval mode, disables grad, enters the Trainer's precision context
   (bf16 autocast under ``bf16-mixed``), and restores train mode afterwards;
 - logs the returned scalars to every logger at the global step, beside
@@ -40,6 +44,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -79,6 +84,9 @@ class EpochEvaluation(Callback):
         self._restored_history: list[dict[str, Any]] | None = None
         self._resume_step: int | None = None
         self._checked = False
+        self.base_from: Path | None = None
+        """An earlier evaluation of this run's base model (``selftrain fit --base_evaluations``):
+        a run dir whose epoch-0 record :meth:`adopt_base` takes instead of evaluating again."""
 
     def flag(self, name: str) -> str:
         """How a constructor argument is spelled in messages (``init_args.<name>`` of the class)."""
@@ -100,6 +108,22 @@ class EpochEvaluation(Callback):
             epoch: epochs completed (0: the base model, before any optimizer step).
         """
         raise NotImplementedError
+
+    def adopt_base(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                   record: dict[str, Any], base_dir: Path) -> bool:
+        """Take an earlier epoch-0 evaluation of the base as this run's; False: evaluate it.
+
+        A subclass that can (its epoch-0 numbers depend on nothing but the base model and its
+        own settings) checks that the record was made under its settings, restores the state
+        its deltas need, copies the evaluation's files into this run and returns True.
+
+        Args:
+            trainer: the Trainer, before the first optimizer step.
+            pl_module: the student (still the base model).
+            record: the epoch-0 line of ``base_dir/eval/<name>.jsonl``.
+            base_dir: ``--base_evaluations``.
+        """
+        return False
 
     def ensure_checked(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run :meth:`check` once."""
@@ -152,7 +176,33 @@ class EpochEvaluation(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_at_start and trainer.global_step == 0 and self._resume_step is None:
-            self._run(trainer, pl_module, epoch=0)
+            record = (self._base_record(pl_module) if self.base_from is not None else None)
+            if record is not None and self.adopt_base(trainer, pl_module, record,
+                                                      self.base_from):
+                self._keep(trainer, {"epoch": 0, "global_step": 0, "seconds": 0.0,
+                                     "metrics": record["metrics"],
+                                     "base_from": str(self.base_from.resolve())})
+            else:
+                self._run(trainer, pl_module, epoch=0)
+
+    def _base_record(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The epoch-0 record of ``base_from``'s ``eval/<name>.jsonl``.
+
+        Refused when there is none, or when ``base_from`` evaluated another model than this
+        run's base (its ``tb/config.yaml`` ``model.model``).
+        """
+        check_base_evaluations(self.base_from,
+                               str(getattr(getattr(pl_module, "hparams", None), "model", None)))
+        path = self.base_from / "eval" / f"{self.name}.jsonl"
+        records = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                   if path.is_file() else [])
+        found = [record for record in records if record.get("epoch") == 0]
+        if not found:
+            raise SelftrainError(f"--base_evaluations {self.base_from}: holds no epoch-0 "
+                                 f"{self.name} evaluation ({path}); write it first with "
+                                 "selftrain evaluate --model BASE --fit_config CONFIG --out "
+                                 f"{self.base_from}")
+        return found[0]
 
     def _resume(self, trainer: L.Trainer, step: int) -> None:
         """Take the history back to the checkpoint's: the file, and the curves at its step.
@@ -225,8 +275,12 @@ class EpochEvaluation(Callback):
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.evaluations += 1
-        record = {"epoch": epoch, "global_step": trainer.global_step if step is None else step,
-                  "seconds": round(seconds, 3), "metrics": metrics}
+        self._keep(trainer, {"epoch": epoch,
+                             "global_step": trainer.global_step if step is None else step,
+                             "seconds": round(seconds, 3), "metrics": metrics})
+
+    def _keep(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
+        """Record one evaluation: the history, every logger, ``<run>/eval/<name>.jsonl``."""
         self.history.append(record)
         self._log(trainer, record)
         if trainer.is_global_zero:
@@ -258,6 +312,34 @@ class EpochEvaluation(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         close_boards(trainer)
+
+
+def check_base_evaluations(base_dir: Path, model: str) -> None:
+    """Refuse a ``--base_evaluations`` dir that holds no evaluations, or not of ``model``.
+
+    Args:
+        base_dir: ``--base_evaluations``.
+        model: the run's base (``--model.model``).
+    """
+    config_path = base_dir / "tb" / "config.yaml"
+    if not (base_dir / "eval").is_dir() or not config_path.is_file():
+        raise SelftrainError(f"--base_evaluations {base_dir}: holds no evaluations (no eval/ "
+                             "and tb/config.yaml); write them first with selftrain evaluate "
+                             f"--model BASE --fit_config CONFIG --out {base_dir}")
+    config = yaml.safe_load(config_path.read_text())
+    theirs = ((config or {}).get("model") or {}).get("model")
+    if theirs is None or not same_model(str(theirs), model):
+        raise SelftrainError(f"--base_evaluations {base_dir}: evaluated "
+                             f"{theirs or 'no model it names'} ({config_path}), not this "
+                             f"run's base {model}; point it at an evaluation of {model}")
+
+
+def same_model(first: str, second: str) -> bool:
+    """Whether two model specs name one model: equal, or local paths to the same dir."""
+    if first == second:
+        return True
+    return Path(first).exists() and Path(second).exists() and (
+        Path(first).resolve() == Path(second).resolve())
 
 
 def training_ends(trainer: L.Trainer) -> bool:

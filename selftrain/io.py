@@ -86,6 +86,12 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
         staging.write_text(text, encoding="utf-8")
 
 
+def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy a file's bytes to ``path`` atomically (its parents are created)."""
+    with atomic_file(path) as staging:
+        shutil.copyfile(source, staging)
+
+
 def write_json_atomic(payload: Any, path: str | os.PathLike, **dump_kwargs: Any) -> None:
     """Write JSON atomically, indented, with a final newline.
 

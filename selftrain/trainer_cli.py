@@ -35,7 +35,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from selftrain.callbacks.epoch_eval import EpochEvaluation
+from selftrain.callbacks.epoch_eval import EpochEvaluation, check_base_evaluations
 from selftrain.callbacks.probe_eval import (
     ProbeEvaluation,
     SharedProbeSet,
@@ -143,6 +143,12 @@ class SelftrainCLI(LightningCLI):
                             help="fit: start over in a run dir that holds an earlier run, "
                                  "deleting its tb/, checkpoints/, eval/ and hf/ (without it "
                                  "such a run dir is refused unless --ckpt_path resumes it)")
+        parser.add_argument("--base_evaluations", type=str | None, default=None,
+                            help="fit: a run dir holding an evaluation of this run's base "
+                                 "model under this config (selftrain evaluate --model BASE "
+                                 "--fit_config CONFIG --out DIR); the benchmarks take their "
+                                 "epoch-0 scores from it instead of evaluating the base again, "
+                                 "so many fits from one base evaluate it once")
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 0,
@@ -161,6 +167,8 @@ class SelftrainCLI(LightningCLI):
             check_ngram(config.leak_check.ngram, "--leak_check.ngram")
         if config.trainer.precision == "auto":
             config.trainer.precision = trainer_precision("auto", config.trainer.accelerator)
+        if config.get("base_evaluations") is not None:
+            check_base_evaluations(Path(config.base_evaluations), str(config.model.model))
         share_probe_set(config.trainer.callbacks, config.get("probes"))
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root
@@ -249,6 +257,10 @@ class SelftrainCLI(LightningCLI):
         """Probe callbacks that read the run's probe set name ``--probes.*`` in messages."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         mark_shared(self.trainer.callbacks, config.get("probes"))
+        if config.get("base_evaluations") is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, EpochEvaluation):
+                    callback.base_from = Path(config.base_evaluations)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -183,3 +183,40 @@ def test_help_names_every_flag():
     for flag in ("--run", "--model", "--fit_config", "--out", "--epochs", "--epoch",
                  "--precision", "--overwrite"):
         assert flag in result.stdout
+
+
+def test_fits_take_the_base_from_one_evaluation(trained, tmp_path, capsys):
+    """A fit given ``--base_evaluations`` logs what a fit measuring its base itself logs.
+
+    The benchmarks' epoch-0 scores and per-item files come from the one evaluation of the base
+    (copied byte for byte, the record naming where from); every later delta is against them.
+    """
+    base = tmp_path / "base"
+    main(["evaluate", "--model", "tiny:qwen2", "--fit_config", DEBUG, "--out", str(base)])
+    run = tmp_path / "run"
+    fit(run, "--trainer.max_epochs", "2", "--model.export_hf", "every_epoch",
+        "--base_evaluations", str(base))
+    benchmark = {tag: points for tag, points in evaluation_scalars(run / "tb").items()
+                 if tag.startswith("benchmark")}
+    assert benchmark and benchmark == {tag: points for tag, points
+                                       in evaluation_scalars(trained / "tb").items()
+                                       if tag.startswith("benchmark")}
+    records = [json.loads(line) for line in (run / "eval" / "benchmark.jsonl").open()]
+    assert records[0]["base_from"] == str(base.resolve()) and records[0]["seconds"] == 0.0
+    assert "base_from" not in records[1]
+    for path in (base / "eval" / "benchmark").iterdir():
+        assert (run / "eval" / "benchmark" / path.name).read_bytes() == path.read_bytes()
+    # the probes measure the base themselves (their epoch 0 depends on nothing else either)
+    assert "base_from" not in json.loads((run / "eval" / "extraction.jsonl").open().readline())
+
+    other = tmp_path / "other"
+    main(["evaluate", "--model", str(trained / "hf" / "epoch=2"), "--fit_config", DEBUG,
+          "--out", str(other)])
+    for flags, expected in (([str(other)], "not this run's base tiny:qwen2"),
+                            ([str(tmp_path / "nothing")], "holds no evaluations")):
+        with pytest.raises(SystemExit) as exit_info:
+            fit(tmp_path / "refused", "--trainer.max_epochs", "1", "--base_evaluations", *flags)
+        assert exit_info.value.code == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "error: --base_evaluations" in line and expected in line, line
+        assert not (tmp_path / "refused").exists()  # refused before anything is written

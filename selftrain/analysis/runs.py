@@ -42,7 +42,7 @@ IGNORED_KEYS = ("data.subset", "seed_everything", "data.seed", "data.num_workers
                 "trainer.max_epochs", "trainer.max_steps", "trainer.max_time",
                 "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                 "trainer.enable_progress_bar", "trainer.default_root_dir", "checkpoint", "probes",
-                "leak_check")
+                "leak_check", "base_evaluations")
 """Config keys (and key prefixes) that do not make two runs different conditions."""
 
 
