@@ -110,7 +110,7 @@ def test_max_similarity_equals_numpy_cosine_of_encode(tmp_path, benches):
 def test_nll_equals_a_row_by_row_forward_pass(tmp_path, benches):
     corpus = debug_corpus(tmp_path / "corpus", 24)
     out = proxies(str(corpus), str(tmp_path / "out"), benches[:1], student="tiny:qwen2",
-                  max_length=20, batch_tokens=50)
+                  max_length=20, batch_tokens=50, precision="32")  # as the reference computes
     model = load_model("tiny:qwen2").eval()
     rows = read_corpus(corpus).columns["input_ids"]
     expected = []
@@ -125,7 +125,8 @@ def test_nll_equals_a_row_by_row_forward_pass(tmp_path, benches):
 
 def test_nll_of_text_without_the_students_ids_is_retokenized(tmp_path, benches):
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": text} for text in TEXTS[:4]])
-    out = proxies(str(plain), str(tmp_path / "out"), benches[:1], student="tiny:qwen2")
+    out = proxies(str(plain), str(tmp_path / "out"), benches[:1], student="tiny:qwen2",
+                  precision="32")
     tokenizer, model = load_tokenizer("tiny:qwen2"), load_model("tiny:qwen2").eval()
     expected = []
     with torch.no_grad():
@@ -175,6 +176,43 @@ def test_split_holds_exactly_the_rows_of_each_side_and_trains(tmp_path, benches,
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+def test_cells_split_each_proxy_at_its_median_within_the_source_and_train(tmp_path, benches,
+                                                                          run_dir):
+    corpus = debug_corpus(tmp_path / "corpus", 40)
+    out = proxies(str(corpus), str(tmp_path / "out"), benches, student="tiny:qwen2",
+                  cells_out=str(tmp_path / "cells"))
+    got = samples(out)
+    nll, similarity = np.array(got["nll"]), np.array(got["max_similarity"])
+    cells = np.array(got["cell"])
+    high_nll = cells >= 2
+    assert high_nll.sum() == 20 and nll[high_nll].min() >= nll[~high_nll].max()
+    for half in (False, True):
+        members = high_nll == half
+        high_sim = members & (cells % 2 == 1)
+        assert high_sim.sum() == 10
+        assert similarity[high_sim].min() >= similarity[members & ~high_sim].max()
+    rows = read_corpus(tmp_path / "cells").columns
+    original = read_corpus(corpus).columns
+    assert rows["id"] == original["id"] == got["id"]
+    assert rows["text"] == original["text"]
+    assert rows["subset"] == cells.tolist()
+    manifest = manifest_of(tmp_path / "cells")
+    assert manifest["num_subsets"] == 4 and manifest["proxy_cells"]["source_num_subsets"] == 2
+    record = summary(out)
+    for cell in record["cells"]["cells"]:
+        chosen = cells == cell["subset"]
+        assert cell["rows"] == 10
+        assert cell["nll_mean"] == pytest.approx(nll[chosen].mean())
+        assert cell["max_similarity_mean"] == pytest.approx(similarity[chosen].mean())
+    assert [s["subset"] for s in record["subsets"]] == sorted(set(original["subset"]))
+    fit(run_dir, "--data.corpus", str(tmp_path / "cells"), "--data.subset", "3",
+        "--data.num_subsets", "4", "--trainer.max_epochs", "1", "--data.batch_size", "4",
+        callbacks=False)
+    from selftrain.analysis.tb import read_scalars
+
+    assert read_scalars(run_dir / "tb")["data/train_rows"][0][1] == 10  # cell 3 alone
+
+
 def test_summary_matches_the_parquet(tmp_path, benches):
     corpus = debug_corpus(tmp_path / "corpus", 20)
     out = proxies(str(corpus), str(tmp_path / "out"), benches, student="tiny:qwen2",
@@ -184,7 +222,9 @@ def test_summary_matches_the_parquet(tmp_path, benches):
                            "rows", "embedding_model", "threshold", "benchmarks",
                            "max_similarity", "fraction_above", "student",
                            "student_precision", "nll", "kl", "kl_estimate", "split", "timing",
-                           "tool_version", "created"}
+                           "subsets", "tool_version", "created"}
+    assert [(s["subset"], s["rows"]) for s in report["subsets"]] == sorted(
+        (k, got["subset"].count(k)) for k in set(got["subset"]))
     assert report["kl"]["mean"] == pytest.approx(np.nanmean(got["kl"]))  # logprobs recorded
     assert report["kl_estimate"]["temperature"] == 0.7
     from selftrain.precision import bf16_support
@@ -316,7 +356,7 @@ def test_kl_is_the_recorded_source_logprob_minus_the_students_per_token(tmp_path
     corpus = make_corpus(tmp_path / "corpus", num_samples=24, max_new_tokens=20,
                          temperature=temperature)
     out = proxies(str(corpus), str(tmp_path / "out"), benches[:1], student="tiny:qwen2",
-                  max_length=16)  # rows are cut: the source side is cut with them
+                  max_length=16, precision="32")  # rows are cut: the source side with them
     model, vocab = load_model("tiny:qwen2").eval(), len(load_tokenizer("tiny:qwen2"))
     rows = read_corpus(corpus).columns
     expected = []

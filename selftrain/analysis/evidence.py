@@ -110,6 +110,24 @@ class Proxies:
             value = (self.summary.get(proxy) or {}).get("mean")
         return float(value) if isinstance(value, (int, float)) else math.nan
 
+    @property
+    def cells_corpus(self) -> Path | None:
+        """The proxy-cells corpus written beside these proxies (``--cells_out``), resolved."""
+        cells = self.summary.get("cells")
+        value = cells.get("corpus") if isinstance(cells, dict) else None
+        return Path(os.path.realpath(value)) if isinstance(value, str) and value else None
+
+    def rows_of(self, run: Any) -> list[int] | None:
+        """Positions of a run's training samples: its cell of a cells corpus, else its subset.
+
+        Args:
+            run: a :class:`selftrain.analysis.runs.Run` trained on this corpus or its cells.
+        """
+        if (run.corpus is not None and run.corpus == self.cells_corpus and run.subset is not None
+                and self.samples is not None and "cell" in self.samples):
+            return np.flatnonzero(self.samples["cell"].to_numpy() == run.subset).tolist()
+        return self.subset_rows(run.subset, run.get("data.num_subsets"), run.manifest)
+
     def subset_rows(self, subset: int | None, num_subsets: int | None,
                     manifest: dict[str, Any] | None) -> list[int] | None:
         """Positions of a run's training subset among the samples (None: every sample).
@@ -177,8 +195,9 @@ def join(proxies: list[Proxies], runs: list[Any], gains: dict[str, dict[str, flo
          ) -> pd.DataFrame:
     """One row per (proxies dir, run trained on its corpus): the run's proxies and its gains.
 
-    A run's proxies are the means over the samples of its own subset; a corpus no run trained
-    on gets one row with its corpus-level values and no gains.
+    A run's proxies are the means over the samples of its own subset (of its own cell, for a
+    run on the corpus's proxy cells); a corpus no run trained on gets one row with its
+    corpus-level values and no gains.
 
     Args:
         proxies: the proxies dirs.
@@ -192,13 +211,14 @@ def join(proxies: list[Proxies], runs: list[Any], gains: dict[str, dict[str, flo
     """
     rows = []
     for item in proxies:
-        matched = [run for run in runs if run.corpus is not None and run.corpus == item.corpus]
+        matched = [run for run in runs if run.corpus is not None
+                   and run.corpus in (item.corpus, item.cells_corpus)]
         base = {"proxies": item.path, "corpus": item.label}
         if not matched:
             rows.append({**base, "subset": "all", "run": None, "condition": None,
                          **{key: item.value(key) for key in PROXIES}})
         for run in matched:
-            chosen = item.subset_rows(run.subset, run.get("data.num_subsets"), run.manifest)
+            chosen = item.rows_of(run)
             rows.append({**base, "subset": "all" if chosen is None else run.subset,
                          "run": run.label, "condition": run.condition,
                          **{key: item.value(key, chosen) for key in PROXIES},

@@ -19,8 +19,12 @@ corpus dir so they can be set beside the realised gains:
 With ``--split_out`` the corpus is also split at the threshold into two corpus dirs,
 ``below/`` and ``above/`` (a sample is above when its largest similarity is >= the threshold),
 that ``selftrain fit --data.corpus`` trains as they are: the paper's control that semantically
-distant samples help as much. The corpus is read a chunk at a time
-(:mod:`selftrain.analysis.corpus_chunks`); every output is staged and swapped into place whole.
+distant samples help as much. With ``--cells_out`` (needs ``--student``) it is re-cut into the
+four proxy cells (median NLL x median similarity, :mod:`selftrain.analysis.proximity_split`),
+so that proxies can be tested within one source. ``summary.json`` gives every subset's mean
+of each proxy (``subsets``; with cells, also ``cells``), the per-fit points of a rank test.
+The corpus is read a chunk at a time (:mod:`selftrain.analysis.corpus_chunks`); every output
+is staged and swapped into place whole.
 """
 
 from __future__ import annotations
@@ -38,8 +42,16 @@ from tqdm.auto import tqdm
 
 from selftrain import __version__
 from selftrain.analysis.corpus_chunks import ChunkedCorpus, open_corpus
-from selftrain.analysis.proximity_split import SPLIT_SIDES, split_record, write_split
+from selftrain.analysis.proximity_split import (
+    SPLIT_SIDES,
+    cells_record,
+    proxy_cells,
+    split_record,
+    write_cells,
+    write_split,
+)
 from selftrain.analysis.student_nll import StudentNll, source_kl
+from selftrain.corpus import check_corpus_out
 from selftrain.curation.benchmarks import load_benchmark
 from selftrain.embedding import (
     DEFAULT_EMBEDDING_MODEL,
@@ -69,6 +81,7 @@ def proxies(
     benchmarks: list[str] | str,
     threshold: float = 0.35,
     split_out: str | None = None,
+    cells_out: str | None = None,
     embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     student: str | None = None,
     max_length: int = 512,
@@ -94,6 +107,10 @@ def proxies(
             its largest similarity over all benchmarks is >= it); in (-1, 1].
         split_out: directory to write the corpus split into, as two corpus dirs ``below/``
             and ``above/`` that ``selftrain fit --data.corpus`` takes; None writes no split.
+        cells_out: corpus dir to write the four proxy cells into: every row, its ``subset``
+            its cell (0 = low NLL / low similarity, 1 = low / high, 2 = high / low, 3 =
+            high / high; medians within the corpus), for ``selftrain fit --data.subset k
+            --data.num_subsets 4``; needs ``--student``. None writes no cells.
         embedding_model: sentence-transformers model: ``all-MiniLM-L6-v2`` (bundled by the
             ``proxies`` extra), a local model dir, or a hub id already in the HF cache.
             Nothing is downloaded.
@@ -143,7 +160,14 @@ def proxies(
                        None if scorer is None else scorer.precision)
     if split_out is not None:
         summary["split"] = split_record(source, above, Path(split_out), threshold)
-    types = {"id": pa.int64(), "subset": pa.int32()}
+    summary["subsets"] = subset_means(columns["subset"], columns.get("nll"),
+                                      columns["max_similarity"])
+    if cells_out is not None:
+        cells = proxy_cells(columns["nll"], columns["max_similarity"])
+        summary["cells"] = cells_record(cells, columns["nll"], columns["max_similarity"],
+                                        Path(cells_out))
+        columns["cell"] = cells
+    types = {"id": pa.int64(), "subset": pa.int32(), "cell": pa.int32()}
     table = pa.table({name: pa.array(values, type=types.get(name, pa.float64()))
                       for name, values in columns.items()})
     with atomic_dir(target) as staging:
@@ -151,6 +175,8 @@ def proxies(
         write_json_atomic(summary, staging / "summary.json")
         if split_out is not None:  # last: it is swapped in before the output dir is
             write_split(source, above, Path(split_out), threshold, specs, embedding_model)
+        if cells_out is not None:
+            write_cells(source, columns["cell"], Path(cells_out), summary["cells"])
     log.info("proxies: %d samples, %.1f%% with max similarity >= %s -> %s", source.rows,
              100 * summary["fraction_above"], threshold, target)
     return target
@@ -191,7 +217,48 @@ def _validate(arguments: dict[str, Any]) -> Path:
             check_out_dir(split, a["overwrite"], SPLIT_SIDES, SPLIT_SIDES, "proximity split")
         except SelftrainError as error:  # the same rules as --out, named for this flag
             raise SelftrainError(str(error).replace("--out", "--split_out", 1)) from None
+    if a["cells_out"] is not None:
+        cells = Path(a["cells_out"])
+        if a["student"] is None:
+            raise SelftrainError(f"--cells_out {cells}: the cells split at the median student "
+                                 "NLL; give --student")
+        for flag, other in (("--out", out), ("--split_out", a["split_out"])):
+            if other is not None and _overlap(cells, Path(other)):
+                raise SelftrainError(f"--cells_out {cells}: overlaps {flag} {other}; give them "
+                                     "separate directories")
+        try:
+            refuse_input_overlap(cells, inputs)
+            check_corpus_out(cells, a["overwrite"])
+        except SelftrainError as error:
+            raise SelftrainError(str(error).replace("--out", "--cells_out", 1)) from None
     return out
+
+
+def _overlap(first: Path, second: Path) -> bool:
+    """Whether one dir is, or lies inside, the other."""
+    a, b = first.resolve(), second.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def subset_means(subsets: list[Any], nll: np.ndarray | None, similarity: np.ndarray
+                 ) -> list[dict[str, Any]]:
+    """Per value of the corpus's ``subset`` column: rows and the mean of each proxy.
+
+    Args:
+        subsets: per sample, its subset (None where the corpus has none).
+        nll: per sample, the student NLL (None without ``--student``).
+        similarity: per sample, the largest benchmark similarity.
+    """
+    keys = np.array([-1 if value is None else int(value) for value in subsets])
+    means = []
+    for key in sorted(set(keys.tolist())):
+        chosen = keys == key
+        finite = chosen & np.isfinite(nll) if nll is not None else chosen
+        means.append({"subset": None if key == -1 else key, "rows": int(chosen.sum()),
+                      "nll_mean": float(nll[finite].mean()) if nll is not None and finite.any()
+                      else None,
+                      "max_similarity_mean": float(similarity[chosen].mean())})
+    return means
 
 
 def _device(name: str) -> torch.device:
