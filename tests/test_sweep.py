@@ -389,3 +389,42 @@ def test_sampled_corpora_are_cleaned_of_the_fit_probe_set_unless_turned_off(tmp_
                 sources=_sources(), num_subsets=2, check_fit=False, dry_run=True,
                 decontaminate_probes=False)
     assert not [step for step in off if step.kind == "decontaminate"]
+
+
+def test_cells_and_one_base_evaluation_wire_every_fit(tmp_path):
+    from selftrain.sweep.grid import Proxies, Replay, Source
+
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"text": "a document"}\n')
+    steps = sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
+                  sources=_sources(other=Source(model="tiny:llama")), num_subsets=4,
+                  replay=Replay(sources=[str(real)], match=["self_t1.0"]),
+                  proxies=Proxies(benchmarks=[str(real)], cells=True), evaluate_base=True,
+                  check_fit=False, dry_run=True)
+    by_id = {step.id: step for step in steps}
+    base = by_id["evaluate/base"]
+    assert base.argv[:4] == ["selftrain", "evaluate", "--model", "tiny:qwen2"]
+    assert set(base.needs) == {"generate/g1/self", "generate/g1/other"}
+    position = {step.id: i for i, step in enumerate(steps)}
+    cells = {}
+    for name in ("self_t1.0", "other_t1.0"):
+        proxies = by_id[f"proxies/g1/{name}"]
+        cells[name] = proxies.argv[proxies.argv.index("--cells_out") + 1]
+    replay = by_id["replay/g1/self_t1.0"]
+    assert replay.argv[replay.argv.index("--match") + 1] == cells["self_t1.0"]
+    assert replay.needs == ["proxies/g1/self_t1.0"]
+    assert "--cells_out" not in by_id["proxies/g1/replay_self_t1.0"].argv  # random subsets
+    fits = [step for step in steps if step.kind == "fit"]
+    assert len(fits) == 12
+    for fit in fits:
+        flags = dict(zip(fit.argv[2::2], fit.argv[3::2], strict=False))
+        assert flags["--base_evaluations"] == base.output and "evaluate/base" in fit.needs
+        assert position[fit.id] > position["evaluate/base"]
+        condition = fit.id.split("/")[2]
+        if condition in cells:
+            assert flags["--data.corpus"] == cells[condition]
+            assert f"proxies/g1/{condition}" in fit.needs
+    with pytest.raises(SelftrainError, match="--proxies.cells: .*num_subsets 2"):
+        sweep(out=str(tmp_path / "sw2"), student="tiny:qwen2", fit_config=DEBUG,
+              sources=_sources(), num_subsets=2, check_fit=False, dry_run=True,
+              proxies=Proxies(benchmarks=[str(real)], cells=True))

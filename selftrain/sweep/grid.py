@@ -77,11 +77,16 @@ class Proxies:
         benchmarks: benchmark specs for the proximity, as ``selftrain proxies`` takes them.
         split: also train on each synthetic corpus's proximity split (conditions
             ``<condition>_below`` and ``<condition>_above``).
+        cells: train each synthetic condition on its four proxy cells (median student NLL x
+            median similarity within the corpus, ``selftrain proxies --cells_out``) as its
+            subsets 0..3 instead of random subsets, so the proxies differ within a source;
+            needs ``num_subsets: 4``. A replay then matches the cells, subset by subset.
         flags: extra ``selftrain proxies`` flags, e.g. ``{threshold: 0.35, limit: 500}``.
     """
 
     benchmarks: list[str]
     split: bool = False
+    cells: bool = False
     flags: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,6 +148,7 @@ class Grid:
     generations: int = 1
     mode: str = "replace"
     note: str | None = None
+    evaluate_base: bool = False
 
     def conditions(self) -> dict[str, tuple[str, float]]:
         """Synthetic condition name -> (source name, temperature), in grid order."""
@@ -159,9 +165,10 @@ RESERVED_FLAGS = {
     "generate": ("model", "out", "temperature", "num_subsets", "overwrite"),
     "replay": ("match", "out", "sources", "student", "num_subsets", "overwrite"),
     "decontaminate": ("corpus", "out", "benchmarks", "probe_sets", "overwrite"),
-    "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "overwrite"),
+    "proxies": ("corpus", "out", "benchmarks", "student", "split_out", "cells_out",
+                "overwrite"),
     "fit": ("config", "model.model", "data.corpus", "data.subset", "data.num_subsets",
-            "trainer.default_root_dir", "overwrite", "ckpt_path"),
+            "trainer.default_root_dir", "overwrite", "ckpt_path", "base_evaluations"),
     "pairs": ("corpus", "out", "subset", "num_subsets", "overwrite"),
     "synthesize": ("synthesizer", "seeds", "out", "seeds_subset", "seeds_num_subsets",
                    "overwrite"),
@@ -215,6 +222,10 @@ def check_grid(grid: Grid) -> None:
         _check_flags(grid.decontaminate.flags, "decontaminate", "--decontaminate.flags")
     if grid.proxies is not None:
         _check_flags(grid.proxies.flags, "proxies", "--proxies.flags")
+        if grid.proxies.cells and grid.num_subsets != 4:
+            raise SelftrainError(f"--proxies.cells: the proxy cells are 4 subsets (median NLL x "
+                                 f"median similarity) and the grid has num_subsets "
+                                 f"{grid.num_subsets}; set num_subsets: 4 or drop cells")
     if grid.sbp is not None:
         _check_sbp(grid.sbp)
     if not Path(grid.fit_config).is_file():

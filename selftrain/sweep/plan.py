@@ -35,6 +35,9 @@ from selftrain.errors import SelftrainError
 from selftrain.sampling.generate import generate
 from selftrain.sweep.grid import Grid, condition_name
 
+BASE_STEP = "evaluate/base"
+"""The one evaluation of the student before any fit (grid ``evaluate_base``)."""
+
 
 @dataclass
 class Step:
@@ -126,6 +129,21 @@ def expand(grid: Grid) -> list[Step]:
             training[condition_name(name, t)] = _clean(grid, steps, str(corpus),
                                                        f"generate/g1/{name}",
                                                        f"g1/{condition_name(name, t)}")
+    split: dict[str, tuple[str, str]] = {}
+    proxy_dirs: list[tuple[str, str]] = []
+    if grid.proxies is not None:  # the synthetic corpora first: with cells, replay matches them
+        for condition in list(training):
+            training[condition] = _proxies(grid, steps, condition, training[condition], True,
+                                           split, proxy_dirs)
+    if grid.evaluate_base:
+        # the base, evaluated once; every fit takes its epoch 0 from it. After the sampling:
+        # the fit config's own corpus may be one the sweep samples (its likelihood tracker
+        # reads it)
+        steps.append(Step(BASE_STEP, "evaluate",
+                          ["selftrain", "evaluate", "--model", grid.student, "--fit_config",
+                           grid.fit_config, "--out", str(out / "base"), "--overwrite", "true"],
+                          [step.id for step in steps if step.kind == "generate"],
+                          str(out / "base")))
     replayed: dict[str, tuple[str, str]] = {}
     if grid.replay is not None:
         for match in grid.replay.match or [next(iter(conditions))]:
@@ -139,23 +157,9 @@ def expand(grid: Grid) -> list[Step]:
             # cleaned like the sampled corpora (a drop shortens the match; the manifest says so)
             replayed[f"replay_{match}"] = _clean(grid, steps, str(target), f"replay/g1/{match}",
                                                  f"g1/replay_{match}")
-    split: dict[str, tuple[str, str]] = {}
-    proxy_dirs: list[tuple[str, str]] = []
-    if grid.proxies is not None:
-        for condition, (corpus, producer) in {**training, **replayed}.items():
-            target = out / "proxies" / "g1" / condition
-            argv = ["selftrain", "proxies", "--corpus", corpus, "--out", str(target),
-                    "--benchmarks", json.dumps(grid.proxies.benchmarks),
-                    "--student", grid.student, *as_flags(grid.proxies.flags)]
-            step_id = f"proxies/g1/{condition}"
-            if grid.proxies.split and condition in training:
-                halves = out / "corpora" / "g1" / f"{condition}-split"
-                argv += ["--split_out", str(halves)]
-                for side in ("below", "above"):
-                    split[f"{condition}_{side}"] = (str(halves / side), step_id)
-            steps.append(Step(step_id, "proxies", [*argv, "--overwrite", "true"], [producer],
-                              str(target)))
-            proxy_dirs.append((str(target), step_id))
+            if grid.proxies is not None:
+                _proxies(grid, steps, f"replay_{match}", replayed[f"replay_{match}"], False,
+                         split, proxy_dirs)
     runs: list[tuple[str, str, str]] = []  # (run dir, fit step, report condition)
     previous: dict[tuple[str, int], Step] = {}  # (condition, subset) -> last generation's fit
     chains: dict[tuple[str, int], list[tuple[str, str]]] = {}  # (corpus, producer) so far
@@ -210,6 +214,45 @@ def expand(grid: Grid) -> list[Step]:
     steps.append(_report(grid, runs, proxy_dirs))
     _check_unique_outputs(steps)
     return steps
+
+
+def _proxies(grid: Grid, steps: list[Step], condition: str, trained: tuple[str, str],
+             synthetic: bool, split: dict[str, tuple[str, str]],
+             proxy_dirs: list[tuple[str, str]]) -> tuple[str, str]:
+    """Add the proxies of one training corpus; the corpus its fits train on, and its step.
+
+    A synthetic corpus is also split by proximity (``split``: two more conditions) or re-cut
+    into its proxy cells (``cells``: its fits train on cell k as subset k) when the grid asks.
+
+    Args:
+        grid: the grid.
+        steps: the steps so far (appended to).
+        condition: the condition the corpus belongs to.
+        trained: (corpus, the step that wrote it).
+        synthetic: a BOS-sampled corpus (split and cells apply), not a replay.
+        split: proximity-split conditions, added to.
+        proxy_dirs: (proxies dir, step) of every corpus, added to.
+    """
+    corpus, producer = trained
+    out = Path(grid.out)
+    target = out / "proxies" / "g1" / condition
+    argv = ["selftrain", "proxies", "--corpus", corpus, "--out", str(target),
+            "--benchmarks", json.dumps(grid.proxies.benchmarks),
+            "--student", grid.student, *as_flags(grid.proxies.flags)]
+    step_id = f"proxies/g1/{condition}"
+    if synthetic and grid.proxies.split:
+        halves = out / "corpora" / "g1" / f"{condition}-split"
+        argv += ["--split_out", str(halves)]
+        for side in ("below", "above"):
+            split[f"{condition}_{side}"] = (str(halves / side), step_id)
+    if synthetic and grid.proxies.cells:
+        cells = out / "corpora" / "g1" / f"{condition}-cells"
+        argv += ["--cells_out", str(cells)]
+        trained = (str(cells), step_id)
+    steps.append(Step(step_id, "proxies", [*argv, "--overwrite", "true"], [producer],
+                      str(target)))
+    proxy_dirs.append((str(target), step_id))
+    return trained
 
 
 def _subset_flags(grid: Grid, k: int) -> list[str]:
@@ -334,6 +377,9 @@ def _fit(grid: Grid, extra: dict[str, Any], step_id: str, corpus: str | list[str
     argv = ["selftrain", "fit", "--config", grid.fit_config, "--model.model", grid.student,
             "--data.corpus", data, *subset, "--trainer.default_root_dir", str(run),
             *as_flags(extra)]
+    if grid.evaluate_base:
+        argv += ["--base_evaluations", str(Path(grid.out) / "base")]
+        needs = [*needs, BASE_STEP]
     return Step(step_id, "fit", argv, needs, str(run))
 
 

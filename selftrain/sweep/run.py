@@ -51,8 +51,9 @@ RESUMABLE = ("generate", "synthesize", "fit")
 
 STATE = ".sweep"
 """Under ``out``: ``started/``, ``done/`` (a record per step), ``commands.sh``, ``summary.json``."""
-OUT_ENTRIES = (STATE, "corpora", "proxies", "pairs", "runs", "report")
-"""Everything a sweep writes at the top of ``out`` (its state first, before any step runs)."""
+OUT_ENTRIES = (STATE, "base", "corpora", "proxies", "pairs", "runs", "report", "findings")
+"""Everything a sweep writes at the top of ``out`` (its state first, before any step runs), and
+``findings/``, where ``selftrain findings`` writes its verdicts on the sweep."""
 
 
 def sweep(
@@ -71,6 +72,7 @@ def sweep(
     generations: int = 1,
     mode: str = "replace",
     note: str | None = None,
+    evaluate_base: bool = False,
     dry_run: bool = False,
     slurm: str | None = None,
     slurm_options: list[str] | None = None,
@@ -108,6 +110,10 @@ def sweep(
         mode: ``replace`` (generation g trains on its own corpus) or ``accumulate`` (on every
             corpus of its chain so far).
         note: the report's subtitle (what the grid is).
+        evaluate_base: evaluate the student once, before any fit (``selftrain evaluate
+            --model <student> --fit_config <fit_config> --out <out>/base``), and give every
+            fit of it ``--base_evaluations``: the benchmarks' epoch 0 is that one evaluation
+            instead of one per fit.
         dry_run: print the commands in order, as a user could paste them, and stop.
         slurm: write a SLURM submission (submit.sh, one array task per fit) into this dir
             instead of running.
@@ -124,7 +130,7 @@ def sweep(
                 num_subsets=num_subsets, generate=dict(generate or {}), fit=dict(fit or {}),
                 replay=replay, decontaminate=decontaminate,
                 decontaminate_probes=decontaminate_probes, proxies=proxies, sbp=sbp,
-                generations=generations, mode=mode, note=note)
+                generations=generations, mode=mode, note=note, evaluate_base=evaluate_base)
     check_grid(grid)
     check_out(grid)
     steps = expand(grid)
