@@ -41,6 +41,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                  "run a config's evaluation callbacks on a run's exports or a model"),
     "report": ("selftrain.analysis.report", "report",
                "figures, summary.md and report.html from many runs"),
+    "findings": ("selftrain.analysis.findings", "findings",
+                 "a sweep's fits judged by rules fixed before the run"),
     "sweep": ("selftrain.sweep.run", "sweep",
               "a grid of sources x temperatures x subsets x generations, as one command"),
 }
