@@ -26,7 +26,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# the paper's grid in miniature on real models (about 80 min on 2 cores): docs/repro-mini/
+# the pre-registered mini reproduction on real models (about 51 min on 2 cores): docs/repro-mini/
 repro-mini: install
 	$(BIN)/python scripts/repro_mini.py
 

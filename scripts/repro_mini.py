@@ -2,17 +2,20 @@
 
 1. builds the student as the demo does: canary windows of license text and Python source
    (``selftrain probeset``) planted into the embedded SmolLM2-135M (``selftrain plant``);
-2. writes the replay's real text: the Python documentation ``help()`` shows
-   (``pydoc_data.topics``), without the topics the ``selftrain_bpb_pydoc`` task holds out;
-3. runs the grid ``configs/sweep/repro_mini.yaml`` with ``selftrain sweep``: self (two
-   temperatures), same lineage, cross family and token-matched replay, K disjoint subsets each,
-   every callback every epoch, proxies, the report;
-4. copies what a reader needs into ``docs/repro-mini/`` as the run wrote it: the report's
-   ``summary.md`` and figures, the grid file, the commands and the wall time of every stage.
+2. writes the replay's real text from a domain no evaluation measures: the installed
+   packages' descriptions (``python -m selftrain.curation.held_in --kind packages``);
+3. runs the grid ``configs/sweep/repro_mini.yaml`` with ``selftrain sweep``: the base
+   evaluated once; self and cross family, each in its four proxy cells; the replay matched to
+   self cell by cell; 12 fits; proxies; the report;
+4. applies the pre-registered rules of ``docs/repro-mini.md`` (``selftrain findings``);
+5. copies what a reader needs into ``docs/repro-mini/`` as the run wrote it: the report's
+   ``summary.md``, figures and scalars, the findings, the grid file, the commands and the wall
+   time of every stage.
 
 The planted model, the canaries and the replay text go into ``--out`` and the sweep into
 ``--out``/sweep, a dir of its own apart from its inputs. Rerunning resumes: a finished stage is
-skipped (the sweep's records; the planted model). Flags: ``--out DIR`` (default
+skipped (the sweep's records; the planted model), and keeps the wall time it took
+(``stages.json``). Flags: ``--out DIR`` (default
 runs/repro-mini; the grid's paths assume it), ``--publish DIR``
 (default docs/repro-mini; ``""`` skips the copy).
 """
@@ -30,9 +33,12 @@ import time
 from pathlib import Path
 
 from selftrain.curation import held_in
+from selftrain.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = "configs/sweep/repro_mini.yaml"
+FINDINGS = "configs/findings/repro_mini.yaml"
+"""The pre-registered rules, applied to the sweep's runs."""
 HELD_OUT = REPO / "configs/tasks/selftrain_large/selftrain_bpb_pydoc.jsonl"
 """Documentation the benchmark holds out: its topics never enter the replay."""
 HELD_OUT_TASKS = [HELD_OUT, REPO / "configs/tasks/selftrain_large/selftrain_bpb_stdlib.jsonl"]
@@ -71,18 +77,24 @@ def pydoc_documents(max_chars: int = 1500) -> list[tuple[str, str]]:
             for source, text in documents]
 
 
-def write_replay_text(path: Path, max_chars: int = 1500) -> int:
-    """The replay's documents: pydoc topics not held out (:func:`pydoc_documents`); how many.
+STAGES = "stages.json"
+"""In ``--out``: each finished stage's wall time, kept so a resumed run still reports it."""
 
-    Args:
-        path: the jsonl to write (``text`` per row).
-        max_chars: longest document; a longer topic becomes several.
+
+def load_stages(out: Path) -> dict[str, float]:
+    """The wall times of the stages an earlier run in ``out`` finished."""
+    path = out / STAGES
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_stage(out: Path, stages: dict[str, float], name: str, seconds: float) -> None:
+    """Add one stage's wall time to what earlier invocations spent on it (``out``/stages.json).
+
+    A resumed stage (a sweep that skips its finished steps) adds the time of this invocation,
+    so the record holds the wall time every invocation spent, not only the last one's.
     """
-    rows = [text for _, text in pydoc_documents(max_chars)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": text, "source": "pydoc_data.topics"}) + "\n"
-                            for text in rows))
-    return len(rows)
+    stages[name] = round(stages.get(name, 0.0) + seconds, 1)
+    write_json_atomic(stages, out / STAGES)
 
 
 def run(command: list[str]) -> float:
@@ -100,20 +112,24 @@ def main() -> None:
     args = parser.parse_args()
     out = REPO / args.out
     selftrain = [sys.executable, "-m", "selftrain"]
-    stages: dict[str, float] = {}
+    stages = load_stages(out)
     commands: list[list[str]] = []
     planted = out / "planted"
     start = time.perf_counter()
-    if not (planted / "plant.json").is_file():
-        for name, command in plant_commands(selftrain, out):
-            commands.append(command)
-            stages[name] = run(command)
-    documents = write_replay_text(out / "replay_text.jsonl")
-    print(f"replay text: {documents} documents -> {out / 'replay_text.jsonl'}", flush=True)
-    sweep = [*selftrain, "sweep", "--config", GRID]
-    commands.append(sweep)
-    stages["sweep"] = run(sweep)
-    total = time.perf_counter() - start
+    for name, command in plant_commands(selftrain, out):
+        commands.append(command)
+        if not (planted / "plant.json").is_file():
+            record_stage(out, stages, name, run(command))
+    replay = [sys.executable, "-m", "selftrain.curation.held_in", str(out / "replay_text.jsonl"),
+              *map(str, HELD_OUT_TASKS), "--kind", "packages"]
+    commands.append(replay)
+    record_stage(out, stages, "replay text", run(replay))
+    for name, command in (("sweep", [*selftrain, "sweep", "--config", GRID]),
+                          ("findings", [*selftrain, "findings", "--config", FINDINGS])):
+        commands.append(command)
+        record_stage(out, stages, name, run(command))
+    total = sum(stages.values())
+    print(f"repro-mini: {total:.0f} s in all ({time.perf_counter() - start:.0f} s this run)")
     if args.publish:
         publish(out / "sweep", REPO / args.publish, stages, total, commands)
 
@@ -127,6 +143,8 @@ def publish(out: Path, target: Path, stages: dict[str, float], total: float,
     shutil.copytree(out / "report" / "figures", target / "figures")
     shutil.copy(out / "report" / "summary.md", target / "summary.md")
     shutil.copy(out / "report" / "scalars.csv", target / "scalars.csv")
+    for name in ("findings.md", "findings.json"):
+        shutil.copy(out / "findings" / name, target / name)
     shutil.copy(REPO / GRID, target / "grid.yaml")
     shutil.copy(out / ".sweep" / "commands.sh", target / "commands.sh")
     seconds = record.get("seconds", {})
@@ -138,7 +156,8 @@ def publish(out: Path, target: Path, stages: dict[str, float], total: float,
              "nothing here is edited by hand.", "",
              f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
              f"Python {platform.python_version()}",
-             f"- wall time: {total:.0f} s in all", "", "## Commands", "", "```"]
+             f"- wall time: {total:.0f} s in all (the sum of the stages below; a stage an "
+             "earlier invocation finished keeps its time)", "", "## Commands", "", "```"]
     lines += [shlex.join(["python", "-m", *c[2:]]) if c[:1] == [sys.executable] else
               shlex.join(c) for c in commands]
     lines += ["```", "", "The sweep's own commands, in order: `commands.sh`.", "",
