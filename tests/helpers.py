@@ -163,7 +163,8 @@ def kill_when(command: Sequence[str], ready: Callable[[], bool], poll: float = 0
                                stderr=subprocess.DEVNULL)
     while not ready() and process.poll() is None:
         time.sleep(poll)
-    os.kill(process.pid, signal.SIGKILL)
+    if process.poll() is None:  # not reaped yet (a zombie still takes the signal): kill it
+        os.kill(process.pid, signal.SIGKILL)
     process.wait()
 
 
