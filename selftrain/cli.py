@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             print_help()
         elif argv[0] in TOOLS:
             run_tool(argv[0], argv[1:])
+            sys.stdout.flush()  # a closed pipe is found here, not in the interpreter's exit
         else:
             from selftrain.trainer_cli import SelftrainCLI
 
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join(argv[:1]) if argv and not argv[0].startswith("-") else ""
         print(f"selftrain: error: {parser_error_line(str(error), command)}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `selftrain sweep --dry_run true | head`: stop quietly, as Unix
+        _silence_stdout()      # tools do; 141 = 128 + SIGPIPE, what a shell reports for them
+        sys.exit(141)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
         command = f"selftrain {argv[0]}" if argv else "selftrain"
         print(f"{command}: {_interrupt_message(interrupt)}", file=sys.stderr)
@@ -113,6 +118,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"selftrain: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush into a closed pipe stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to flush
+        pass
 
 
 class StderrHandler(logging.StreamHandler):

@@ -19,6 +19,7 @@ from helpers import (
     DEBUG_CORPUS,
     fit,
     fit_cli,
+    one_error_line,
     run_fit,
     succeeded,
     write_jsonl,
@@ -83,6 +84,27 @@ def test_debug_config_trains_logs_and_exports(run_dir):
     request = Instance(request_type="loglikelihood", doc={}, arguments=("the cat", " sat"), idx=0)
     [(logprob, _)] = lm.loglikelihood([request])
     assert logprob < 0
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line_before_any_export(tmp_path):
+    """lr 1e30 makes the weights non-finite after the first step: the next loss stops the run.
+
+    Exit 2, one line naming the step, the last finite loss and what to do; the step is not
+    taken, so no export (every epoch asked for) and no checkpoint holds non-finite weights.
+    """
+    run = tmp_path / "run"
+    result = run_fit(run, "--model.lr", "1e30", "--trainer.max_epochs", "2",
+                     "--model.export_hf", "every_epoch", "--checkpoint.every_n_train_steps", "1",
+                     callbacks=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    line = one_error_line(result.stderr)
+    assert re.search(r"--model.lr 1e\+30: the training loss is not finite \(nan\) at step "
+                     r"(\d+); the last finite loss was [\d.]+ at step (\d+)\.", line), line
+    assert not (run / "hf").exists() or not any((run / "hf").iterdir())
+    for checkpoint in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_loss_falls_on_learnable_text(tmp_path):

@@ -428,3 +428,17 @@ def test_cells_and_one_base_evaluation_wire_every_fit(tmp_path):
         sweep(out=str(tmp_path / "sw2"), student="tiny:qwen2", fit_config=DEBUG,
               sources=_sources(), num_subsets=2, check_fit=False, dry_run=True,
               proxies=Proxies(benchmarks=[str(real)], cells=True))
+
+
+def test_a_dry_run_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``selftrain sweep --dry_run true | head``: no traceback, status 141 (128 + SIGPIPE)."""
+    command = [sys.executable, "-m", "selftrain", "sweep", "--out", str(tmp_path / "sw"),
+               "--student", "tiny:qwen2", "--fit_config", DEBUG, "--sources",
+               '{"self": {"model": "tiny:qwen2"}}', "--num_subsets", "2", "--dry_run", "true",
+               "--check_fit", "false"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=tests_importable())
+    process.stdout.close()  # the reader is gone before a line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr

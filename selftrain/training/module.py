@@ -118,6 +118,8 @@ class StudentLM(L.LightningModule):
         self._last_batch_end: float | None = None
         self._exported_step = -1
         self._matrices: set[str] = set()
+        self._last_finite: tuple[int, float] | None = None
+        """(global step, loss) of the last training step whose loss was finite."""
         self.run_identity: dict[str, str] | None = None
         """The run this student trains (:func:`selftrain.training.run_dir.run_identity`)."""
 
@@ -202,6 +204,7 @@ class StudentLM(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        self._stop_unless_finite(loss)
         size = documents(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True,
@@ -211,6 +214,29 @@ class StudentLM(L.LightningModule):
         self.log("train/real_token_fraction", real_tokens(batch) / batch["input_ids"].numel(),
                  on_step=True, batch_size=size)
         return loss
+
+    def _stop_unless_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run at a non-finite loss, before it reaches the weights, in one line.
+
+        Every rank decides together (one boolean all-reduce), so a NaN on one rank stops them
+        all at the same step instead of leaving the others waiting in a collective. The step
+        is not taken, so the weights, the checkpoints and the exports stay finite.
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
+            self._last_finite = (self.global_step, float(loss.detach()))
+            return
+        last = ("no finite loss before it" if self._last_finite is None else
+                f"the last finite loss was {self._last_finite[1]:.4g} at step "
+                f"{self._last_finite[0]}")
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or None
+        then = (f"resume from the last checkpoint, {checkpoint}, with --ckpt_path" if checkpoint
+                else "start over (no checkpoint was written yet)")
+        raise SelftrainError(f"--model.lr {self.hparams.lr:g}: the training loss is not finite "
+                             f"({float(loss.detach())}) at step {self.global_step}; {last}. "
+                             f"Lower --model.lr (or check the corpus), then {then}")
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
