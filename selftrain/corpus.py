@@ -147,7 +147,8 @@ class CorpusWriter:
             self._flush(self._buffer)
             self._buffer = []
         manifest = dict(manifest)
-        manifest["counts"] = {**manifest.get("counts", {}), "written": self.rows_written}
+        manifest["counts"] = {**manifest.get("counts", {}), "written": self.rows_written,
+                              "shards": self._shards}
         write_json_atomic(stamp(manifest), self._staging / MANIFEST_NAME)
         publish_dir(self._staging, self.out)
         self._staging = None
@@ -548,7 +549,36 @@ def _read_corpus_dir(path: Path, flag: str
     except pa.ArrowException as error:
         raise SelftrainError(f"{flag} {path}: its shards disagree on their columns "
                              f"({first_line(error)}); {damaged}") from None
+    check_counts(path, manifest, table.num_rows, len(shards), flag)
     return table.to_pydict(), manifest, table.schema
+
+
+def check_counts(path: Path, manifest: dict[str, Any] | None, rows: int, shards: int,
+                 flag: str) -> None:
+    """Refuse a corpus dir whose shards hold other rows or shards than its manifest records.
+
+    A lost (or stray) shard would otherwise train without a word. Manifests record ``counts.
+    written`` (rows) and ``counts.shards`` or ``sharding.num_shards``; what a manifest does not
+    record is not checked.
+
+    Args:
+        path: the corpus dir.
+        manifest: its manifest (None: nothing to check against).
+        rows: rows its shards hold.
+        shards: shards on disk.
+        flag: the flag the corpus came from.
+    """
+    counts = (manifest or {}).get("counts") or {}
+    sharding = (manifest or {}).get("sharding") or {}
+    expected = {"rows": counts.get("written"),
+                "shards": counts.get("shards", sharding.get("num_shards"))}
+    found = {"rows": rows, "shards": shards}
+    for what, value in expected.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value != found[what]:
+            raise SelftrainError(f"{flag} {path}: its manifest records {expected['rows']} rows "
+                                 f"in {expected['shards']} shard(s), but data/ holds {rows} "
+                                 f"rows in {shards} shard(s): a shard is missing or does not "
+                                 "belong; the corpus is damaged: regenerate it")
 
 
 def read_manifest(path: Path, flag: str) -> dict[str, Any]:

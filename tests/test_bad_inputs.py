@@ -84,6 +84,16 @@ def manifest(text: str) -> Callable[[Path], None]:
     return setup
 
 
+def lost_shard(tmp: Path) -> None:
+    """A corpus dir whose manifest records 500 rows in 3 shards, as if two shards were lost."""
+    import json
+
+    corpus = corpus_copy(tmp)
+    record = json.loads((corpus / "manifest.json").read_text())
+    record["counts"] = {**record.get("counts", {}), "written": 500, "shards": 3}
+    (corpus / "manifest.json").write_text(json.dumps(record))
+
+
 def lines(name: str, *raw: str) -> Callable[[Path], None]:
     """A text file ``name`` of these lines."""
     def setup(tmp: Path) -> None:
@@ -316,6 +326,10 @@ CASES = [
         setup=truncated_shard),
     bad("fit-shards-mismatched", fit("--data.corpus", f"{TMP}/corpus"), f"{TMP}/corpus",
         setup=mismatched_shards),
+    bad("fit-corpus-lost-shards", fit("--data.corpus", f"{TMP}/corpus"), f"{TMP}/corpus",
+        "500 rows in 3 shard(s)", "192 rows in 1 shard(s)", setup=lost_shard),
+    bad("proxies-corpus-lost-shards", swap(proxies(), "--corpus", f"{TMP}/corpus"),
+        "--corpus", "500 rows", setup=both(BENCH, lost_shard)),
     bad("fit-manifest-not-json", fit("--data.corpus", f"{TMP}/corpus"), "manifest.json",
         setup=manifest('{"format": "selftrain-corpus/1", ')),
     bad("fit-manifest-not-object", fit("--data.corpus", f"{TMP}/corpus"), "manifest.json",

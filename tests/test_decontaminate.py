@@ -67,7 +67,7 @@ def test_removes_exactly_the_planted_samples(tmp_path, benchmark):
                                             "ngrams": (15 - 8 + 1) + (13 - 8 + 1)}
     assert (record["removed"], record["kept"], record["ngram"]) == (2, 8, 8)
     counts = manifest_of(out)["counts"]
-    assert counts == {"requested": 10, "tokens": 16, "finished": 4, "written": 8}
+    assert counts == {"requested": 10, "tokens": 16, "finished": 4, "written": 8, "shards": 1}
     assert manifest_of(out)["seed"] == 7 and manifest_of(corpus)["counts"]["written"] == 10
 
 

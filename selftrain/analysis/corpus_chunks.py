@@ -22,6 +22,7 @@ from selftrain.corpus import (
     MANIFEST_NAME,
     PLAN_NAME,
     Corpus,
+    check_counts,
     check_rows,
     read_corpus,
     read_manifest,
@@ -112,6 +113,7 @@ def open_corpus(path: str | Path, flag: str = "--corpus") -> ChunkedCorpus:
             metadata = pq.ParquetFile(shard).metadata
         rows += metadata.num_rows
         columns.update(dict.fromkeys(metadata.schema.to_arrow_schema().names))
+    check_counts(path, manifest, rows, len(shards), flag)
     if rows == 0:
         raise SelftrainError(f"{flag} {path}: the corpus is empty (no data/*.parquet rows); "
                              "regenerate it or point at a non-empty corpus")
