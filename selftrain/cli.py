@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from selftrain.errors import Interrupted, SelftrainError
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         package_log.addHandler(StderrHandler())
         package_log.setLevel(logging.INFO)
     try:
+        check_config_files(argv)
         if not argv or argv[0] in ("-h", "--help"):
             print_help()
         elif argv[0] in TOOLS:
@@ -143,6 +145,45 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a ``--config`` file that is empty or not a YAML mapping, naming it and the line.
+
+    The parser would say ``Problems parsing config: ... in "<unicode string>", line 3``, naming
+    neither the file nor the flag. A value that is no file (an inline YAML string) is left to
+    the parser.
+
+    Args:
+        argv: the command's arguments.
+    """
+    import yaml
+
+    from selftrain.corpus import first_line
+
+    given = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for name in given:
+        path = Path(name)
+        if not path.is_file():
+            continue
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(error, "problem", None) or first_line(error)
+            raise SelftrainError(f"--config {path}: not valid YAML ({where}{problem}); fix "
+                                 "the file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise SelftrainError(f"--config {path}: cannot read it ({error}); fix the path or "
+                                 "its permissions") from None
+        if loaded is None:
+            raise SelftrainError(f"--config {path}: the file is empty; give a YAML mapping of "
+                                 "flags, e.g. trainer: {max_epochs: 2}")
+        if not isinstance(loaded, dict):
+            raise SelftrainError(f"--config {path}: not a YAML mapping of flags (it holds a "
+                                 f"{type(loaded).__name__}); give key: value lines")
 
 
 def parser_error_line(message: str, command: str) -> str:

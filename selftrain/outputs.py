@@ -21,7 +21,9 @@ from selftrain.io import is_temp_name
 
 
 def refuse_unwritable(out: Path, flag: str = "--out", beside: bool = True) -> None:
-    """Refuse an output dir that can never be made or written: a file in the way, no permission.
+    """Refuse an output dir that can never be made or written (a file, a link to nothing).
+
+    A file in the way, a missing permission or a symbolic link that points nowhere is refused.
 
     The nearest existing one of ``out`` and its parents must be a directory this process may
     write into (a dir can never be made under a file), and so must ``out``'s parent be when the
@@ -33,6 +35,11 @@ def refuse_unwritable(out: Path, flag: str = "--out", beside: bool = True) -> No
         beside: the output is staged in a sibling of ``out`` (every dir output but
             ``selftrain generate``'s, which fills ``out`` itself).
     """
+    for path in (out, *out.parents):
+        if path.is_symlink() and not path.exists():
+            raise SelftrainError(f"{flag} {out}: {'it' if path == out else path} is a symbolic "
+                                 f"link to {os.readlink(path)}, which does not exist; remove "
+                                 "the link or choose another path")
     existing = next(path for path in (out, *out.parents, Path(".")) if path.exists())
     if not existing.is_dir():
         where = "it" if existing == out else str(existing)

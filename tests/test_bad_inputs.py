@@ -94,6 +94,13 @@ def lost_shard(tmp: Path) -> None:
     (corpus / "manifest.json").write_text(json.dumps(record))
 
 
+def dangling_link(name: str) -> Callable[[Path], None]:
+    """A symbolic link ``name`` to a path that does not exist."""
+    def setup(tmp: Path) -> None:
+        (tmp / name).symlink_to(tmp / "nowhere")
+    return setup
+
+
 def lines(name: str, *raw: str) -> Callable[[Path], None]:
     """A text file ``name`` of these lines."""
     def setup(tmp: Path) -> None:
@@ -330,6 +337,13 @@ CASES = [
         "500 rows in 3 shard(s)", "192 rows in 1 shard(s)", setup=lost_shard),
     bad("proxies-corpus-lost-shards", swap(proxies(), "--corpus", f"{TMP}/corpus"),
         "--corpus", "500 rows", setup=both(BENCH, lost_shard)),
+    bad("fit-second-config-not-yaml", fit("--config", f"{TMP}/more.yaml"), "--config",
+        "more.yaml", "line 3", setup=lines("more.yaml", "trainer:", "  max_epochs: 2",
+                                            " bad: [")),
+    bad("fit-config-empty", fit("--config", f"{TMP}/more.yaml"), "--config", "more.yaml",
+        "empty", setup=lines("more.yaml")),
+    bad("sweep-grid-not-yaml", ["sweep", "--config", f"{TMP}/grid.yaml"], "--config",
+        "grid.yaml", "line 2", setup=lines("grid.yaml", "out: x", " - y: [")),
     bad("fit-manifest-not-json", fit("--data.corpus", f"{TMP}/corpus"), "manifest.json",
         setup=manifest('{"format": "selftrain-corpus/1", ')),
     bad("fit-manifest-not-object", fit("--data.corpus", f"{TMP}/corpus"), "manifest.json",
@@ -464,6 +478,11 @@ CASES = [
     # -- generate ------------------------------------------------------------------------------
     bad("generate-num-samples-0", generate("--num_samples", "0"), "--num_samples"),
     bad("generate-max-new-tokens-0", generate("--max_new_tokens", "0"), "--max_new_tokens"),
+    bad("generate-max-new-tokens-beyond-the-model", swap(generate(), "--max_new_tokens",
+                                                         "1000000000000"),
+        "--max_new_tokens", "at most 511"),
+    bad("generate-out-dangling-link", swap(generate(), "--out", f"{TMP}/link"), "--out",
+        "symbolic link", setup=dangling_link("link")),
     bad("generate-temperature-0", generate("--temperature", "0"), "--temperature"),
     bad("generate-top-p-above-1", generate("--top_p", "1.5"), "--top_p"),
     bad("generate-shard-size-0", generate("--shard_size", "0"), "--shard_size"),

@@ -119,6 +119,7 @@ def generate(
     rank, world = init_distributed(target_device)
     tokenizer = load_tokenizer(model, flag="--model")
     source = load_model(model, dtype=dtype, flag="--model").to(target_device).eval()
+    check_context(source, max_new_tokens)
     record = source_provenance(model, tokenizer, source, bos_token_id)
     description = {"kind": "synthetic", **record, "seed": seed, "num_subsets": num_subsets,
                    "decontamination": None}
@@ -351,6 +352,20 @@ def finish_corpus(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: floa
     log.info("wrote %s: %d samples; this run sampled %d tokens at %.0f tokens/s",
              path, corpus.num_samples, tokens, tokens / max(seconds, 1e-9))
     return path
+
+
+def check_context(source: Any, max_new_tokens: int) -> None:
+    """Refuse more new tokens than the model has positions for (BOS takes one), before sampling.
+
+    Args:
+        source: the loaded model.
+        max_new_tokens: ``--max_new_tokens``.
+    """
+    positions = getattr(getattr(source, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max_new_tokens + 1 > positions:
+        raise SelftrainError(f"--max_new_tokens {max_new_tokens}: the model has {positions} "
+                             f"positions and BOS takes one, so at most {positions - 1} new "
+                             "tokens; lower it")
 
 
 def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: list[float],
