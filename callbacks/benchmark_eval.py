@@ -127,6 +127,7 @@ class BenchmarkEval(EpochEvaluation):
     """
 
     name = "benchmark"
+    adopts_base = True  # epoch 0 depends on the base model and the task settings alone
 
     def __init__(
         self,
@@ -347,7 +348,7 @@ class BenchmarkEval(EpochEvaluation):
 
     @override
     def adopt_base(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                   record: dict[str, Any], base_dir: Path) -> bool:
+                   base_dir: Path) -> None:
         """The base's scores from ``base_dir``'s epoch-0 results, made under these settings."""
         found = sorted((base_dir / "eval" / self.name).glob("epoch=0-step=*.json"))
         if not found:
@@ -369,7 +370,6 @@ class BenchmarkEval(EpochEvaluation):
             copy_atomic(found[-1], target)
             if document.get("items"):
                 copy_atomic(items_path(found[-1]), items_path(target))
-        return True
 
     def _evaluate_tasks(self, pl_module: L.LightningModule, names: list[str]) -> dict:
         """lm-eval's results for some of the tasks, each evaluated on its own, re-seeded."""

@@ -54,6 +54,7 @@ from selftrain.callbacks.tb_layout import (
     run_board,
     tensorboard_loggers,
 )
+from selftrain.corpus import read_json_records
 from selftrain.errors import SelftrainError
 from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
@@ -71,6 +72,9 @@ class EpochEvaluation(Callback):
 
     name = "eval"
     """Short name: the ``eval_time/<name>`` tag and ``<run>/eval/<name>.jsonl``."""
+    adopts_base = False
+    """Whether :meth:`adopt_base` can take epoch 0 from ``--base_evaluations``: true where the
+    epoch-0 numbers depend on nothing but the base model and the callback's own settings."""
 
     def __init__(self, every_n_epochs: int = 1, run_at_start: bool = True) -> None:
         if every_n_epochs < 1:
@@ -110,20 +114,18 @@ class EpochEvaluation(Callback):
         raise NotImplementedError
 
     def adopt_base(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                   record: dict[str, Any], base_dir: Path) -> bool:
-        """Take an earlier epoch-0 evaluation of the base as this run's; False: evaluate it.
+                   base_dir: Path) -> None:
+        """Take an earlier epoch-0 evaluation of the base as this run's (``adopts_base`` only).
 
-        A subclass that can (its epoch-0 numbers depend on nothing but the base model and its
-        own settings) checks that the record was made under its settings, restores the state
-        its deltas need, copies the evaluation's files into this run and returns True.
+        Checks that the evaluation was made under this callback's settings, restores the state
+        its deltas need and copies the evaluation's files into this run.
 
         Args:
             trainer: the Trainer, before the first optimizer step.
             pl_module: the student (still the base model).
-            record: the epoch-0 line of ``base_dir/eval/<name>.jsonl``.
             base_dir: ``--base_evaluations``.
         """
-        return False
+        raise NotImplementedError
 
     def ensure_checked(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run :meth:`check` once."""
@@ -176,26 +178,23 @@ class EpochEvaluation(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_at_start and trainer.global_step == 0 and self._resume_step is None:
-            record = (self._base_record(pl_module) if self.base_from is not None else None)
-            if record is not None and self.adopt_base(trainer, pl_module, record,
-                                                      self.base_from):
+            if self.base_from is not None and self.adopts_base:
+                record = self._base_record()
+                self.adopt_base(trainer, pl_module, self.base_from)
                 self._keep(trainer, {"epoch": 0, "global_step": 0, "seconds": 0.0,
                                      "metrics": record["metrics"],
                                      "base_from": str(self.base_from.resolve())})
             else:
                 self._run(trainer, pl_module, epoch=0)
 
-    def _base_record(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The epoch-0 record of ``base_from``'s ``eval/<name>.jsonl``.
+    def _base_record(self) -> dict[str, Any]:
+        """The epoch-0 record of ``base_from``'s ``eval/<name>.jsonl``; refused if none.
 
-        Refused when there is none, or when ``base_from`` evaluated another model than this
-        run's base (its ``tb/config.yaml`` ``model.model``).
+        That ``base_from`` evaluated this run's base model was checked before the run dir was
+        written (:func:`check_base_evaluations`, by ``selftrain fit``).
         """
-        check_base_evaluations(self.base_from,
-                               str(getattr(getattr(pl_module, "hparams", None), "model", None)))
         path = self.base_from / "eval" / f"{self.name}.jsonl"
-        records = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                   if path.is_file() else [])
+        records = read_json_records(path, "--base_evaluations") if path.is_file() else []
         found = [record for record in records if record.get("epoch") == 0]
         if not found:
             raise SelftrainError(f"--base_evaluations {self.base_from}: holds no epoch-0 "
