@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 
 from selftrain.analysis.evidence import holm, permutation_p, rho_interval
 from selftrain.analysis.items import Paired, items_file, metric_items, paired
+from selftrain.corpus import read_json_records
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import check_out_dir
@@ -144,11 +145,6 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The lines of an ``eval/<name>.jsonl``."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_fits(root: Path, condition: str, benchmark: str, damage: list[str]) -> list[Fit]:
     """Every fit of one condition, with its change, extraction curve and damage.
 
@@ -171,7 +167,7 @@ def read_fits(root: Path, condition: str, benchmark: str, damage: list[str]) -> 
             raise SelftrainError(f"--sweep {root}: {path} has no benchmark evaluations "
                                  f"({history}); let the sweep finish first")
         fit = Fit(condition, int(path.name[1:]), path)
-        records = read_records(history)
+        records = read_json_records(history, "--sweep")
         tag = f"benchmark_delta/{benchmark}"
         final = [r for r in records if tag in r["metrics"]]
         if not final or final[-1]["epoch"] == 0:
@@ -179,7 +175,7 @@ def read_fits(root: Path, condition: str, benchmark: str, damage: list[str]) -> 
                                  "training; name a task/metric the fit config evaluates")
         fit.last_epoch = int(final[-1]["epoch"])
         fit.change = float(final[-1]["metrics"][tag])
-        change = item_change(path, tag, 0, fit.last_epoch)
+        change = condition_change([path], tag, 0, fit.last_epoch)
         fit.change_se = change.se if change is not None else math.nan
         base = next(r for r in records if r["epoch"] == 0)["metrics"]
         for name in damage:
@@ -188,7 +184,8 @@ def read_fits(root: Path, condition: str, benchmark: str, damage: list[str]) -> 
                 fit.damage[name] = (after[-1]["metrics"][f"benchmark/{name}"]
                                     - base[f"benchmark/{name}"])
         extraction = path / "eval" / "extraction.jsonl"
-        for record in read_records(extraction) if extraction.is_file() else []:
+        for record in (read_json_records(extraction, "--sweep") if extraction.is_file()
+                       else []):
             counts = [v for k, v in record["metrics"].items()
                       if k.startswith("extraction/") and k.endswith("/memorized")
                       and k.count("/") == 2]
@@ -198,13 +195,11 @@ def read_fits(root: Path, condition: str, benchmark: str, damage: list[str]) -> 
     return fits
 
 
-def item_change(path: Path, tag: str, before: int, after: int) -> Paired | None:
-    """One fit's paired change of a metric between two epochs, from its per-item files."""
-    return condition_change([path], tag, before, after)
-
-
 def condition_change(paths: list[Path], tag: str, before: int, after: int) -> Paired | None:
-    """A condition's paired change between two epochs, pooled over its fits (item SE)."""
+    """The paired change between two epochs of one fit, or of a condition pooled over its fits.
+
+    From the fits' per-item files; None when one of them lacks either epoch's.
+    """
     pairs = []
     for path in paths:
         first, second = items_file(path / "eval", before), items_file(path / "eval", after)
