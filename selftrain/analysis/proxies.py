@@ -208,8 +208,7 @@ def _validate(arguments: dict[str, Any]) -> Path:
     check_out_dir(out, a["overwrite"], ("summary.json",), OUT_ENTRIES, "proxies output")
     if a["split_out"] is not None:
         split = Path(a["split_out"])
-        resolved, other = split.resolve(), out.resolve()
-        if resolved == other or resolved in other.parents or other in resolved.parents:
+        if _overlap(split, out):
             raise SelftrainError(f"--split_out {split}: overlaps --out {out}; give them "
                                  "separate directories")
         try:
