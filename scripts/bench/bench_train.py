@@ -56,6 +56,9 @@ from _train_arms import run_lightning, run_plain
 PRECISIONS = ("bf16-mixed", "32-true", "bf16-true")
 """Precisions both arms can reproduce (16-mixed would need a GradScaler in the plain arm)."""
 ARMS = ("plain", "lightning")
+UNCHECKED = "unchecked"
+"""With ``--finite_check_cost``: the lightning arm without StudentLM's per-step finite-loss
+check (a host synchronisation), so the check's cost is measured in the same run."""
 TARGET_RATIO = 0.95
 NOISY_SPREAD = 1.5
 """A run whose slowest measured step is this many times its fastest was disturbed."""
@@ -89,7 +92,7 @@ def run_arm(arm: str, args, corpus: Path, workdir: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--arm", arm,
                "--corpus", str(corpus), "--workdir", str(workdir)]
     for key, value in vars(args).items():
-        if key in ("arm", "corpus", "workdir", "repeats", "json"):
+        if key in ("arm", "corpus", "workdir", "repeats", "json", "finite_check_cost"):
             continue
         if isinstance(value, bool):
             command += [f"--{key}"] if value else []
@@ -173,7 +176,19 @@ def report(args, device: torch.device, corpus_info: dict, runs: dict[str, list[d
     verdict = "holds" if ratio >= TARGET_RATIO else "FAILS"
     print(common.ratio_text("lightning / plain", ratio, "tokens/s per device", paired,
                             median_step_ratio) + f"; goal >= {TARGET_RATIO}: {verdict}")
+    if UNCHECKED in runs:
+        check = per_device(summary["lightning"]) / per_device(summary[UNCHECKED])
+        check_step = (per_device(summary["lightning"], "median_step_tokens_per_sec")
+                      / per_device(summary[UNCHECKED], "median_step_tokens_per_sec"))
+        check_paired = common.paired_ratios(runs[UNCHECKED], runs["lightning"], per_device)
+        print(common.ratio_text("lightning / unchecked (the finite-loss check's cost)", check,
+                                "tokens/s per device", check_paired, check_step))
+        finite_check = {"ratio": check, "paired_ratios": check_paired,
+                        "median_step_ratio": check_step}
+    else:
+        finite_check = None
     result = {"setup": setup, "arms": summary, "ratio": ratio, "paired_ratios": paired,
+              "finite_check": finite_check,
               "median_step_ratio": median_step_ratio, "goal": TARGET_RATIO,
               "holds": ratio >= TARGET_RATIO, "noisy": noisy, "peak_flops": peak,
               "loss_max_abs_diff": losses, "wall_s": wall_s}
@@ -199,7 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--float32_matmul_precision", default="highest",
                         choices=("highest", "high", "medium"), help="TF32 for fp32 matmuls")
-    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--finite_check_cost", action="store_true",
+                        help="add a third arm, lightning without the per-step finite-loss check, "
+                             "and print lightning / unchecked (the check's cost)")
+    parser.add_argument("--arm", choices=(*ARMS, UNCHECKED), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.arm:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        result = run_plain(args) if args.arm == "plain" else run_lightning(args)
+        result = run_plain(args) if args.arm == "plain" else run_lightning(
+            args, finite_check=args.arm != UNCHECKED)
         if result:
             common.progress(f"{args.arm}: {result['tokens_per_sec']:.1f} tokens/s over "
                             f"{result['steps']} steps ({result['seconds']:.1f} s)")
@@ -230,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         info = write_corpus(args, corpus)
         common.progress(f"corpus: {info['rows']} rows x {args.seq_len} random ids (vocab "
                         f"{info['vocab']}, BOS {info['bos_token_id']}) in {corpus}")
-        runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        arms = (*ARMS, UNCHECKED) if args.finite_check_cost else ARMS
+        runs: dict[str, list[dict]] = {arm: [] for arm in arms}
         for round_ in range(args.repeats):
-            for arm in ARMS:
+            for arm in arms:
                 common.progress(f"round {round_ + 1}/{args.repeats}: {arm}")
                 runs[arm].append(run_arm(arm, args, corpus, workdir))
         result = report(args, device, info, runs, time.perf_counter() - start)
