@@ -98,6 +98,9 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# every step imports these: a missing or mismatched wheel stops the check here, in seconds
+$PY -c "import transformers, lightning, lm_eval, datasets, jsonargparse, selftrain.trainer_cli" \
+  || { echo "the project does not import on this machine: carry the wheel named above"; exit 1; }
 GPU=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
 VERSIONS=$($PY -c "import torch; print(torch.__version__, torch.version.cuda)" 2>/dev/null)
 echo "GPU: ${GPU:-none found}; torch and CUDA: ${VERSIONS:-torch not importable}"

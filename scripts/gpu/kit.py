@@ -35,6 +35,13 @@ TREE_LIMIT_MIB = 64
 NEEDED = [
     # (distribution, why the GPU machine needs it); in order of value: the budget takes them so
     ("transformers", "the project pins transformers >= 5.24; the GPU image may ship an older one"),
+    ("huggingface-hub", "transformers >= 5.24 needs huggingface-hub >= 2.4; the image has 1.x"),
+    ("httpx2", "huggingface-hub 2.x"),
+    ("httpcore2", "httpx2"),
+    ("truststore", "httpx2"),
+    ("click", "huggingface-hub 2.x needs click >= 8.4.2"),
+    ("kernels", "transformers >= 5.24"),
+    ("tomlkit", "kernels"),
     ("jsonargparse", "selftrain's CLI"),
     ("docstring-parser", "jsonargparse[signatures]: --help from the Args: docstrings"),
     ("typeshed-client", "jsonargparse[signatures]"),
