@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from selftrain.corpus import first_line
+from selftrain.digests import DIGESTS_FILE, verify
 from selftrain.embedded import (
     EMBEDDED_MODELS,
     embedded_cache_dir,
@@ -270,11 +272,16 @@ def load_model(
     kwargs["dtype"] = as_dtype(dtype) or torch.float32
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if parsed.kind == "hub" and (Path(path) / DIGESTS_FILE).is_file():
+        verify(Path(path), flag)  # an export or planted model: refused if it lost bits
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
         raise SelftrainError(f"{flag} {spec}: cannot load the model ({first_line(error)}); "
                              "offline? give a local HF dir or pre-download it") from None
+    except SafetensorError as error:  # a truncated or damaged weights file without digests
+        raise SelftrainError(f"{flag} {spec}: its weights file is damaged or truncated "
+                             f"({first_line(error)}); export or download it again") from None
 
 
 def model_revision(spec: str, config) -> str | None:

@@ -45,6 +45,7 @@ from selftrain.callbacks.probe_eval import (
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.curation.leaks import LeakCheck, check_ngram, find_leaks, refuse_leaks
+from selftrain.digests import DIGESTS_FILE, sidecar, verify
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.outputs import refuse_input_overlap, refuse_unwritable
 from selftrain.precision import device_type, trainer_precision
@@ -129,7 +130,12 @@ class SelftrainCLI(LightningCLI):
             subcommand = self.config.get("subcommand")
             config = self.config[subcommand] if subcommand else self.config
             trusted = config.get("weights_only") is False  # warned about before it is read
+            verified = verify(Path(ckpt), "--ckpt_path")  # before anything reads it
             self._read_meta = (ckpt, read_checkpoint_meta(Path(ckpt), weights_only=not trusted))
+            if not verified:
+                log.warning("--ckpt_path %s: no digest was saved with it (%s); it reads as a "
+                            "checkpoint but is not verified", ckpt, DIGESTS_FILE
+                            if Path(ckpt).is_dir() else sidecar(Path(ckpt)).name)
         return self._read_meta[1]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

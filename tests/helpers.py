@@ -486,3 +486,11 @@ def probe_flags(probes: Path, extraction_every: int = 2) -> list[str]:
             *window, f"--trainer.callbacks.every_n_epochs={extraction_every}",
             f"--trainer.callbacks+={LIKELIHOOD}", f"--trainer.callbacks.probe_set={probes}",
             *window, "--trainer.callbacks.corpus_sample=40"]
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of a file, in place (its size is unchanged)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(255 - byte for byte in data[middle:middle + count])
+    path.write_bytes(bytes(data))

@@ -32,6 +32,7 @@ from helpers import (
     DEBUG_CORPUS,
     EXTRACTION,
     fit_args,
+    flip_bytes,
     modes_enforced,
     one_error_line,
     write_jsonl,
@@ -183,6 +184,37 @@ def pickled_checkpoint(name: str) -> Callable[[Path], None]:
         import torch
 
         torch.save({"global_step": 3, "state_dict": {}, "note": Fraction(1, 3)}, tmp / name)
+    return setup
+
+
+def damaged_checkpoint(name: str) -> Callable[[Path], None]:
+    """A checkpoint saved with its digest, then 64 bytes flipped inside it (bits lost on disk)."""
+    def setup(tmp: Path) -> None:
+        import torch
+
+        from selftrain.digests import save_with_digest
+
+        state = {"global_step": 3, "state_dict": {"w": torch.arange(4096.0)}}
+        save_with_digest(tmp / name, lambda path: torch.save(state, path))
+        flip_bytes(tmp / name)
+    return setup
+
+
+def damaged_export(name: str, digests: bool = True) -> Callable[[Path], None]:
+    """An HF export of tiny:qwen2 whose ``model.safetensors`` was cut short; with or without
+    the ``digests.json`` an export carries."""
+    def setup(tmp: Path) -> None:
+        from selftrain.digests import DIGESTS_FILE
+        from selftrain.models import load_model, load_tokenizer
+        from selftrain.training.export import save_hf
+
+        folder = tmp / name
+        save_hf(load_model("tiny:qwen2"), load_tokenizer("tiny:qwen2"), folder,
+                {"model": "tiny:qwen2", "epoch": 1, "global_step": 24})
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        if not digests:
+            (folder / DIGESTS_FILE).unlink()
     return setup
 
 
@@ -462,6 +494,14 @@ CASES = [
         "truncated", setup=garbage_file("cut.ckpt")),
     bad("fit-ckpt-not-a-checkpoint", fit("--ckpt_path", f"{TMP}/dict.ckpt"), "--ckpt_path",
         "not a Lightning checkpoint", setup=saved_dict("dict.ckpt")),
+    bad("fit-ckpt-bits-flipped", fit("--ckpt_path", f"{TMP}/flipped.ckpt"), "--ckpt_path",
+        f"{TMP}/flipped.ckpt", "digest", setup=damaged_checkpoint("flipped.ckpt")),
+    bad("validate-ckpt-bits-flipped", evaluate("validate", "--data.eval_corpus", DEBUG_CORPUS,
+                                               "--ckpt_path", f"{TMP}/flipped.ckpt"),
+        "--ckpt_path", "digest", setup=damaged_checkpoint("flipped.ckpt")),
+    bad("test-ckpt-bits-flipped", evaluate("test", "--data.eval_corpus", DEBUG_CORPUS,
+                                           "--ckpt_path", f"{TMP}/flipped.ckpt"),
+        "--ckpt_path", "digest", setup=damaged_checkpoint("flipped.ckpt")),
     bad("fit-ckpt-last-and-overwrite", fit("--ckpt_path", "last", "--overwrite", "true"),
         "--overwrite true", "--ckpt_path last", setup=earlier_run),
     bad("fit-ckpt-needs-unpickling", fit("--ckpt_path", f"{TMP}/pickled.ckpt"), "--ckpt_path",
@@ -616,6 +656,13 @@ CASES = [
                                         f"{TMP}/out"], "--sweep", "self_t1.0",
         setup=directory("empty")),
     bad("evaluate-not-a-run", ["evaluate", "--run", TMP], "--run"),
+    bad("evaluate-export-truncated", ["evaluate", "--run", RUN, "--out", f"{TMP}/out"], "--run",
+        "model.safetensors", "digest", setup=both(run_config, damaged_export("run/hf/epoch=1"))),
+    bad("generate-model-export-truncated", swap(generate(), "--model", f"{TMP}/export"),
+        "--model", "model.safetensors", setup=damaged_export("export")),
+    bad("generate-model-export-truncated-without-digests", swap(generate(), "--model",
+                                                                f"{TMP}/export"),
+        "--model", "truncated", setup=damaged_export("export", digests=False)),
     bad("evaluate-no-exports", ["evaluate", "--run", RUN, "--out", f"{TMP}/out"], "--run",
         "hf/epoch=N", setup=run_config),
     bad("evaluate-model-without-out", ["evaluate", "--model", "tiny:qwen2", "--fit_config",
@@ -656,6 +703,11 @@ CASES = [
         "--data.mixture_weights"),
     bad("fit-mixture-weights-per-corpus", fit("--data.mixture_weights", "[0.5, 0.5]"),
         "--data.mixture_weights", "one weight per corpus"),
+    bad("fit-mixture-tokens-beyond-memory", fit("--data.corpus",
+                                                f"[{DEBUG_CORPUS}, {DEBUG_CORPUS}]",
+                                                "--data.mixture_weights", "[0.5, 0.5]",
+                                                "--data.mixture_tokens", str(10**15)),
+        "--data.mixture_tokens", "GiB"),
     bad("fit-mixture-tokens-without-weights", fit("--data.mixture_tokens", "1000"),
         "--data.mixture_tokens", "--data.mixture_weights"),
     bad("pairs-string-ids", pairs(), "--corpus", "integer",

@@ -19,6 +19,7 @@ from helpers import (
     FailsToSave,
     cli,
     evaluations,
+    flip_bytes,
     history,
     run_fit,
     succeeded,
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from selftrain.digests import verify
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model
 from selftrain.training.fsdp import (
@@ -109,7 +111,9 @@ def test_sharded_save_swaps_in_a_complete_checkpoint_or_keeps_the_old_one(tmp_pa
     strategy = DecoderLayerFSDP(allow_cpu=True)  # one process: no collective runs
     target = tmp_path / "last.ckpt"
     strategy.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, target)
-    assert sorted(p.name for p in target.iterdir()) == [".metadata", "__0_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in target.iterdir()) == [".metadata", "__0_0.distcp",
+                                                        "digests.json", "meta.pt"]
+    assert verify(target, "--ckpt_path")  # the digests of the shards, saved with them
     with pytest.raises(RuntimeError, match="disk full"):  # dies after the shards are written
         strategy.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "epoch": 2,
                                   "last": FailsToSave()}, target)
@@ -117,6 +121,10 @@ def test_sharded_save_swaps_in_a_complete_checkpoint_or_keeps_the_old_one(tmp_pa
     strategy.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, target)
     assert torch.load(target / "meta.pt") == {"epoch": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging, no -previous
+    assert verify(target, "--ckpt_path")
+    flip_bytes(target / "__0_0.distcp", count=4)
+    with pytest.raises(SelftrainError, match=r"__0_0\.distcp does not match its saved digest"):
+        verify(target, "--ckpt_path")
 
 
 class RecordParamGroups(L.Callback):

@@ -211,10 +211,13 @@ def test_weights_only_false_loads_a_checkpoint_that_needs_unpickling(one_epoch, 
     import shutil
     from fractions import Fraction
 
+    from selftrain.digests import save_with_digest
+
     run = tmp_path / "run"
     shutil.copytree(one_epoch, run)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    torch.save({**state, "note": Fraction(1, 3)}, run / "checkpoints" / "last.ckpt")
+    save_with_digest(run / "checkpoints" / "last.ckpt",  # a checkpoint saved as fit saves
+                     lambda path: torch.save({**state, "note": Fraction(1, 3)}, path))
     args = fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False)
     line = refused(capsys, *args)
     assert "only by unpickling" in line and "--weights_only false" in line, line
@@ -234,7 +237,8 @@ def test_a_resume_keeps_the_first_config_and_saves_its_own(one_epoch, tmp_path):
     assert (run / "tb" / "config.yaml").read_text() == first
     assert "max_epochs: 2" in (run / "tb" / "config.resumed-at-step=24.yaml").read_text()
     # a copied (or moved) run dir goes on in its own last.ckpt, not in a last-v1.ckpt beside it
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt", "last.ckpt.digest.json"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
 
 
@@ -333,3 +337,25 @@ def test_another_runs_checkpoint_continues_only_in_a_new_run_dir(one_epoch, tmp_
     fresh = tmp_path / "fresh"  # an empty run dir: the run goes on there
     main(fit_args(fresh, *TWO_EPOCHS, "--ckpt_path", checkpoint, callbacks=False))
     assert torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
+
+
+def test_a_checkpoint_that_lost_bits_is_refused_before_it_is_read(one_epoch, tmp_path, capsys):
+    """64 flipped bytes in ``last.ckpt`` (they land in the optimizer's state) used to resume
+    without a word; the digest fit saved beside the checkpoint refuses them in one line."""
+    import shutil
+
+    from helpers import flip_bytes
+
+    from selftrain.digests import verify
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert verify(checkpoint, "--ckpt_path")  # fit saved the digest with the checkpoint
+    assert [verify(export, "--model") for export in (run / "hf").iterdir()] == [True]
+    flip_bytes(checkpoint)
+    before = tree(run)
+    line = refused(capsys, *fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False))
+    assert line.startswith(f"selftrain: error: --ckpt_path {checkpoint}: does not match the "
+                           "digest saved beside it"), line
+    assert tree(run) == before

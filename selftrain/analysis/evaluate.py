@@ -48,6 +48,7 @@ from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from selftrain.callbacks.probe_eval import mark_shared, share_probe_set
 from selftrain.callbacks.tb_layout import close_boards
+from selftrain.digests import verify
 from selftrain.errors import SelftrainError
 from selftrain.io import fsync_dir, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import refuse_foreign, refuse_input_overlap, refuse_unwritable
@@ -137,6 +138,9 @@ def evaluate(
         raise SelftrainError(f"{flag} {config_path}: names no model.model (the base student)")
     targets = (_run_targets(run_dir, base, epochs) if run_dir is not None
                else _model_targets(base, model, epoch))
+    for target in targets:  # a damaged export is refused before any evaluation starts
+        if Path(target.model).is_dir():
+            verify(Path(target.model), "--run" if run_dir is not None else "--model")
     out_dir = Path(out) if out is not None else run_dir
     callbacks = build_callbacks(eval_config, config_path, flag)
     replaced = _check_out(out_dir, run_dir, callbacks, overwrite, config_path)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from selftrain.corpus import check_seed, read_corpus
+from selftrain.digests import write_dir_digests
 from selftrain.errors import SelftrainError
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import (
@@ -507,6 +508,7 @@ def write_output(root: Path, lm: torch.nn.Module, tokenizer, kept: list[dict],
     with atomic_dir(root) as staging:
         lm.save_pretrained(staging / "model", safe_serialization=True)
         tokenizer.save_pretrained(staging / "model")
+        write_dir_digests(staging / "model")  # the planted base is checked wherever it loads
         write_probe_set(kept, staging / "probes.parquet", probe_metadata)
         write_json_atomic({**record, "seconds": round(time.perf_counter() - started, 1)},
                           staging / "plant.json")

@@ -9,6 +9,8 @@ auto`` is resolved here too, from the installed packages, the GPU and the precis
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +23,20 @@ from selftrain.training.optim import BNB_OPTIMIZERS
 def ampere_or_newer(device: torch.device) -> bool:
     """Whether a CUDA device is Ampere or newer: bf16 natively (not emulated), flash attention."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the machine can still give (Linux ``MemAvailable``); None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def flash_attn_installed() -> bool:

@@ -1,7 +1,8 @@
 """The student's HF-format export: ``<run>/hf/epoch=N``, loadable as it is.
 
 ``from_pretrained`` and lm-eval's ``--model hf`` read the directory directly: safetensors
-weights, the tokenizer, and ``selftrain_export.json`` (student spec, epoch, global step). Under
+weights, the tokenizer, ``selftrain_export.json`` (student spec, epoch, global step) and
+``digests.json`` (:mod:`selftrain.digests`, checked by every reader). Under
 FSDP every rank takes part in gathering the full weights and rank 0 writes them. The directory
 appears whole or not at all (:func:`selftrain.io.atomic_dir`); an existing export of the same
 epoch is replaced only once the new one is complete.
@@ -16,6 +17,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from selftrain.digests import write_dir_digests
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import EXPORT_INFO
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
@@ -41,6 +43,7 @@ def save_hf(model: nn.Module, tokenizer, target: Path, info: dict[str, Any]) -> 
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         write_json_atomic(info, staging / EXPORT_INFO)
+        write_dir_digests(staging)  # every reader of the export checks them first
 
 
 def export_student(trainer: L.Trainer, model: nn.Module, tokenizer, info: dict[str, Any],

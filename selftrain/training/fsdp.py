@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from selftrain.digests import write_dir_digests
 from selftrain.errors import SelftrainError
 from selftrain.io import fsync_tree, remove, swap_into_place
 
@@ -153,6 +154,7 @@ class DecoderLayerFSDP(FSDPStrategy):
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("saved")
         if self.global_rank == 0:
+            write_dir_digests(staging)  # checked before the checkpoint is read back
             fsync_tree(staging)
             swap_into_place(staging, target,
                             previous=target.with_name(f"{target.stem}-previous{target.suffix}"))

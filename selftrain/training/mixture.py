@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from selftrain.errors import SelftrainError
+from selftrain.training.checks import available_memory
 
 
 def check_weights(weights: Sequence[float], corpora: int, flag: str) -> None:
@@ -40,6 +41,35 @@ def check_weights(weights: Sequence[float], corpora: int, flag: str) -> None:
     if not sum(weights) > 0:
         raise SelftrainError(f"{flag} {shown}: the weights sum to {sum(weights)}; they must sum "
                              "to a positive number (shares are w / sum(w))")
+
+
+PLANNED_ROW_BYTES = 64
+"""Memory one planned row costs at least: its index in the plan (measured 28 bytes) and its
+place in the epoch's row list and the batch sampler's order."""
+
+
+def check_budget(lengths: Sequence[Sequence[int]], shares: Sequence[float], tokens: int) -> None:
+    """Refuse a token budget whose plan alone would not fit in the machine's free memory.
+
+    A budget of 10^15 tokens used to grow a plan for minutes, gigabytes deep, before the
+    first step; the number of rows it needs is known from the corpora's mean row lengths.
+
+    Args:
+        lengths: per corpus, the token count of each of its rows.
+        shares: per corpus, its share of the tokens.
+        tokens: the epoch's token budget.
+    """
+    rows = sum(share * tokens * len(corpus) / max(sum(corpus), 1)
+               for corpus, share in zip(lengths, shares, strict=True) if share and corpus)
+    free = available_memory()
+    if free is None or rows * PLANNED_ROW_BYTES <= free:
+        return
+    raise SelftrainError(f"--data.mixture_tokens {tokens:,}: an epoch of that many tokens is "
+                         f"about {rows:,.0f} rows of these corpora, whose plan alone needs "
+                         f"{rows * PLANNED_ROW_BYTES / 2**30:,.1f} GiB, more than the "
+                         f"{free / 2**30:,.1f} GiB this machine has free; give a budget near "
+                         "the corpora's size (leave it out for the largest epoch that repeats "
+                         "nothing)")
 
 
 def mixture_plan(lengths: Sequence[Sequence[int]], weights: Sequence[float],
@@ -62,6 +92,7 @@ def mixture_plan(lengths: Sequence[Sequence[int]], weights: Sequence[float],
     available = [int(sum(rows)) for rows in lengths]
     if tokens is None:
         tokens = int(min(available[j] / shares[j] for j in range(len(shares)) if shares[j]))
+    check_budget(lengths, shares, tokens)
     taken: list[list[int]] = []
     records = []
     for j, (rows, share) in enumerate(zip(lengths, shares, strict=True)):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from selftrain.digests import SIDECAR_SUFFIX
 from selftrain.errors import SelftrainError
 from selftrain.io import is_temp_name, remove, write_json_atomic
 from selftrain.outputs import dir_entries, listing
@@ -112,7 +113,8 @@ def run_files(root: Path, checkpoint_dir: Path) -> list[Path]:
 
     Args:
         root: the run dir.
-        checkpoint_dir: the run's checkpoint dir (its ``*.ckpt`` and temp files count).
+        checkpoint_dir: the run's checkpoint dir (its ``*.ckpt``, their digests and temp
+            files count).
     """
     from selftrain.models import EXPORT_INFO
 
@@ -124,6 +126,7 @@ def run_files(root: Path, checkpoint_dir: Path) -> list[Path]:
     if checkpoint_dir.is_dir():
         found += sorted(path for path in checkpoint_dir.iterdir()
                         if path.suffix == ".ckpt" or is_temp_name(path.name)
+                        or path.name.endswith(f".ckpt{SIDECAR_SUFFIX}")
                         or path.name.startswith(".last"))
     evaluations = root / "eval"
     if evaluations.is_dir():
@@ -162,7 +165,8 @@ def remove_earlier_run(root: Path, checkpoint_dir: Path) -> None:
 
     Args:
         root: the run dir.
-        checkpoint_dir: the run's checkpoint dir; outside ``root`` only its ``*.ckpt`` go.
+        checkpoint_dir: the run's checkpoint dir; outside ``root`` only its ``*.ckpt``
+            (and their digests) go.
     """
     written = run_files(root, checkpoint_dir)
     for path in sorted(written, key=lambda path: len(path.parts), reverse=True):
