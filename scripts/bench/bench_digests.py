@@ -11,7 +11,9 @@ alternating rounds in one run, times:
   * resume, plain: ``torch.load`` of the whole checkpoint (what Lightning does on a resume);
   * resume, digest: ``verify`` (read and hash the file) then the same ``torch.load``.
 
-Prints median seconds per arm and the ratios digest / plain, and the hash's own rate. The file
+Which arm of a pair goes first alternates over the rounds (the disk's writeback of one save
+slows the next). Prints median seconds per arm and the ratios digest / plain, and the hash's
+own rate. The file
 is in the page cache after it is written (as when a run resumes on the machine that saved it);
 a cold read adds the disk's time to both resume arms alike.
 
@@ -71,13 +73,16 @@ def main() -> None:
                                       "resume_digest", "hash")}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_digests-") as tmp:
         plain, digested = Path(tmp) / "plain.ckpt", Path(tmp) / "last.ckpt"
+        saves = {"save_plain": lambda: plain_save(state, plain),
+                 "save_digest": lambda: io.save_checkpoint(state, digested)}
+        resumes = {"resume_plain": lambda: torch.load(plain, weights_only=True),
+                   "resume_digest": lambda: (verify(digested, "--ckpt_path"),
+                                             torch.load(digested, weights_only=True))}
         for round_ in range(args.repeats):
-            times["save_plain"].append(timed(lambda: plain_save(state, plain)))
-            times["save_digest"].append(timed(lambda: io.save_checkpoint(state, digested)))
-            times["resume_plain"].append(timed(lambda: torch.load(plain, weights_only=True)))
-            times["resume_digest"].append(timed(lambda: (verify(digested, "--ckpt_path"),
-                                                         torch.load(digested,
-                                                                    weights_only=True))))
+            for arms in (saves, resumes):  # which arm goes first alternates over the rounds
+                names = list(arms) if round_ % 2 == 0 else list(arms)[::-1]
+                for name in names:
+                    times[name].append(timed(arms[name]))
             times["hash"].append(timed(lambda: file_digest(digested)))
             common.progress(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
                 f"{arm} {values[-1]:.2f} s" for arm, values in times.items()))
