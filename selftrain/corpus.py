@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selftrain import __version__
+from selftrain.digests import ALGORITHM, check_files, digests_of
 from selftrain.errors import SelftrainError
 from selftrain.io import (
     missing_parents,
@@ -149,6 +150,7 @@ class CorpusWriter:
         manifest = dict(manifest)
         manifest["counts"] = {**manifest.get("counts", {}), "written": self.rows_written,
                               "shards": self._shards}
+        manifest["digests"] = shard_digests(self._staging)
         write_json_atomic(stamp(manifest), self._staging / MANIFEST_NAME)
         publish_dir(self._staging, self.out)
         self._staging = None
@@ -543,6 +545,7 @@ def _read_corpus_dir(path: Path, flag: str
         raise SelftrainError(f"{flag} {path}: no data/*.parquet shards; the corpus is "
                              "empty or unfinished: regenerate it")
     damaged = "the corpus is damaged: regenerate it"
+    check_shard_digests(path, manifest, flag)
     tables = [read_parquet(shard, flag, damaged) for shard in shards]
     try:
         table = pa.concat_tables(tables, promote_options="default")
@@ -551,6 +554,35 @@ def _read_corpus_dir(path: Path, flag: str
                              f"({first_line(error)}); {damaged}") from None
     check_counts(path, manifest, table.num_rows, len(shards), flag)
     return table.to_pydict(), manifest, table.schema
+
+
+def shard_digests(root: Path) -> dict[str, Any]:
+    """The manifest's ``digests``: the xxh3-128 of every ``data/*.parquet`` shard of a corpus.
+
+    Args:
+        root: the corpus dir (or its staging dir), shards all written.
+    """
+    shards = sorted((root / DATA_DIR).glob("*.parquet"))
+    return {"algorithm": ALGORITHM, "files": digests_of(root, shards)}
+
+
+def check_shard_digests(path: Path, manifest: dict[str, Any] | None, flag: str) -> None:
+    """Refuse a corpus dir whose shards differ from the digests its manifest records.
+
+    A flipped byte in a parquet page can decode to other token ids without an error. Manifests
+    written before digests (or by other tools) record none, and nothing is checked.
+
+    Args:
+        path: the corpus dir.
+        manifest: its manifest (None: nothing to check against).
+        flag: the flag the corpus came from.
+    """
+    digests = (manifest or {}).get("digests")
+    if not isinstance(digests, dict) or digests.get("algorithm") != ALGORITHM:
+        return
+    if isinstance(digests.get("files"), dict):
+        check_files(path, digests["files"], flag, MANIFEST_NAME,
+                    "the corpus is damaged: regenerate it")
 
 
 def check_counts(path: Path, manifest: dict[str, Any] | None, rows: int, shards: int,

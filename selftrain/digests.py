@@ -59,6 +59,36 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"bytes": size, "digest": digest.hexdigest()}
 
 
+DAMAGED = ("it was damaged after it was saved; resume or load from another one, or write it "
+           "again")
+
+
+def digests_of(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """``{path relative to root: file_digest}`` of each path (posix separators)."""
+    return {path.relative_to(root).as_posix(): file_digest(path) for path in paths}
+
+
+def check_files(root: Path, files: dict[str, Any], flag: str, listed_in: str,
+                damaged: str = DAMAGED) -> None:
+    """Refuse the first listed file under ``root`` that is missing or differs from its digest.
+
+    Args:
+        root: the directory the names are relative to.
+        files: ``{relative path: {"bytes", "digest"}}``, as :func:`digests_of` gives.
+        flag: the flag ``root`` came from.
+        listed_in: the file that recorded the digests, named in the refusal.
+        damaged: what the refusal says to do.
+    """
+    for name, expected in sorted(files.items()):
+        member = root / name
+        if not member.is_file():
+            raise SelftrainError(f"{flag} {root}: {name} is missing (listed in {listed_in}); "
+                                 f"{damaged}")
+        if file_digest(member) != expected:
+            raise SelftrainError(f"{flag} {root}: {name} does not match its saved digest "
+                                 f"({listed_in}); {damaged}")
+
+
 def _listed_files(root: Path) -> list[Path]:
     return sorted(path for path in root.rglob("*")
                   if path.is_file() and path.name != DIGESTS_FILE)
@@ -72,8 +102,7 @@ def write_dir_digests(root: Path) -> None:
     Args:
         root: the directory.
     """
-    files = {path.relative_to(root).as_posix(): file_digest(path)
-             for path in _listed_files(root)}
+    files = digests_of(root, _listed_files(root))
     write_json_atomic({"algorithm": ALGORITHM, "files": files}, root / DIGESTS_FILE)
 
 
@@ -142,25 +171,15 @@ def verify(path: Path, flag: str) -> bool:
         SelftrainError: a file differs from its digest, is missing, or the digests are
             unreadable.
     """
-    damaged = ("it was damaged after it was saved; resume or load from another one, or "
-               "write it again")
     if path.is_dir():
         listing = path / DIGESTS_FILE
         if not listing.is_file():
             return False
-        record = _read_sidecar(listing, flag)
-        files = record.get("files")
+        files = _read_sidecar(listing, flag).get("files")
         if not isinstance(files, dict):
             raise SelftrainError(f"{flag} {listing}: lists no files; delete it to load "
                                  f"{path} unverified")
-        for name, expected in sorted(files.items()):
-            member = path / name
-            if not member.is_file():
-                raise SelftrainError(f"{flag} {path}: {name} is missing (listed in "
-                                     f"{DIGESTS_FILE}); {damaged}")
-            if file_digest(member) != expected:
-                raise SelftrainError(f"{flag} {path}: {name} does not match its saved digest "
-                                     f"({DIGESTS_FILE}); {damaged}")
+        check_files(path, files, flag, DIGESTS_FILE)
         return True
     side = sidecar(path)
     if not side.is_file():
@@ -171,7 +190,7 @@ def verify(path: Path, flag: str) -> bool:
                              "unverified")
     if file_digest(path) not in accepted:
         raise SelftrainError(f"{flag} {path}: does not match the digest saved beside it "
-                             f"({side.name}); {damaged} (changed on purpose? delete "
+                             f"({side.name}); {DAMAGED} (changed on purpose? delete "
                              f"{side.name})")
     return True
 

@@ -68,6 +68,19 @@ def truncated_shard(tmp: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def flipped_shard(tmp: Path) -> None:
+    """A corpus dir whose manifest records its shards' digests, then a shard lost bits."""
+    import json
+
+    from selftrain.corpus import shard_digests
+
+    corpus = corpus_copy(tmp)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["digests"] = shard_digests(corpus)
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    flip_bytes(first_shard(corpus), count=8)
+
+
 def mismatched_shards(tmp: Path) -> None:
     """A corpus dir with a second shard whose ``text`` column holds integers."""
     import pyarrow as pa
@@ -361,6 +374,8 @@ CASES = [
     # -- corpus files read by fit / validate / test (selftrain.corpus.read_corpus) ---------------
     bad("fit-shard-garbage", fit("--data.corpus", f"{TMP}/corpus"), "shard-00000",
         "regenerate", setup=garbage_shard),
+    bad("fit-shard-bits-flipped", fit("--data.corpus", f"{TMP}/corpus"), "--data.corpus",
+        "data/shard-", "does not match its saved digest", setup=flipped_shard),
     bad("fit-shard-truncated", fit("--data.corpus", f"{TMP}/corpus"), "shard-00000",
         setup=truncated_shard),
     bad("fit-shards-mismatched", fit("--data.corpus", f"{TMP}/corpus"), f"{TMP}/corpus",

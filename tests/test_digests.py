@@ -105,3 +105,23 @@ def test_a_directory_lists_every_file_and_names_the_one_that_changed(tmp_path):
     with pytest.raises(SelftrainError, match=r"model\.safetensors is missing"):
         verify(root, "--model")
     assert verify(tmp_path, "--model") is False  # a dir saved without digests
+
+
+def test_a_corpus_records_its_shards_digests_and_refuses_a_shard_that_lost_bits(tmp_path):
+    from helpers import flip_bytes
+
+    from selftrain.analysis.corpus_chunks import open_corpus
+    from selftrain.corpus import CorpusWriter, read_corpus
+
+    with CorpusWriter(tmp_path / "corpus", shard_size=3) as writer:
+        writer.add({"id": i, "text": f"row {i}", "input_ids": [1, 2, i]} for i in range(7))
+        writer.finish({"kind": "test"})
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "corpus" / "data").glob("*.parquet"))
+    assert sorted(manifest["digests"]["files"]) == [f"data/{name}" for name in shards]
+    assert len(read_corpus(tmp_path / "corpus")) == 7
+    flip_bytes(tmp_path / "corpus" / "data" / shards[1], count=4)
+    for read in (read_corpus, open_corpus):
+        with pytest.raises(SelftrainError, match=rf"data/{shards[1]} does not match its saved "
+                                                 r"digest \(manifest\.json\)"):
+            read(tmp_path / "corpus")

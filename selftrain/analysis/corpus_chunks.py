@@ -24,6 +24,7 @@ from selftrain.corpus import (
     Corpus,
     check_counts,
     check_rows,
+    check_shard_digests,
     read_corpus,
     read_manifest,
     readable_parquet,
@@ -107,6 +108,7 @@ def open_corpus(path: str | Path, flag: str = "--corpus") -> ChunkedCorpus:
     shards = sorted((path / DATA_DIR).glob("*.parquet")) if (path / DATA_DIR).is_dir() else []
     if manifest is None and not shards:
         shards = sorted(path.glob("*.parquet"))
+    check_shard_digests(path, manifest, flag)  # before any shard is parsed
     rows, columns = 0, {}
     for shard in shards:
         with readable_parquet(shard, flag, DAMAGED):

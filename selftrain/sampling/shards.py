@@ -32,6 +32,7 @@ from selftrain.corpus import (
     PLAN_NAME,
     SCHEMA,
     read_parquet,
+    shard_digests,
     stamp,
 )
 from selftrain.errors import SelftrainError
@@ -231,7 +232,8 @@ class ShardedCorpus:
                   "tokens": int(sum(table.column("num_tokens").to_pylist()))}
         manifest = stamp({**manifest, "counts": counts, "generation": self.spec,
                           "sharding": {"shard_size": self.shard_size,
-                                       "num_shards": self.num_shards}})
+                                       "num_shards": self.num_shards},
+                          "digests": shard_digests(self.out)})
         write_json_atomic(manifest, self.out / MANIFEST_NAME)
         (self.out / PLAN_NAME).unlink(missing_ok=True)
         if self.out != self.target:  # the replacement is complete: now the old corpus goes
