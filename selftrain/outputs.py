@@ -13,6 +13,7 @@ in place.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,6 +50,27 @@ def refuse_unwritable(out: Path, flag: str = "--out", beside: bool = True) -> No
         if not os.access(path, os.W_OK | os.X_OK):
             raise SelftrainError(f"{flag} {out}: {path} is not writable; choose a directory "
                                  "you can write to")
+
+
+def refuse_beyond_disk(out: Path, needed: int, flag: str, value: object, what: str) -> None:
+    """Refuse an output that cannot fit in the free space of the disk it would be written to.
+
+    A count a user can make absurd (``--num_samples 10^15``) otherwise starts work that can
+    never finish: the bound is known before anything is loaded.
+
+    Args:
+        out: the output path (it or its nearest existing parent says which disk).
+        needed: bytes the output needs at the very least.
+        flag: the flag that sets the count.
+        value: its value, shown.
+        what: the output, as the message names it.
+    """
+    existing = next(path for path in [out, *out.parents] if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise SelftrainError(f"{flag} {value}: {what} needs at least {needed / 2**30:,.1f} GiB "
+                             f"on disk, more than the {free / 2**30:,.1f} GiB free under "
+                             f"{existing}; ask for fewer")
 
 
 def refuse_input_overlap(out: Path, inputs: Iterable[tuple[str, str | Path | None]],

@@ -532,6 +532,8 @@ CASES = [
     bad("replay-unknown-flag", replay("--nope", "1"), "--nope"),
     # -- generate ------------------------------------------------------------------------------
     bad("generate-num-samples-0", generate("--num_samples", "0"), "--num_samples"),
+    bad("generate-num-samples-beyond-the-disk", generate("--num_samples", str(10**18)),
+        "--num_samples", "GiB on disk"),
     bad("generate-max-new-tokens-0", generate("--max_new_tokens", "0"), "--max_new_tokens"),
     bad("generate-max-new-tokens-beyond-the-model", swap(generate(), "--max_new_tokens",
                                                          "1000000000000"),
@@ -741,6 +743,9 @@ CASES = [
         "--seeds"),
     bad("synthesize-temperature-0", synthesize("--temperature", "0"), "--temperature"),
     bad("synthesize-num-samples-0", synthesize("--num_samples", "0"), "--num_samples"),
+    bad("synthesize-num-samples-beyond-the-disk",
+        synthesize("--separator", "|", "--max_d1_tokens", "8", "--num_samples", str(10**18)),
+        "--num_samples", "GiB on disk", setup=DOCS),
     bad("fit-max-steps-0-points-at-evaluate", fit("--trainer.max_steps", "0"),
         "--trainer.max_steps", "selftrain evaluate --model SPEC --fit_config CONFIG --out DIR"),
     bad("fit-max-epochs-0-points-at-evaluate", fit("--trainer.max_epochs", "0"),

@@ -44,7 +44,10 @@ from selftrain.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from selftrain.outputs import refuse_foreign, refuse_unwritable
+from selftrain.outputs import refuse_beyond_disk, refuse_foreign, refuse_unwritable
+
+MIN_SAMPLE_BYTES = 8
+"""Disk one sample takes at the very least: its int64 id (its tokens and text come on top)."""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -123,6 +126,9 @@ class ShardedCorpus:
         Raises:
             SelftrainError: ``out`` holds something else and ``overwrite`` is off.
         """
+        refuse_beyond_disk(self.out, self.num_samples * MIN_SAMPLE_BYTES, "--num_samples",
+                           self.num_samples, f"a corpus of that many samples ({MIN_SAMPLE_BYTES}"
+                           " bytes each at the very least)")
         state, existing = self.existing_spec()
         if state == "empty":
             return "fresh"
