@@ -582,7 +582,8 @@ def check_shard_digests(path: Path, manifest: dict[str, Any] | None, flag: str) 
         return
     if isinstance(digests.get("files"), dict):
         check_files(path, digests["files"], flag, MANIFEST_NAME,
-                    "the corpus is damaged: regenerate it")
+                    "the corpus is damaged: regenerate it (changed on purpose? remove "
+                    "`digests` from its manifest.json)")
 
 
 def check_counts(path: Path, manifest: dict[str, Any] | None, rows: int, shards: int,

@@ -127,6 +127,8 @@ def save_with_digest(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         if previous:  # until the rename, the file in place is the old one: accept both
             write_json_atomic({"algorithm": ALGORITHM, "file": target.name,
                                "accepted": [new, *previous]}, side)
+        else:  # a sidecar left without its file (or naming none) must not judge the new one
+            side.unlink(missing_ok=True)
     write_json_atomic({"algorithm": ALGORITHM, "file": target.name, "accepted": [new]}, side)
 
 
@@ -171,6 +173,9 @@ def verify(path: Path, flag: str) -> bool:
         SelftrainError: a file differs from its digest, is missing, or the digests are
             unreadable.
     """
+    if not path.exists():
+        return False  # the reader says the file is missing
+    path = path.resolve()  # a link (``--checkpoint.save_last link``): its target's digest
     if path.is_dir():
         listing = path / DIGESTS_FILE
         if not listing.is_file():
@@ -179,7 +184,8 @@ def verify(path: Path, flag: str) -> bool:
         if not isinstance(files, dict):
             raise SelftrainError(f"{flag} {listing}: lists no files; delete it to load "
                                  f"{path} unverified")
-        check_files(path, files, flag, DIGESTS_FILE)
+        check_files(path, files, flag, DIGESTS_FILE,
+                    f"{DAMAGED} (changed on purpose? delete {DIGESTS_FILE})")
         return True
     side = sidecar(path)
     if not side.is_file():
@@ -194,3 +200,24 @@ def verify(path: Path, flag: str) -> bool:
                              f"{side.name})")
     return True
 
+
+_VERIFIED: set[tuple[str, int]] = set()
+
+
+def verify_model_dir(path: Path, flag: str) -> None:
+    """:func:`verify` a local model dir that carries digests, once per process.
+
+    The tokenizer and the weights of one export load in turn, and ``evaluate`` checks its
+    exports before it starts; each dir is read and hashed once (until its digests change).
+
+    Args:
+        path: a local model dir (an export, a planted model); without digests, nothing is done.
+        flag: the flag the dir came from.
+    """
+    listing = path / DIGESTS_FILE
+    if not listing.is_file():
+        return
+    key = (str(path.resolve()), listing.stat().st_mtime_ns)
+    if key not in _VERIFIED:
+        verify(path, flag)
+        _VERIFIED.add(key)

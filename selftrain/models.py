@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from selftrain.corpus import first_line
-from selftrain.digests import DIGESTS_FILE, verify
+from selftrain.digests import verify_model_dir
 from selftrain.embedded import (
     EMBEDDED_MODELS,
     embedded_cache_dir,
@@ -225,6 +225,8 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
         tokenizer.name_or_path = str(parsed)
         return tokenizer
     path = embedded_cache_dir(parsed.name) if parsed.kind == "embedded" else parsed.name
+    if parsed.kind == "hub" and Path(path).is_dir():
+        verify_model_dir(Path(path), flag)  # its tokenizer files are listed too
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(revision,
                                                                       trust_remote_code))
@@ -272,8 +274,8 @@ def load_model(
     kwargs["dtype"] = as_dtype(dtype) or torch.float32
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if parsed.kind == "hub" and (Path(path) / DIGESTS_FILE).is_file():
-        verify(Path(path), flag)  # an export or planted model: refused if it lost bits
+    if parsed.kind == "hub" and Path(path).is_dir():
+        verify_model_dir(Path(path), flag)  # an export or planted model: refused if damaged
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:

@@ -225,6 +225,9 @@ class SelftrainCLI(LightningCLI):
                 self.start_over = True
             else:
                 ckpt = config.ckpt_path = str(found)
+        elif ckpt == "last" and find_last_checkpoint(checkpoint_dir) is not None:
+            # validate / test: the file Lightning would pick (its rule), named so it is checked
+            ckpt = config.ckpt_path = str(find_last_checkpoint(checkpoint_dir))
         if ckpt is not None and ckpt not in CKPT_KEYWORDS and "://" not in str(ckpt):
             self.resume_meta = self._checkpoint_meta(ckpt)
         if self.subcommand != "fit":

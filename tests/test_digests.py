@@ -87,6 +87,58 @@ def test_the_sidecar_accepts_old_and_new_until_the_new_file_is_in_place(tmp_path
     assert seen == [([new, old], old), ([new], new)]
 
 
+class Killed(Exception):
+    """A kill at a chosen point of a save."""
+
+
+def killed_at_the_final_sidecar(monkeypatch) -> None:
+    """Make the save's last sidecar write (after the rename) die, as a SIGKILL there would."""
+    import selftrain.digests as digests
+
+    real = digests.write_json_atomic
+
+    def write(payload, target, **kwargs):
+        if payload.get("accepted") == [digests.file_digest(target.with_name(payload["file"]))]:
+            raise Killed  # the new file is in place; its sidecar still says what it said
+        real(payload, target, **kwargs)
+
+    monkeypatch.setattr(digests, "write_json_atomic", write)
+
+
+def test_a_replacing_save_killed_after_its_rename_leaves_a_file_its_sidecar_accepts(
+        tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save(path, 1.0)
+    killed_at_the_final_sidecar(monkeypatch)
+    with pytest.raises(Killed):
+        save(path, 2.0)
+    assert torch.load(path)["w"][0] == 2.0 and verify(path, "--ckpt_path")
+
+
+def test_a_stale_sidecar_without_its_file_cannot_refuse_the_next_save(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save(path, 1.0)
+    path.unlink()  # a removal killed between the checkpoint and its sidecar
+    killed_at_the_final_sidecar(monkeypatch)
+    with pytest.raises(Killed):
+        save(path, 2.0)
+    assert not sidecar(path).exists()  # the stale one went before the new file appeared
+    assert verify(path, "--ckpt_path") is False  # unverified, not refused
+
+
+def test_a_missing_file_is_left_to_its_reader_and_a_link_is_checked_through(tmp_path):
+    path = tmp_path / "epoch=1.ckpt"
+    save(path, 1.0)
+    link = tmp_path / "last.ckpt"
+    link.symlink_to(path.name)  # --checkpoint.save_last link
+    assert verify(link, "--ckpt_path")
+    flip(path, path.stat().st_size // 2)
+    with pytest.raises(SelftrainError, match=r"epoch=1\.ckpt: does not match"):
+        verify(link, "--ckpt_path")
+    path.unlink()
+    assert verify(path, "--ckpt_path") is False  # read_checkpoint_meta says it is missing
+
+
 def test_a_directory_lists_every_file_and_names_the_one_that_changed(tmp_path):
     root = tmp_path / "export"
     (root / "sub").mkdir(parents=True)
@@ -99,7 +151,8 @@ def test_a_directory_lists_every_file_and_names_the_one_that_changed(tmp_path):
     weights = root / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SelftrainError, match=r"model\.safetensors does not match its saved "
-                                              r"digest"):
+                                              r"digest .*changed on purpose\? delete "
+                                              r"digests\.json"):
         verify(root, "--model")
     weights.unlink()
     with pytest.raises(SelftrainError, match=r"model\.safetensors is missing"):

@@ -353,9 +353,16 @@ def test_a_checkpoint_that_lost_bits_is_refused_before_it_is_read(one_epoch, tmp
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert verify(checkpoint, "--ckpt_path")  # fit saved the digest with the checkpoint
     assert [verify(export, "--model") for export in (run / "hf").iterdir()] == [True]
+    validate = ["validate", "--config", DEBUG, NO_CALLBACKS, "--trainer.default_root_dir",
+                str(run), "--trainer.enable_progress_bar", "false", "--data.eval_corpus",
+                DEBUG_CORPUS]
+    main([*validate, "--ckpt_path", "last"])  # intact: last is resolved, checked and read
+    assert "val/loss" in scalar_events(run / "tb" / "validate")
     flip_bytes(checkpoint)
     before = tree(run)
-    line = refused(capsys, *fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False))
-    assert line.startswith(f"selftrain: error: --ckpt_path {checkpoint}: does not match the "
-                           "digest saved beside it"), line
-    assert tree(run) == before
+    for args in (fit_args(run, *TWO_EPOCHS, "--ckpt_path", "last", callbacks=False),
+                 [*validate, "--ckpt_path", "last"]):  # Lightning resolves last for validate
+        line = refused(capsys, *args)
+        assert line.startswith(f"selftrain: error: --ckpt_path {checkpoint}: does not match "
+                               "the digest saved beside it"), line
+        assert tree(run) == before

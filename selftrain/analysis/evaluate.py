@@ -48,7 +48,7 @@ from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.callbacks.likelihood_tracker import LikelihoodTracker
 from selftrain.callbacks.probe_eval import mark_shared, share_probe_set
 from selftrain.callbacks.tb_layout import close_boards
-from selftrain.digests import verify
+from selftrain.digests import verify_model_dir
 from selftrain.errors import SelftrainError
 from selftrain.io import fsync_dir, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import refuse_foreign, refuse_input_overlap, refuse_unwritable
@@ -140,7 +140,9 @@ def evaluate(
                else _model_targets(base, model, epoch))
     for target in targets:  # a damaged export is refused before any evaluation starts
         if Path(target.model).is_dir():
-            verify(Path(target.model), "--run" if run_dir is not None else "--model")
+            source = ("--model" if target.model == model else
+                      f"{flag} (its model.model)" if target.epoch == 0 else "--run")
+            verify_model_dir(Path(target.model), source)
     out_dir = Path(out) if out is not None else run_dir
     callbacks = build_callbacks(eval_config, config_path, flag)
     replaced = _check_out(out_dir, run_dir, callbacks, overwrite, config_path)

@@ -26,17 +26,22 @@ def ampere_or_newer(device: torch.device) -> bool:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory the machine can still give (Linux ``MemAvailable``); None if unknown."""
+    """Bytes of memory the machine can still give; None if unknown.
+
+    Linux's ``MemAvailable``; elsewhere the free pages, or failing that (macOS) the total.
+    """
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # macOS has only the total
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            continue
+    return None
 
 
 def flash_attn_installed() -> bool:

@@ -92,7 +92,8 @@ def mixture_plan(lengths: Sequence[Sequence[int]], weights: Sequence[float],
     available = [int(sum(rows)) for rows in lengths]
     if tokens is None:
         tokens = int(min(available[j] / shares[j] for j in range(len(shares)) if shares[j]))
-    check_budget(lengths, shares, tokens)
+    else:  # the largest epoch without repetition fits by construction: only a budget is checked
+        check_budget(lengths, shares, tokens)
     taken: list[list[int]] = []
     records = []
     for j, (rows, share) in enumerate(zip(lengths, shares, strict=True)):
