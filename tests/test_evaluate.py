@@ -171,6 +171,7 @@ def test_a_failed_evaluation_leaves_nothing(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "hf" / "epoch=2" / "model.safetensors").unlink()  # fails after two evaluations
+    (run / "hf" / "epoch=2" / "digests.json").unlink()  # (with digests it fails before any)
     before = tree(tmp_path)
     line = refused(capsys, "--run", str(run), "--out", str(tmp_path / "out"))
     assert "evaluating epoch 2" in line and "no weights" in line
