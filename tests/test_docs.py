@@ -1,6 +1,6 @@
 """What the docs promise: the commands they show exist as shown, and what they name is there.
 
-The README and the pages under ``docs/`` are read as a user reads them:
+The README, ``configs/README.md`` and the pages under ``docs/`` are read as a user reads them:
 
 - every ``selftrain ...`` command in a fenced code block (also ``python -m selftrain ...``,
   ``torchrun ... -m selftrain ...`` and ``sbatch scripts/slurm_fit.sbatch ...``, which passes
@@ -12,8 +12,8 @@ The README and the pages under ``docs/`` are read as a user reads them:
   named in inline code, names a module (and a name it defines) in the source tree; every
   repository path named in inline code exists;
 - every relative Markdown link points to a file that exists (and to a heading there, when it
-  names one); the file tree of the README names only files that exist, and every module of
-  ``selftrain/`` and ``callbacks/`` has its line in it.
+  names one); the file tree of ``docs/architecture.md`` names only files that exist, and every
+  module of ``selftrain/`` and ``callbacks/`` has its line in it.
 
 Nothing documented runs for real: each subcommand runs once, with ``--help``, through the
 installed entry point, so commands that need a GPU or a hub model (``Qwen/...``) are checked
@@ -37,7 +37,8 @@ from conftest import REPO
 
 from selftrain.cli import TOOLS, TRAINER_COMMANDS
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "configs" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
 """The pages checked; CHANGELOG.md is history and may show what no longer exists."""
 
 SUBCOMMANDS = (*TRAINER_COMMANDS, *TOOLS)
@@ -310,11 +311,15 @@ def test_relative_links_resolve():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-def readme_tree() -> list[str]:
-    """The paths the README's file tree names, rebuilt from its indentation."""
-    blocks = [lines for _, lines in fenced_blocks(REPO / "README.md")
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+"""The page whose file tree names every module (the README links to it)."""
+
+
+def file_tree() -> list[str]:
+    """The paths the file tree of docs/architecture.md names, rebuilt from its indentation."""
+    blocks = [lines for _, lines in fenced_blocks(ARCHITECTURE)
               if any("├── " in line for line in lines)]
-    assert blocks, "the README has no file tree"
+    assert blocks, "docs/architecture.md has no file tree"
     paths, parents = [], []
     for line in blocks[0]:
         match = re.match(r"^((?:│   |    )*)[├└]── ([^\s#]+)", line)
@@ -325,16 +330,17 @@ def readme_tree() -> list[str]:
     return paths
 
 
-def test_readme_file_tree_names_existing_files():
-    missing = [path for path in readme_tree() if not (REPO / path).exists()]
-    assert not missing, "the README's file tree names what is not there:\n" + "\n".join(missing)
+def test_the_file_tree_names_existing_files():
+    missing = [path for path in file_tree() if not (REPO / path).exists()]
+    assert not missing, "docs/architecture.md's tree names what is not there:\n" + "\n".join(
+        missing)
 
 
-def test_readme_file_tree_has_every_module():
-    named = set(readme_tree())
+def test_the_file_tree_has_every_module():
+    named = set(file_tree())
     tops = (REPO / "selftrain", REPO / "callbacks")
     modules = sorted(str(path.relative_to(REPO)) for top in tops for path in top.rglob("*.py")
                      if path.name != "__init__.py" or path.parent in tops)  # stage folders: a line
     missing = [module for module in modules if module not in named]
-    assert not missing, "modules without a line in the README's file tree:\n" + "\n".join(
+    assert not missing, "modules without a line in docs/architecture.md's tree:\n" + "\n".join(
         missing)
