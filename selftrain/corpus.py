@@ -91,6 +91,10 @@ class Corpus:
         return 0
 
 
+DAMAGED = "the corpus is damaged: regenerate it"
+"""What a refusal of a corpus dir that lost or changed bytes tells the user to do."""
+
+
 @dataclass
 class CorpusWriter:
     """Writes a corpus dir atomically: shards into a staging dir, then one swap into place.
@@ -544,14 +548,13 @@ def _read_corpus_dir(path: Path, flag: str
     if not shards:
         raise SelftrainError(f"{flag} {path}: no data/*.parquet shards; the corpus is "
                              "empty or unfinished: regenerate it")
-    damaged = "the corpus is damaged: regenerate it"
     check_shard_digests(path, manifest, flag)
-    tables = [read_parquet(shard, flag, damaged) for shard in shards]
+    tables = [read_parquet(shard, flag, DAMAGED) for shard in shards]
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as error:
         raise SelftrainError(f"{flag} {path}: its shards disagree on their columns "
-                             f"({first_line(error)}); {damaged}") from None
+                             f"({first_line(error)}); {DAMAGED}") from None
     check_counts(path, manifest, table.num_rows, len(shards), flag)
     return table.to_pydict(), manifest, table.schema
 
@@ -582,8 +585,7 @@ def check_shard_digests(path: Path, manifest: dict[str, Any] | None, flag: str) 
         return
     if isinstance(digests.get("files"), dict):
         check_files(path, digests["files"], flag, MANIFEST_NAME,
-                    "the corpus is damaged: regenerate it (changed on purpose? remove "
-                    "`digests` from its manifest.json)")
+                    f"{DAMAGED} (changed on purpose? remove `digests` from its manifest.json)")
 
 
 def check_counts(path: Path, manifest: dict[str, Any] | None, rows: int, shards: int,
@@ -611,7 +613,7 @@ def check_counts(path: Path, manifest: dict[str, Any] | None, rows: int, shards:
             raise SelftrainError(f"{flag} {path}: its manifest records {expected['rows']} rows "
                                  f"in {expected['shards']} shard(s), but data/ holds {rows} "
                                  f"rows in {shards} shard(s): a shard is missing or does not "
-                                 "belong; the corpus is damaged: regenerate it")
+                                 f"belong; {DAMAGED}")
 
 
 def read_manifest(path: Path, flag: str) -> dict[str, Any]:
@@ -620,7 +622,7 @@ def read_manifest(path: Path, flag: str) -> dict[str, Any]:
         manifest = json.loads(read_text(path, flag))
     except json.JSONDecodeError as error:
         raise SelftrainError(f"{flag} {path}: not valid JSON (line {error.lineno}: "
-                             f"{error.msg}); the corpus is damaged: regenerate it") from None
+                             f"{error.msg}); {DAMAGED}") from None
     if not isinstance(manifest, dict):
         raise SelftrainError(f"{flag} {path}: not a JSON object; the corpus is damaged: "
                              "regenerate it")

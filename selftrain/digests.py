@@ -42,6 +42,8 @@ DIGESTS_FILE = "digests.json"
 SIDECAR_SUFFIX = ".digest.json"
 """A single file's digests: ``{"algorithm", "file", "accepted": [{"bytes", "digest"}, ...]}``."""
 BLOCK = 8 << 20
+DAMAGED = ("it was damaged after it was saved; resume or load from another one, or write it "
+           "again")
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -57,10 +59,6 @@ def file_digest(path: Path) -> dict[str, Any]:
             digest.update(block)
             size += len(block)
     return {"bytes": size, "digest": digest.hexdigest()}
-
-
-DAMAGED = ("it was damaged after it was saved; resume or load from another one, or write it "
-           "again")
 
 
 def digests_of(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -111,6 +109,15 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def digest_file(path: Path) -> Path:
+    """Where a checkpoint's or export's digests are: a dir's ``digests.json``, else the sidecar."""
+    return path / DIGESTS_FILE if path.is_dir() else sidecar(path)
+
+
+def _write_sidecar(side: Path, name: str, accepted: list[dict[str, Any]]) -> None:
+    write_json_atomic({"algorithm": ALGORITHM, "file": name, "accepted": accepted}, side)
+
+
 def save_with_digest(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write a file atomically with ``write(staging_path)``, and its digest sidecar.
 
@@ -125,17 +132,16 @@ def save_with_digest(path: str | os.PathLike, write: Callable[[Path], None]) -> 
         new = file_digest(staging)
         previous = _accepted(side) if target.is_file() else []
         if previous:  # until the rename, the file in place is the old one: accept both
-            write_json_atomic({"algorithm": ALGORITHM, "file": target.name,
-                               "accepted": [new, *previous]}, side)
+            _write_sidecar(side, target.name, [new, *previous])
         else:  # a sidecar left without its file (or naming none) must not judge the new one
             side.unlink(missing_ok=True)
-    write_json_atomic({"algorithm": ALGORITHM, "file": target.name, "accepted": [new]}, side)
+    _write_sidecar(side, target.name, [new])
 
 
 def _accepted(side: Path) -> list[dict[str, Any]]:
     """The digests a sidecar accepts; none when it is missing or unreadable."""
     try:
-        accepted = _read_sidecar(side, "").get("accepted", [])
+        accepted = _read_digests(side, "").get("accepted", [])
     except SelftrainError:
         return []
     return accepted if isinstance(accepted, list) else []
@@ -147,7 +153,8 @@ def remove_with_digest(path: Path) -> None:
     sidecar(path).unlink(missing_ok=True)
 
 
-def _read_sidecar(path: Path, flag: str) -> dict[str, Any]:
+def _read_digests(path: Path, flag: str) -> dict[str, Any]:
+    """A digest file (a sidecar or a dir's ``digests.json``), refused unless it is ours."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -176,28 +183,25 @@ def verify(path: Path, flag: str) -> bool:
     if not path.exists():
         return False  # the reader says the file is missing
     path = path.resolve()  # a link (``--checkpoint.save_last link``): its target's digest
+    listing = digest_file(path)
+    if not listing.is_file():
+        return False
     if path.is_dir():
-        listing = path / DIGESTS_FILE
-        if not listing.is_file():
-            return False
-        files = _read_sidecar(listing, flag).get("files")
+        files = _read_digests(listing, flag).get("files")
         if not isinstance(files, dict):
             raise SelftrainError(f"{flag} {listing}: lists no files; delete it to load "
                                  f"{path} unverified")
         check_files(path, files, flag, DIGESTS_FILE,
                     f"{DAMAGED} (changed on purpose? delete {DIGESTS_FILE})")
         return True
-    side = sidecar(path)
-    if not side.is_file():
-        return False
-    accepted = _read_sidecar(side, flag).get("accepted")
+    accepted = _read_digests(listing, flag).get("accepted")
     if not isinstance(accepted, list):
-        raise SelftrainError(f"{flag} {side}: lists no digest; delete it to load {path} "
+        raise SelftrainError(f"{flag} {listing}: lists no digest; delete it to load {path} "
                              "unverified")
     if file_digest(path) not in accepted:
         raise SelftrainError(f"{flag} {path}: does not match the digest saved beside it "
-                             f"({side.name}); {DAMAGED} (changed on purpose? delete "
-                             f"{side.name})")
+                             f"({listing.name}); {DAMAGED} (changed on purpose? delete "
+                             f"{listing.name})")
     return True
 
 

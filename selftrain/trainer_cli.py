@@ -45,7 +45,7 @@ from selftrain.callbacks.probe_eval import (
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
 from selftrain.callbacks.tb_layout import TensorBoardLayout
 from selftrain.curation.leaks import LeakCheck, check_ngram, find_leaks, refuse_leaks
-from selftrain.digests import DIGESTS_FILE, sidecar, verify
+from selftrain.digests import digest_file, verify
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.outputs import refuse_input_overlap, refuse_unwritable
 from selftrain.precision import device_type, trainer_precision
@@ -134,8 +134,7 @@ class SelftrainCLI(LightningCLI):
             self._read_meta = (ckpt, read_checkpoint_meta(Path(ckpt), weights_only=not trusted))
             if not verified:
                 log.warning("--ckpt_path %s: no digest was saved with it (%s); it reads as a "
-                            "checkpoint but is not verified", ckpt, DIGESTS_FILE
-                            if Path(ckpt).is_dir() else sidecar(Path(ckpt)).name)
+                            "checkpoint but is not verified", ckpt, digest_file(Path(ckpt)).name)
         return self._read_meta[1]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -215,8 +214,8 @@ class SelftrainCLI(LightningCLI):
         if self.subcommand == "fit" and ckpt is not None and config.get("overwrite"):
             raise SelftrainError(f"--overwrite true with --ckpt_path {ckpt}: one starts the run "
                                  "over, the other resumes it; pass only the one you mean")
+        found = find_last_checkpoint(checkpoint_dir) if ckpt == "last" else None
         if ckpt == "last" and self.subcommand == "fit":
-            found = find_last_checkpoint(checkpoint_dir)
             if found is None:
                 log.info("--ckpt_path last: no checkpoint in %s yet; starting from step 0",
                          checkpoint_dir)
@@ -225,9 +224,9 @@ class SelftrainCLI(LightningCLI):
                 self.start_over = True
             else:
                 ckpt = config.ckpt_path = str(found)
-        elif ckpt == "last" and find_last_checkpoint(checkpoint_dir) is not None:
+        elif found is not None:
             # validate / test: the file Lightning would pick (its rule), named so it is checked
-            ckpt = config.ckpt_path = str(find_last_checkpoint(checkpoint_dir))
+            ckpt = config.ckpt_path = str(found)
         if ckpt is not None and ckpt not in CKPT_KEYWORDS and "://" not in str(ckpt):
             self.resume_meta = self._checkpoint_meta(ckpt)
         if self.subcommand != "fit":

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from selftrain.corpus import (
+    DAMAGED,
     DATA_DIR,
     MANIFEST_NAME,
     PLAN_NAME,
@@ -30,8 +31,6 @@ from selftrain.corpus import (
     readable_parquet,
 )
 from selftrain.errors import SelftrainError
-
-DAMAGED = "the corpus is damaged: regenerate it"
 
 
 @dataclass
