@@ -26,11 +26,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# the pre-registered mini reproduction on real models (about 51 min on 2 cores): docs/repro-mini/
+# the pre-registered mini reproduction on real models (about 51 min on 2 cores): docs/records/repro-mini/
 repro-mini: install
 	$(BIN)/python scripts/repro_mini.py
 
-# SBP against repetition and more unique real data, in miniature on a CPU: docs/sbp-mini/
+# SBP against repetition and more unique real data, in miniature on a CPU: docs/records/sbp-mini/
 sbp-mini: install
 	$(BIN)/python scripts/sbp_mini.py
 

@@ -1,4 +1,4 @@
-"""Build the tiny debug runs and the `selftrain report` over them (docs/report-example/).
+"""Build the tiny debug runs and the `selftrain report` over them (docs/records/report-example/).
 
 What ``docs/report.md`` shows as its example comes from here: two conditions (the debug
 corpus sampled at T=0.7, shipped in ``configs/data/tiny_qwen2_self``, and a second one sampled
@@ -7,7 +7,7 @@ then ``selftrain proxies`` on both corpora (skipped, with the reason, if it fail
 ``proxies`` extra), and the report. The models are randomly initialised tiny Qwen2s: the
 numbers exercise the pipeline and mean nothing scientifically, and the report says so.
 
-    python scripts/debug_report.py --work runs/debug_report --out docs/report-example
+    python scripts/debug_report.py --work runs/debug_report --out docs/records/report-example
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/debug_report"),
                         help="new dir for the second corpus, the runs and the proxies")
-    parser.add_argument("--out", type=Path, default=Path("docs/report-example"),
+    parser.add_argument("--out", type=Path, default=Path("docs/records/report-example"),
                         help="the report dir (an existing report there is replaced)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per fit")
     args = parser.parse_args()

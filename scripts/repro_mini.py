@@ -8,7 +8,7 @@
    evaluated once; self and cross family, each in its four proxy cells; the replay matched to
    self cell by cell; 12 fits; proxies; the report;
 4. applies the pre-registered rules of ``docs/repro-mini.md`` (``selftrain findings``);
-5. copies what a reader needs into ``docs/repro-mini/`` as the run wrote it: the report's
+5. copies what a reader needs into ``docs/records/repro-mini/`` as the run wrote it: the report's
    ``summary.md``, figures and scalars, the findings, the grid file, the commands and the wall
    time of every stage.
 
@@ -17,7 +17,7 @@ The planted model, the canaries and the replay text go into ``--out`` and the sw
 skipped (the sweep's records; the planted model), and keeps the wall time it took
 (``stages.json``). Flags: ``--out DIR`` (default
 runs/repro-mini; the grid's paths assume it), ``--publish DIR``
-(default docs/repro-mini; ``""`` skips the copy).
+(default docs/records/repro-mini; ``""`` skips the copy).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def run(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/repro-mini")
-    parser.add_argument("--publish", default="docs/repro-mini")
+    parser.add_argument("--publish", default="docs/records/repro-mini")
     args = parser.parse_args()
     out = REPO / args.out
     selftrain = [sys.executable, "-m", "selftrain"]

@@ -8,7 +8,7 @@
    corpus, the synthesizer, synthesis, then one student each on real + synthetic (``sbp``), on
    the real documents repeated (``sbp_repeat``) and on the oracle's (``sbp_oracle``), all at
    one token budget, evaluated every epoch; the report;
-3. copies what a reader needs into ``docs/sbp-mini/`` as the run wrote it: the report's
+3. copies what a reader needs into ``docs/records/sbp-mini/`` as the run wrote it: the report's
    ``summary.md``, figures and scalars, the pairs' and the synthetic corpus's manifests, a few
    synthetic documents beside their seeds, the grid, the commands and the wall times.
 
@@ -63,7 +63,7 @@ def write_real_text(out: Path, real: int) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/sbp-mini")
-    parser.add_argument("--publish", default="docs/sbp-mini")
+    parser.add_argument("--publish", default="docs/records/sbp-mini")
     parser.add_argument("--real", type=int, default=96, help="documents of the real corpus")
     parser.add_argument("--publish_only", action="store_true",
                         help="copy a finished run into --publish without running anything")
