@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers (docs/testing.md has the times with 1 and 2 on 2 cores)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo repro-mini sbp-mini test test-fast lint clean
 
@@ -35,10 +37,10 @@ sbp-mini: install
 	$(BIN)/python scripts/sbp_mini.py
 
 test: install
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check selftrain callbacks scripts tests
