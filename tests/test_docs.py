@@ -362,3 +362,27 @@ def test_the_file_tree_has_every_module():
     missing = [module for module in modules if module not in named]
     assert not missing, "modules without a line in docs/architecture.md's tree:\n" + "\n".join(
         missing)
+
+
+TESTING = REPO / "docs" / "testing.md"
+"""The page whose Files table names every test file and what it checks."""
+
+
+def test_the_testing_page_lists_every_test_file():
+    rows = set(re.findall(r"^\| `(tests/[^`]+)` \|", TESTING.read_text(), flags=re.M))
+    files = {str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")}
+    assert files <= rows, "test files without a row in docs/testing.md:\n" + "\n".join(
+        sorted(files - rows))
+    assert all((REPO / row).exists() for row in rows), sorted(
+        row for row in rows if not (REPO / row).exists())
+
+
+def test_a_test_file_is_named_after_a_module_a_package_or_a_listed_concern():
+    """docs/testing.md: ``test_<name>.py`` tests module ``<name>`` (or package ``<name>``);
+    the few files that test a concern across modules are the ones the page names as such."""
+    named = {path.stem for top in ("selftrain", "callbacks") for path in (REPO / top).rglob("*")
+             if path.suffix == ".py" or path.is_dir()}
+    concerns = set(re.findall(r"^- `tests/test_(\w+)\.py`", TESTING.read_text(), flags=re.M))
+    odd = sorted(path.name for path in (REPO / "tests").glob("test_*.py")
+                 if path.stem[5:] not in named | concerns)
+    assert not odd, "named after no module, package or listed concern: " + ", ".join(odd)
