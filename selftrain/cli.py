@@ -47,6 +47,8 @@ TOOLS: dict[str, tuple[str, str, str]] = {
                  "a sweep's fits judged by rules fixed before the run"),
     "sweep": ("selftrain.sweep.run", "sweep",
               "a grid of sources x temperatures x subsets x generations, as one command"),
+    "configs": ("selftrain.shipped", "configs",
+                "copy the shipped configs (debug data, lm-eval tasks) to OUT/configs"),
 }
 """subcommand -> (module, function, one-line summary); imported only when used."""
 

@@ -702,6 +702,10 @@ CASES = [
         "--sources.self.temperatures", "self_t1.0"),
     bad("sweep-fit-does-not-parse", sweep(SWEEP_SOURCE, "--fit", '{"trainer.max_epochz": 2}'),
         "--fit_config", "trainer.max_epochz"),
+    bad("configs-out-is-a-file", ["configs", "--out", f"{TMP}/notes.txt"], "--out",
+        f"{TMP}/notes.txt", setup=lines("notes.txt", "a file")),
+    bad("configs-out-holds-configs", ["configs", "--out", TMP], "--out", f"{TMP}/configs",
+        "never replaced", setup=both(directory("configs"), lines("configs/debug.yaml", "x: 1"))),
     # -- SBP: pairs, the synthesizer's data, synthesize, mixtures --------------------------------
     bad("pairs-one-document", swap(pairs(), "--corpus", f"{TMP}/one.jsonl"), "--corpus",
         "at least two", setup=rows("one.jsonl", {"text": "the only document"})),

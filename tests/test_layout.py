@@ -4,7 +4,8 @@ Read with ``ast``, no imports run: every ``selftrain`` import in ``selftrain/`` 
 ``callbacks/`` must name a stage at or below the importing module's own (the order in
 ``selftrain/__init__.py``'s docstring). The callbacks folder sits at the top of the repository
 but is importable only as ``selftrain.callbacks``: in this editable install, from a source
-checkout that is not installed, and from a built wheel installed into a fresh venv.
+checkout that is not installed, and from a built wheel installed into a fresh venv. That wheel
+ships the configs too: copied out into an empty dir, the debug config trains there.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import tomllib
+from helpers import evaluations, file_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,8 +102,9 @@ def test_every_stage_package_is_listed_in_pyproject():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {"selftrain", "selftrain.callbacks"} | {
         f"selftrain.{p.parent.name}" for p in (REPO / "selftrain").glob("*/__init__.py")}
-    assert set(config["packages"]) == on_disk
-    assert config["package-dir"] == {"selftrain.callbacks": "callbacks"}
+    assert set(config["packages"]) == on_disk | {"selftrain.configs"}  # the configs, as data
+    assert config["package-dir"] == {"selftrain.callbacks": "callbacks",
+                                     "selftrain.configs": "configs"}
     assert set(STAGES) - {"core", "top"} == {name.split(".")[1] for name in on_disk
                                              if "." in name} - TOP_MODULES
 
@@ -136,34 +140,88 @@ def test_source_checkout_finds_the_callbacks_without_an_install(tmp_path):
     assert Path(done.stdout.split()[-1]) == REPO / "callbacks/__init__.py"
 
 
-@pytest.mark.slow
-def test_built_wheel_installs_callbacks_only_under_selftrain(tmp_path):
-    source, dist = tmp_path / "source", tmp_path / "dist"  # a copy: the build writes build/
+@dataclass(frozen=True)
+class InstalledWheel:
+    """The package built as a wheel and installed into a fresh venv (:func:`installed_wheel`).
+
+    Args:
+        wheel: the built wheel.
+        venv: the venv it is installed into.
+        site: that venv's site-packages.
+        env: the environment to run it with (no ``PYTHONPATH``).
+    """
+
+    wheel: Path
+    venv: Path
+    site: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        """The venv's ``selftrain`` console script with ``args``, run in ``cwd``; checked."""
+        done = subprocess.run([str(self.venv / "bin" / "selftrain"), *args], cwd=cwd,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory) -> InstalledWheel:
+    """The wheel built from a copy of the repo, installed into a fresh venv (shared, slow)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source, dist = tmp / "source", tmp / "dist"  # a copy: the build writes build/
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".venv", ".git", "build", "dist", "runs", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "--quiet", "-w", str(dist), str(source)], check=True, timeout=600,
                    capture_output=True)
     wheel = next(dist.glob("selftrain-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "selftrain/callbacks/benchmark_eval.py" in names
-    assert not [name for name in names if name.startswith("callbacks/")]
-    assert not [name for name in names if name.startswith(("tests/", "scripts/"))]
-
-    venv = tmp_path / "venv"
+    venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     str(wheel)], check=True, timeout=300, capture_output=True)
     # the dependencies come from this venv's site-packages, appended after the new venv's own
     # (a path line in a .pth file; the editable install's own .pth files are not processed)
-    venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                     "['purelib'])"], capture_output=True, text=True,
-                                    check=True).stdout.strip())
-    (venv_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    location = Path(import_callbacks(str(python), cwd=tmp_path, env=env))
-    assert location == venv_site / "selftrain" / "callbacks" / "__init__.py"
+    return InstalledWheel(wheel, venv, site, env)
+
+
+@pytest.mark.slow
+def test_built_wheel_installs_callbacks_only_under_selftrain(installed_wheel, tmp_path):
+    names = zipfile.ZipFile(installed_wheel.wheel).namelist()
+    assert "selftrain/callbacks/benchmark_eval.py" in names
+    assert not [name for name in names if name.startswith(("callbacks/", "configs/"))]
+    assert not [name for name in names if name.startswith(("tests/", "scripts/"))]
+    location = Path(import_callbacks(str(installed_wheel.venv / "bin" / "python"),
+                                     cwd=tmp_path, env=installed_wheel.env))
+    assert location == installed_wheel.site / "selftrain" / "callbacks" / "__init__.py"
+
+
+@pytest.mark.slow
+def test_built_wheel_copies_its_configs_out_and_a_debug_fit_runs_there(installed_wheel,
+                                                                       tmp_path):
+    """From an empty dir, away from the repo: `selftrain configs`, then the debug config's fit.
+
+    Its relative paths (the corpus, the probe set, the lm-eval tasks) resolve in the copy; two
+    steps with the three evaluation callbacks: the base at step 0 and the last step.
+    """
+    installed_wheel.run("configs", "--out", "work", cwd=tmp_path)
+    work = tmp_path / "work"
+    assert file_bytes(work / "configs") == {name: data for name, data in file_bytes(
+        REPO / "configs").items() if "__pycache__" not in name}
+    installed_wheel.run("fit", "--config", "configs/debug.yaml", "--trainer.default_root_dir",
+                        "runs/debug", "--trainer.max_steps", "2",
+                        "--trainer.enable_progress_bar", "false", cwd=work)
+    run = work / "runs" / "debug"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    for name in ("benchmark", "extraction", "likelihood"):
+        assert evaluations(run, name) == [0, 2], name
+    assert sorted(path.name for path in (run / "eval" / "benchmark").glob("*.json")) == [
+        "epoch=0-step=0.json", "epoch=1-step=2.json"]
 
 
 def test_the_callbacks_folder_is_not_a_top_level_package():
