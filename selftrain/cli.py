@@ -161,7 +161,7 @@ def check_config_files(argv: list[str]) -> None:
     """
     import yaml
 
-    from selftrain.corpus import first_line
+    from selftrain.inputs import first_line
 
     given = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
     given += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]

@@ -13,34 +13,35 @@ shards are written to a temp file and renamed (all through :mod:`selftrain.io`),
 never leaves a corpus that looks complete. Readers also accept plain ``.jsonl`` / ``.parquet`` /
 ``.txt`` files.
 
-The readers here are every command's: :func:`read_parquet`, :func:`read_json_records` and
-:func:`read_text` turn a damaged shard, a line that is not JSON or bytes that are not UTF-8
-into one line naming the file (and the line), and :func:`check_rows` refuses a ``text`` that is
-not a string or ``input_ids`` that are not token ids, wherever rows come from (corpora, probe
-sets, probe-set inputs). :func:`check_seed` holds every command's seed to what is recorded.
-
-Every writer records where the ids come from the same way: :func:`provenance` (tokenizer, BOS
-and EOS ids, the model and its resolved revision) and :func:`stamp` (format, tool version,
-creation time).
+Rows are read through :mod:`selftrain.inputs` (a damaged shard, a manifest that is not JSON,
+a ``text`` that is not a string: one line naming the file). Every writer stamps its manifest
+the same way, :func:`stamp` (format, tool version, creation time), beside the fields that say
+where the ids come from (:mod:`selftrain.provenance`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selftrain import __version__
 from selftrain.digests import ALGORITHM, check_files, digests_of
 from selftrain.errors import SelftrainError
+from selftrain.inputs import (
+    check_rows,
+    first_line,
+    read_json_records,
+    read_parquet,
+    read_text,
+    shown,
+)
 from selftrain.io import (
     missing_parents,
     publish_dir,
@@ -178,228 +179,15 @@ def stamp(manifest: dict[str, Any]) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
 
 
-def provenance(tokenizer, model: str, bos_token_id: int, bos_source: str,
-               eos_token_id: int | None, source_config=None) -> dict[str, Any]:
-    """The manifest fields that say where a corpus's ids come from.
-
-    A corpus sampled from a model records that model as ``source``, with its resolved revision
-    (hub commit, GGUF sha256 or tiny seed) and family; a corpus of real text tokenized for a
-    student records the student's spec as ``student``. Both record the tokenizer (name, size,
-    fingerprint), the BOS id with where it came from, and the EOS id.
-
-    Args:
-        tokenizer: the tokenizer the ``input_ids`` are in.
-        model: the spec of the model that tokenizer belongs to.
-        bos_token_id: the id every row starts with.
-        bos_source: where ``bos_token_id`` came from (see ``models.resolve_bos_id``).
-        eos_token_id: the id a finished row ends on (None when there is none).
-        source_config: the loaded model's config when the model sampled the corpus; None when
-            the text is real and ``model`` is the student it was tokenized for.
-
-    Returns:
-        ``source`` or ``student``, then ``tokenizer``, ``bos_token_id``, ``bos_source`` and
-        ``eos_token_id``, in the order manifests list them.
-    """
-    # models pulls in torch and transformers, which readers of a corpus never need
-    from selftrain.models import model_revision, tokenizer_fingerprint
-
-    if source_config is not None:
-        record: dict[str, Any] = {"source": {
-            "model": model, "revision": model_revision(model, source_config),
-            "family": source_config.model_type}}
-    else:
-        record = {"student": model}
-    record["tokenizer"] = {"name": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
-                           "fingerprint": tokenizer_fingerprint(tokenizer)}
-    record.update(bos_token_id=bos_token_id, bos_source=bos_source, eos_token_id=eos_token_id)
-    return record
-
-
 CORPUS_MARKERS = (MANIFEST_NAME, PLAN_NAME)
 """Either marks a directory as a corpus this project wrote (finished, or being filled)."""
 CORPUS_ENTRIES = (*CORPUS_MARKERS, DATA_DIR)
 """Every name a corpus dir holds, besides hidden temp files."""
 
 
-SEED_MAX = 2**63 - 1
-"""The largest seed any command takes: seeds are recorded (manifests, probe-set metadata,
-checkpoints) and read back as signed 64-bit integers."""
-
-
-def check_seed(seed: int, flag: str = "--seed", maximum: int = SEED_MAX) -> None:
-    """Refuse a seed outside ``0..maximum`` instead of letting a consumer wrap or reject it.
-
-    Args:
-        seed: the seed given.
-        flag: the flag it came from.
-        maximum: the largest seed the consumer takes (:data:`SEED_MAX` unless it takes fewer).
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= maximum:
-        raise SelftrainError(f"{flag} {seed}: a seed is an integer in 0..{maximum}; pick one "
-                             "in that range")
-
-
 def check_corpus_out(out: Path, overwrite: bool) -> bool:
     """:func:`selftrain.outputs.check_out_dir` for a corpus dir (see there)."""
     return check_out_dir(out, overwrite, CORPUS_MARKERS, CORPUS_ENTRIES, "corpus")
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def read_text(path: Path, flag: str) -> str:
-    """A file's text (UTF-8), refused in one line naming the file when it cannot be read.
-
-    Args:
-        path: the file.
-        flag: the flag it came from, named in the error.
-    """
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise SelftrainError(f"{flag} {path}: not UTF-8 text (a bad byte at offset "
-                             f"{error.start}); give a text file") from None
-    except OSError as error:
-        raise SelftrainError(f"{flag} {path}: cannot read it ({error.strerror or error}); "
-                             "fix the path or its permissions") from None
-
-
-@contextmanager
-def readable_parquet(path: Path, flag: str, fix: str) -> Iterator[None]:
-    """Turn pyarrow's failure to read a parquet file (garbage, cut short) into one line.
-
-    Every parquet reader of the project reads inside this block (:func:`read_parquet`), so a
-    damaged file is named the same way wherever it is read.
-
-    Args:
-        path: the parquet file read in the block.
-        flag: the flag it came from.
-        fix: what to do, e.g. "the corpus is damaged: regenerate it".
-    """
-    try:
-        yield
-    except (OSError, pa.ArrowException) as error:  # ArrowInvalid is a ValueError too
-        reason = first_line(error)
-        if reason.startswith("Could not open") and "': " in reason:  # it repeats the path
-            reason = reason.split("': ", 1)[1]
-        reason = reason.split(". ")[0].rstrip(".")  # pyarrow adds sentences of guesses
-        raise SelftrainError(f"{flag} {path}: not a readable parquet file ({reason}); "
-                             f"{fix}") from None
-
-
-def read_parquet(path: Path, flag: str, fix: str, columns: list[str] | None = None
-                 ) -> pa.Table:
-    """A parquet file as a table, refused in one line when it cannot be read.
-
-    Args:
-        path: the parquet file.
-        flag: the flag it came from.
-        fix: what to do about a damaged file.
-        columns: the columns to read (None: all).
-    """
-    with readable_parquet(path, flag, fix):
-        return pq.read_table(path, columns=columns)
-
-
-def read_json_records(path: Path, flag: str, objects: bool = True) -> list[Any]:
-    """The records of a JSON-lines file, or of a ``.json`` file holding one JSON document.
-
-    A ``.json`` file that parses whole gives its list's items (or itself, when it is not a
-    list); otherwise (and always for ``.jsonl``) each non-blank line is one record.
-
-    Args:
-        path: the file.
-        flag: the flag it came from, named in errors with the line at fault.
-        objects: each record must be a JSON object (a row with named fields).
-
-    Raises:
-        SelftrainError: the file cannot be read, a line is not JSON, or (``objects``) a
-            record is not an object.
-    """
-    text = read_text(path, flag)
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError:
-            pass  # JSON lines in a .json file: read below, line by line
-        else:
-            records = document if isinstance(document, list) else [document]
-            for number, record in enumerate(records, start=1):
-                if objects and not isinstance(record, dict):
-                    raise SelftrainError(f"{flag} {path}: record {number} is not a JSON "
-                                         "object; write a list of objects")
-            return records
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SelftrainError(f"{flag} {path}: line {number} is not valid JSON "
-                                 f"({error.msg}); fix or remove that line") from None
-        if objects and not isinstance(record, dict):
-            raise SelftrainError(f"{flag} {path}: line {number} is not a JSON object; write "
-                                 "one object per line")
-        records.append(record)
-    return records
-
-
-def is_token_ids(value: Any) -> bool:
-    """Whether a value is a list of token ids (integers >= 0; a bool is no token id)."""
-    return isinstance(value, list) and all(
-        type(token) is int and token >= 0 for token in value)
-
-
-def check_rows(columns: dict[str, list[Any]], path: Path, flag: str,
-               schema: pa.Schema | None = None) -> None:
-    """Refuse a ``text`` that is not a string and ``input_ids`` that are not token ids.
-
-    A missing value (None) passes: what needs it refuses it where it is needed.
-
-    Args:
-        columns: column name -> values.
-        path: the file or dir they came from, named in the error with the row.
-        flag: the flag it came from.
-        schema: the parquet schema they were read with; a column it types as strings, or
-            as lists of integers, is not checked value by value (only for negative ids).
-    """
-    texts = columns.get("text")
-    if texts is not None and not (schema is not None and "text" in schema.names
-                                  and _is_strings(schema.field("text").type)):
-        for row, text in enumerate(texts, start=1):
-            if text is not None and not isinstance(text, str):
-                raise SelftrainError(f"{flag} {path}: row {row} has text {_shown(text)}, not "
-                                     "a string; fix that row")
-    ids = columns.get("input_ids")
-    if ids is None:
-        return
-    typed = schema is not None and "input_ids" in schema.names and _is_integer_lists(
-        schema.field("input_ids").type)
-    for row, value in enumerate(ids, start=1):
-        if value is not None and not (min(value, default=0) >= 0 if typed
-                                      else is_token_ids(value)):
-            raise SelftrainError(f"{flag} {path}: row {row} has input_ids {_shown(value)}, "
-                                 "not a list of token ids (integers >= 0); fix that row, or "
-                                 "drop the input_ids to tokenize the text")
-
-
-def _shown(value: Any) -> str:
-    """A value as JSON, cut to 40 characters, for an error message."""
-    shown = json.dumps(value, default=str)
-    return shown if len(shown) <= 40 else shown[:37] + "..."
-
-
-def _is_strings(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
-def _is_integer_lists(kind: pa.DataType) -> bool:
-    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(
-        kind.value_type)
 
 
 def row_subsets(corpus: Corpus, num_subsets: int | None, path: str,
@@ -477,7 +265,7 @@ def corpus_documents(path: str | Path, flag: str, subset: int | None = None,
             continue
         value = row if stored is None or stored[row] is None else stored[row]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SelftrainError(f"{flag} {path}: row {row + 1} has id {_shown(value)}, not an "
+            raise SelftrainError(f"{flag} {path}: row {row + 1} has id {shown(value)}, not an "
                                  "integer; give integer ids (or drop the column to use row "
                                  "numbers)")
         ids.append(value)
@@ -493,7 +281,7 @@ def read_corpus(path: str | Path, flag: str = "--data.corpus") -> Corpus:
 
     Plain text files give one document per non-empty line. jsonl and parquet rows need
     ``text`` or ``input_ids``; a ``text`` must be a string and ``input_ids`` a list of
-    token ids (:func:`check_rows`).
+    token ids (:func:`selftrain.inputs.check_rows`).
 
     Args:
         path: the corpus dir or file.

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selftrain.corpus import first_line
 from selftrain.errors import SelftrainError
+from selftrain.inputs import first_line
 from selftrain.models import LOCAL_PATH_PREFIXES
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"

@@ -30,7 +30,6 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from selftrain.corpus import first_line
 from selftrain.digests import verify_model_dir
 from selftrain.embedded import (
     EMBEDDED_MODELS,
@@ -39,6 +38,7 @@ from selftrain.embedded import (
     sha256_file,
 )
 from selftrain.errors import SelftrainError
+from selftrain.inputs import first_line
 from selftrain.tiny import (
     MODEL_SHAPES,
     SHAPE_SEED,

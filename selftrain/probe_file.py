@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selftrain.corpus import read_json_records, read_parquet
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_json_records, read_parquet
 
 METADATA_KEY = b"selftrain"
 """Parquet schema metadata key of a probe set written by selftrain (JSON: model, tokenizer...)."""

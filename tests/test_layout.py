@@ -2,7 +2,8 @@
 
 Read with ``ast``, no imports run: every ``selftrain`` import in ``selftrain/`` and
 ``callbacks/`` must name a stage at or below the importing module's own (the order in
-``selftrain/__init__.py``'s docstring). The callbacks folder sits at the top of the repository
+``selftrain/__init__.py``'s docstring); inside the core, a module imports only the modules
+before it in :data:`CORE`. The callbacks folder sits at the top of the repository
 but is importable only as ``selftrain.callbacks``: in this editable install, from a source
 checkout that is not installed, and from a built wheel installed into a fresh venv. That wheel
 ships the configs too: copied out into an empty dir, the debug config trains there.
@@ -30,7 +31,11 @@ STAGES = ["core", "sampling", "curation", "synthesis", "training", "probes", "ca
           "analysis", "top"]
 """Lowest first; a module may import its own stage and the ones before it."""
 TOP_MODULES = {"cli", "trainer_cli", "__main__", "sweep"}
-
+CORE = ["__init__", "errors", "io", "digests", "outputs", "shipped", "inputs", "corpus",
+        "probe_file", "precision", "tiny", "embedded", "models", "provenance", "embedding"]
+"""The core's flat modules, lowest first (``__init__``: the package, its version); each imports
+only those before it, function-level imports too: the formats and their readers sit below
+torch (``models``), what reads a loaded model above it."""
 
 def stage_of(module: str) -> str:
     """The stage of a dotted module name under ``selftrain``."""
@@ -96,6 +101,38 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     imports = selftrain_imports(path, "selftrain.sampling.sampler")
     assert [stage_of(name) for _, name in imports] == [
         "training", "core", "probes", "core", "analysis"]
+
+
+def core_name(module: str) -> str:
+    """A core module's :data:`CORE` name (``selftrain`` itself is ``__init__``)."""
+    return module.split(".")[1] if "." in module else "__init__"
+
+
+def core_imports_later(path: Path, module: str) -> list[str]:
+    """Each core module a core module imports that is not before it in :data:`CORE`."""
+    own = CORE.index(core_name(module))
+    return [f"{path.relative_to(path.parents[1])}:{line} imports {imported}"
+            for line, imported in selftrain_imports(path, module)
+            if stage_of(imported) == "core" and CORE.index(core_name(imported)) >= own
+            and imported != module]
+
+
+def test_the_core_imports_only_modules_before_it():
+    core = {module: path for module, path in project_modules().items()
+            if stage_of(module) == "core"}
+    assert sorted(core_name(module) for module in core) == sorted(CORE), (
+        "list each core module in CORE, after the modules it imports")
+    later = [line for module, path in core.items() for line in core_imports_later(path, module)]
+    assert not later, "\n".join(later)
+
+
+def test_the_core_checker_sees_a_function_level_import(tmp_path):
+    path = tmp_path / "selftrain" / "corpus.py"
+    path.parent.mkdir()
+    path.write_text("from selftrain.io import staging_dir\n\n\ndef provenance():\n"
+                    "    from selftrain.models import model_revision\n")
+    assert core_imports_later(path, "selftrain.corpus") == [
+        "selftrain/corpus.py:5 imports selftrain.models"]
 
 
 def test_every_stage_package_is_listed_in_pyproject():

@@ -4,7 +4,7 @@
 module holds the ids anyway) but not a pass that only needs a chunk at a time, as
 `selftrain proxies` does over corpora of 100k samples and more. Here a corpus dir is opened from
 its manifest and its shards' parquet metadata (row counts and columns, no data), and rows come
-in chunks of the columns asked for, checked as :func:`selftrain.corpus.check_rows` checks them.
+in chunks of the columns asked for, checked as :func:`selftrain.inputs.check_rows` checks them.
 Plain ``.jsonl`` / ``.parquet`` / ``.txt`` files are small by nature and read whole.
 """
 
@@ -24,13 +24,12 @@ from selftrain.corpus import (
     PLAN_NAME,
     Corpus,
     check_counts,
-    check_rows,
     check_shard_digests,
     read_corpus,
     read_manifest,
-    readable_parquet,
 )
 from selftrain.errors import SelftrainError
+from selftrain.inputs import check_rows, readable_parquet
 
 
 @dataclass

@@ -37,8 +37,8 @@ from scipy.stats import spearmanr
 
 from selftrain.analysis.evidence import holm, permutation_p, rho_interval
 from selftrain.analysis.items import Paired, items_file, metric_items, paired
-from selftrain.corpus import read_json_records
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_json_records
 from selftrain.io import atomic_dir, write_json_atomic, write_text_atomic
 from selftrain.outputs import check_out_dir
 

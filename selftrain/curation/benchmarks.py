@@ -15,9 +15,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from selftrain.corpus import read_json_records, read_text
 from selftrain.curation.lm_eval_tasks import task_manager
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_json_records, read_text
 
 _JSON_SUFFIXES = (".jsonl", ".json")
 _YAML_SUFFIXES = (".yaml", ".yml")

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from selftrain.corpus import (
+from selftrain.errors import SelftrainError
+from selftrain.inputs import (
     first_line,
     read_json_records,
     read_parquet,
     read_text,
     readable_parquet,
 )
-from selftrain.errors import SelftrainError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")

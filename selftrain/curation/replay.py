@@ -31,19 +31,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from selftrain.corpus import (
-    Corpus,
-    CorpusWriter,
-    check_corpus_out,
-    check_seed,
-    provenance,
-    read_corpus,
-    row_subsets,
-)
+from selftrain.corpus import Corpus, CorpusWriter, check_corpus_out, read_corpus, row_subsets
 from selftrain.curation.documents import documents, encoded, is_local, local_files
 from selftrain.errors import SelftrainError, refuse_first_failed
+from selftrain.inputs import check_seed
 from selftrain.models import check_token_id, load_tokenizer, parse_model_spec, resolve_bos_id
 from selftrain.outputs import refuse_input_overlap
+from selftrain.provenance import provenance
 
 log = logging.getLogger(__name__)
 

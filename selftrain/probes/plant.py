@@ -46,9 +46,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from selftrain.corpus import check_seed, read_corpus
+from selftrain.corpus import read_corpus
 from selftrain.digests import write_dir_digests
 from selftrain.errors import SelftrainError
+from selftrain.inputs import check_seed
 from selftrain.io import atomic_dir, write_json_atomic
 from selftrain.models import (
     load_model,

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from selftrain.corpus import check_rows, check_seed, read_json_records, read_parquet
 from selftrain.errors import SelftrainError
+from selftrain.inputs import check_rows, check_seed, read_json_records, read_parquet
 from selftrain.io import write_parquet_atomic
 from selftrain.models import load_model, load_tokenizer, parse_model_spec, tokenizer_fingerprint
 from selftrain.outputs import refuse_unwritable

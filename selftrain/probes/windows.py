@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selftrain.corpus import check_rows
 from selftrain.errors import SelftrainError
+from selftrain.inputs import check_rows
 from selftrain.models import kv_cache_argument, tokenizer_fingerprint
 from selftrain.probe_file import read_probe_rows
 from selftrain.training.batching import pad_collate

@@ -31,8 +31,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from selftrain.corpus import check_seed, provenance
 from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
+from selftrain.inputs import check_seed
 from selftrain.models import (
     as_dtype,
     check_token_id,
@@ -44,6 +44,7 @@ from selftrain.models import (
 )
 from selftrain.outputs import refuse_input_overlap
 from selftrain.precision import weight_dtype
+from selftrain.provenance import provenance
 from selftrain.sampling.ranks import barrier, init_distributed, pick_device, sum_over_ranks
 from selftrain.sampling.sampler import BosSampler, Sample
 from selftrain.sampling.shards import ShardedCorpus
@@ -197,7 +198,7 @@ def source_provenance(model: str, tokenizer, source, bos_token_id: int | None,
         flag: where the override came from, named when it is outside the vocabulary.
 
     Returns:
-        The manifest's provenance fields (:func:`selftrain.corpus.provenance`).
+        The manifest's provenance fields (:func:`selftrain.provenance.provenance`).
     """
     bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (

@@ -31,11 +31,11 @@ from selftrain.corpus import (
     MANIFEST_NAME,
     PLAN_NAME,
     SCHEMA,
-    read_parquet,
     shard_digests,
     stamp,
 )
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_parquet
 from selftrain.io import (
     TEMP_MARK,
     is_temp_name,

@@ -17,8 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from selftrain.corpus import DATA_DIR, MANIFEST_NAME, read_manifest, read_parquet
+from selftrain.corpus import DATA_DIR, MANIFEST_NAME, read_manifest
 from selftrain.errors import SelftrainError
+from selftrain.inputs import read_parquet
 
 DEFAULT_SEPARATOR = "\n\n=== related document ===\n\n"
 """Text between d1 and d2: unlikely inside a document, so the boundary is unambiguous."""

@@ -30,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from selftrain.corpus import SCHEMA, check_seed, corpus_documents
+from selftrain.corpus import SCHEMA, corpus_documents
 from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
+from selftrain.inputs import check_seed
 from selftrain.models import (
     as_dtype,
     export_info,

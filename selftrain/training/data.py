@@ -26,8 +26,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from selftrain.corpus import check_seed, read_corpus
+from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError, refuse_first_failed
+from selftrain.inputs import check_seed
 from selftrain.models import (
     check_token_id,
     load_tokenizer,

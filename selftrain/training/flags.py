@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from selftrain.corpus import check_seed
 from selftrain.errors import SelftrainError, refuse_first_failed
+from selftrain.inputs import check_seed
 
 SEED_EVERYTHING_MAX = 2**32 - 1
 """Lightning's ``seed_everything`` takes 0..2**32-1 (numpy's global seed) and raises past it."""
