@@ -4,7 +4,9 @@ A corpus is only as usable as its ids are traceable: a student trains on them wi
 retokenizing only if they are in its tokenizer, and a resumed run may add to a corpus only if
 the model is the same one. So every writer (``generate``, ``synthesize``, ``replay``) records
 the same fields through :func:`provenance`: the tokenizer (name, size, fingerprint), the BOS id
-and where it came from, the EOS id, and the model with its resolved revision.
+and where it came from, the EOS id, and the model with its resolved revision. A model that
+samples (:func:`source_provenance`) resolves its BOS and EOS ids here first, and
+:func:`resolved_spec` turns the record into the spec keys a sharded corpus compares on resume.
 
 It loads nothing itself but reads loaded models and tokenizers, so it sits above
 :mod:`selftrain.models` (torch, transformers); readers of a corpus never import it.
@@ -14,7 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from selftrain.models import model_revision, tokenizer_fingerprint
+from selftrain.models import (
+    check_token_id,
+    model_revision,
+    resolve_bos_id,
+    tokenizer_fingerprint,
+    weights_digest,
+)
 
 
 def provenance(tokenizer, model: str, bos_token_id: int, bos_source: str,
@@ -50,3 +58,45 @@ def provenance(tokenizer, model: str, bos_token_id: int, bos_source: str,
     record.update(bos_token_id=bos_token_id, bos_source=bos_source, eos_token_id=eos_token_id)
     return record
 
+
+def source_provenance(model: str, tokenizer, source, bos_token_id: int | None,
+                      flag: str = "--bos_token_id") -> dict[str, Any]:
+    """Resolve the source's BOS and EOS ids, check the BOS id, and record where they came from.
+
+    Args:
+        model: the source's spec.
+        tokenizer: its tokenizer.
+        source: the loaded source model.
+        bos_token_id: the BOS override (``--bos_token_id``), or None.
+        flag: where the override came from, named when it is outside the vocabulary.
+
+    Returns:
+        The manifest's provenance fields (:func:`provenance`).
+    """
+    bos_id, bos_source = resolve_bos_id(tokenizer, source.config, bos_token_id)
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (
+        source.config.eos_token_id)
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    check_token_id(bos_id, source.get_input_embeddings().weight.shape[0], flag)
+    return provenance(tokenizer, model, bos_id, bos_source, eos_id, source_config=source.config)
+
+
+def resolved_spec(model: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The spec keys known only once the model is loaded, from its provenance record.
+
+    A local model dir (an ``hf/epoch=N`` export may be trained again in place) adds the hash
+    of its weight files, which its config-only revision does not cover.
+
+    Args:
+        model: the model's spec.
+        record: its provenance (:func:`source_provenance`).
+    """
+    spec = {"revision": record["source"]["revision"],
+            "tokenizer_fingerprint": record["tokenizer"]["fingerprint"],
+            "resolved_bos_token_id": record["bos_token_id"],
+            "eos_token_id": record["eos_token_id"]}
+    weights = weights_digest(model)
+    if weights is not None:
+        spec["weights_sha256"] = weights
+    return spec

@@ -3,7 +3,8 @@
 Read with ``ast``, no imports run: every ``selftrain`` import in ``selftrain/`` and
 ``callbacks/`` must name a stage at or below the importing module's own (the order in
 ``selftrain/__init__.py``'s docstring); inside the core, a module imports only the modules
-before it in :data:`CORE`. The callbacks folder sits at the top of the repository
+before it in :data:`CORE`, and no module but the CLI's imports a subcommand's module (the
+command is not a library). The callbacks folder sits at the top of the repository
 but is importable only as ``selftrain.callbacks``: in this editable install, from a source
 checkout that is not installed, and from a built wheel installed into a fresh venv. That wheel
 ships the configs too: copied out into an empty dir, the debug config trains there.
@@ -36,6 +37,18 @@ CORE = ["__init__", "errors", "io", "digests", "outputs", "shipped", "inputs", "
 """The core's flat modules, lowest first (``__init__``: the package, its version); each imports
 only those before it, function-level imports too: the formats and their readers sit below
 torch (``models``), what reads a loaded model above it."""
+CLI_MODULES = {"selftrain.cli", "selftrain.trainer_cli", "selftrain.__main__"}
+"""The modules that build the CLI: the only ones that may import a command module."""
+COMMAND_IMPORTS = {
+    ("selftrain.probes.plant", "selftrain.sampling.generate"):
+        "plant's rehearsal text is BOS samples of the base: it runs the whole `generate` "
+        "command into a temporary dir and reads the corpus back",
+    ("selftrain.probes.plant", "selftrain.probes.probeset"):
+        "plant writes its probe set with probeset's writer and summary (write_probe_set, "
+        "summarize), the format `selftrain probeset` writes",
+}
+"""(importer, command module) pairs allowed for now, each with why."""
+
 
 def stage_of(module: str) -> str:
     """The stage of a dotted module name under ``selftrain``."""
@@ -61,8 +74,15 @@ def project_modules() -> dict[str, Path]:
     return modules
 
 
-def selftrain_imports(path: Path, module: str) -> list[tuple[int, str]]:
-    """(line, imported module) for every import of a ``selftrain`` module in a file."""
+def selftrain_imports(path: Path, module: str, submodules: bool = False
+                      ) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of a ``selftrain`` module in a file.
+
+    Args:
+        path: the file.
+        module: its dotted name (relative imports resolve against it).
+        submodules: also give ``x.y`` for every ``from x import y`` (``y`` may be a module).
+    """
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -79,7 +99,7 @@ def selftrain_imports(path: Path, module: str) -> list[tuple[int, str]]:
             found.append((node.lineno, base))
             # `from selftrain import training` imports a stage, not the core
             found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names
-                      if base == "selftrain" and alias.name in STAGES]
+                      if submodules or (base == "selftrain" and alias.name in STAGES)]
     return [(line, name) for line, name in found if name.split(".")[0] == "selftrain"]
 
 
@@ -133,6 +153,42 @@ def test_the_core_checker_sees_a_function_level_import(tmp_path):
                     "    from selftrain.models import model_revision\n")
     assert core_imports_later(path, "selftrain.corpus") == [
         "selftrain/corpus.py:5 imports selftrain.models"]
+
+
+def command_modules() -> set[str]:
+    """The modules behind the subcommands (``selftrain/cli.py``'s ``TOOLS``, read with ast)."""
+    for node in ast.parse((REPO / "selftrain" / "cli.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "TOOLS":
+            return {module for module, _, _ in ast.literal_eval(node.value).values()}
+    raise AssertionError("selftrain/cli.py has no TOOLS")
+
+
+def test_only_the_cli_imports_a_command_module():
+    """A subcommand's module is the command; what another module needs lives in a library."""
+    commands = command_modules()
+    assert "selftrain.sampling.generate" in commands and "selftrain.sweep.run" in commands
+    found, seen = [], set()
+    for module, path in project_modules().items():
+        if module in CLI_MODULES:
+            continue
+        for line, imported in selftrain_imports(path, module, submodules=True):
+            if imported in commands and imported != module:
+                seen.add((module, imported))
+                if (module, imported) not in COMMAND_IMPORTS:
+                    found.append(f"{path.relative_to(REPO)}:{line} imports the command module "
+                                 f"{imported}")
+    assert not found, "\n".join(found)
+    assert set(COMMAND_IMPORTS) <= seen, "an allowed import is gone: remove it from the list"
+
+
+def test_the_sweep_plan_imports_no_torch():
+    """Expanding a grid into commands loads no model library (and calls no stage)."""
+    code = ("import sys, selftrain.sweep.plan; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_every_stage_package_is_listed_in_pyproject():

@@ -2,8 +2,10 @@
 
 The continuous-batching, KV-cached sampler (``sampler``, its cache in ``slot_cache``, its
 per-sample random draws in ``draw``), the
-resumable shard layout of a corpus being written (``shards``), the device and torchrun ranks
-(``ranks``) and the command that drives them (``generate``).
-May import: the core (``selftrain.errors``, ``io``, ``models``, ``embedded``, ``tiny``,
-``corpus``).
+resumable shard layout of a corpus being written (``shards``) and its filling over ranks
+(``fill``, which ``selftrain synthesize`` fills the same way), the sampling flags and their
+checks (``settings``, no torch), the device and torchrun ranks (``ranks``) and the command that
+drives them (``generate``).
+May import: the core (``selftrain.errors``, ``io``, ``inputs``, ``models``, ``embedded``,
+``tiny``, ``corpus``, ``provenance``).
 """

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from selftrain.errors import SelftrainError
-from selftrain.models import parse_model_spec
 
 MODES = ("replace", "accumulate")
 """How generation g+1 trains: on the newest corpus only, or on every corpus of its chain."""
@@ -195,12 +194,12 @@ def check_grid(grid: Grid) -> None:
         raise SelftrainError(f"--generations {grid.generations}: must be >= 1")
     if grid.mode not in MODES:
         raise SelftrainError(f"--mode {grid.mode!r}: use one of {', '.join(MODES)}")
-    parse_model_spec(grid.student, "--student")
+    _check_model(grid.student, "--student")
     for name, source in grid.sources.items():
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise SelftrainError(f"--sources.{name}: a source name is part of run dir names; use "
                                  "letters, digits, '-', '_' and '.'")
-        parse_model_spec(source.model, f"--sources.{name}.model")
+        _check_model(source.model, f"--sources.{name}.model")
         if not source.temperatures:
             raise SelftrainError(f"--sources.{name}.temperatures: empty; give at least one")
         for t in source.temperatures:
@@ -251,7 +250,7 @@ def _check_sbp(sbp: Sbp) -> None:
     if sbp.oracle is not None and not Path(sbp.oracle).exists():
         raise SelftrainError(f"--sbp.oracle {sbp.oracle}: no such file or directory")
     if sbp.synthesizer is not None:
-        parse_model_spec(sbp.synthesizer, "--sbp.synthesizer")
+        _check_model(sbp.synthesizer, "--sbp.synthesizer")
     if sbp.synthesizer_config is not None and not Path(sbp.synthesizer_config).is_file():
         raise SelftrainError(f"--sbp.synthesizer_config {sbp.synthesizer_config}: no such file")
     _check_flags(sbp.pairs, "pairs", "--sbp.pairs")
@@ -285,6 +284,21 @@ def grid_inputs(grid: Grid) -> list[tuple[str, str | None]]:
                   ("--sbp.synthesizer", grid.sbp.synthesizer),
                   ("--sbp.synthesizer_config", grid.sbp.synthesizer_config)]
     return found
+
+
+def _check_model(spec: str, flag: str) -> None:
+    """Refuse a model spec no command could load (:func:`selftrain.models.parse_model_spec`).
+
+    Imported here, not at the top: models pulls in torch and transformers, which expanding a
+    grid into commands never needs (``import selftrain.sweep.plan`` stays light).
+
+    Args:
+        spec: the model spec.
+        flag: the grid key it came from.
+    """
+    from selftrain.models import parse_model_spec
+
+    parse_model_spec(spec, flag)
 
 
 def _check_flags(flags: dict[str, Any], kind: str, key: str) -> None:

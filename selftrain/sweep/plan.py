@@ -22,7 +22,6 @@ Layout under ``out``: ``pairs/s<k>``, ``corpora/g<g>/...``, ``proxies/g1/<condit
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 import yaml
 
 from selftrain.errors import SelftrainError
-from selftrain.sampling.generate import generate
+from selftrain.sampling.settings import NUM_SAMPLES
 from selftrain.sweep.grid import Grid, condition_name
 
 BASE_STEP = "evaluate/base"
@@ -262,12 +261,9 @@ def _subset_flags(grid: Grid, k: int) -> list[str]:
     return ["--data.subset", str(k), "--data.num_subsets", str(grid.num_subsets)]
 
 
-_GENERATE_DEFAULT_SAMPLES = inspect.signature(generate).parameters["num_samples"].default
-
-
 def _per_subset(grid: Grid) -> int:
     """Samples per student in generations >= 2: generation 1's subset size."""
-    total = grid.generate.get("num_samples", _GENERATE_DEFAULT_SAMPLES)
+    total = grid.generate.get("num_samples", NUM_SAMPLES)
     for source in grid.sources.values():
         total = min(total, source.generate.get("num_samples", total))
     return max(1, total // grid.num_subsets)

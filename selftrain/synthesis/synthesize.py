@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from selftrain.corpus import SCHEMA, corpus_documents
-from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
+from selftrain.errors import Interrupted, SelftrainError
 from selftrain.inputs import check_seed
 from selftrain.models import (
     as_dtype,
@@ -42,9 +39,11 @@ from selftrain.models import (
 )
 from selftrain.outputs import refuse_input_overlap
 from selftrain.precision import weight_dtype
-from selftrain.sampling.generate import fill_corpus, resolved_spec, source_provenance
-from selftrain.sampling.prompted import Prompt, PromptedDecoder
+from selftrain.provenance import resolved_spec, source_provenance
+from selftrain.sampling.fill import fill_corpus
+from selftrain.sampling.prompted import Completion, Prompt, PromptedDecoder
 from selftrain.sampling.ranks import init_distributed, pick_device
+from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
 from selftrain.sampling.shards import ShardedCorpus
 from selftrain.synthesis.layout import prompt_ids, separator_ids
 
@@ -63,7 +62,7 @@ def synthesize(
     synthesizer: str,
     seeds: str,
     out: str,
-    num_samples: int = 1000,
+    num_samples: int = NUM_SAMPLES,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -174,11 +173,11 @@ def synthesize(
                 "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                              "max_new_tokens": max_new_tokens, "dtype": dtype,
                              "sampler": SYNTHESIZER_VERSION}}
-    fill = partial(_fill, corpus, decoder, tokenizer, seeding=seeding,
-                   max_new_tokens=max_new_tokens, num_subsets=num_subsets, source=synthesizer,
-                   rank=rank)
+    rows_of = partial(_rows, decoder, tokenizer, seeding=seeding, max_new_tokens=max_new_tokens,
+                      num_subsets=num_subsets, source=synthesizer)
     try:
-        path = fill_corpus(corpus, fill, manifest, overwrite, rank, world)
+        path = fill_corpus(corpus, rows_of, manifest, overwrite, rank, world,
+                           progress="synthesize", unit="doc")
     except KeyboardInterrupt as interrupt:
         raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
                           "shards; rerun the same command to resume") from interrupt
@@ -254,49 +253,46 @@ class SeedPrompts:
         return prompts, {i: self.ids[row] for i, row in rows.items()}
 
 
-def _fill(corpus: ShardedCorpus, decoder: PromptedDecoder, tokenizer, shards: list[int], *,
-          seeding: SeedPrompts, max_new_tokens: int, num_subsets: int, source: str,
-          rank: int) -> tuple[int, int, float]:
-    """Synthesize every id of the given shards, writing each shard once it is complete.
+def _rows(decoder: PromptedDecoder, tokenizer, ids: list[int], *, seeding: SeedPrompts,
+          max_new_tokens: int, num_subsets: int, source: str
+          ) -> Iterator[tuple[dict[str, Any], int]]:
+    """Synthesize the given ids: each document's corpus row and its count of new tokens.
+
+    The prompts are built before the first document is decoded.
 
     Args:
-        corpus: the corpus being filled.
         decoder: the synthesizer's prompted decoder.
         tokenizer: the synthesizer's tokenizer.
-        shards: the shard indices this rank writes.
+        ids: the sample ids to synthesize.
         seeding: the seed documents and prompts.
         max_new_tokens: the length cap of each document.
         num_subsets: K; row i goes to subset i mod K.
         source: the synthesizer's spec, written in every row.
-        rank: this process's rank (only rank 0 shows a progress bar).
-
-    Returns:
-        (tokens synthesized, samples, seconds) on this rank.
     """
-    ids = [i for k in shards for i in corpus.shard_ids(k)]
     prompts, seed_of = seeding.prompts(ids, tokenizer, max_new_tokens)
-    bos_id = seeding.bos_id
-    pending: dict[int, list[dict[str, Any]]] = {k: [] for k in shards}
-    tokens = 0
-    start = time.perf_counter()
-    with tqdm(total=len(ids), unit="doc", desc="synthesize", disable=rank != 0,
-              dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        for done in decoder.generate(prompts):
-            finished = done.reason == "eos"
-            body = done.tokens[:-1] if finished else done.tokens
-            input_ids = [bos_id, *done.tokens]
-            shard = done.id // corpus.shard_size
-            pending[shard].append({
-                "id": done.id, "input_ids": input_ids, "num_tokens": len(input_ids),
-                "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
-                "subset": done.id % num_subsets, "source": source,
-                "seed_id": seed_of[done.id]})
-            if len(pending[shard]) == len(corpus.shard_ids(shard)):
-                corpus.write_shard(shard, pending.pop(shard))
-            tokens += len(done.tokens)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-    return tokens, len(ids), time.perf_counter() - start
+    return (_row(done, seeding.bos_id, tokenizer, num_subsets, source, seed_of[done.id])
+            for done in decoder.generate(prompts))
+
+
+def _row(done: Completion, bos_id: int, tokenizer, num_subsets: int, source: str,
+         seed_id: int) -> tuple[dict[str, Any], int]:
+    """A synthesized document's row (BOS and its ids, the text without EOS) and its new tokens.
+
+    Args:
+        done: the decoded document.
+        bos_id: the BOS id every row starts with.
+        tokenizer: the synthesizer's tokenizer (decodes the ``text`` column).
+        num_subsets: K; row i goes to subset i mod K.
+        source: the synthesizer's spec.
+        seed_id: the id of the seed document it was conditioned on.
+    """
+    finished = done.reason == "eos"
+    body = done.tokens[:-1] if finished else done.tokens
+    input_ids = [bos_id, *done.tokens]
+    return {"id": done.id, "input_ids": input_ids, "num_tokens": len(input_ids),
+            "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
+            "subset": done.id % num_subsets, "source": source,
+            "seed_id": seed_id}, len(done.tokens)
 
 
 def _validate(synthesizer: str, num_samples: int, max_new_tokens: int, temperature: float,
@@ -307,17 +303,7 @@ def _validate(synthesizer: str, num_samples: int, max_new_tokens: int, temperatu
     check_seed(seed, "--seed")
     as_dtype(dtype, "--dtype")
     pick_device(device)
-    checks = [
-        (num_samples > 0, "--num_samples", num_samples, "must be > 0"),
-        (max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "must be >= 1"),
-        (math.isfinite(temperature) and temperature > 0, "--temperature", temperature,
-         "must be > 0"),
-        (0 < top_p <= 1, "--top_p", top_p, "must be in (0, 1]; 1 turns it off"),
-        (top_k >= 0, "--top_k", top_k, "must be >= 0; 0 turns it off"),
-        (batch_size >= 1, "--batch_size", batch_size, "must be >= 1"),
-        (num_subsets >= 1, "--num_subsets", num_subsets, "must be >= 1"),
-        (shard_size >= 1, "--shard_size", shard_size, "must be >= 1"),
-        (max_d1_tokens is None or max_d1_tokens >= 1, "--max_d1_tokens", max_d1_tokens,
-         "must be >= 1"),
-    ]
-    refuse_first_failed((ok, f"{flag} {value}: {rule}") for ok, flag, value, rule in checks)
+    check_sampling(num_samples, max_new_tokens, [temperature], top_p, top_k, batch_size,
+                   num_subsets, shard_size,
+                   more=[(max_d1_tokens is None or max_d1_tokens >= 1,
+                          f"--max_d1_tokens {max_d1_tokens}: must be >= 1")])
