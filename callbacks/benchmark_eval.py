@@ -315,13 +315,13 @@ class BenchmarkEval(EpochEvaluation):
             return
         self._due = due
         try:
-            self._run(trainer, pl_module, epoch=epoch)
+            self.evaluate_at(trainer, pl_module, epoch=epoch, step=trainer.global_step)
         finally:
             self._due = None
 
     @override
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
-                 ) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                 step: int) -> dict[str, float]:
         """Evaluate the tasks due after this epoch (outside an epoch's end: every task)."""
         self._check_context(pl_module)
         rank, world = trainer.global_rank, trainer.world_size
@@ -343,7 +343,7 @@ class BenchmarkEval(EpochEvaluation):
         metrics = benchmark_metrics(scores, self._base, epoch, self.flag("tasks"))
         metrics.update(stderr_metrics(results["results"]))
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, epoch, results, evaluated)
+            self._write(trainer, pl_module, epoch, step, results, evaluated)
         return metrics
 
     @override
@@ -402,7 +402,7 @@ class BenchmarkEval(EpochEvaluation):
                 parts.append(result)
         return merge_results(parts)
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, step: int,
                results: dict, evaluated: list[str]) -> Path:
         """lm-eval's results and this callback's settings as JSON, per-item rows beside it.
 
@@ -410,10 +410,10 @@ class BenchmarkEval(EpochEvaluation):
             trainer: the running Trainer.
             pl_module: the student.
             epoch: epochs completed.
+            step: the global step the student was trained to.
             results: the merged results of this evaluation.
             evaluated: the task names evaluated this time (the due ones, less the skipped).
         """
-        step = trainer.global_step
         config = {"model": getattr(pl_module.hparams, "model", None), "tasks": self.tasks,
                   "every_n_epochs": self.task_every_n_epochs, "evaluated": evaluated,
                   "skipped": self.skipped, "include_path": self.include_path,

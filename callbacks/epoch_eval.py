@@ -16,7 +16,11 @@ subclass only says what to measure (:meth:`evaluate`) and what to check before t
   evaluates that base once;
 - switches the student to eval mode, disables grad, enters the Trainer's precision context
   (bf16 autocast under ``bf16-mixed``), and restores train mode afterwards;
-- logs the returned scalars to every logger at the global step, beside
+- evaluates at an explicit point of the run, :meth:`evaluate_at` (epochs completed and the
+  global step the student was trained to): the epoch hooks pass the Trainer's own, and
+  ``selftrain evaluate`` the ones an export was written at, so nothing outside training
+  touches Lightning's loop counters;
+- logs the returned scalars to every logger at that global step, beside
   ``eval/epochs_completed`` (the epoch axis) and ``eval_time/<name>`` (seconds spent), and
   to a TensorBoard logger also against the epoch, as ``by_epoch/<tag>`` in the sub-run
   ``<run>/tb/by_epoch/``, charting new tags on the run's custom-scalars page
@@ -55,7 +59,7 @@ from selftrain.callbacks.tb_layout import (
     tensorboard_loggers,
 )
 from selftrain.errors import SelftrainError
-from selftrain.inputs import read_json_records
+from selftrain.corpus import read_json_records
 from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
@@ -102,14 +106,16 @@ class EpochEvaluation(Callback):
         Called once (by ``selftrain fit`` before anything is written, else in ``setup``).
         """
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
-                 ) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                 step: int) -> dict[str, float]:
         """Measure the current student; return ``tag -> value`` (logged by rank 0).
 
         Args:
-            trainer: the running Trainer.
+            trainer: the Trainer the student is attached to.
             pl_module: the student (in eval mode, grad off, precision context entered).
             epoch: epochs completed (0: the base model, before any optimizer step).
+            step: the global step the student was trained to (file names, and which weights
+                these are: the same student at the same step has the same weights).
         """
         raise NotImplementedError
 
@@ -185,7 +191,7 @@ class EpochEvaluation(Callback):
                                      "metrics": record["metrics"],
                                      "base_from": str(self.base_from.resolve())})
             else:
-                self._run(trainer, pl_module, epoch=0)
+                self.evaluate_at(trainer, pl_module, epoch=0, step=trainer.global_step)
 
     def _base_record(self) -> dict[str, Any]:
         """The epoch-0 record of ``base_from``'s ``eval/<name>.jsonl``; refused if none.
@@ -227,7 +233,7 @@ class EpochEvaluation(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0 or training_ends(trainer):
-            self._run(trainer, pl_module, epoch=epoch)
+            self.evaluate_at(trainer, pl_module, epoch=epoch, step=trainer.global_step)
 
     @staticmethod
     @contextmanager
@@ -257,26 +263,48 @@ class EpochEvaluation(Callback):
                     torch.cuda.empty_cache()
             pl_module.train(was_training)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
-             step: int | None = None) -> None:
-        """Evaluate, log at ``step`` (default: the Trainer's global step) and record it.
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                step: int) -> dict[str, float]:
+        """:meth:`evaluate` in :meth:`evaluation_mode`, nothing logged or recorded.
+
+        ``selftrain evaluate`` measures a base it does not record this way (its deltas need
+        it).
+
+        Args:
+            trainer: the Trainer the student is attached to.
+            pl_module: the student.
+            epoch: epochs completed.
+            step: the global step the student was trained to.
+        """
+        with self.evaluation_mode(trainer, pl_module):
+            return self.evaluate(trainer, pl_module, epoch, step)
+
+    def evaluate_at(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                    step: int) -> dict[str, Any]:
+        """Evaluate the student at one point of the run, log it at ``step`` and record it.
+
+        The epoch hooks call it with the Trainer's epoch and global step; ``selftrain
+        evaluate`` with those an export was written at.
 
         Args:
             trainer: the Trainer the student is attached to.
             pl_module: the student.
             epoch: epochs completed (the ``eval/epochs_completed`` value).
-            step: the global step the student was trained to; ``selftrain evaluate`` passes
-                the step an export was written at.
+            step: the global step the student was trained to (the x of every scalar, the
+                ``global_step`` of the record, the ``step=`` of every file name).
+
+        Returns:
+            The record kept: epoch, global step, seconds and metrics.
         """
         start = time.perf_counter()
-        with self.evaluation_mode(trainer, pl_module):
-            metrics = self.evaluate(trainer, pl_module, epoch)
+        metrics = self.measure(trainer, pl_module, epoch, step)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.evaluations += 1
-        self._keep(trainer, {"epoch": epoch,
-                             "global_step": trainer.global_step if step is None else step,
-                             "seconds": round(seconds, 3), "metrics": metrics})
+        record = {"epoch": epoch, "global_step": step, "seconds": round(seconds, 3),
+                  "metrics": metrics}
+        self._keep(trainer, record)
+        return record
 
     def _keep(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
         """Record one evaluation: the history, every logger, ``<run>/eval/<name>.jsonl``."""

@@ -83,10 +83,10 @@ class ExtractionProbe(ProbeEvaluation):
         self.match_rate = match_rate
 
     @override
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
-                 ) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                 step: int) -> dict[str, float]:
         probes = self.probes
-        extracted, matched = self._greedy_counts(trainer, pl_module)
+        extracted, matched = self._greedy_counts(trainer, pl_module, step)
         memorized = extracted == self.suffix_tokens
         domains = (probes.domain_index, len(probes.domains))
         counts = per_domain(memorized.double(), *domains, "sum")
@@ -102,17 +102,22 @@ class ExtractionProbe(ProbeEvaluation):
             if rate is not None:
                 metrics["extraction/match_rate"] = float(rate.mean())
         if self.save_rows and trainer.is_global_zero:
-            self._write_rows(trainer, epoch, extracted, matched, memorized)
+            self._write_rows(trainer, epoch, step, extracted, matched, memorized)
         return metrics
 
-    def _greedy_counts(self, trainer: L.Trainer, pl_module: L.LightningModule
+    def _greedy_counts(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[N]`` extracted and matched (None with ``match_rate`` off) tokens per row.
 
         The teacher-forced pass settles most rows; the others are decoded, dealt evenly over
         the ranks first. Every rank holds the same pass, so all skip or all decode.
+
+        Args:
+            trainer: the Trainer the student is attached to.
+            pl_module: the student.
+            step: the global step the student was trained to.
         """
-        probes, forced = self.probes, self.teacher_forced(trainer, pl_module)
+        probes, forced = self.probes, self.teacher_forced(trainer, pl_module, step)
         decode = needs_decoding(forced.extracted, self.suffix_tokens, forced.close,
                                 self.match_rate)
         if not decode.any():
@@ -124,7 +129,7 @@ class ExtractionProbe(ProbeEvaluation):
             dim=-1).double(), width=2, order=order).round().long()
         return counts[:, 0], counts[:, 1] if self.match_rate else None
 
-    def _write_rows(self, trainer: L.Trainer, epoch: int, extracted: torch.Tensor,
+    def _write_rows(self, trainer: L.Trainer, epoch: int, step: int, extracted: torch.Tensor,
                     matched: torch.Tensor | None, memorized: torch.Tensor) -> Path:
         """Per-row results of one evaluation, written atomically.
 
@@ -133,7 +138,7 @@ class ExtractionProbe(ProbeEvaluation):
         """
         probes = self.probes
         target = (self.run_dir(trainer) / "eval" / self.name
-                  / f"epoch={epoch}-step={trainer.global_step}.parquet")
+                  / f"epoch={epoch}-step={step}.parquet")
         target.parent.mkdir(parents=True, exist_ok=True)
         table = pa.table({
             "row": pa.array(range(len(probes)), pa.int64()),

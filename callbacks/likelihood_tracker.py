@@ -123,9 +123,9 @@ class LikelihoodTracker(ProbeEvaluation):
         super().on_train_start(trainer, pl_module)
 
     @override
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int
-                 ) -> dict[str, float]:
-        current = self._probe_logprobs(trainer, pl_module)
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int,
+                 step: int) -> dict[str, float]:
+        current = self._probe_logprobs(trainer, pl_module, step)
         if self.base is None:  # epoch 0 of a fresh run: this measurement is the base
             self._set_base(trainer, current)
         probes = self.probes
@@ -143,10 +143,16 @@ class LikelihoodTracker(ProbeEvaluation):
             metrics["likelihood/corpus_nll"] = self._corpus_nll(trainer, pl_module)
         return metrics
 
-    def _probe_logprobs(self, trainer: L.Trainer, pl_module: L.LightningModule
+    def _probe_logprobs(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
                         ) -> torch.Tensor:
-        """``[N]`` log p(x | y) of every probe row (the evaluation's shared teacher-forced pass)."""
-        return self.teacher_forced(trainer, pl_module).logprobs
+        """``[N]`` log p(x | y) of every probe row (the evaluation's shared teacher-forced pass).
+
+        Args:
+            trainer: the Trainer the student is attached to.
+            pl_module: the student.
+            step: the global step the student was trained to.
+        """
+        return self.teacher_forced(trainer, pl_module, step).logprobs
 
     def _corpus_nll(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Mean per-token NLL of the fixed corpus sample (token-weighted over all ranks)."""
@@ -181,7 +187,8 @@ class LikelihoodTracker(ProbeEvaluation):
     def _measure_base(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure the base model outside an evaluation (when ``run_at_start`` is off)."""
         with self.evaluation_mode(trainer, pl_module):
-            self._set_base(trainer, self._probe_logprobs(trainer, pl_module))
+            self._set_base(trainer, self._probe_logprobs(trainer, pl_module,
+                                                         trainer.global_step))
 
     def _set_base(self, trainer: L.Trainer, values: torch.Tensor) -> None:
         self.base = values.detach().cpu().double().clone()

@@ -10,8 +10,9 @@ Both also need the same teacher-forced forward over each window (prefix + contin
 gives log p(x | y) and, from its argmaxes, whether greedy decoding would reproduce the
 continuation (:func:`selftrain.probes.windows.teacher_forced`).
 :meth:`ProbeEvaluation.teacher_forced` measures it once per evaluation point and keeps it in
-this module, keyed by the probe set's fingerprint (ids and window), the student and its weights'
-version (global step, epoch and the parameters' in-place version counters); the other probe
+this module, keyed by the probe set's fingerprint (ids and window), the Trainer, the student and
+the global step it was trained to (its weights change only by an optimizer step, which moves the
+step, or by a checkpoint loaded as a fit starts, which forgets what was kept); the other probe
 callback of that evaluation, on the same probe set and window, reads it instead of running the
 forward again. Each callback still works alone.
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 from selftrain.callbacks.epoch_eval import EpochEvaluation
 from selftrain.errors import SelftrainError
@@ -203,22 +205,28 @@ class ProbeEvaluation(EpochEvaluation):
         metric.reset()
         return values
 
-    def teacher_forced(self, trainer: L.Trainer, pl_module: L.LightningModule
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _SHARED.clear()  # a checkpoint may have given the student other weights at a known step
+        super().on_fit_start(trainer, pl_module)
+
+    def teacher_forced(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int
                        ) -> TeacherForced:
         """Every probe row's teacher-forced results, measured once per evaluation point.
 
         The first probe callback to ask at an evaluation point runs the forward (sharded over
-        ranks, gathered); one asking later with the same probe set and window, student and
-        weights reads the same tensors. Every rank makes the same choice, so the gathers
-        stay in step.
+        ranks, gathered); one asking later with the same probe set and window, Trainer,
+        student and step reads the same tensors. Every rank makes the same choice, so the
+        gathers stay in step.
 
         Args:
-            trainer: the running Trainer.
+            trainer: the Trainer the student is attached to.
             pl_module: the student (in eval mode, grad off, precision context entered).
+            step: the global step the student was trained to: which weights these are.
         """
         probes = self.probes
         assert probes is not None, "check() loads the probe set before the first evaluation"
-        key = _measurement_key(trainer, pl_module, probes)
+        key = (probes.fingerprint(), step)
         cached = _SHARED.get(trainer, pl_module, key)
         if cached is not None:
             return cached
@@ -252,22 +260,20 @@ class _LastMeasurement:
         return (self._owners is not None and self._owners[0]() is trainer
                 and self._owners[1]() is pl_module)
 
-    def get(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple | None
+    def get(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple
             ) -> TeacherForced | None:
         """The stored results if they belong to this Trainer, student and key, else None."""
-        if key is None or key != self._key or not self._same_owners(trainer, pl_module):
+        if key != self._key or not self._same_owners(trainer, pl_module):
             return None
         return self._value
 
-    def put(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple | None,
+    def put(self, trainer: L.Trainer, pl_module: L.LightningModule, key: tuple,
             value: TeacherForced) -> None:
-        """Keep ``value`` as the latest measurement (nothing is kept without a key)."""
+        """Keep ``value`` as the latest measurement (replacing the one kept before)."""
         try:
             owners = (weakref.ref(trainer), weakref.ref(pl_module))
         except TypeError:  # an object without weak references: measure every time
-            key = None
-        if key is None:
-            self._owners, self._key, self._value = None, None, None
+            self.clear()
             return
         self._owners, self._key, self._value = owners, key, value
 
@@ -278,20 +284,6 @@ class _LastMeasurement:
 
 _SHARED = _LastMeasurement()
 """The per-evaluation cache the probe callbacks share."""
-
-
-def _measurement_key(trainer: L.Trainer, pl_module: L.LightningModule, probes: ProbeSet
-                     ) -> tuple | None:
-    """What the teacher-forced results depend on: the windows and the weights' version.
-
-    The version is the global step and epoch, and the sum of the parameters' in-place version
-    counters (an optimizer step or a weight load bumps them); None where they cannot be read.
-    """
-    try:
-        versions = sum(int(p._version) for p in pl_module.model.parameters())
-    except (AttributeError, RuntimeError):  # no .model, or inference tensors
-        return None
-    return (probes.fingerprint(), trainer.global_step, trainer.current_epoch, versions)
 
 
 def student_tokenizer(pl_module: L.LightningModule):

@@ -239,9 +239,9 @@ def test_code_execution_tasks_run_only_when_allowed(tmp_path, monkeypatch, stude
         callback.ensure_checked(trainer, student)
     mine = [str(w.message) for w in warned if "unsafe_echo" in str(w.message)]
     rng = random.getstate(), torch.get_rng_state()
-    metrics = callback.evaluate(trainer, student, epoch=0)
+    metrics = callback.evaluate(trainer, student, epoch=0, step=0)
     assert (random.getstate(), torch.get_rng_state().tolist()) == (rng[0], rng[1].tolist())
-    assert callback.evaluate(trainer, student, epoch=1) == metrics  # same few-shot prompts
+    assert callback.evaluate(trainer, student, epoch=1, step=0) == metrics  # same few-shot prompts
     document = json.loads((tmp_path / "run" / "eval" / "benchmark" / "epoch=0-step=0.json")
                           .read_text())
     if allow:
@@ -266,7 +266,7 @@ def test_prompts_longer_than_the_context_are_truncated(tmp_path, student):
     callback = BenchmarkEval({"selftrain_facts": 8, "selftrain_arith": 8}, include_path=TASKS,
                              limit=2, max_length=48)  # 8-shot prompts: ~400 bytes = tokens
     callback.ensure_checked(trainer, student)
-    metrics = callback.evaluate(trainer, student, epoch=0)
+    metrics = callback.evaluate(trainer, student, epoch=0, step=0)
     assert sorted(k for k in metrics if k.startswith("benchmark/")) == \
         sorted(f"benchmark/{m}" for m in METRICS if not m.startswith("selftrain_ppl"))
     document = json.loads((tmp_path / "eval" / "benchmark" / "epoch=0-step=0.json").read_text())

@@ -21,7 +21,7 @@ def test_memorized_rows_are_extracted_and_random_rows_are_not(tmp_path, planted_
     probe = ExtractionProbe(probe_set=str(path), batch_size=3)
     probe.check(trainer, module)
     with torch.no_grad():
-        metrics = probe.evaluate(trainer, module, epoch=0)
+        metrics = probe.evaluate(trainer, module, epoch=0, step=0)
     assert metrics["extraction/planted/memorized"] == 4
     assert metrics["extraction/planted/match_rate"] == pytest.approx((4 * 32 + 31) / (5 * 32))
     assert metrics["extraction/random/memorized"] == 0
@@ -67,7 +67,7 @@ def test_one_pass_counts_equal_plain_greedy_decoding_row_for_row(tmp_path, plant
                         lambda m, prefixes, *a: decoded.append(len(prefixes)) or real(
                             m, prefixes, *a))
     with torch.no_grad():
-        metrics = probe.evaluate(trainer, module, epoch=0)
+        metrics = probe.evaluate(trainer, module, epoch=0, step=0)
     rows = pq.read_table(tmp_path / "eval" / "extraction" / "epoch=0-step=0.parquet").to_pydict()
     assert rows["matched_tokens"] == reference.tolist()
     assert rows["memorized"] == (reference == 32).tolist()
@@ -83,7 +83,7 @@ def test_one_pass_counts_equal_plain_greedy_decoding_row_for_row(tmp_path, plant
     quick = ExtractionProbe(probe_set=str(path), match_rate=False)
     quick.check(trainer, module)
     with torch.no_grad():
-        only = quick.evaluate(trainer, module, epoch=1)
+        only = quick.evaluate(trainer, module, epoch=1, step=0)
     assert decoded == []
     assert only == {key: value for key, value in metrics.items() if "match_rate" not in key}
     rows = pq.read_table(tmp_path / "eval" / "extraction" / "epoch=1-step=0.parquet").to_pydict()

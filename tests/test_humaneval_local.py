@@ -148,7 +148,7 @@ def test_benchmark_eval_runs_it_only_when_allowed(tmp_path, monkeypatch, allow):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         callback.ensure_checked(trainer, student)
-    metrics = callback.evaluate(trainer, student, epoch=0)
+    metrics = callback.evaluate(trainer, student, epoch=0, step=0)
     document = json.loads((tmp_path / "run" / "eval" / "benchmark" / "epoch=0-step=0.json")
                           .read_text())
     if allow:

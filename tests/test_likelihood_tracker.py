@@ -31,9 +31,9 @@ def test_likelihood_delta_is_measured_against_the_base_measured_once(tmp_path, p
     tracker = LikelihoodTracker(probe_set=str(path), corpus_sample=0, batch_size=4)
     tracker.check(trainer, base)
     with torch.no_grad():
-        at_start = tracker.evaluate(trainer, base, epoch=0)
-        again = tracker.evaluate(trainer, base, epoch=1)
-        later = tracker.evaluate(trainer, trained, epoch=2)
+        at_start = tracker.evaluate(trainer, base, epoch=0, step=0)
+        again = tracker.evaluate(trainer, base, epoch=1, step=0)
+        later = tracker.evaluate(trainer, trained, epoch=2, step=0)
     assert tracker.base_computations == 1
     assert at_start["likelihood/planted/delta_logprob"] == 0.0 == again[
         "likelihood/random/delta_logprob"]

@@ -115,7 +115,7 @@ def test_a_tiny_model_gets_finite_bits_per_byte_and_logged_stderrs(tmp_path):
                              include_path=TASKS, limit=4, bootstrap_iters=1)
     student = make_student()
     callback.ensure_checked(trainer, student)
-    metrics = callback.evaluate(trainer, student, epoch=0)
+    metrics = callback.evaluate(trainer, student, epoch=0, step=0)
     bpb = metrics["benchmark/selftrain_bpb_stdlib/bits_per_byte"]
     assert math.isfinite(bpb) and bpb > 0
     assert metrics["benchmark_delta/selftrain_bpb_stdlib/bits_per_byte"] == 0.0

@@ -1,7 +1,8 @@
 """selftrain.callbacks.probe_eval: what ExtractionProbe and LikelihoodTracker share.
 
 Their arguments checked in init, their settings from a second config file, one teacher-forced
-pass per evaluation shared by both (measured again when the weights change), and (slow) the
+pass per evaluation shared by both (measured again at another step, for another student, or
+once a fit starts), and (slow) the
 numbers of a DDP run on 2 CPU processes equal those of one process.
 """
 
@@ -74,32 +75,35 @@ def test_both_probes_share_one_teacher_forced_pass_per_evaluation(tmp_path, plan
     for probe in (extraction, likelihood):
         probe.check(trainer, student)
     with torch.no_grad():
-        extraction.evaluate(trainer, student, epoch=0)
-        likelihood.evaluate(trainer, student, epoch=0)
+        extraction.evaluate(trainer, student, epoch=0, step=0)
+        likelihood.evaluate(trainer, student, epoch=0, step=0)
         assert calls == [9]  # one pass over the 9 rows, read by both
         # the same tensors: log p is continuation_logprobs', the memorized rows greedy's
-        shared = extraction.teacher_forced(trainer, student)
+        shared = extraction.teacher_forced(trainer, student, step=0)
         assert torch.equal(likelihood.base, shared.logprobs)
         assert torch.equal(shared.logprobs, continuation_logprobs(model, extraction.probes
                                                                   .input_ids, 32))
-        # new weights (an optimizer step changes them in place): measured again, once
-        next(student.model.parameters()).add_(0.0)
-        likelihood.evaluate(trainer, student, epoch=1)
-        extraction.evaluate(trainer, student, epoch=1)
+        # the next step's weights (an optimizer step moves the step): measured again, once
+        likelihood.evaluate(trainer, student, epoch=1, step=4)
+        extraction.evaluate(trainer, student, epoch=1, step=4)
         assert calls == [9, 9]
+        # a fit starting may load other weights at a known step: the kept pass is forgotten
+        likelihood.on_fit_start(trainer, student)
+        extraction.evaluate(trainer, student, epoch=1, step=4)
+        assert calls == [9, 9, 9]
         # another student, or another window, is never served the stored pass
         other = make_student(model).eval()
-        extraction.evaluate(trainer, other, epoch=2)
+        extraction.evaluate(trainer, other, epoch=1, step=4)
         short = LikelihoodTracker(probe_set=str(path), suffix_tokens=31, corpus_sample=0)
         short.check(trainer, other)
-        short.evaluate(trainer, other, epoch=2)
-        assert calls == [9, 9, 9, 9]
+        short.evaluate(trainer, other, epoch=1, step=4)
+        assert calls == [9, 9, 9, 9, 9]
     # alone, each callback measures its own pass
     calls.clear()
     alone, fresh = ExtractionProbe(probe_set=str(path), save_rows=False), bare_trainer(tmp_path)
     alone.check(fresh, student)
     with torch.no_grad():
-        alone.evaluate(fresh, student, epoch=0)
+        alone.evaluate(fresh, student, epoch=0, step=0)
     assert calls == [9]
 
 

@@ -111,7 +111,7 @@ class FakeEval(EpochEvaluation):
 
     name = "fake"
 
-    def evaluate(self, trainer, pl_module, epoch):
+    def evaluate(self, trainer, pl_module, epoch, step):
         return {"extraction/code/memorized": float(epoch),
                 "extraction/license/memorized": float(10 + epoch)}
 

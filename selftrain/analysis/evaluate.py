@@ -320,16 +320,12 @@ class _EvaluateOnce(Callback):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         target = self.target
-        # the step the export was trained to, for every file name and record of the callbacks
-        progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress
-        progress.optimizer.step.total.completed = target.step
         for callback in self.evaluations:
             callback.ensure_checked(trainer, pl_module)
             if self.record:
-                callback._run(trainer, pl_module, target.epoch, step=target.step)
+                callback.evaluate_at(trainer, pl_module, epoch=target.epoch, step=target.step)
             elif _needs_base(callback):  # the base for the deltas, not recorded
-                with callback.evaluation_mode(trainer, pl_module):
-                    callback.evaluate(trainer, pl_module, 0)
+                callback.measure(trainer, pl_module, epoch=target.epoch, step=target.step)
 
 
 def _needs_base(callback: EpochEvaluation) -> bool:
