@@ -59,7 +59,7 @@ from selftrain.callbacks.tb_layout import (
     tensorboard_loggers,
 )
 from selftrain.errors import SelftrainError
-from selftrain.corpus import read_json_records
+from selftrain.inputs import read_json_records
 from selftrain.io import write_text_atomic
 from selftrain.training.fsdp import consolidated_state_dict, is_sharded, unsharded_copy
 
