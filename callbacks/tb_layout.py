@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -41,6 +41,9 @@ from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from typing_extensions import override
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
 BY_EPOCH = "by_epoch"
 """The sub-run (``<run>/tb/by_epoch/``) and tag prefix of the evaluation scalars by epoch."""
@@ -247,8 +250,7 @@ class RunBoard:
     def write_layout(self) -> None:
         """Write the run's layout at step 0 (it replaces the one written before), flushed."""
         experiment = self.logger().experiment
-        experiment._get_file_writer().add_summary(
-            layout_summary(layout(self.tags, self.val_loss)), 0)
+        _event_file(experiment).add_summary(layout_summary(layout(self.tags, self.val_loss)), 0)
         experiment.flush()
 
     def close(self) -> None:
@@ -256,6 +258,23 @@ class RunBoard:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _event_file(experiment: SummaryWriter) -> FileWriter:
+    """A SummaryWriter's open event file, its public ``file_writer``.
+
+    ``SummaryWriter`` writes a ``Summary`` proto only through its event file; the layout is
+    one (``add_custom_scalars`` takes no category that opens closed). Lightning closes the
+    writer when a fit or a validate ends (the logger's ``finalize``) and the writer opens its
+    event file again on its next write: where nothing was written since, an empty layout is
+    that write, and the page written after it at the same step replaces it.
+
+    Args:
+        experiment: the logger's ``SummaryWriter``.
+    """
+    if experiment.file_writer is None:
+        experiment.add_custom_scalars({})
+    return experiment.file_writer
 
 
 def _wait_to_sort_last(folder: Path) -> None:

@@ -89,6 +89,24 @@ def test_before_any_evaluation_the_page_holds_family_placeholders():
     assert [c.title for c in page.category[1].chart] == ["train/loss"]
 
 
+def test_a_layout_written_after_the_logger_closed_its_writer_is_the_one_served(tmp_path):
+    # Lightning's finalize closes the SummaryWriter at the end of every fit and validate
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from selftrain.callbacks.tb_layout import run_board
+
+    logger = TensorBoardLogger(save_dir=tmp_path, name="tb", version="")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.finalize("success")
+    assert logger.experiment.file_writer is None
+    run_board(logger).chart(TAGS)
+    served = served_layout(tmp_path / "tb")
+    assert [c["title"] for c in served["category"]] == [
+        BY_EPOCH_CATEGORY, TRAINING_CATEGORY, BY_STEP_CATEGORY]
+    assert served["category"][2]["closed"] is True
+    logger.finalize("success")
+
+
 def record(epoch: int, step: int) -> dict:
     return {"epoch": epoch, "global_step": step, "seconds": 0.1, "metrics": {}}
 
