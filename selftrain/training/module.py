@@ -130,7 +130,7 @@ class StudentLM(L.LightningModule):
             return
         hp = self.hparams
         self.load_tokenizer()
-        attention = resolve_attention(hp.attn_implementation, self._trainer)
+        attention = resolve_attention(hp.attn_implementation, self.attached_trainer())
         self.model = load_model(hp.model, attn_implementation=attention,
                                 revision=hp.revision, trust_remote_code=hp.trust_remote_code,
                                 flag="--model.model")
@@ -141,6 +141,16 @@ class StudentLM(L.LightningModule):
         if hp.compile:
             compile_decoder_layers(self.model)
         self.model.train()
+
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer this module is attached to; None for a bare module (tests load one).
+
+        Lightning's ``trainer`` property raises where there is none.
+        """
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def check_machine(self, trainer: L.Trainer) -> None:
         """Refuse settings the Trainer's device cannot run, before any weights are loaded.
@@ -223,8 +233,9 @@ class StudentLM(L.LightningModule):
         is not taken, so the weights, the checkpoints and the exports stay finite.
         """
         finite = bool(torch.isfinite(loss.detach()).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
         if finite:
             self._last_finite = (self.global_step, float(loss.detach()))
             return
@@ -301,7 +312,7 @@ class StudentLM(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         """Clip by global norm; under FSDP through the root module, which sees every shard."""
-        if (is_sharded(self._trainer) and gradient_clip_val
+        if (is_sharded(self.trainer) and gradient_clip_val
                 and gradient_clip_algorithm in (None, "norm")):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
