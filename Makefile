@@ -37,10 +37,10 @@ sbp-mini: install
 	$(BIN)/python scripts/sbp_mini.py
 
 test: install
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check selftrain callbacks scripts tests

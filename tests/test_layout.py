@@ -284,6 +284,7 @@ def installed_wheel(tmp_path_factory) -> InstalledWheel:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("wheel")  # one worker builds the wheel for both
 def test_built_wheel_installs_callbacks_only_under_selftrain(installed_wheel, tmp_path):
     names = zipfile.ZipFile(installed_wheel.wheel).namelist()
     assert "selftrain/callbacks/benchmark_eval.py" in names
@@ -295,6 +296,7 @@ def test_built_wheel_installs_callbacks_only_under_selftrain(installed_wheel, tm
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("wheel")
 def test_built_wheel_copies_its_configs_out_and_a_debug_fit_runs_there(installed_wheel,
                                                                        tmp_path):
     """From an empty dir, away from the repo: `selftrain configs`, then the debug config's fit.
