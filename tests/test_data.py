@@ -1,19 +1,16 @@
-"""selftrain.training.data (and .rows): CorpusDataModule's rows from a corpus.
+"""selftrain.training.data: CorpusDataModule, the rows' loaders and state.
 
-Stored ids reused under the same tokenizer, retokenized with the student's BOS under another,
-the vocabulary check, subsets, plain jsonl and txt files, truncation, packing, bad arguments.
+It trains on the rows :func:`selftrain.training.rows.build_rows` makes (tests/test_rows.py
+tests those), refuses bad ``--data.*`` arguments in its constructor, gives the student's
+revision to its tokenizer, and packs the same batches it would pad.
 """
 
-import json
-import logging
-
 import pytest
-from helpers import write_jsonl, write_text_corpus
 
-from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError
 from selftrain.models import load_tokenizer
 from selftrain.training.data import CorpusDataModule
+from selftrain.training.rows import RowSettings, build_rows
 
 
 def setup_dm(corpus, **kwargs):
@@ -22,49 +19,16 @@ def setup_dm(corpus, **kwargs):
     return dm
 
 
-def test_same_tokenizer_reuses_source_ids(qwen_corpus):
-    dm = setup_dm(qwen_corpus, max_length=1000)
-    assert dm.stats["retokenized"] is False
-    stored = read_corpus(qwen_corpus).columns["input_ids"]
-    assert sorted(r["input_ids"] for r in dm.rows) == sorted(stored)
-
-
-def test_other_tokenizer_retokenizes_with_student_bos(llama_corpus):
-    dm = setup_dm(llama_corpus, max_length=1000)  # llama corpus, qwen2 student
-    student = load_tokenizer("tiny:qwen2")
-    assert dm.stats["retokenized"] is True
-    assert all(r["input_ids"][0] == student.eos_token_id for r in dm.rows)  # Qwen2 BOS = EOS
-    texts = read_corpus(llama_corpus).columns["text"]
-    first = dm.rows[0]["input_ids"]
-    body = first[1:-1] if first[-1] == student.eos_token_id and len(first) > 1 else first[1:]
-    assert student.decode(body) in texts
-
-
-def test_declared_equal_tokenizers_with_foreign_ids_fail_clearly(llama_corpus):
-    # the llama corpus holds its BOS id 256 and EOS 257: 257 is outside qwen2's 257 tokens
-    with pytest.raises(SelftrainError, match="outside the student's vocabulary") as error:
-        setup_dm(llama_corpus, same_tokenizer=True)
-    assert "--data.same_tokenizer false" in str(error.value)
-
-
-def test_subsets_are_disjoint_and_complete(qwen_corpus):
-    a = setup_dm(qwen_corpus, subset=0, max_length=1000)
-    b = setup_dm(qwen_corpus, subset=1, max_length=1000)
-    assert a.stats["rows"] + b.stats["rows"] == 48
-    assert not {tuple(r["input_ids"]) for r in a.rows} & {tuple(r["input_ids"]) for r in b.rows}
-
-
-def test_plain_jsonl_and_txt(tmp_path):
-    jsonl = write_text_corpus(tmp_path / "c.jsonl", rows=10)
-    assert setup_dm(jsonl).stats["rows"] == 10
-    txt = tmp_path / "c.txt"
-    txt.write_text("one line of text\n\nanother line\n")
-    assert setup_dm(txt).stats["rows"] == 2
-
-
-def test_max_length_truncates(qwen_corpus):
-    dm = setup_dm(qwen_corpus, max_length=8)
-    assert max(len(r["input_ids"]) for r in dm.rows) == 8
+def test_the_module_trains_on_the_rows_build_rows_makes(qwen_corpus, llama_corpus):
+    for corpus in (qwen_corpus, llama_corpus):
+        chosen = {"subset": 1, "num_subsets": 2, "max_length": 12}
+        dm = setup_dm(corpus, eval_corpus=str(corpus), **chosen)
+        plan = build_rows(str(corpus), load_tokenizer("tiny:qwen2"), RowSettings(**chosen),
+                          eval_corpus=str(corpus))
+        assert (dm.rows, dm.eval_rows) == (plan.rows, plan.eval_rows)
+        assert (dm.stats["rows"], dm.stats["dropped"], dm.stats["retokenized"]) == (
+            len(plan.rows), plan.dropped, not plan.reused)
+        assert dm.stats["tokens"] == sum(len(row["input_ids"]) for row in plan.rows)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -84,31 +48,6 @@ def test_max_length_truncates(qwen_corpus):
 def test_bad_arguments_fail_in_init(qwen_corpus, kwargs, fragment):
     with pytest.raises(SelftrainError, match=fragment):
         CorpusDataModule(**{"corpus": str(qwen_corpus), **kwargs})
-
-
-def test_empty_or_unfinished_corpus_fails_clearly(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SelftrainError, match="no data/\\*.parquet shards"):
-        setup_dm(tmp_path / "empty")
-    (tmp_path / "blank.jsonl").write_text("\n")
-    with pytest.raises(SelftrainError, match="the corpus is empty"):
-        setup_dm(tmp_path / "blank.jsonl")
-    (tmp_path / "nocol.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(SelftrainError, match="'text' or 'input_ids'"):
-        setup_dm(tmp_path / "nocol.jsonl")
-
-
-def test_a_corpus_of_mostly_empty_rows_is_refused_a_few_are_dropped(tmp_path, caplog):
-    rows = [{"text": "the cat sat on the mat." if i % 4 else ""} for i in range(40)]
-    few = write_jsonl(tmp_path / "few.jsonl", rows)  # 10 of 40 empty: dropped, and said so
-    with caplog.at_level(logging.INFO):
-        assert setup_dm(few).stats["dropped"] == 10
-    assert "dropped 10 of 40 rows" in caplog.text
-    most = write_jsonl(tmp_path / "most.jsonl", [{"text": "" if i % 4 else "a cat."}
-                                                 for i in range(40)])
-    with pytest.raises(SelftrainError, match=r"most.jsonl: 30 of 40 selected rows have no "
-                                             r"token to train on"):
-        setup_dm(most)
 
 
 def test_bos_outside_the_students_vocabulary_is_refused_at_load(llama_corpus):

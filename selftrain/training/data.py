@@ -1,18 +1,18 @@
 """`CorpusDataModule`: turns a corpus into length-grouped batches for the student.
 
 It reads a corpus dir (or a plain jsonl / parquet / txt file) and turns its rows into the
-student's token ids (:mod:`selftrain.training.rows`: one of K disjoint subsets if asked, stored
-``input_ids`` reused when the student's tokenizer is the source's, else ``text`` retokenized
-with the student's BOS). Batching is in :mod:`selftrain.training.batching`: deterministic per
-epoch, rank-aware, resumable mid-epoch. With ``packing`` each batch's rows go end to end into
-one row (:mod:`selftrain.training.packing`) instead of being padded; the batches themselves are
-the same.
+student's token ids with :func:`selftrain.training.rows.build_rows` (one of K disjoint subsets
+if asked, stored ``input_ids`` reused when the student's tokenizer is the source's, else
+``text`` retokenized with the student's BOS). Two more layouts serve Synthetic Bootstrapped
+Pretraining there: a pairs dir (``selftrain pairs``) as the corpus trains a synthesizer, and
+several corpora with ``mixture_weights`` are mixed by token share at a token budget (real and
+synthetic data together, or the real data alone repeated as the baseline).
 
-Two more layouts serve Synthetic Bootstrapped Pretraining. A pairs dir (``selftrain pairs``)
-as the corpus trains a synthesizer: each pair is one ``BOS d1 SEP d2 EOS`` row with the loss on
-d2 only (:mod:`selftrain.synthesis.layout`). Several corpora with ``mixture_weights`` are mixed
-by token share at a token budget (:mod:`selftrain.training.mixture`): real and synthetic data
-together, or the real data alone repeated as the baseline.
+This module holds the rest: the arguments (the CLI's ``--data.*`` flags, checked before any
+file is read), the loaders and their state. Batching is in :mod:`selftrain.training.batching`:
+deterministic per epoch, rank-aware, resumable mid-epoch. With ``packing`` each batch's rows go
+end to end into one row (:mod:`selftrain.training.packing`) instead of being padded; the
+batches themselves are the same.
 """
 
 from __future__ import annotations
@@ -26,29 +26,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from selftrain.corpus import read_corpus
 from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.inputs import check_seed
-from selftrain.models import (
-    check_token_id,
-    load_tokenizer,
-    pad_token_id,
-    parse_model_spec,
-    resolve_bos_id,
-    tokenizer_fingerprint,
-)
-from selftrain.synthesis.layout import (
-    DEFAULT_SEPARATOR,
-    d1_budget,
-    is_pairs_dir,
-    pair_row,
-    read_pairs,
-    separator_ids,
-)
+from selftrain.models import check_token_id, load_tokenizer, pad_token_id, parse_model_spec
+from selftrain.synthesis.layout import DEFAULT_SEPARATOR
 from selftrain.training.batching import LengthGroupedBatchSampler, pad_collate
-from selftrain.training.mixture import check_weights, mixture_plan
+from selftrain.training.mixture import check_weights
 from selftrain.training.packing import pack_collate, packing_support
-from selftrain.training.rows import retokenize, reuse_ids, select_subset, stored_ids
+from selftrain.training.rows import RowSettings, build_rows
 
 # Without --data.eval_corpus, val_dataloader returns no loaders, which is how Lightning is told
 # to skip validation; its warning about that says nothing the user needs to act on.
@@ -140,7 +125,6 @@ class CorpusDataModule(L.LightningDataModule):
         self._resume: dict[str, int] | None = None
         self.stats: dict[str, Any] = {}
         self._tokenizer = None
-        self._fingerprint: str | None = None
         self._packing: tuple[int, bool] | None = None  # (id of the student checked, packs)
         self.pair_layout: dict[str, Any] | None = None
         """The separator and d1 budget when a pairs dir is trained on (recorded in exports)."""
@@ -163,23 +147,15 @@ class CorpusDataModule(L.LightningDataModule):
         self._tokenizer = load_tokenizer(hp.tokenizer, revision=hp.get("revision"),
                                          flag=STUDENT_FLAG)
         check_token_id(hp.bos_token_id, len(self._tokenizer), "--data.bos_token_id")
-        corpora = hp.corpus if isinstance(hp.corpus, list) else [hp.corpus]
-        per_corpus, reuse, selected = [], True, 0
-        for path in corpora:
-            rows, reused, count = self._prepare(path, "--data.corpus", use_subset=True,
-                                                in_list=len(corpora) > 1)
-            per_corpus.append(rows)
-            reuse, selected = reuse and reused, selected + count
-        self.rows = self._mix(per_corpus)
-        if hp.eval_corpus is not None:
-            self.eval_rows, _, _ = self._prepare(hp.eval_corpus, "--data.eval_corpus",
-                                                 use_subset=False)
+        settings = RowSettings(**{name: hp[name] for name in RowSettings.__dataclass_fields__})
+        plan = build_rows(hp.corpus, self._tokenizer, settings, hp.eval_corpus)
+        self.rows, self.eval_rows = plan.rows, plan.eval_rows
+        self.mixture, self.pair_layout = plan.mixture, plan.pair_layout
         sampler = self._sampler(rank=0, world_size=1)
         tokens = int(sampler.lengths.sum())
         padded_fraction = round(sampler.real_token_fraction(0), 4)
-        kept = sum(len(rows) for rows in per_corpus)
-        self.stats = {"rows": len(self.rows), "dropped": selected - kept,
-                      "tokens": tokens, "retokenized": not reuse,
+        self.stats = {"rows": len(self.rows), "dropped": plan.dropped,
+                      "tokens": tokens, "retokenized": not plan.reused,
                       "batches_per_epoch": len(sampler), "packing": hp.packing,
                       "padded_real_token_fraction": padded_fraction,
                       "real_token_fraction": 1.0 if hp.packing else padded_fraction,
@@ -189,89 +165,13 @@ class CorpusDataModule(L.LightningDataModule):
                   else f"real-token fraction {padded_fraction:.3f}")
         rank_zero_info(
             f"CorpusDataModule: {self.stats['rows']:,} rows, {tokens:,} tokens, "
-            f"{'retokenized' if not reuse else 'source ids reused'}, "
+            f"{'retokenized' if not plan.reused else 'source ids reused'}, "
             f"{self.stats['batches_per_epoch']} batches/epoch at batch {hp.batch_size}, "
             f"{layout}")
         if self.stats["real_token_fraction"] < hp.min_real_token_fraction:
             rank_zero_warn(f"real-token fraction {self.stats['real_token_fraction']:.3f} < "
                            f"{hp.min_real_token_fraction}: raise --data.group_batches (or 0 to "
                            "sort the epoch) to pad less")
-
-    def _mix(self, per_corpus: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        """The epoch's rows: the corpora concatenated, or mixed by ``mixture_weights``."""
-        hp = self.hparams
-        self.mixture = []
-        if hp.mixture_weights is None:
-            return [row for rows in per_corpus for row in rows]
-        lengths = [[len(row["input_ids"]) for row in rows] for rows in per_corpus]
-        taken, self.mixture = mixture_plan(lengths, hp.mixture_weights, hp.mixture_tokens,
-                                           hp.seed)
-        corpora = hp.corpus if isinstance(hp.corpus, list) else [hp.corpus]
-        for record, path in zip(self.mixture, corpora, strict=True):
-            record["corpus"] = str(path)
-            rank_zero_info(f"CorpusDataModule: mixture takes {record['tokens']:,} tokens "
-                           f"({record['share']:.1%} target) from {path}, "
-                           f"{record['passes']:.2f} passes over its rows")
-        for j, rows in enumerate(per_corpus):
-            for row in rows:
-                row["corpus"] = j  # which corpus a row came from (collation ignores it)
-        return [rows[i] for rows, chosen in zip(per_corpus, taken, strict=True) for i in chosen]
-
-    def _prepare(self, path: str, flag: str, use_subset: bool, in_list: bool = False
-                 ) -> tuple[list[dict[str, Any]], bool, int]:
-        """Rows of one corpus for the student: (rows, source ids reused, rows selected)."""
-        hp = self.hparams
-        if is_pairs_dir(path):
-            rows = self._pair_rows(path, flag)
-            return rows, False, len(rows)
-        corpus = read_corpus(path, flag=flag)
-        manifest = corpus.manifest or {}
-        if in_list and manifest.get("num_subsets") == 1 and manifest.get("kind") in SAMPLED:
-            use_subset = False  # sampled for one student: all of it is that student's
-        tokenizer = self._tokenizer
-        keep = (select_subset(corpus, hp.subset, hp.num_subsets, path) if use_subset
-                else list(range(len(corpus))))
-        reuse = reuse_ids(corpus, hp.same_tokenizer, self._student_fingerprint, path, flag)
-        if reuse:
-            sequences = stored_ids(corpus, keep, len(tokenizer), path, flag)
-        else:
-            sequences = retokenize(corpus, keep, tokenizer, hp.bos_token_id, path, flag)
-        rows = [{"input_ids": list(ids[: hp.max_length])} for ids in sequences
-                if len(ids[: hp.max_length]) >= 2]
-        if not rows:
-            raise SelftrainError(f"{flag} {path}: no row has 2 or more tokens after subset "
-                                 f"selection (subset={hp.subset}); check the corpus")
-        _refuse_mostly_empty(len(keep) - len(rows), len(keep), path, flag)
-        return rows, reuse, len(keep)
-
-    def _pair_rows(self, path: str, flag: str) -> list[dict[str, Any]]:
-        """A pairs dir as synthesizer rows: ``BOS d1 SEP d2 EOS``, trained on from d2 on."""
-        hp = self.hparams
-        if hp.subset is not None:
-            raise SelftrainError(f"--data.subset {hp.subset}: {flag} {path} is a pairs dir, "
-                                 "which has no subsets; train the synthesizer on all its pairs")
-        tokenizer = self._tokenizer
-        separator = separator_ids(tokenizer, hp.pair_separator, "--data.pair_separator")
-        budget = d1_budget(hp.max_length, len(separator))
-        if budget < 1 or hp.max_length - 1 - len(separator) - budget < 1:
-            raise SelftrainError(f"--data.max_length {hp.max_length}: leaves no room for d1 and "
-                                 f"d2 beside BOS and the {len(separator)}-token separator; raise "
-                                 "it")
-        columns, _ = read_pairs(path, flag)
-        bos_id, _ = resolve_bos_id(tokenizer, None, hp.bos_token_id)
-        d1 = tokenizer(columns["d1_text"], add_special_tokens=False)["input_ids"]
-        d2 = tokenizer(columns["d2_text"], add_special_tokens=False)["input_ids"]
-        self.pair_layout = {"separator": hp.pair_separator, "separator_ids": separator,
-                            "max_d1_tokens": budget, "max_length": hp.max_length,
-                            "bos_token_id": bos_id}
-        return [pair_row(first, second, separator, bos_id, tokenizer.eos_token_id,
-                         hp.max_length) for first, second in zip(d1, d2, strict=True)]
-
-    def _student_fingerprint(self) -> str:
-        """The student's tokenizer fingerprint, computed once per run (not once per corpus)."""
-        if self._fingerprint is None:
-            self._fingerprint = tokenizer_fingerprint(self._tokenizer)
-        return self._fingerprint
 
     def _sampler(self, rank: int, world_size: int, rows: list[dict[str, Any]] | None = None,
                  shuffle: bool | None = None, position=None) -> LengthGroupedBatchSampler:
@@ -364,9 +264,6 @@ class CorpusDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
-SAMPLED = ("synthetic", "sbp")
-"""Corpus kinds a model sampled: in a list, one sampled for a single student is taken whole."""
-
 STUDENT_FLAG = "--model.model"
 """The flag the student's spec (the data's ``tokenizer``) comes from under ``selftrain fit``."""
 
@@ -416,23 +313,3 @@ def _check_arguments(arguments: dict[str, Any]) -> None:
                                  "`selftrain generate --out DIR` first or fix the path")
     if a["eval_corpus"] is not None and not Path(a["eval_corpus"]).exists():
         raise SelftrainError(f"--data.eval_corpus {a['eval_corpus']}: no such file or directory")
-
-
-def _refuse_mostly_empty(dropped: int, selected: int, path: str, flag: str) -> None:
-    """Refuse a corpus most of whose selected rows hold nothing to train on; log a few.
-
-    A row needs a token after its BOS to be trained on; rows of empty text have none.
-
-    Args:
-        dropped: selected rows without a token to predict.
-        selected: rows selected (the subset, or all).
-        path: the corpus, named in the error.
-        flag: the flag it came from.
-    """
-    if 2 * dropped > selected:
-        raise SelftrainError(f"{flag} {path}: {dropped} of {selected} selected rows have no "
-                             "token to train on (empty text); regenerate the corpus or drop "
-                             "those rows")
-    if dropped:
-        rank_zero_info(f"CorpusDataModule: dropped {dropped} of {selected} rows of {path} with "
-                       "no token to train on (empty text)")
