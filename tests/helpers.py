@@ -267,6 +267,17 @@ def tests_importable() -> dict[str, str]:
 # --- the debug config in process ---------------------------------------------------------------
 
 
+def without_gpus(monkeypatch: Any) -> None:
+    """This test's machine has no CUDA or MPS device, as torch and Lightning see it."""
+    import torch
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for accelerator in (CUDAAccelerator, MPSAccelerator):
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
+
+
 def cli(run_dir: Path | None, *flags: str, callbacks: bool = True,
         export: bool = True) -> SelftrainCLI:
     """``SelftrainCLI`` on the debug config, built but not run.

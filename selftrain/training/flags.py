@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from selftrain.errors import SelftrainError, refuse_first_failed
 from selftrain.inputs import check_seed
+from selftrain.precision import device_type
 
 SEED_EVERYTHING_MAX = 2**32 - 1
 """Lightning's ``seed_everything`` takes 0..2**32-1 (numpy's global seed) and raises past it."""
@@ -126,12 +125,13 @@ def _check_devices(devices: Any, on_cpu: bool) -> None:
 
 
 def _runs_on_cpu(accelerator: Any) -> bool:
-    """Whether ``--trainer.accelerator`` is the CPU: ``cpu``, or ``auto`` without a GPU."""
-    if not isinstance(accelerator, str):
-        return False  # an Accelerator object, or a class path: left to Lightning
-    name = accelerator.lower()
-    return name == "cpu" or (name == "auto" and not torch.cuda.is_available()
-                             and not torch.backends.mps.is_available())
+    """Whether ``--trainer.accelerator`` is the CPU: ``cpu``, or ``auto`` without a GPU.
+
+    ``gpu`` without a GPU is not: :func:`selftrain.training.checks.check_gpu_request` refuses
+    it. An Accelerator object or a class path is left to Lightning.
+    """
+    return (isinstance(accelerator, str) and accelerator.lower() in ("cpu", "auto")
+            and device_type(accelerator) == "cpu")
 
 
 def _devices_ok(devices: Any) -> bool:
