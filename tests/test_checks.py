@@ -1,15 +1,17 @@
 """selftrain.training.checks: settings this machine cannot run are refused up front, in one line.
 
-Through ``selftrain fit`` (nothing loaded, nothing written) and through ``StudentLM``'s own
-checks; ``--model.attn_implementation auto`` resolves to transformers' default on CPU.
+Through ``selftrain fit`` (nothing loaded, nothing written), through the GPU-request check on
+its own and through ``StudentLM``'s own checks; ``--model.attn_implementation auto`` resolves
+to transformers' default on CPU.
 """
 
 import lightning as L
 import pytest
-from helpers import FSDP_ON_CPU, FSDP_PRESET, make_student, run_fit
+from helpers import FSDP_ON_CPU, FSDP_PRESET, make_student, run_fit, without_gpus
 
 import selftrain.training.module
 from selftrain.errors import SelftrainError
+from selftrain.training.checks import check_gpu_request
 from selftrain.training.module import StudentLM
 
 
@@ -31,6 +33,23 @@ def test_settings_this_machine_cannot_run_fail_in_one_line_before_loading(tmp_pa
     assert last.startswith("selftrain: error:") and message in last, last
     assert "Traceback" not in result.stderr
     assert not run.exists()  # nothing written
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ({"accelerator": "gpu"}, "--trainer.accelerator gpu: this machine has no CUDA GPU"),
+    ({"accelerator": "cuda"}, "--trainer.accelerator cuda: this machine has no CUDA GPU"),
+    ({"accelerator": "cpu", "strategy": "fsdp"}, "--trainer.strategy fsdp needs CUDA GPUs"),
+    ({"strategy": "FSDP"}, "--trainer.strategy fsdp needs CUDA GPUs"),  # auto: the CPU here
+    ({"accelerator": "cpu", "strategy": "ddp"}, None),
+    ({}, None),
+])
+def test_a_gpu_request_without_a_gpu_is_refused(monkeypatch, trainer, message):
+    without_gpus(monkeypatch)
+    if message is None:
+        check_gpu_request(trainer)
+    else:
+        with pytest.raises(SelftrainError, match=message):
+            check_gpu_request(trainer)
 
 
 @pytest.mark.parametrize("field, value, message", [

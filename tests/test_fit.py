@@ -3,9 +3,11 @@
 What one fit writes (TensorBoard tags, the evaluation callbacks' cadence, the custom-scalars
 layout, the HF export that lm-eval loads, the checkpoint), that the loss falls, the held-out loss
 of `selftrain validate` against a direct computation; DDP on 2 CPU processes against one process
-accumulating the same batches (slow). Resuming is tested in test_run_dir.py.
+accumulating the same batches (slow). Resuming is tested in test_run_dir.py. The LightningCLI
+internals SelftrainCLI overrides or relies on are checked to still be there.
 """
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -25,12 +27,27 @@ from helpers import (
     write_jsonl,
     write_text_corpus,
 )
+from lightning.pytorch.cli import LightningCLI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selftrain.analysis.tb import read_layout, read_scalars
 from selftrain.models import load_model
 from selftrain.trainer_cli import SelftrainCLI
 from selftrain.training.batching import LengthGroupedBatchSampler
+
+
+def test_the_lightning_cli_internals_it_overrides_are_still_there():
+    """Checked against lightning 2.6.6: SelftrainCLI overrides ``_parse_ckpt_path`` and
+    ``_set_seed`` (called from ``__init__``), calls ``_get``, and has its ``fit`` / ``validate``
+    / ``test`` called by ``_run_subcommand`` in place of the Trainer's."""
+    called = inspect.getsource(LightningCLI.__init__)
+    for name in ("_parse_ckpt_path", "_set_seed"):
+        assert list(inspect.signature(getattr(LightningCLI, name)).parameters) == ["self"], name
+        assert f"self.{name}()" in called, name
+    assert list(inspect.signature(LightningCLI._get).parameters)[:3] == ["self", "config", "key"]
+    assert "getattr(self, subcommand" in inspect.getsource(LightningCLI._run_subcommand)
+    for name in ("_parse_ckpt_path", "_set_seed", "fit", "validate", "test"):
+        assert name in vars(SelftrainCLI), name
 
 
 def test_debug_config_trains_logs_and_exports(run_dir):

@@ -1,5 +1,6 @@
 """selftrain.training.run_dir and the fit/resume rules of SelftrainCLI: one run per run dir.
 
+The plan (:func:`plan_run`) is checked first on run dirs built by hand, without LightningCLI.
 A second fit into a run dir is refused unless it resumes (``--ckpt_path last``) or starts over
 (``--overwrite true``); a resume of another run is refused in one line; ``--ckpt_path last``
 with no checkpoint starts from step 0; a run that crashed (or, slow tier, was SIGKILLed at a
@@ -9,6 +10,8 @@ evaluation history, each evaluation once in ``eval/*.jsonl`` and in TensorBoard.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +30,7 @@ from helpers import (
     file_bytes,
     fit_args,
     fit_command,
+    flip_bytes,
     history,
     kill_when,
     one_error_line,
@@ -38,12 +42,18 @@ from helpers import (
 
 from selftrain.analysis.tb import scalar_events
 from selftrain.cli import main
+from selftrain.digests import save_with_digest
+from selftrain.errors import SelftrainError
 from selftrain.training.run_dir import (
     IDENTITY_KEY,
     RUN_MARKER,
+    RunPlan,
     find_last_checkpoint,
     is_run_dir,
+    plan_run,
+    prepare_fit,
     run_files,
+    write_run_marker,
 )
 
 EVALUATIONS = ("benchmark", "extraction", "likelihood")
@@ -94,6 +104,128 @@ def reference(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reference") / "run"
     main(fit_args(run, *TWO_EPOCHS))
     return run
+
+
+# --- the plan, on run dirs built by hand ----------------------------------------------------
+
+
+def held_run(root: Path) -> Path:
+    """A run dir that holds a run (its marker and TensorBoard events); its checkpoint dir."""
+    (root / "tb").mkdir(parents=True)
+    (root / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
+    write_run_marker(root, "fit")
+    return root / "checkpoints"
+
+
+def saved_checkpoint(path: Path, step: int) -> Path:
+    """A checkpoint (saved with its digest, as fit saves) at ``step``, with a run identity."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_with_digest(path, lambda staged: torch.save(
+        {"global_step": step, IDENTITY_KEY: {"student": "tiny:qwen2"}}, staged))
+    return path
+
+
+def plan(subcommand: str, root: Path, ckpt_path: str | None = None, **kwargs) -> RunPlan:
+    return plan_run(subcommand, root, root / "checkpoints", ckpt_path, **kwargs)
+
+
+def test_a_new_run_dir_plans_a_fit_from_step_0(tmp_path):
+    assert plan("fit", tmp_path / "run") == RunPlan(None, None, False)
+    assert not (tmp_path / "run").exists()  # planning writes nothing
+
+
+def test_a_fit_into_a_run_dir_that_holds_a_run_is_refused_unless_it_starts_over(tmp_path):
+    root = tmp_path / "run"
+    held_run(root)
+    with pytest.raises(SelftrainError, match=r"--trainer.default_root_dir .*: already holds a "
+                                             r"run \(selftrain_run.json, tb/events"):
+        plan("fit", root)
+    assert plan("fit", root, overwrite=True) == RunPlan(None, None, True)
+    assert plan("fit", root, first_rank=False) == RunPlan(None, None, False)  # rank 0 judges
+    assert plan("validate", root) == RunPlan(None, None, False)  # writes into tb/validate
+
+
+def test_ckpt_path_last_resumes_the_newest_last_checkpoint(tmp_path):
+    root = tmp_path / "run"
+    older = saved_checkpoint(held_run(root) / "last.ckpt", 10)
+    newer = saved_checkpoint(root / "checkpoints" / "last-v1.ckpt", 20)
+    os.utime(older, (1, 1))  # Lightning's rule: the newest by modification time
+    resume = plan("fit", root, "last")
+    assert resume.ckpt_path == str(newer) and resume.resume_step == 20
+    assert not resume.start_over
+    assert plan("validate", root, "last").ckpt_path == str(newer)  # named, so it is checked
+
+
+def test_ckpt_path_last_without_a_checkpoint_plans_a_start_over(tmp_path, caplog):
+    root = tmp_path / "run"
+    held_run(root)  # a run that died before its first checkpoint
+    with caplog.at_level(logging.INFO, logger="selftrain"):
+        assert plan("fit", root, "last") == RunPlan(None, None, True)
+    assert "no checkpoint in" in caplog.text and "starting from step 0" in caplog.text
+    assert plan("validate", root, "last") == RunPlan("last", None, False)  # left to Lightning
+
+
+def test_overwrite_with_a_ckpt_path_is_refused(tmp_path):
+    with pytest.raises(SelftrainError, match="--overwrite true with --ckpt_path last: one starts"):
+        plan("fit", tmp_path / "run", "last", overwrite=True)
+
+
+def test_another_run_dirs_checkpoint_is_planned_only_into_a_run_dir_without_a_run(tmp_path):
+    other = saved_checkpoint(tmp_path / "other" / "checkpoints" / "last.ckpt", 24)
+    fresh = plan("fit", tmp_path / "fresh", str(other))
+    assert fresh.ckpt_path == str(other) and fresh.resume_step == 24 and not fresh.start_over
+    root = tmp_path / "run"
+    held_run(root)
+    with pytest.raises(SelftrainError, match="is not this run dir's checkpoint"):
+        plan("fit", root, str(other))
+    # the run dir's own checkpoint, named by its path, resumes it
+    own = saved_checkpoint(root / "checkpoints" / "last.ckpt", 5)
+    assert plan("fit", root, str(own)).resume_step == 5
+
+
+def test_a_folder_of_other_files_or_an_input_is_refused_whatever_the_flags(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "hf").mkdir(parents=True)
+    (folder / "hf" / "README.md").write_text("a card\n")
+    for overwrite in (False, True):
+        with pytest.raises(SelftrainError, match="holds files but no selftrain run"):
+            plan("fit", folder, overwrite=overwrite)
+    corpus = tmp_path / "run" / "corpus"
+    corpus.mkdir(parents=True)
+    with pytest.raises(SelftrainError, match="holds --data.corpus"):
+        plan("fit", tmp_path / "run", inputs=[("--data.corpus", str(corpus))])
+
+
+@pytest.mark.parametrize("ckpt_path", ["best", "hpc", "registry", "s3://bucket/run.ckpt"])
+def test_a_checkpoint_lightning_resolves_is_not_read_here(tmp_path, ckpt_path):
+    def unread(path: Path) -> dict:
+        raise AssertionError(f"{path} was read")
+
+    assert plan("validate", tmp_path / "run", ckpt_path, read_meta=unread) == RunPlan(ckpt_path)
+
+
+def test_a_missing_or_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(SelftrainError, match="no such checkpoint"):
+        plan("fit", tmp_path / "run", str(tmp_path / "gone.ckpt"))
+    damaged = saved_checkpoint(tmp_path / "damaged.ckpt", 3)
+    flip_bytes(damaged)
+    with pytest.raises(SelftrainError, match="does not match the digest saved beside it"):
+        plan("fit", tmp_path / "run", str(damaged))
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_fit_removes_what_the_plan_says_and_marks_the_run_dir(tmp_path):
+    root = tmp_path / "run"
+    held_run(root)
+    (root / "notes.md").write_text("mine")
+    prepare_fit(RunPlan(None, None, True), root, root / "checkpoints")
+    assert sorted(path.name for path in root.iterdir()) == ["notes.md", RUN_MARKER]
+
+    staging = root / "hf" / ".epoch=2.partial-x"  # what a killed export left
+    staging.mkdir(parents=True)
+    (root / "hf" / "epoch=1").mkdir()
+    prepare_fit(RunPlan("last.ckpt", {"global_step": 3}), root, root / "checkpoints")
+    assert [path.name for path in (root / "hf").iterdir()] == ["epoch=1"]
 
 
 # --- one run per run dir -------------------------------------------------------------------
@@ -343,8 +475,6 @@ def test_a_checkpoint_that_lost_bits_is_refused_before_it_is_read(one_epoch, tmp
     """64 flipped bytes in ``last.ckpt`` (they land in the optimizer's state) used to resume
     without a word; the digest fit saved beside the checkpoint refuses them in one line."""
     import shutil
-
-    from helpers import flip_bytes
 
     from selftrain.digests import verify
 

@@ -1,9 +1,12 @@
-"""What the student's settings need from the installation and the machine, checked up front.
+"""What a run's settings need from the installation and the machine, checked up front.
 
-A setting the machine cannot run (flash attention without flash-attn or a CUDA GPU, a
-bitsandbytes optimizer on CPU or under FSDP, activation checkpointing asked twice) fails in one
-line naming the flag and the fix, before any weights are loaded. ``--model.attn_implementation
-auto`` is resolved here too, from the installed packages, the GPU and the precision.
+A setting the machine cannot run (a GPU accelerator or FSDP without a CUDA GPU, bf16 on a GPU
+older than Ampere, flash attention without flash-attn or a CUDA GPU, a bitsandbytes optimizer
+on CPU or under FSDP, activation checkpointing asked twice) fails in one line naming the flag
+and the fix, before any weights are loaded. ``--model.attn_implementation auto`` is resolved
+here too, from the installed packages, the GPU and the precision. Which device an
+``--trainer.accelerator`` runs on is decided in one place, :func:`selftrain.precision.device_type`
+(precision ``auto`` needs it too).
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import FSDPStrategy
 
 from selftrain.errors import SelftrainError
-from selftrain.training.fsdp import is_sharded
+from selftrain.precision import device_type
+from selftrain.training.fsdp import DecoderLayerFSDP, is_sharded
 from selftrain.training.optim import BNB_OPTIMIZERS
 
 
@@ -42,6 +49,49 @@ def available_memory() -> int | None:
         except (ValueError, OSError, AttributeError):
             continue
     return None
+
+
+def check_gpu_request(trainer: dict[str, Any]) -> None:
+    """Refuse, in one line, a GPU accelerator or FSDP on a machine Lightning would refuse them on.
+
+    Lightning (2.6.6) resolves ``--trainer.accelerator gpu`` (and ``auto``) to MPS where it
+    is available, else CUDA (:func:`~selftrain.precision.device_type`), and refuses ``gpu``
+    with neither; its string-named ``fsdp`` strategies (and a plain ``FSDPStrategy``) need the
+    accelerator to resolve to CUDA. Checked before the Trainer is built.
+
+    Args:
+        trainer: the Trainer's arguments (``accelerator``, ``strategy``, ...).
+    """
+    accelerator, strategy = trainer.get("accelerator", "auto"), trainer.get("strategy", "auto")
+    name = accelerator.lower() if isinstance(accelerator, str) else None
+    if ((name == "gpu" and device_type(name) == "cpu")
+            or (name == "cuda" and not CUDAAccelerator.is_available())):
+        raise SelftrainError(f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU "
+                             "(FSDP needs one); use --trainer.accelerator cpu, with "
+                             "--trainer.strategy ddp for several processes")
+    fsdp = (isinstance(strategy, str)
+            and strategy.lower() in FSDPStrategy.get_registered_strategies()
+            ) or type(strategy) is FSDPStrategy
+    if fsdp and device_type(accelerator) != "cuda":
+        raise SelftrainError("--trainer.strategy fsdp needs CUDA GPUs; on CPU use "
+                             "--trainer.strategy ddp (configs/scale/ddp.yaml)")
+
+
+def check_trainer(trainer: L.Trainer) -> None:
+    """Refuse a strategy or precision the Trainer's machine cannot run, before any weights load.
+
+    Args:
+        trainer: the built Trainer.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, DecoderLayerFSDP):
+        strategy.check_machine()
+    device = strategy.root_device
+    precision = str(trainer.precision)
+    if precision.startswith("bf16") and device.type == "cuda" and not ampere_or_newer(device):
+        raise SelftrainError(f"--trainer.precision {precision}: "
+                             f"{torch.cuda.get_device_name(device)} has no bf16; use "
+                             "16-mixed (or 32-true)")
 
 
 def flash_attn_installed() -> bool:

@@ -15,13 +15,20 @@ Every checkpoint records the run's identity (:func:`run_identity`: a fingerprint
 training rows, the student's spec and revision, the tokenizer's fingerprint) under
 :data:`IDENTITY_KEY`; a resume whose corpus, student or tokenizer differs is refused in one
 line. Settings that may change on resume (epochs, the callbacks' cadence) are not part of it.
+
+What ``fit``, ``validate`` and ``test`` do with their run dir is decided by :func:`plan_run`,
+from the flags and what the run dir holds, before anything is built or written; a fit acts on
+its :class:`RunPlan` (:func:`prepare_fit`) only once everything else is checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,10 +36,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from selftrain.digests import SIDECAR_SUFFIX
+from selftrain.digests import SIDECAR_SUFFIX, digest_file, verify
 from selftrain.errors import SelftrainError
 from selftrain.io import is_temp_name, remove, write_json_atomic
-from selftrain.outputs import dir_entries, listing
+from selftrain.outputs import dir_entries, listing, refuse_input_overlap, refuse_unwritable
+
+log = logging.getLogger(__name__)
 
 RUN_ENTRIES = ("tb", "checkpoints", "eval", "hf")
 """What ``selftrain fit`` writes into a run dir (``checkpoints`` unless moved elsewhere)."""
@@ -40,6 +49,10 @@ RUN_MARKER = "selftrain_run.json"
 """Written first into every run dir (command, version, time): a run dir is one because of it."""
 IDENTITY_KEY = "selftrain_run"
 """Where a checkpoint keeps the identity of the run that wrote it."""
+ROOT_FLAG = "--trainer.default_root_dir"
+"""The flag a run dir comes from, named in messages."""
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values Lightning resolves itself (``last`` is resolved here where it can be)."""
 IDENTITY_FIELDS = {"student": "--model.model (with --model.revision)",
                    "tokenizer": "the student's tokenizer",
                    "corpus": "--data.corpus (with --data.subset, --data.max_length)"}
@@ -280,6 +293,147 @@ def read_checkpoint_meta(path: Path, flag: str = "--ckpt_path", weights_only: bo
         raise SelftrainError(f"{flag} {path}: not a Lightning checkpoint (no global_step); "
                              "give a checkpoint `selftrain fit` wrote")
     return meta
+
+
+def is_local_checkpoint(ckpt: str | None) -> bool:
+    """Whether a ``--ckpt_path`` names a local file (not a keyword Lightning resolves, not a URL).
+
+    Args:
+        ckpt: the flag's value.
+    """
+    return ckpt is not None and ckpt not in CKPT_KEYWORDS and "://" not in str(ckpt)
+
+
+def read_verified_meta(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    """A ``--ckpt_path``'s state (:func:`read_checkpoint_meta`), its digest checked first.
+
+    A checkpoint saved without a digest (another tool, an older version) still reads, with a
+    warning that it is not verified.
+
+    Args:
+        path: the checkpoint file or sharded checkpoint dir.
+        weights_only: as :func:`read_checkpoint_meta`.
+    """
+    verified = verify(path, "--ckpt_path")  # before anything reads it
+    meta = read_checkpoint_meta(path, weights_only=weights_only)
+    if not verified:
+        log.warning("--ckpt_path %s: no digest was saved with it (%s); it reads as a "
+                    "checkpoint but is not verified", path, digest_file(path).name)
+    return meta
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a fit, validate or test does with its run dir, decided before anything is built.
+
+    Args:
+        ckpt_path: the checkpoint to load: ``--ckpt_path``, with ``last`` resolved to the run
+            dir's newest ``last*.ckpt`` where there is one; None: a fit from step 0.
+        resume_meta: that checkpoint's state without its tensors; None where no local
+            checkpoint is loaded (none given, or one Lightning resolves: ``best``, a URL).
+        start_over: the fit removes an earlier run from the run dir before it writes
+            (``--overwrite true``, or ``--ckpt_path last`` after a run that died before its
+            first checkpoint).
+    """
+
+    ckpt_path: str | None
+    resume_meta: dict[str, Any] | None = None
+    start_over: bool = False
+
+    @property
+    def resume_step(self) -> int | None:
+        """The global step the checkpoint was saved at (None: no checkpoint is loaded)."""
+        return None if self.resume_meta is None else int(self.resume_meta["global_step"])
+
+
+def plan_run(subcommand: str | None, root: Path, checkpoint_dir: Path, ckpt_path: str | None,
+             overwrite: bool = False, inputs: Iterable[tuple[str, str | None]] = (),
+             first_rank: bool = True,
+             read_meta: Callable[[Path], dict[str, Any]] = read_verified_meta) -> RunPlan:
+    """Check the run dir and the checkpoint to load, and decide what happens to them.
+
+    Nothing is written. Refused in one line: a run dir that cannot be written, that is, holds
+    or lies inside an input, or that holds files but no run; ``--overwrite true`` together
+    with a fit's ``--ckpt_path``; a fit into a run dir that holds a run, unless it resumes it
+    (``--ckpt_path last``) or starts it over (``--overwrite true``); a fit from another run
+    dir's checkpoint into one that holds a run; a checkpoint ``read_meta`` refuses.
+
+    Args:
+        subcommand: ``fit``, ``validate`` or ``test`` (None: a CLI built without running).
+        root: the run dir (``--trainer.default_root_dir``).
+        checkpoint_dir: where the run's checkpoints go (``--checkpoint.dirpath``).
+        ckpt_path: ``--ckpt_path``.
+        overwrite: ``--overwrite``.
+        inputs: (flag, path) of what the command reads (:func:`run_inputs`), which the run
+            dir may not touch.
+        first_rank: this process is global rank 0, which alone judges what the run dir holds
+            (the other ranks of a DDP launch may start after rank 0 wrote the run's marker).
+        read_meta: reads a local checkpoint's state, refusing one that is missing or damaged.
+    """
+    refuse_unwritable(root, ROOT_FLAG, beside=False)
+    refuse_input_overlap(root, inputs, flag=ROOT_FLAG)
+    if first_rank:
+        refuse_foreign_root(root, checkpoint_dir, ROOT_FLAG)
+    fit = subcommand == "fit"
+    if fit and ckpt_path is not None and overwrite:
+        raise SelftrainError(f"--overwrite true with --ckpt_path {ckpt_path}: one starts the run "
+                             "over, the other resumes it; pass only the one you mean")
+    start_over = False
+    if ckpt_path == "last":
+        found = find_last_checkpoint(checkpoint_dir)
+        if found is not None:  # the file Lightning would pick, named so that it is checked
+            ckpt_path = str(found)
+        elif fit:
+            log.info("--ckpt_path last: no checkpoint in %s yet; starting from step 0",
+                     checkpoint_dir)
+            # what a run that died before its first checkpoint logged is redone from step 0
+            ckpt_path, start_over = None, True
+    meta = read_meta(Path(ckpt_path)) if is_local_checkpoint(ckpt_path) else None
+    if fit and first_rank and not start_over:
+        start_over = _starts_over(root, checkpoint_dir, ckpt_path, meta, overwrite)
+    return RunPlan(ckpt_path, meta, start_over)
+
+
+def _starts_over(root: Path, checkpoint_dir: Path, ckpt_path: str | None,
+                 meta: dict[str, Any] | None, overwrite: bool) -> bool:
+    """Refuse a fit that would mix two runs in ``root``; whether an earlier run is removed."""
+    if meta is not None:
+        if (earlier_run(root, checkpoint_dir)
+                and Path(ckpt_path).resolve().parent != checkpoint_dir.resolve()):
+            raise SelftrainError(f"--ckpt_path {ckpt_path}: is not this run dir's checkpoint, "
+                                 f"and {root} already holds a run; resume that one with "
+                                 "--ckpt_path last, or continue from this checkpoint in a new "
+                                 "run dir")
+        return False
+    found = earlier_run(root, checkpoint_dir)
+    if found and not overwrite:
+        raise SelftrainError(
+            f"{ROOT_FLAG} {root}: already holds a run ({', '.join(found[:4])}); resume it "
+            "with --ckpt_path last, start it over with --overwrite true, or give a new run dir")
+    return bool(found)
+
+
+def prepare_fit(plan: RunPlan, root: Path, checkpoint_dir: Path) -> None:
+    """Act on a fit's plan in its run dir, then mark it; on global rank 0, once all is checked.
+
+    A resume removes what a killed HF export left (:func:`remove_export_leftovers`); a
+    start-over removes the earlier run (:func:`remove_earlier_run`).
+
+    Args:
+        plan: :func:`plan_run`'s plan for this fit.
+        root: the run dir.
+        checkpoint_dir: the run's checkpoint dir.
+    """
+    if plan.resume_meta is not None:
+        removed = remove_export_leftovers(root)
+        if removed:
+            log.info("removed what a killed HF export left in %s/hf: %s", root,
+                     ", ".join(removed))
+    elif plan.start_over:
+        log.info("starting %s over: removing the earlier run's %s", root,
+                 ", ".join(earlier_run(root, checkpoint_dir)))
+        remove_earlier_run(root, checkpoint_dir)
+    write_run_marker(root, "fit")
 
 
 def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
