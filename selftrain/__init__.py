@@ -10,6 +10,8 @@ the stages above it in this list (``tests/test_layout.py`` reads every import to
   corpus's ids come from), ``probe_file`` (the probe-set file), ``embedding`` (sentence
   embeddings, loaded offline), ``shipped`` (the configs the package ships, copied out by
   ``selftrain configs``);
+- ``decoding``: the slot decoder (KV cache, per-sample draws) from BOS or from prompts, which
+  sampling, synthesis and the probes share;
 - ``sampling``: a source model writes a corpus from its BOS token (``selftrain generate``);
 - ``curation``: decontamination against benchmarks and probe sets, the token-matched replay
   baseline;

@@ -1,11 +1,11 @@
-"""selftrain.sampling.draw: per-sample uniforms and the tempered, truncated inverse-CDF draw."""
+"""selftrain.decoding.draw: per-sample uniforms and the tempered, truncated inverse-CDF draw."""
 
 import numpy as np
 import pytest
 import torch
 
+from selftrain.decoding.draw import draw_tokens, sample_uniforms
 from selftrain.errors import SelftrainError
-from selftrain.sampling.draw import draw_tokens, sample_uniforms
 
 
 def test_uniforms_are_a_pure_function_of_seed_id_and_step():

@@ -28,8 +28,8 @@ from helpers import evaluations, file_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
-STAGES = ["core", "sampling", "curation", "synthesis", "training", "probes", "callbacks",
-          "analysis", "top"]
+STAGES = ["core", "decoding", "sampling", "curation", "synthesis", "training", "probes",
+          "callbacks", "analysis", "top"]
 """Lowest first; a module may import its own stage and the ones before it."""
 TOP_MODULES = {"cli", "trainer_cli", "__main__", "sweep"}
 CORE = ["__init__", "errors", "io", "digests", "outputs", "shipped", "inputs", "corpus",

@@ -1,4 +1,4 @@
-"""selftrain.sampling.prompted and selftrain.probes.fast_generation: equal to the plain path.
+"""selftrain.decoding.prompted and selftrain.probes.fast_generation: equal to the plain path.
 
 Prompted, slot-refilled greedy decoding equals an unbatched greedy loop (one row, full
 forward), and FastHFLM's ``generate_until`` returns HFLM's strings exactly, on the project's
@@ -15,10 +15,10 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from selftrain.curation.lm_eval_tasks import task_manager
+from selftrain.decoding.prompted import Prompt, PromptedDecoder, common_prefix, cut_at_stop
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
 from selftrain.probes.fast_generation import FastHFLM
-from selftrain.sampling.prompted import Prompt, PromptedDecoder, common_prefix, cut_at_stop
 
 FAMILIES = ["qwen2", "llama", "gpt_neox"]
 SHOTS = [

@@ -1,4 +1,4 @@
-"""selftrain.sampling.sampler: BosSampler's cached, refilled decoding equals a full forward.
+"""selftrain.decoding.sampler: BosSampler's cached, refilled decoding equals a full forward.
 
 Sample i does not depend on the batch or the order, and finished rows stop costing compute.
 """
@@ -6,8 +6,8 @@ Sample i does not depend on the batch or the order, and finished rows stop costi
 import pytest
 import torch
 
+from selftrain.decoding.sampler import BosSampler
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
-from selftrain.sampling.sampler import BosSampler
 
 
 def _model_with_likely_eos(family: str, bias: float = 3.5):

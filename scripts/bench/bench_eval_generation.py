@@ -5,7 +5,7 @@ Same model, requests, batch size and bf16 autocast for both:
     until its longest row stops);
   * fast: :class:`selftrain.probes.fast_generation.FastHFLM` (prompts prefilled a batch at a
     time, a shared few-shot block once, finished rows replaced at once by
-    :class:`~selftrain.sampling.prompted.PromptedDecoder`).
+    :class:`~selftrain.decoding.prompted.PromptedDecoder`).
 
 The requests are GSM8K-shaped, built here from templates (no download): worked few-shot
 examples with multi-line answers (``--shots varied``: 1-5 of each prompt's own; ``shared``: one

@@ -1,7 +1,7 @@
 """Sampling speed of `selftrain generate`, measured against the plain ways in one process.
 
 Same model, dtype, batch size, temperature and length cap for all three:
-  * sampler: :class:`selftrain.sampling.sampler.BosSampler` (KV cache written in place,
+  * sampler: :class:`selftrain.decoding.sampler.BosSampler` (KV cache written in place,
     finished rows refilled or dropped, per-sample seeds);
   * plain: ``model.generate(do_sample=True, ...)`` over the same number of sequences, the way a
     user would write it;
@@ -23,9 +23,9 @@ import time
 import torch
 from _common import machine, sync, write_figures
 
+from selftrain.decoding.draw import draw_tokens, draw_workspace
+from selftrain.decoding.sampler import BosSampler
 from selftrain.models import load_model, load_tokenizer, pad_token_id, resolve_bos_id
-from selftrain.sampling.draw import draw_tokens, draw_workspace
-from selftrain.sampling.sampler import BosSampler
 
 
 def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:

@@ -3,7 +3,7 @@
 Generation tasks (GSM8K-style: long few-shot prompts, short answers cut at ``until``) spend
 most of their time in HFLM's batched ``generate``: the batch is left-padded to its longest
 prompt and every row is computed until the batch's last row stops. :class:`FastHFLM` answers
-greedy requests with :class:`~selftrain.sampling.prompted.PromptedDecoder` instead (each row
+greedy requests with :class:`~selftrain.decoding.prompted.PromptedDecoder` instead (each row
 prefilled on its own, finished rows replaced at once) and keeps everything else HFLM does:
 
 - contexts are encoded by HFLM's own ``tok_batch_encode`` on the same batches (sorted and
@@ -27,7 +27,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 
-from selftrain.sampling.prompted import Prompt, PromptedDecoder
+from selftrain.decoding.prompted import Prompt, PromptedDecoder
 
 _GREEDY_KWARGS = {"do_sample", "temperature", "until", "max_gen_toks"}
 """Generation kwargs the fast path handles; any other sends a request to HFLM's path."""

@@ -2,7 +2,7 @@
 
 No prompt, no chat template, no system text: every sequence starts as the single resolved BOS
 id and the source samples until EOS or ``--max_new_tokens``. Ids go straight to the model
-(never text), so no tokenizer adds a second BOS. Decoding is :class:`selftrain.sampling.sampler.
+(never text), so no tokenizer adds a second BOS. Decoding is :class:`selftrain.decoding.sampler.
 BosSampler` (KV cache, finished rows refilled, per-sample seeds), and the output is a corpus dir
 filled shard by shard (:class:`selftrain.sampling.shards.ShardedCorpus`, through
 :func:`selftrain.sampling.fill.fill_corpus`): a killed run resumes
@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from selftrain.decoding.sampler import BosSampler, Sample
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.inputs import check_seed
 from selftrain.models import (
@@ -40,7 +41,6 @@ from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
 from selftrain.sampling.fill import fill_corpus
 from selftrain.sampling.ranks import init_distributed, pick_device
-from selftrain.sampling.sampler import BosSampler, Sample
 from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
 from selftrain.sampling.shards import ShardedCorpus
 

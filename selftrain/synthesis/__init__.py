@@ -7,5 +7,5 @@ loss on d2, and the same prompt for sampling), :mod:`~selftrain.synthesis.synthe
 (``selftrain synthesize``: one new document per seed document, a corpus dir of ``kind: sbp``).
 The synthesizer itself trains with ``selftrain fit`` on a pairs dir.
 
-May import: the core, ``sampling`` and ``curation``.
+May import: the core, ``decoding``, ``sampling`` and ``curation``.
 """

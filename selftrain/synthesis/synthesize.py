@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from selftrain.corpus import SCHEMA, corpus_documents
+from selftrain.decoding.prompted import Completion, Prompt, PromptedDecoder
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.inputs import check_seed
 from selftrain.models import (
@@ -41,7 +42,6 @@ from selftrain.outputs import refuse_input_overlap
 from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
 from selftrain.sampling.fill import fill_corpus
-from selftrain.sampling.prompted import Completion, Prompt, PromptedDecoder
 from selftrain.sampling.ranks import init_distributed, pick_device
 from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
 from selftrain.sampling.shards import ShardedCorpus

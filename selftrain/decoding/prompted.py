@@ -2,7 +2,7 @@
 
 Benchmark generation (lm-eval's ``generate_until``) continues prompts of many lengths, and
 plain batched ``generate`` left-pads them and keeps every row until the batch's longest ends.
-Here each row owns a slot of the :class:`~selftrain.sampling.slot_cache.SlotCache`, as in the
+Here each row owns a slot of the :class:`~selftrain.decoding.slot_cache.SlotCache`, as in the
 BOS sampler: a row that ends (EOS, its own length cap, or a stop string in its decoded text)
 hands its slot to the next prompt at the very next step, and finished rows are dropped once no
 prompts are left.
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from selftrain.decoding.draw import draw_tokens, draw_workspace, sample_uniforms
+from selftrain.decoding.sampler import SlotDecoding, _Slots
+from selftrain.decoding.slot_cache import SlotCache
 from selftrain.errors import SelftrainError
-from selftrain.sampling.draw import draw_tokens, draw_workspace, sample_uniforms
-from selftrain.sampling.sampler import SlotDecoding, _Slots
-from selftrain.sampling.slot_cache import SlotCache
 
 
 @dataclass

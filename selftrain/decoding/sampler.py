@@ -31,10 +31,10 @@ from itertools import islice
 import numpy as np
 import torch
 
+from selftrain.decoding.draw import draw_tokens, draw_workspace, sample_uniforms
+from selftrain.decoding.slot_cache import SlotCache
 from selftrain.errors import SelftrainError
 from selftrain.models import kv_cache_argument
-from selftrain.sampling.draw import draw_tokens, draw_workspace, sample_uniforms
-from selftrain.sampling.slot_cache import SlotCache
 
 
 @dataclass
@@ -92,7 +92,7 @@ class _Slots:
 class SlotDecoding:
     """What every slot-cache decoder shares: the model, its cache argument, the step forward.
 
-    :class:`BosSampler` and :class:`selftrain.sampling.prompted.PromptedDecoder` build on it.
+    :class:`BosSampler` and :class:`selftrain.decoding.prompted.PromptedDecoder` build on it.
 
     Args:
         model: a Hugging Face causal LM whose attention takes a 4D mask and position ids.
