@@ -66,6 +66,43 @@ def selftrain(*args: str, cwd: Path = REPO, timeout: float = 300,
                           capture_output=True, timeout=timeout, check=check)
 
 
+def in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """``selftrain *args`` through ``selftrain.cli.main`` in this process, output captured.
+
+    What a subprocess would give (exit status, stdout, stderr; a traceback is status 1), without
+    paying for a fresh interpreter's imports, at a fixed width so ``--help`` never depends on
+    the terminal. For what only a fresh process shows (signals, the console script, a kill),
+    use :func:`selftrain`.
+    """
+    import contextlib
+    import io
+    import traceback
+
+    from selftrain.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = 0
+    previous_columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "200"
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+            except SystemExit as exit_info:
+                code = exit_info.code
+                status = 0 if code is None else code if isinstance(code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                status = 1
+    finally:
+        if previous_columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous_columns
+    return subprocess.CompletedProcess(["selftrain", *args], status, stdout.getvalue(),
+                                       stderr.getvalue())
+
+
 def fit_args(run_dir: Path, *flags: str, callbacks: bool = True, quiet: bool = True) -> list[str]:
     """``selftrain fit`` arguments: the debug config, the run dir ``run_dir``, then ``flags``.
 
@@ -103,12 +140,12 @@ def fit(run_dir: Path, *flags: str, **kwargs: bool) -> None:
 
 
 def refused_fit(run_dir: Path, *flags: str, **kwargs: bool) -> str:
-    """The one error line of a ``selftrain fit`` (:func:`run_fit`) that must be refused.
+    """The one error line of a ``selftrain fit`` (:func:`in_process`) that must be refused.
 
     With exit status 2, no traceback and nothing written to ``run_dir``. The progress-bar flag
     is not passed: the refusal comes before the Trainer.
     """
-    result = run_fit(run_dir, *flags, quiet=False, timeout=300, **kwargs)
+    result = in_process(*fit_args(run_dir, *flags, quiet=False, **kwargs))
     assert result.returncode == 2, result.stderr[-3000:]
     line = one_error_line(result.stderr)
     assert not run_dir.exists()

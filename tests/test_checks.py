@@ -7,7 +7,7 @@ to transformers' default on CPU.
 
 import lightning as L
 import pytest
-from helpers import FSDP_ON_CPU, FSDP_PRESET, make_student, run_fit, without_gpus
+from helpers import FSDP_ON_CPU, FSDP_PRESET, fit_args, in_process, make_student, without_gpus
 
 import selftrain.training.module
 from selftrain.errors import SelftrainError
@@ -27,7 +27,7 @@ from selftrain.training.module import StudentLM
 def test_settings_this_machine_cannot_run_fail_in_one_line_before_loading(tmp_path, flags,
                                                                           message):
     run = tmp_path / "run"
-    result = run_fit(run, "--trainer.callbacks=[]", *flags, timeout=300)
+    result = in_process(*fit_args(run, "--trainer.callbacks=[]", *flags))
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("selftrain: error:") and message in last, last

@@ -20,6 +20,7 @@ from helpers import (
     cli,
     fit_args,
     fit_command,
+    in_process,
     one_error_line,
     refused_fit,
     selftrain,
@@ -40,7 +41,7 @@ def test_shipped_configs_exist():
 def test_every_config_parses_and_documents_itself(config):
     text = config.read_text()
     assert text.startswith("#") and "Command:" in text and "Prerequisites:" in text
-    result = selftrain("fit", "--config", str(config), "--print_config")
+    result = in_process("fit", "--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr
     assert "model:" in result.stdout and "data:" in result.stdout
 
@@ -53,7 +54,7 @@ def test_every_tool_config_parses_and_documents_itself(config):
     text = config.read_text()
     assert text.startswith("#") and "Command:" in text and "Prerequisites:" in text
     assert f"selftrain {config.parent.name} --config configs/{config.parent.name}/" in text
-    result = selftrain(config.parent.name, "--config", str(config), "--print_config")
+    result = in_process(config.parent.name, "--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr
     assert "out:" in result.stdout
 
@@ -66,7 +67,7 @@ def test_ddp_preset_parses_with_an_experiment_config():
 
 
 def test_top_level_help_lists_commands():
-    result = selftrain("--help")
+    result = in_process("--help")
     assert result.returncode == 0
     for command in ("fit", "validate", "test", "generate", "decontaminate", "replay"):
         assert f"  {command}" in result.stdout
@@ -81,7 +82,7 @@ def test_top_level_help_lists_commands():
     (["replay", "--help"], "--sources"),
 ])
 def test_subcommand_help_documents_flags(command, expected):
-    result = selftrain(*command)
+    result = in_process(*command)
     assert result.returncode == 0
     assert expected in result.stdout
 
@@ -89,8 +90,8 @@ def test_subcommand_help_documents_flags(command, expected):
 def test_unknown_config_key_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((CONFIGS / "debug.yaml").read_text() + "\nmodel_typo: 1\n")
-    result = selftrain("fit", "--config", str(bad), "--trainer.default_root_dir",
-                       str(tmp_path / "run"))
+    result = in_process("fit", "--config", str(bad), "--trainer.default_root_dir",
+                        str(tmp_path / "run"))
     assert result.returncode != 0
     assert "model_typo" in result.stderr
     assert not (tmp_path / "run").exists()
@@ -108,8 +109,8 @@ def test_bad_fit_input_is_one_line_and_writes_nothing(tmp_path, llama_corpus, fl
 
 
 def test_generate_bad_flag_is_one_line(tmp_path):
-    result = selftrain("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "c"),
-                       "--temperature", "-1")
+    result = in_process("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "c"),
+                        "--temperature", "-1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("selftrain: error: --temperature")
     assert not (tmp_path / "c").exists()
@@ -125,11 +126,11 @@ def test_generate_takes_a_temperature_list_and_a_config_file(tmp_path):
     config = tmp_path / "sweep.yaml"
     config.write_text("model: tiny:qwen2\nnum_samples: 6\nmax_new_tokens: 8\n"
                       "temperature: [0.75, 1.25]\n")
-    result = selftrain("generate", "--config", str(config), "--out", str(tmp_path / "sweep"))
+    result = in_process("generate", "--config", str(config), "--out", str(tmp_path / "sweep"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["t0.75", "t1.25"]
-    result = selftrain("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "one"),
-                       "--num_samples", "4", "--max_new_tokens", "4", "--temperature", "[1.5]")
+    result = in_process("generate", "--model", "tiny:qwen2", "--out", str(tmp_path / "one"),
+                        "--num_samples", "4", "--max_new_tokens", "4", "--temperature", "[1.5]")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "one" / "t1.5" / "manifest.json").exists()
 
@@ -144,7 +145,7 @@ def test_corpus_tool_bad_input_is_one_line_and_writes_nothing(tmp_path, qwen_cor
     args = {"decontaminate": ["--corpus", str(qwen_corpus), "--benchmarks", str(empty)],
             "replay": ["--match", str(qwen_corpus), "--sources", str(short),
                        "--student", "tiny:qwen2"]}[tool]
-    result = selftrain(tool, *args, "--out", str(out))
+    result = in_process(tool, *args, "--out", str(out))
     assert result.returncode == 2
     flag = {"decontaminate": "--benchmarks", "replay": "--sources"}[tool]
     assert one_error_line(result.stderr).startswith(f"selftrain: error: {flag}")
