@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEBUG, file_bytes, fit, one_error_line, selftrain
+from helpers import DEBUG, file_bytes, fit, in_process, one_error_line
 
 from selftrain.analysis.tb import read_scalars, scalar_events
 from selftrain.cli import main
@@ -179,7 +179,7 @@ def test_a_failed_evaluation_leaves_nothing(trained, tmp_path, capsys):
 
 
 def test_help_names_every_flag():
-    result = selftrain("evaluate", "--help")
+    result = in_process("evaluate", "--help")
     assert result.returncode == 0
     for flag in ("--run", "--model", "--fit_config", "--out", "--epochs", "--epoch",
                  "--precision", "--overwrite"):

@@ -19,9 +19,9 @@ from helpers import (
     NO_CALLBACKS,
     file_bytes,
     fit_args,
+    in_process,
     modes_enforced,
     one_error_line,
-    selftrain,
     write_jsonl,
 )
 
@@ -228,9 +228,9 @@ def test_overwrite_still_replaces_an_earlier_output_of_the_same_kind(world):
 
 
 def test_the_cli_refusal_is_one_line_and_exit_2(world):
-    done = selftrain("decontaminate", "--corpus", str(world / "inputs" / "corpus"), "--out",
-                     str(world / "inputs"), "--benchmarks", str(world / "bench.jsonl"),
-                     "--overwrite", "true")
+    done = in_process("decontaminate", "--corpus", str(world / "inputs" / "corpus"), "--out",
+                      str(world / "inputs"), "--benchmarks", str(world / "bench.jsonl"),
+                      "--overwrite", "true")
     assert done.returncode == 2
     assert "it holds --corpus" in one_error_line(done.stderr)
     assert (world / "inputs" / "corpus" / "manifest.json").is_file()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import selftrain, write_jsonl
+from helpers import in_process, write_jsonl
 
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
@@ -43,8 +43,8 @@ def test_plant_makes_canaries_extractable_and_writes_model_and_probe_set(tmp_pat
 def test_plant_cli_refuses_a_full_out_dir_before_loading_anything(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    result = selftrain("plant", "--model", "tiny:qwen2", "--canaries",
-                       str(tmp_path / "c.parquet"), "--out", str(tmp_path / "out"), timeout=600)
+    result = in_process("plant", "--model", "tiny:qwen2", "--canaries",
+                        str(tmp_path / "c.parquet"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("selftrain: error: --out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
@@ -200,8 +200,8 @@ def test_bad_plant_settings_are_one_line_and_write_nothing(tmp_path):
             (["--rehearsal_ratio", "-1"], "--rehearsal_ratio -1.0: must be >= 0"),
             (["--rehearsal", str(tmp_path / "none.jsonl")], "--rehearsal "),
     ):
-        result = selftrain("plant", "--model", "tiny:qwen2", "--canaries",
-                           str(tmp_path / "c.parquet"), "--out", str(tmp_path / "out"), *flags)
+        result = in_process("plant", "--model", "tiny:qwen2", "--canaries",
+                            str(tmp_path / "c.parquet"), "--out", str(tmp_path / "out"), *flags)
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.strip().splitlines()[-1].startswith(f"selftrain: error: {message}")
     assert not (tmp_path / "out").exists()
