@@ -32,6 +32,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, and in each file its slow tests first: under ``make test``'s
+    two xdist workers the long tests (sweeps, kills, DDP) start early, side by side, and the
+    fast ones fill in around them instead of leaving one worker on a long test at the end. A
+    file's tests stay together, so a module fixture is still built once."""
+    def slow(item: pytest.Item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    has_slow = {item.path for item in items if slow(item)}
+    file_order = {item.path: index for index, item in reversed(list(enumerate(items)))}
+    items.sort(key=lambda item: (item.path not in has_slow, file_order[item.path], not slow(item)))
+
+
 _LOOPBACK = ("127.", "::1", "localhost", "0.0.0.0")
 
 
