@@ -24,18 +24,18 @@ seconds).
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import in_process
 
-from selftrain.cli import TOOLS, TRAINER_COMMANDS, main
+from selftrain.cli import TOOLS, TRAINER_COMMANDS
 
 DOCS = [REPO / "README.md", REPO / "configs" / "README.md",
         *sorted((REPO / "docs").glob("*.md"))]
@@ -153,36 +153,13 @@ def help_flags(text: str) -> set[str]:
     return flags
 
 
-@dataclass(frozen=True)
-class Help:
-    """What ``selftrain <subcommand> --help`` printed and its exit status."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture(scope="module")
-def helps() -> dict[str, Help]:
+def helps() -> dict[str, subprocess.CompletedProcess[str]]:
     """``selftrain <subcommand> --help`` of every documented subcommand, through ``main`` in
-    this process (the parsers are built once; a subprocess each took a minute on 2 cores), at a
-    fixed width so the option column never depends on the terminal."""
-    wanted = sorted({command.subcommand for command in documented_commands()})
-    done = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("COLUMNS", "200")
-        for name in wanted:
-            stdout, stderr = io.StringIO(), io.StringIO()
-            code: object = 0
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                try:
-                    main([*([name] if name else []), "--help"])
-                except SystemExit as exit_info:
-                    code = exit_info.code
-            done[name] = Help(0 if code is None else code if isinstance(code, int) else 1,
-                              stdout.getvalue(),
-                              stderr.getvalue())
-    return done
+    this process (:func:`helpers.in_process`: the parsers are built once, where a subprocess
+    each took a minute on 2 cores)."""
+    return {name: in_process(*([name] if name else []), "--help")
+            for name in sorted({command.subcommand for command in documented_commands()})}
 
 
 def test_every_subcommand_has_an_example():
