@@ -218,7 +218,7 @@ class RunBoard:
             from torch.utils.tensorboard import SummaryWriter
 
             if self.purge_epoch is not None:
-                _wait_to_sort_last(self.by_epoch_dir)
+                wait_to_sort_last(self.by_epoch_dir)
             self._writer = SummaryWriter(str(self.by_epoch_dir), purge_step=self.purge_epoch)
         return self._writer
 
@@ -277,7 +277,7 @@ def _event_file(experiment: SummaryWriter) -> FileWriter:
     return experiment.file_writer
 
 
-def _wait_to_sort_last(folder: Path) -> None:
+def wait_to_sort_last(folder: Path) -> None:
     """Wait, if need be, until a new event file's name sorts after every one in ``folder``.
 
     TensorBoard reads a run's event files in name order. A name starts with the second it was
@@ -286,7 +286,7 @@ def _wait_to_sort_last(folder: Path) -> None:
     file could be read before the events it purges.
 
     Args:
-        folder: the sub-run's directory.
+        folder: the (sub-)run's directory.
     """
     seconds = [int(parts[3]) for path in folder.glob("events.out.tfevents.*")
                if len(parts := path.name.split(".")) > 4 and parts[3].isdigit()]

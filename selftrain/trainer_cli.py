@@ -43,7 +43,7 @@ from selftrain.callbacks.probe_eval import (
     share_probe_set,
 )
 from selftrain.callbacks.run_checkpoint import RunCheckpoint
-from selftrain.callbacks.tb_layout import TensorBoardLayout
+from selftrain.callbacks.tb_layout import TensorBoardLayout, wait_to_sort_last
 from selftrain.curation.leaks import LeakCheck, check_ngram, find_leaks, refuse_leaks
 from selftrain.errors import SelftrainError
 from selftrain.precision import trainer_precision
@@ -267,6 +267,9 @@ class SelftrainCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, SaveConfigCallback):  # the run's first config stays
                     callback.config_filename = f"config.resumed-at-step={plan.resume_step}.yaml"
+            log_dir = getattr(self.trainer.logger, "log_dir", None)
+            if log_dir is not None:  # the resume's purge must be read after the crashed events
+                wait_to_sort_last(Path(log_dir))
         if self.trainer.is_global_zero:
             prepare_fit(plan, Path(config.trainer.default_root_dir),
                         Path(config.checkpoint.dirpath))

@@ -221,21 +221,6 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def past_the_event_files_second(run: Path) -> None:
-    """Wait until the clock is past the second in the name of every TensorBoard event file
-    under ``run``, before a resume in this same process.
-
-    TensorBoard reads a run's event files in name order: the second the writer opened, then the
-    host, the pid and a per-process counter that is not zero-padded (``...vm.7.10`` sorts
-    before ``...vm.7.9``). A real resume is a new process seconds later and always sorts after
-    the crashed run's file; a resume in the test's own process within the same second may not,
-    and then the crashed run's events would be read as the later ones.
-    """
-    seconds = [int(path.name.split(".")[3]) for path in run.rglob("events.out.tfevents.*")]
-    while seconds and time.time() < max(seconds) + 1:
-        time.sleep(0.05)
-
-
 def crash_flag(step: int, epoch_end: bool = False) -> str:
     """The ``selftrain fit`` flag adding :class:`CrashAt` at ``step``."""
     return ('--trainer.callbacks+={"class_path": "helpers.CrashAt", "init_args": '
