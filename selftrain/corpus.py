@@ -412,6 +412,5 @@ def read_manifest(path: Path, flag: str) -> dict[str, Any]:
         raise SelftrainError(f"{flag} {path}: not valid JSON (line {error.lineno}: "
                              f"{error.msg}); {DAMAGED}") from None
     if not isinstance(manifest, dict):
-        raise SelftrainError(f"{flag} {path}: not a JSON object; the corpus is damaged: "
-                             "regenerate it")
+        raise SelftrainError(f"{flag} {path}: not a JSON object; {DAMAGED}")
     return manifest

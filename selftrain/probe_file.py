@@ -20,7 +20,7 @@ METADATA_KEY = b"selftrain"
 def read_probe_rows(path: str | Path, flag: str) -> tuple[dict[str, list], dict]:
     """Columns of a probe file (parquet or jsonl) and its selftrain metadata (or {}).
 
-    Read through :mod:`selftrain.corpus`'s readers: a damaged parquet file or a line that is
+    Read through :mod:`selftrain.inputs`'s readers: a damaged parquet file or a line that is
     not a JSON object is refused in one line naming the file (and the line).
     """
     path = Path(path)

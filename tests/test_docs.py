@@ -15,10 +15,9 @@ The README, ``configs/README.md`` and the pages under ``docs/`` are read as a us
   names one); the file tree of ``docs/architecture.md`` names only files that exist, and every
   module of ``selftrain/`` and ``callbacks/`` has its line in it.
 
-Nothing documented runs for real: each subcommand runs once, with ``--help``, through the
-installed entry point, so commands that need a GPU or a hub model (``Qwen/...``) are checked
-the same way and nothing is downloaded. The helps run side by side (LightningCLI's takes
-seconds).
+Nothing documented runs for real: each subcommand runs once, with ``--help``, through
+``selftrain.cli.main`` in this process (``helpers.in_process``), so commands that need a GPU or
+a hub model (``Qwen/...``) are checked the same way and nothing is downloaded.
 """
 
 from __future__ import annotations

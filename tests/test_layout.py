@@ -118,7 +118,7 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     path = tmp_path / "sampler.py"
     path.write_text("from selftrain.training.module import StudentLM\nimport selftrain.io\n"
                     "from ..probes import windows\nfrom selftrain import analysis\n")
-    imports = selftrain_imports(path, "selftrain.sampling.sampler")
+    imports = selftrain_imports(path, "selftrain.decoding.sampler")
     assert [stage_of(name) for _, name in imports] == [
         "training", "core", "probes", "core", "analysis"]
 

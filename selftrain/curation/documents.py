@@ -95,7 +95,7 @@ def documents(local: list[str], names: list[str], text_field: str, split: str, s
 def _read_file(path: Path, text_field: str) -> list[tuple[str, str]]:
     """The non-empty documents of one local file, each with the file's path as its source.
 
-    Files are read through :mod:`selftrain.corpus`'s readers, so a damaged parquet file, a
+    Files are read through :mod:`selftrain.inputs`'s readers, so a damaged parquet file, a
     line that is not JSON or bytes that are not UTF-8 are refused in one line naming the file.
     """
     flag = "--sources"

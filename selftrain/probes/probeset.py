@@ -65,7 +65,7 @@ def expand_input(spec: str, flag: str = "--inputs") -> list[tuple[str | None, Pa
 def read_documents(domain: str | None, path: Path) -> list[tuple[str, str]]:
     """(domain, text) documents of one file: rows of jsonl / parquet, else the whole file.
 
-    Rows are read and checked as a corpus's are (:mod:`selftrain.corpus`): a damaged file, a
+    Rows are read and checked as a corpus's are (:mod:`selftrain.inputs`): a damaged file, a
     line that is not a JSON object or a ``text`` that is not a string is refused in one line.
     """
     flag = "--inputs"
