@@ -66,6 +66,22 @@ def selftrain(*args: str, cwd: Path = REPO, timeout: float = 300,
                           capture_output=True, timeout=timeout, check=check)
 
 
+def exit_status(argv: list[str]) -> int:
+    """``selftrain *argv`` through ``selftrain.cli.main`` in this process; its exit status.
+
+    Output goes where ``sys.stdout`` / ``sys.stderr`` point; an exception other than
+    ``SystemExit`` propagates.
+    """
+    from selftrain.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+        return 0 if code is None else code if isinstance(code, int) else 1
+    return 0
+
+
 def in_process(*args: str) -> subprocess.CompletedProcess[str]:
     """``selftrain *args`` through ``selftrain.cli.main`` in this process, output captured.
 
@@ -78,19 +94,13 @@ def in_process(*args: str) -> subprocess.CompletedProcess[str]:
     import io
     import traceback
 
-    from selftrain.cli import main
-
     stdout, stderr = io.StringIO(), io.StringIO()
-    status = 0
     previous_columns = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "200"
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                main(list(args))
-            except SystemExit as exit_info:
-                code = exit_info.code
-                status = 0 if code is None else code if isinstance(code, int) else 1
+                status = exit_status(list(args))
             except Exception:
                 traceback.print_exc()
                 status = 1
@@ -219,6 +229,16 @@ class CrashAt(Callback):
     def on_train_epoch_end(self, trainer, *args) -> None:
         if self.epoch_end and trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
+
+
+def held_run(root: Path) -> Path:
+    """A run dir that holds a run (its marker and TensorBoard events); its checkpoint dir."""
+    from selftrain.training.run_dir import write_run_marker
+
+    (root / "tb").mkdir(parents=True)
+    (root / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
+    write_run_marker(root, "fit")
+    return root / "checkpoints"
 
 
 def crash_flag(step: int, epoch_end: bool = False) -> str:

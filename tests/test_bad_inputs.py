@@ -31,8 +31,10 @@ from helpers import (
     DEBUG,
     DEBUG_CORPUS,
     EXTRACTION,
+    exit_status,
     fit_args,
     flip_bytes,
+    held_run,
     modes_enforced,
     one_error_line,
     write_jsonl,
@@ -173,11 +175,7 @@ def text_corpus(tmp: Path) -> None:
 
 def earlier_run(tmp: Path) -> None:
     """A run dir that holds a run: its marker and TensorBoard events."""
-    from selftrain.training.run_dir import write_run_marker
-
-    (tmp / "run" / "tb").mkdir(parents=True)
-    (tmp / "run" / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
-    write_run_marker(tmp / "run", "fit")
+    held_run(tmp / "run")
 
 
 def saved_dict(name: str) -> Callable[[Path], None]:
@@ -797,17 +795,6 @@ def tree(root: Path) -> dict[str, str]:
             if path.is_file() else "dir" for path in sorted(root.rglob("*"))}
 
 
-def run(argv: list[str]) -> int:
-    """``selftrain *argv`` in this process; its exit status (an exception propagates)."""
-    from selftrain.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
-
-
 def refusal(case: Bad, tmp_path: Path, capsys) -> str:
     """Run a row; return its one error line once the refusal itself is checked."""
     def expand(text: str) -> str:
@@ -817,7 +804,7 @@ def refusal(case: Bad, tmp_path: Path, capsys) -> str:
         case.setup(tmp_path)
     before = tree(tmp_path)
     try:
-        status = run([expand(arg) for arg in case.argv])
+        status = exit_status([expand(arg) for arg in case.argv])
         after = tree(tmp_path)
     finally:
         for path in [tmp_path, *tmp_path.rglob("*")]:

@@ -31,6 +31,7 @@ from helpers import (
     fit_args,
     fit_command,
     flip_bytes,
+    held_run,
     history,
     kill_when,
     one_error_line,
@@ -53,7 +54,6 @@ from selftrain.training.run_dir import (
     plan_run,
     prepare_fit,
     run_files,
-    write_run_marker,
 )
 
 EVALUATIONS = ("benchmark", "extraction", "likelihood")
@@ -107,14 +107,6 @@ def reference(tmp_path_factory) -> Path:
 
 
 # --- the plan, on run dirs built by hand ----------------------------------------------------
-
-
-def held_run(root: Path) -> Path:
-    """A run dir that holds a run (its marker and TensorBoard events); its checkpoint dir."""
-    (root / "tb").mkdir(parents=True)
-    (root / "tb" / "events.out.tfevents.0.host.1.0").write_bytes(b"")
-    write_run_marker(root, "fit")
-    return root / "checkpoints"
 
 
 def saved_checkpoint(path: Path, step: int) -> Path:
