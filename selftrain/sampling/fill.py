@@ -24,8 +24,29 @@ from selftrain.sampling.shards import ShardedCorpus
 
 log = logging.getLogger(__name__)
 
-RowsOf = Callable[[list[int]], Iterable[tuple[dict[str, Any], int]]]
-"""Samples the given ids: yields (row, tokens sampled) per id, in any order, as each ends."""
+RowsOf = Callable[[list[int]], Iterable[dict[str, Any]]]
+"""Samples the given ids: yields a :func:`sampled_row` per id, in any order, as each ends."""
+
+
+def sampled_row(sample_id: int, tokens: list[int], finished: bool, bos_id: int, tokenizer,
+                num_subsets: int, source: str, **extra: Any) -> dict[str, Any]:
+    """The corpus row of one sampled document: BOS and the sampled ids, the text without EOS.
+
+    Args:
+        sample_id: the row's id.
+        tokens: the sampled ids, ending in EOS when ``finished``.
+        finished: the document ended on EOS (not at the length cap).
+        bos_id: the BOS id every row starts with.
+        tokenizer: decodes the ``text`` column.
+        num_subsets: K; row i goes to subset i mod K.
+        source: the spec of the model that sampled it.
+        extra: the command's own columns (``source_logprobs``, ``seed_id``), last.
+    """
+    body = tokens[:-1] if finished else tokens
+    input_ids = [bos_id, *tokens]
+    return {"id": sample_id, "input_ids": input_ids, "num_tokens": len(input_ids),
+            "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
+            "subset": sample_id % num_subsets, "source": source, **extra}
 
 
 def fill_corpus(corpus: ShardedCorpus, rows_of: RowsOf, manifest: dict[str, Any],
@@ -107,12 +128,12 @@ def fill_shards(corpus: ShardedCorpus, shards: list[int], rows_of: RowsOf, progr
     start = time.perf_counter()
     with tqdm(total=len(ids), unit=unit, desc=progress, disable=rank != 0, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        for row, sampled in rows:
+        for row in rows:
             shard = row["id"] // corpus.shard_size
             pending[shard].append(row)
             if len(pending[shard]) == len(corpus.shard_ids(shard)):
                 corpus.write_shard(shard, pending.pop(shard))
-            tokens += sampled
+            tokens += row["num_tokens"] - 1  # the sampled ids, BOS not among them
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
     return tokens, len(ids), time.perf_counter() - start

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from selftrain.decoding.sampler import BosSampler, Sample
+from selftrain.decoding.sampler import BosSampler
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.inputs import check_seed
 from selftrain.models import (
@@ -39,7 +39,7 @@ from selftrain.models import (
 from selftrain.outputs import refuse_input_overlap
 from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
-from selftrain.sampling.fill import fill_corpus
+from selftrain.sampling.fill import fill_corpus, sampled_row
 from selftrain.sampling.ranks import init_distributed, pick_device
 from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
 from selftrain.sampling.shards import ShardedCorpus
@@ -180,8 +180,11 @@ def _refuse_before_loading(targets: dict[float, Path], flags: dict[str, Any], nu
 
 
 def _rows(sampler: BosSampler, tokenizer, ids: list[int], *, num_subsets: int,
-          source_name: str) -> Iterator[tuple[dict[str, Any], int]]:
-    """Sample the given ids: each sample's corpus row and its count of sampled tokens.
+          source_name: str) -> Iterator[dict[str, Any]]:
+    """Sample the given ids: each sample's corpus row, with its ``source_logprobs``.
+
+    ``source_logprobs``: each sampled id's log-probability under the distribution it was drawn
+    from (tempered, truncated).
 
     Args:
         sampler: the sampler at this corpus's temperature.
@@ -191,23 +194,8 @@ def _rows(sampler: BosSampler, tokenizer, ids: list[int], *, num_subsets: int,
         source_name: the source's spec, written in every row.
     """
     for sample in sampler.sample(ids):
-        yield (_row(sample, sampler.bos_token_id, tokenizer, num_subsets, source_name),
-               len(sample.tokens))
-
-
-def _row(sample: Sample, bos_token_id: int, tokenizer, num_subsets: int,
-         source_name: str) -> dict[str, Any]:
-    """The corpus row of one sample: BOS and the sampled ids, the text without EOS.
-
-    ``source_logprobs``: each sampled id's log-probability under the distribution it was drawn
-    from (tempered, truncated).
-    """
-    body = sample.tokens[:-1] if sample.finished else sample.tokens
-    input_ids = [bos_token_id, *sample.tokens]
-    return {"id": sample.id, "input_ids": input_ids, "num_tokens": len(input_ids),
-            "text": tokenizer.decode(body, skip_special_tokens=True),
-            "finished": sample.finished, "subset": sample.id % num_subsets,
-            "source": source_name, "source_logprobs": sample.logprobs}
+        yield sampled_row(sample.id, sample.tokens, sample.finished, sampler.bos_token_id,
+                          tokenizer, num_subsets, source_name, source_logprobs=sample.logprobs)
 
 
 def check_context(source: Any, max_new_tokens: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from selftrain.corpus import SCHEMA, corpus_documents
-from selftrain.decoding.prompted import Completion, Prompt, PromptedDecoder
+from selftrain.decoding.prompted import Prompt, PromptedDecoder
 from selftrain.errors import Interrupted, SelftrainError
 from selftrain.inputs import check_seed
 from selftrain.models import (
@@ -41,7 +41,7 @@ from selftrain.models import (
 from selftrain.outputs import refuse_input_overlap
 from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
-from selftrain.sampling.fill import fill_corpus
+from selftrain.sampling.fill import fill_corpus, sampled_row
 from selftrain.sampling.ranks import init_distributed, pick_device
 from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
 from selftrain.sampling.shards import ShardedCorpus
@@ -255,10 +255,11 @@ class SeedPrompts:
 
 def _rows(decoder: PromptedDecoder, tokenizer, ids: list[int], *, seeding: SeedPrompts,
           max_new_tokens: int, num_subsets: int, source: str
-          ) -> Iterator[tuple[dict[str, Any], int]]:
-    """Synthesize the given ids: each document's corpus row and its count of new tokens.
+          ) -> Iterator[dict[str, Any]]:
+    """Synthesize the given ids: each document's corpus row, with its seed document's id.
 
-    The prompts are built before the first document is decoded.
+    ``seed_id``: the seed document it was conditioned on. The prompts are built before the first
+    document is decoded.
 
     Args:
         decoder: the synthesizer's prompted decoder.
@@ -270,29 +271,9 @@ def _rows(decoder: PromptedDecoder, tokenizer, ids: list[int], *, seeding: SeedP
         source: the synthesizer's spec, written in every row.
     """
     prompts, seed_of = seeding.prompts(ids, tokenizer, max_new_tokens)
-    return (_row(done, seeding.bos_id, tokenizer, num_subsets, source, seed_of[done.id])
+    return (sampled_row(done.id, done.tokens, done.reason == "eos", seeding.bos_id, tokenizer,
+                        num_subsets, source, seed_id=seed_of[done.id])
             for done in decoder.generate(prompts))
-
-
-def _row(done: Completion, bos_id: int, tokenizer, num_subsets: int, source: str,
-         seed_id: int) -> tuple[dict[str, Any], int]:
-    """A synthesized document's row (BOS and its ids, the text without EOS) and its new tokens.
-
-    Args:
-        done: the decoded document.
-        bos_id: the BOS id every row starts with.
-        tokenizer: the synthesizer's tokenizer (decodes the ``text`` column).
-        num_subsets: K; row i goes to subset i mod K.
-        source: the synthesizer's spec.
-        seed_id: the id of the seed document it was conditioned on.
-    """
-    finished = done.reason == "eos"
-    body = done.tokens[:-1] if finished else done.tokens
-    input_ids = [bos_id, *done.tokens]
-    return {"id": done.id, "input_ids": input_ids, "num_tokens": len(input_ids),
-            "text": tokenizer.decode(body, skip_special_tokens=True), "finished": finished,
-            "subset": done.id % num_subsets, "source": source,
-            "seed_id": seed_id}, len(done.tokens)
 
 
 def _validate(synthesizer: str, num_samples: int, max_new_tokens: int, temperature: float,
