@@ -447,6 +447,11 @@ CASES = [
         "--data.bos_token_id"),
     bad("fit-min-real-token-fraction", fit("--data.min_real_token_fraction", "1.5"),
         "--data.min_real_token_fraction"),
+    bad("fit-loss-chunk-0", fit("--model.loss_chunk", "0"), "--model.loss_chunk", "must be >= 1"),
+    bad("fit-loss-kernel-liger-unchunked", fit("--model.loss_kernel", "liger"),
+        "--model.loss_kernel", "--model.loss_chunk"),
+    bad("fit-loss-kernel-liger-here", fit("--model.loss_chunk", "64", "--model.loss_kernel",
+                                          "liger"), "--model.loss_kernel"),
     # -- trainer and checkpoint flags (selftrain.training.flags) -------------------------------
     bad("fit-devices-0", fit("--trainer.devices", "0"), "--trainer.devices"),
     bad("fit-devices-negative", fit("--trainer.devices", "-2"), "--trainer.devices"),

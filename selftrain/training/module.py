@@ -30,6 +30,7 @@ from selftrain.training.batching import BATCH_KEYS, documents, real_tokens
 from selftrain.training.checks import check_installed, check_machine, resolve_attention
 from selftrain.training.export import EXPORT_INFO, export_dir, export_student
 from selftrain.training.fsdp import compile_decoder_layers, is_sharded
+from selftrain.training.loss import LossKernel, causal_lm_loss, check_loss_flags, uses_liger
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
 from selftrain.training.run_dir import IDENTITY_KEY, run_identity
 
@@ -77,6 +78,14 @@ class StudentLM(L.LightningModule):
         compile: ``torch.compile`` each decoder layer (regional compilation: one compiled
             graph serves every layer, so compiling takes seconds, and it composes with DDP
             and FSDP wrapping); the first steps are slow while it compiles.
+        loss_chunk: compute the loss through the LM head this many tokens at a time
+            (:mod:`selftrain.training.loss`), so the whole ``batch x sequence x vocabulary``
+            logits never exist: the loss's memory no longer grows with the batch. None keeps
+            transformers' own loss. 1024 suits most GPUs.
+        loss_kernel: with ``loss_chunk``: ``auto`` (Liger's fused linear cross-entropy on a
+            CUDA GPU when ``liger-kernel`` is installed, else the chunked torch loss),
+            ``torch`` (always the chunked torch loss) or ``liger`` (refused where it cannot
+            run).
         export_hf: write HF weights + tokenizer to ``<run>/hf/epoch=N``: ``last`` at the end
             of training, ``every_epoch``, or ``never``.
         revision: hub revision (branch, tag or commit) of the student.
@@ -97,6 +106,8 @@ class StudentLM(L.LightningModule):
         attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] | None = "auto",
         optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw"] = "adamw",
         compile: bool = False,
+        loss_chunk: int | None = None,
+        loss_kernel: LossKernel = "auto",
         export_hf: Literal["last", "every_epoch", "never"] = "last",
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -112,6 +123,7 @@ class StudentLM(L.LightningModule):
         if not 0 <= min_lr_ratio <= 1:
             raise SelftrainError(f"--model.min_lr_ratio {min_lr_ratio}: must be in [0, 1]")
         check_installed(attn_implementation, optimizer)
+        check_loss_flags(loss_chunk, loss_kernel)
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
@@ -119,6 +131,8 @@ class StudentLM(L.LightningModule):
         self._exported_step = -1
         self._matrices: set[str] = set()
         self._last_finite: tuple[int, float] | None = None
+        self._fused_loss: bool | None = None
+        """Whether the chunked loss goes through Liger's kernel; decided at the first batch."""
         """(global step, loss) of the last training step whose loss was finite."""
         self.run_identity: dict[str, str] | None = None
         """The run this student trains (:func:`selftrain.training.run_dir.run_identity`)."""
@@ -160,6 +174,8 @@ class StudentLM(L.LightningModule):
         """
         hp = self.hparams
         check_machine(trainer, hp.optimizer, hp.attn_implementation, hp.gradient_checkpointing)
+        if hp.loss_chunk is not None:  # a Liger kernel asked for where it cannot run
+            uses_liger(hp.loss_kernel, trainer.strategy.root_device, config=None)
 
     def load_tokenizer(self):
         """The student's tokenizer, loaded on first use.
@@ -206,10 +222,19 @@ class StudentLM(L.LightningModule):
 
         A padded batch carries ``attention_mask``; a packed one (documents concatenated into
         one row) carries ``position_ids`` restarting at 0 per document instead, from which
-        transformers keeps attention inside each document.
+        transformers keeps attention inside each document. With ``--model.loss_chunk`` the
+        same loss goes through the LM head a chunk of tokens at a time.
         """
         inputs = {key: batch[key] for key in BATCH_KEYS if key in batch}
-        return self.model(**inputs, use_cache=False).loss
+        hp = self.hparams
+        if hp.loss_chunk is None:
+            return self.model(**inputs, use_cache=False).loss
+        if self._fused_loss is None:  # where the weights are now, after any wrapping
+            device = batch["input_ids"].device
+            self._fused_loss = uses_liger(hp.loss_kernel, device, self.model.config)
+            rank_zero_info("loss: Liger's fused linear cross-entropy" if self._fused_loss else
+                           f"loss: chunked linear cross-entropy, {hp.loss_chunk} tokens a chunk")
+        return causal_lm_loss(self.model, inputs, hp.loss_chunk, fused=self._fused_loss)
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
