@@ -455,6 +455,17 @@ def evaluations(run: Path, name: str) -> list[int]:
     return [record["global_step"] for record in history(run, name)]
 
 
+def weight_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """L2 norm of ``a - b`` over every weight of two state dicts with the same keys (float32).
+
+    How far apart two runs' exports (or a run and its base) are, as one number.
+    """
+    import torch
+
+    return float(torch.cat([(a[n].float().cpu() - b[n].float().cpu()).flatten() for n in a])
+                 .norm())
+
+
 class FailsToSave:
     """A value whose pickling raises: in a checkpoint, a save that dies half-way."""
 
