@@ -126,15 +126,23 @@ def student_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimize
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               precision: str) -> torch.Tensor:
+               precision: str, loss_chunk: int | None = None, fused: bool = False
+               ) -> torch.Tensor:
     """StudentLM's step on a batch already on the device; the loss, not synchronised.
 
     Forward with the HF labels loss (``use_cache=False``, under bf16 ``torch.autocast`` for
-    ``*-mixed``), backward, optimizer step, ``zero_grad(set_to_none=True)``.
+    ``*-mixed``), or with ``loss_chunk`` the chunked loss of ``selftrain.training.loss`` (its
+    torch path, or Liger's kernel when ``fused``), backward, optimizer step,
+    ``zero_grad(set_to_none=True)``.
     """
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision.endswith("-mixed")):
-        loss = model(**batch, use_cache=False).loss
+        if loss_chunk is None:
+            loss = model(**batch, use_cache=False).loss
+        else:
+            from selftrain.training.loss import causal_lm_loss
+
+            loss = causal_lm_loss(model, batch, loss_chunk, fused=fused)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

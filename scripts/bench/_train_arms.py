@@ -69,25 +69,31 @@ def arm_result(args, device, times: list[float], losses: list[torch.Tensor], wor
 # the arms (each in its own process)
 
 
-def run_plain(args) -> dict:
-    """The hand-written loop: same model, optimizer, batches and autocast as StudentLM."""
+def plain_model(args, device: torch.device) -> torch.nn.Module:
+    """The student as the plain loop trains it: on ``device``, checkpointed if asked, train mode."""
     from selftrain.models import load_model
-    from selftrain.training.batching import BATCH_KEYS
-    from selftrain.training.fsdp import compile_decoder_layers
     from selftrain.training.module import enable_activation_checkpointing
 
-    device = resolve_device(args.device)
-    begin = time.perf_counter()
-    data = data_module(args)
-    data.load()
-    loader = data.train_dataloader()
     model = load_model(args.model, attn_implementation=args.attn)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.to(device)
     if args.precision == "bf16-true":
         model.to(torch.bfloat16)
-    model.train()
+    return model.train()
+
+
+def run_plain(args) -> dict:
+    """The hand-written loop: same model, optimizer, batches and autocast as StudentLM."""
+    from selftrain.training.batching import BATCH_KEYS
+    from selftrain.training.fsdp import compile_decoder_layers
+
+    device = resolve_device(args.device)
+    begin = time.perf_counter()
+    data = data_module(args)
+    data.load()
+    loader = data.train_dataloader()
+    model = plain_model(args, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.compile:  # as StudentLM(compile=True)
         compile_decoder_layers(model)
@@ -99,7 +105,8 @@ def run_plain(args) -> dict:
     for step, batch in enumerate(loader):
         batch = {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS
                  if k in batch}
-        losses.append(train_step(model, optimizer, batch, args.precision).detach())
+        losses.append(train_step(model, optimizer, batch, args.precision,
+                                 args.loss_chunk).detach())
         if step in (args.warmup - 1, total - 1):
             sync(device)
         times.append(time.perf_counter())
@@ -178,7 +185,8 @@ def run_lightning(args, finite_check: bool = True) -> dict:
     gradient_checkpointing = args.gradient_checkpointing and args.strategy != "fsdp"
     module = StudentLM(model=args.model, lr=args.lr, warmup_steps=0, schedule="constant",
                        export_hf="never", attn_implementation=args.attn,
-                       gradient_checkpointing=gradient_checkpointing, **extra)
+                       gradient_checkpointing=gradient_checkpointing,
+                       loss_chunk=args.loss_chunk, loss_kernel="torch", **extra)
     clock = StepClock()
     root = Path(args.workdir) / f"lightning-{os.getpid()}"
     trainer = L.Trainer(
@@ -199,3 +207,41 @@ def run_lightning(args, finite_check: bool = True) -> dict:
     return arm_result(args, device, clock.times, clock.losses, trainer.world_size,
                       clock.trainable, clock.setup_s, clock.memory)
 
+
+
+# --------------------------------------------------------------------------------------------
+# --find_max_batch: does one batch size fit? (each try in its own process)
+
+PROBE_LOSSES = ("hf", "chunked", "liger")
+"""The losses a batch-size probe can train with: transformers', the chunked torch one, Liger's."""
+
+
+def run_probe(args) -> dict:
+    """Two training steps of the plain loop at ``--batch_size`` with ``--probe_loss``.
+
+    The second step runs with the optimizer's states allocated, so its peak is a steady
+    step's. Random ids (below the tokenizer's size, as the bench corpus draws them), no
+    padding.
+
+    Returns:
+        ``{"fits": True, **memory}``, or ``{"fits": False}`` at CUDA out-of-memory.
+    """
+    from selftrain.models import load_tokenizer
+
+    device = resolve_device(args.device)
+    vocab = len(load_tokenizer(args.model))
+    model = plain_model(args, device)
+    optimizer = student_optimizer(model, args.lr)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {key: value.to(device) for key, value in batch.items()}
+    chunk = None if args.probe_loss == "hf" else args.loss_chunk
+    try:
+        for _ in range(2):
+            train_step(model, optimizer, batch, args.precision, chunk,
+                       fused=args.probe_loss == "liger")
+        sync(device)
+    except torch.cuda.OutOfMemoryError:
+        return {"fits": False, "batch_size": args.batch_size}
+    return {"fits": True, "batch_size": args.batch_size, **memory_figures(device)}

@@ -33,6 +33,15 @@ On a shared 2-core CPU one process in a few is disturbed; the median of 3 rounds
 With ``--devices N > 1`` only the lightning arm is distributed (rank 0 reports; tokens/s counts
 all ranks); the plain arm stays on one device, and the ratio compares per-device throughput.
 
+``--loss_chunk N`` trains both arms with the chunked loss (``--model.loss_chunk N``, its torch
+path). ``--find_max_batch`` (CUDA) measures instead the largest batch that trains with each
+loss: from ``--batch_size`` it doubles the batch, two plain-loop steps a try, each try in a
+fresh process, until CUDA runs out of memory (or ``--max_batch``), for transformers' loss,
+the chunked one (``--loss_chunk``, 1024 unless given) and Liger's where it is installed:
+
+    python scripts/bench/bench_train.py --model shape:qwen2.5-0.5b --seq_len 512 \\
+        --precision bf16-mixed --find_max_batch
+
 The arms' code is in ``_train_arms.py``; what this bench shares with ``bench_packing`` (the
 plain training step, the matmul peak, the flags, the table) is in ``_common.py``.
 """
@@ -51,7 +60,7 @@ from pathlib import Path
 
 import _common as common
 import torch
-from _train_arms import run_lightning, run_plain
+from _train_arms import PROBE_LOSSES, run_lightning, run_plain, run_probe
 
 PRECISIONS = ("bf16-mixed", "32-true", "bf16-true")
 """Precisions both arms can reproduce (16-mixed would need a GradScaler in the plain arm)."""
@@ -87,12 +96,13 @@ def write_corpus(args, out: Path) -> dict:
     return {"rows": rows, "vocab": vocab, "bos_token_id": bos_id}
 
 
-def run_arm(arm: str, args, corpus: Path, workdir: Path) -> dict:
+def run_arm(arm: str, args, corpus: Path | None, workdir: Path) -> dict:
     """One arm in a fresh process; its last JSON line on stdout."""
     command = [sys.executable, str(Path(__file__).resolve()), "--arm", arm,
                "--corpus", str(corpus), "--workdir", str(workdir)]
     for key, value in vars(args).items():
-        if key in ("arm", "corpus", "workdir", "repeats", "json", "finite_check_cost"):
+        if key in ("arm", "corpus", "workdir", "repeats", "json", "finite_check_cost",
+                   "find_max_batch", "max_batch") or value is None:
             continue
         if isinstance(value, bool):
             command += [f"--{key}"] if value else []
@@ -152,12 +162,13 @@ def report(args, device: torch.device, corpus_info: dict, runs: dict[str, list[d
              **{key: getattr(args, key) for key in (
                  "devices", "strategy", "precision", "attn", "compile", "gradient_checkpointing",
                  "batch_size", "seq_len", "warmup", "steps", "repeats", "lr",
-                 "log_every_n_steps")},
+                 "log_every_n_steps", "loss_chunk")},
              "vocab": corpus_info["vocab"], "trainable_params": trainable}
     print(f"bench_train: {args.model} on {common.machine_text(device)}, batch "
           f"{args.batch_size} x {args.seq_len} tokens, {args.precision}, strategy "
           f"{args.strategy} x {args.devices}, attn {args.attn}, {args.warmup} warm-up + "
-          f"{args.steps} measured steps, {args.repeats} rounds")
+          f"{args.steps} measured steps, {args.repeats} rounds"
+          + (f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""))
     columns = [("tokens/s", ">9.1f", "tokens_per_sec"),
                ("per round", "<20", lambda row: common.rounds_text(row["runs"])),
                ("median step", ">11.1f", "median_step_tokens_per_sec"), ("MFU", ">7.2%", "mfu"),
@@ -197,6 +208,50 @@ def report(args, device: torch.device, corpus_info: dict, runs: dict[str, list[d
                                "ratio or rerun when it is idle")
 
 
+def find_max_batch(args) -> dict:
+    """``--find_max_batch``: the largest batch each loss trains at, doubling until OOM."""
+    from selftrain.training.loss import liger_available
+
+    device = common.resolve_device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("--find_max_batch needs a CUDA GPU: it doubles the batch until CUDA "
+                         "runs out of memory")
+    losses = [loss for loss in PROBE_LOSSES if loss != "liger" or liger_available()]
+    start = time.perf_counter()
+    found: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for loss in losses:
+            fits, size = None, args.batch_size
+            while size <= args.max_batch:
+                common.progress(f"{loss} loss: batch {size} x {args.seq_len}")
+                probe = argparse.Namespace(**{**vars(args), "batch_size": size,
+                                              "probe_loss": loss})
+                tried = run_arm("probe", probe, None, Path(tmp))
+                if not tried["fits"]:
+                    break
+                fits, size = tried, size * 2
+            found[loss] = {"max_batch": fits["batch_size"] if fits else 0,
+                           "out_of_memory_at": size if size <= args.max_batch else None,
+                           **(fits or {})}
+    print(f"bench_train --find_max_batch: {args.model} on {common.machine_text(device)}, "
+          f"{args.seq_len} tokens a row, {args.precision}, chunk {args.loss_chunk}, batches "
+          f"doubled from {args.batch_size} (at most {args.max_batch})")
+    columns = [("max batch", ">9", "max_batch"),
+               ("OOM at", ">7", lambda row: row["out_of_memory_at"] or "-"),
+               ("CUDA alloc MiB", ">14", common.mib_cell("cuda_max_allocated_mib")),
+               ("reserved", ">9", common.mib_cell("cuda_max_reserved_mib"))]
+    common.print_table(("loss", "<8"), columns, found)
+    for loss in losses[1:]:
+        if found["hf"]["max_batch"]:
+            print(f"ratio {loss} / hf = {found[loss]['max_batch'] / found['hf']['max_batch']:.1f}x "
+                  "the batch")
+    result = {"setup": {**vars(args), **common.machine(device)}, "losses": found,
+              "wall_s": time.perf_counter() - start}
+    print(f"wall time {result['wall_s']:.0f} s")
+    print(json.dumps(result))
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.training_parser(__doc__, PRECISIONS, "plain, lightning", warmup=3,
                                     steps=8, repeats=3)
@@ -217,13 +272,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finite_check_cost", action="store_true",
                         help="add a third arm, lightning without the per-step finite-loss check, "
                              "and print lightning / unchecked (the check's cost)")
-    parser.add_argument("--arm", choices=(*ARMS, UNCHECKED), help=argparse.SUPPRESS)
+    parser.add_argument("--loss_chunk", type=int, default=None,
+                        help="train with the chunked loss, this many tokens a chunk "
+                             "(--model.loss_chunk); unset: transformers' loss")
+    parser.add_argument("--find_max_batch", action="store_true",
+                        help="CUDA: double the batch from --batch_size until out of memory, "
+                             "for each loss (transformers', chunked, Liger's if installed), "
+                             "and report the largest that trains")
+    parser.add_argument("--max_batch", type=int, default=1024,
+                        help="--find_max_batch stops doubling here")
+    parser.add_argument("--probe_loss", choices=PROBE_LOSSES, help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=(*ARMS, UNCHECKED, "probe"), help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1 (the clock starts at the "
                      "end of the last warm-up step)")
+    if args.loss_chunk is not None and args.loss_chunk < 1:
+        parser.error("--loss_chunk must be >= 1")
+    if args.find_max_batch and args.loss_chunk is None:
+        args.loss_chunk = 1024
     if args.matmul_size is None:
         args.matmul_size = 8192 if common.resolve_device(args.device).type == "cuda" else 2048
     return args
@@ -232,6 +301,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_float32_matmul_precision(args.float32_matmul_precision)
+    if args.arm == "probe":
+        print(json.dumps(run_probe(args)), flush=True)
+        return
+    if args.find_max_batch:
+        common.write_figures(args.json, find_max_batch(args))
+        return
     if args.arm:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         result = run_plain(args) if args.arm == "plain" else run_lightning(
