@@ -192,3 +192,34 @@ def test_bitsandbytes_optimizers_train_on_gpu(tmp_path, text_corpus, optimizer):
     decays = [group["weight_decay"] for group in used.param_groups]
     assert decays == [0.1, 0.0], f"weight decay per group {decays}"
     assert_loss_falls(tmp_path / "run")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
+                    reason="needs liger-kernel (pip install 'selftrain[liger]')")
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_liger_loss_equals_the_chunked_loss(softcap):
+    # selftrain.training.loss: Liger's fused linear cross-entropy is what --model.loss_kernel
+    # auto takes on CUDA; the chunked torch loss (checked against transformers' on CPU in
+    # tests/test_loss.py) is the reference, loss and every gradient, soft cap or not
+    from selftrain.training.batching import pad_collate
+    from selftrain.training.loss import causal_lm_loss, liger_available, uses_liger
+
+    assert liger_available()
+    model = load_model("tiny:llama").cuda().train()
+    model.config.final_logit_softcapping = softcap
+    assert uses_liger("auto", torch.device("cuda"), model.config)
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 250, (n,), generator=generator).tolist()}
+            for n in (17, 5, 30, 2, 11)]
+    batch = {key: value.cuda() for key, value in pad_collate(rows, pad_id=0).items()}
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, batch, 7, fused=fused)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (chunked, chunked_grads), (liger, liger_grads) = results
+    assert float(liger) == pytest.approx(float(chunked), rel=1e-4)
+    for name, grad in liger_grads.items():
+        reference = chunked_grads[name]
+        assert float((grad - reference).norm() / reference.norm()) <= 1e-3, name
