@@ -81,7 +81,8 @@ class StudentLM(L.LightningModule):
         loss_chunk: compute the loss through the LM head this many tokens at a time
             (:mod:`selftrain.training.loss`), so the whole ``batch x sequence x vocabulary``
             logits never exist: the loss's memory no longer grows with the batch. None keeps
-            transformers' own loss. 1024 suits most GPUs.
+            transformers' own loss. A chunk's float32 logits take chunk x vocabulary x 4
+            bytes (1024 x 151,936 for Qwen2.5: 594 MiB).
         loss_kernel: with ``loss_chunk``: ``auto`` (Liger's fused linear cross-entropy on a
             CUDA GPU when ``liger-kernel`` is installed, else the chunked torch loss),
             ``torch`` (always the chunked torch loss) or ``liger`` (refused where it cannot
