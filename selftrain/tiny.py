@@ -112,9 +112,12 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast) -> PreTrai
         tie_word_embeddings=True,
         **TINY_SHAPE,
     )
-    with torch.random.fork_rng(devices=[]):
+    # drawn on the CPU whatever the default device: Lightning builds the student under DDP's
+    # device context on the GPU but under FSDP's on the CPU, and the two generators differ
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(TINY_SEED)
         model = spec.model_cls(config)
+    model.to(torch.get_default_device())
     model.config.name_or_path = f"tiny:{family}"
     model.eval()
     return model
