@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from selftrain.decoding.draw import draw_tokens, sample_uniforms
+from selftrain.decoding.draw import device_uniforms, draw_tokens, sample_uniforms, seed_key
 from selftrain.errors import SelftrainError
 
 
@@ -15,6 +15,20 @@ def test_uniforms_are_a_pure_function_of_seed_id_and_step():
     assert np.array_equal(u[10:20], sample_uniforms(5, ids[10:20], steps[10:20]))
     assert not np.array_equal(u, sample_uniforms(6, ids, steps))
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**63 - 1, 2**64 - 1])
+def test_device_uniforms_equal_the_numpy_hash_bit_for_bit(seed):
+    # ids and steps up to 2**62 make every product in the hash wrap around 64 bits
+    rng = np.random.default_rng(seed % 1000)
+    ids = np.concatenate([np.arange(500), rng.integers(0, 2**62, 500)])
+    steps = np.concatenate([np.arange(500) % 300, rng.integers(0, 2**40, 500)])
+    expected = sample_uniforms(seed, ids, steps)
+    got = device_uniforms(seed_key(seed), torch.from_numpy(ids), torch.from_numpy(steps))
+    assert got.dtype == torch.float64
+    assert np.array_equal(got.numpy(), expected)
+    assert not np.array_equal(device_uniforms(seed_key(seed + 1), torch.from_numpy(ids),
+                                              torch.from_numpy(steps)).numpy(), expected)
 
 
 def test_draws_follow_the_tempered_distribution():

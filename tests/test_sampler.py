@@ -1,12 +1,17 @@
 """selftrain.decoding.sampler: BosSampler's cached, refilled decoding equals a full forward.
 
-Sample i does not depend on the batch or the order, and finished rows stop costing compute.
+Sample i does not depend on the batch, the order, how often the host looks at the batch or
+whether shapes are static; the host reads the device once per ``host_every`` steps; finished
+rows stop costing compute.
 """
 
+import numpy as np
 import pytest
 import torch
 
+from selftrain.decoding.draw import NOT_FINITE
 from selftrain.decoding.sampler import BosSampler
+from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer, resolve_bos_id
 
 
@@ -67,3 +72,73 @@ def test_finished_rows_stop_costing_compute():
     tokens = sum(len(s.tokens) for s in sampler.sample(range(64)))
     # plain batched decoding computes every row until the batch's longest row ends
     assert sampler.rows_computed < 1.5 * tokens < 64 * 32
+
+
+def _samples(sampler: BosSampler, count: int) -> dict[int, tuple[list[int], bool, list[float]]]:
+    """id -> (tokens, finished, log-probabilities) of ``count`` samples."""
+    return {s.id: (s.tokens, s.finished, s.logprobs) for s in sampler.sample(range(count))}
+
+
+@pytest.mark.parametrize("family", ["qwen2", pytest.param("llama", marks=pytest.mark.slow),
+                                    pytest.param("gpt_neox", marks=pytest.mark.slow)])
+def test_samples_are_the_same_for_every_host_interval_batch_and_static_shapes(family):
+    model, tokenizer, bos, eos = _model_with_likely_eos(family, bias=1.0)
+    args = (model, bos, eos, len(tokenizer))
+    kwargs = {"temperature": 1.0, "max_new_tokens": 32, "seed": 11, "record_logprobs": True}
+    reference = _samples(BosSampler(*args, batch_size=8, host_every=1, **kwargs), 40)
+    lengths = [len(tokens) for tokens, _, _ in reference.values()]
+    assert 0 < sum(finished for _, finished, _ in reference.values()) < 40  # EOS and the cap
+    assert len(set(lengths)) >= 8
+    for every, batch, static in [(3, 8, False), (8, 5, False), (16, 16, True)]:
+        sampler = BosSampler(*args, batch_size=batch, host_every=every, static_shapes=static,
+                             **kwargs)
+        samples = _samples(sampler, 40)
+        assert samples.keys() == reference.keys()
+        for i, (tokens, finished, logprobs) in samples.items():
+            assert (tokens, finished) == reference[i][:2], (every, batch, static, i)
+            # rows start at other cache columns, so attention sums other spans of masked
+            # zeros: float32 rounding, as between batch sizes before
+            np.testing.assert_allclose(logprobs, reference[i][2], rtol=0, atol=1e-6)
+        assert sampler.host_reads * every == sampler.steps  # one read per host_every steps
+        if static:
+            assert sampler.rows_computed == batch * sampler.steps  # no row ever dropped
+
+
+def test_the_host_reads_the_device_once_every_host_every_steps():
+    model, tokenizer, bos, eos = _model_with_likely_eos("qwen2")
+    reads = {}
+    for every in (1, 8):
+        sampler = BosSampler(model, bos, eos, len(tokenizer), temperature=1.0,
+                             max_new_tokens=32, batch_size=16, seed=0, host_every=every)
+        tokens = sum(len(s.tokens) for s in sampler.sample(range(64)))
+        reads[every] = sampler.host_reads / tokens
+        assert sampler.host_reads == sampler.steps // every
+    assert reads[1] / reads[8] > 6  # ~8x fewer reads per token; a few wasted steps at the end
+
+
+def test_a_non_finite_draw_between_two_reads_still_stops_in_one_line():
+    model, tokenizer, bos, eos = _model_with_likely_eos("llama")
+    calls = []
+
+    def poison_later(module, inputs, logits):
+        calls.append(1)
+        return logits.fill_(float("nan")) if len(calls) > 2 else logits
+
+    model.get_output_embeddings().register_forward_hook(poison_later)
+    sampler = BosSampler(model, bos, eos, len(tokenizer), temperature=1.0, max_new_tokens=32,
+                         batch_size=4, seed=0, host_every=4)
+    with pytest.raises(SelftrainError, match="not finite") as raised:
+        list(sampler.sample(range(8)))
+    assert str(raised.value) == NOT_FINITE
+    assert sampler.host_reads == 1  # seen at the first read, after step 3 drew from NaN
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"host_every": 0}, "host_every 0: give an integer >= 1"),
+    ({"cuda_graph": True}, "a CUDA graph needs the model on a CUDA device; it is on cpu")])
+def test_bad_decoding_settings_are_one_line_errors(flags, message):
+    model, tokenizer, bos, eos = _model_with_likely_eos("qwen2")
+    with pytest.raises(SelftrainError) as raised:
+        BosSampler(model, bos, eos, len(tokenizer), temperature=1.0, max_new_tokens=8,
+                   batch_size=2, seed=0, **flags)
+    assert str(raised.value) == message

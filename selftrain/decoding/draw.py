@@ -4,6 +4,9 @@ Randomness comes from a counter-based hash of (seed, sample id, step), turned in
 per token and drawn by inverse CDF. Sample i is therefore the same whatever the batch size, the
 number of processes, or where a resumed run restarted (up to floating-point differences
 between kernels, which move a draw only when it lands within ~1e-7 of a CDF boundary).
+
+The hash runs in numpy (:func:`sample_uniforms`) and, bit for bit the same, on the device in
+torch's int64 arithmetic (:func:`device_uniforms`), so a decoding step can draw without the host.
 """
 
 from __future__ import annotations
@@ -42,6 +45,54 @@ def sample_uniforms(seed: int, sample_ids: np.ndarray, steps: np.ndarray) -> np.
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def _as_int64(constant: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The logical (unsigned) right shift of int64 ``x``; torch's ``>>`` keeps the sign."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_splitmix64` on int64 tensors: two's-complement sums and products wrap as uint64's."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def seed_key(seed: int) -> int:
+    """The per-run half of the hash, the same for every sample (for :func:`device_uniforms`).
+
+    Args:
+        seed: the run's base seed.
+    """
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    return _as_int64(int(key))
+
+
+def device_uniforms(key: int, sample_ids: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_uniforms` computed where the tensors live, equal to it bit for bit.
+
+    Args:
+        key: :func:`seed_key` of the run's seed.
+        sample_ids: int64 tensor of corpus ids.
+        steps: int64 tensor (same shape) of token positions within each sample, 0-based.
+
+    Returns:
+        float64 tensor of uniforms in [0, 1).
+    """
+    mixed = _splitmix64_torch(key ^ sample_ids)
+    bits = _splitmix64_torch(mixed ^ _splitmix64_torch(steps))
+    return _shift_right(bits, 11).double() * (1.0 / (1 << 53))
+
+
 CDF_BLOCK = 256
 """Vocabulary block of the two-level inverse CDF (see :func:`_inverse_cdf`)."""
 
@@ -65,6 +116,28 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
         (token ids [rows], log-probabilities of the drawn tokens under the sampling
         distribution [rows]).
     """
+    tokens, logprobs, drawable = draw_unchecked(logits, uniforms, temperature, top_k, top_p,
+                                                workspace)
+    if not bool(drawable.all()):
+        raise SelftrainError(NOT_FINITE)
+    return tokens, logprobs
+
+
+NOT_FINITE = ("the source's logits are not finite (an overflow in float16, or a --temperature "
+              "too small to divide by); sample in bfloat16 or float32 (--dtype) or raise "
+              "--temperature")
+"""The one line a draw from non-finite logits ends in."""
+
+
+def draw_unchecked(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                   top_k: int = 0, top_p: float = 1.0, workspace: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`draw_tokens` without looking at the result on the host.
+
+    Args and the first two results as :func:`draw_tokens`; the third, [rows] bool, says which
+    rows could be drawn at all (their weights have a positive finite total): the caller checks
+    it when it next reads the device (:data:`NOT_FINITE` where one is False).
+    """
     rows, vocab = logits.shape
     if workspace is None:
         workspace = draw_workspace(rows, vocab, logits.device)
@@ -85,13 +158,12 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     elif 0 < top_k < vocab:
         weights, order = weights.topk(top_k, dim=-1)  # sorted, and far cheaper than a sort
     index, total = _inverse_cdf(weights, uniforms.to(weights.device))
-    if not bool((total > 0).all()):
-        raise SelftrainError("the source's logits are not finite (an overflow in float16, or "
-                             "a --temperature too small to divide by); sample in bfloat16 or "
-                             "float32 (--dtype) or raise --temperature")
+    drawable = total > 0
+    # a row without weights draws index 0, a valid id to feed on until the caller checks
+    index = torch.where(drawable, index, 0)
     chosen = weights.gather(-1, index.unsqueeze(-1)).squeeze(-1).double() / total
     tokens = index if order is None else order.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    return tokens, chosen.log()
+    return tokens, chosen.log(), drawable
 
 
 def draw_workspace(rows: int, vocab: int, device: torch.device) -> torch.Tensor:

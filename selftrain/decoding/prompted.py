@@ -199,12 +199,14 @@ class PromptedDecoder(SlotDecoding):
         while slots.live():
             if cache.column == capacity:
                 self._rewind(cache, slots)
-            logits = self._forward(cache, slots, columns)
+            logits = self._forward(cache, slots.next_input, slots.start, columns)
+            self._count_step(cache, len(slots.ids))
             drawn = self._pick(logits, slots, workspace)
             yield from self._advance(cache, slots, drawn, pending)
             self._drop_idle_rows(cache, slots)
 
-    def _mask(self, start: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    def _mask(self, start: torch.Tensor, columns: torch.Tensor,
+              column: int | torch.Tensor | None = None) -> torch.Tensor:
         """The sampler's additive mask, in the autocast dtype when autocast is on.
 
         SDPA then gets a mask of its query's dtype.
@@ -214,10 +216,10 @@ class PromptedDecoder(SlotDecoding):
             if wanted != self.mask_dtype:
                 kept, self.mask_dtype = self.mask_dtype, wanted
                 try:
-                    return super()._mask(start, columns)
+                    return super()._mask(start, columns, column)
                 finally:
                     self.mask_dtype = kept
-        return super()._mask(start, columns)
+        return super()._mask(start, columns, column)
 
     def _prefill_batch(self, prompts: list[Prompt]) -> list[list[tuple[torch.Tensor, ...]]]:
         """Keys/values of all but each prompt's last token, from one right-padded forward.

@@ -7,6 +7,10 @@ back to column 0, and once no ids are left it drops finished rows. The prompted 
 (:mod:`.prompted`) also writes a row's prefilled prompt into the columns just before the write
 column (:meth:`SlotCache.write_row`). The transformers ``Cache`` API is implemented only as far
 as decoder layers call it.
+
+A *static* cache keeps every shape fixed for a CUDA graph: the write column is also a device
+tensor (:attr:`SlotCache.column_tensor`), keys and values are written there in place and every
+step attends over the whole buffer, the decoder's mask hiding the columns past the write column.
 """
 
 from __future__ import annotations
@@ -34,12 +38,18 @@ class _SlotLayer(CacheLayerMixin):
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.owner.column_tensor is not None:
+            self.keys.index_copy_(2, self.owner.column_tensor, key_states[:, :, -1:])
+            self.values.index_copy_(2, self.owner.column_tensor, value_states[:, :, -1:])
+            return self.keys, self.values
         column = self.owner.column
         self.keys[:, :, column] = key_states[:, :, -1]
         self.values[:, :, column] = value_states[:, :, -1]
         return self.keys[:, :, : column + 1], self.values[:, :, : column + 1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.owner.column_tensor is not None:
+            return self.owner.capacity, 0
         return self.owner.column + 1, 0
 
     def get_seq_length(self) -> int:
@@ -55,12 +65,23 @@ class SlotCache(Cache):
     Args:
         num_layers: decoder layers of the model.
         capacity: columns per layer buffer (``max_new_tokens`` plus headroom).
+        static_on: a device for a static cache (every step writes at :attr:`column_tensor`
+            and returns the whole buffer); None for one that returns the columns so far.
     """
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, static_on: torch.device | None = None):
         self.capacity = capacity
         self.column = 0
+        self.column_tensor = (None if static_on is None else
+                              torch.zeros(1, dtype=torch.long, device=static_on))
+        """static: [1] the write column on the device, advanced by the step itself."""
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def set_column(self, column: int) -> None:
+        """Move the write column (and, when static, its device copy) to ``column``."""
+        self.column = column
+        if self.column_tensor is not None:
+            self.column_tensor.fill_(column)
 
     def shift(self, origin: int) -> None:
         """Move columns [origin, column) to the front; the write column moves back by origin."""
@@ -69,7 +90,7 @@ class SlotCache(Cache):
             if layer.is_initialized:
                 layer.keys[:, :, :live] = layer.keys[:, :, origin: self.column].clone()
                 layer.values[:, :, :live] = layer.values[:, :, origin: self.column].clone()
-        self.column = live
+        self.set_column(live)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (drops finished rows once no ids are left)."""

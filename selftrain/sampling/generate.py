@@ -41,7 +41,7 @@ from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
 from selftrain.sampling.fill import fill_corpus, sampled_row
 from selftrain.sampling.ranks import init_distributed, pick_device
-from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
+from selftrain.sampling.settings import NUM_SAMPLES, check_sampling, decoding_checks
 from selftrain.sampling.shards import ShardedCorpus
 
 SAMPLER_VERSION = "bos-slots/1"
@@ -67,6 +67,8 @@ def generate(
     bos_token_id: int | None = None,
     dtype: str = "float32",
     device: str = "auto",
+    host_every: int | None = None,
+    cuda_graph: bool = False,
     overwrite: bool = False,
 ) -> list[Path]:
     """Sample a corpus (one per temperature) from the BOS token of a source model.
@@ -92,6 +94,10 @@ def generate(
             where the device computes it natively, else float32); the manifest records the
             resolved one, so a resume on a machine that resolves it otherwise is refused.
         device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
+        host_every: decoding steps between two looks of the host at the batch; unset: 1 on
+            a CPU, 8 on a GPU (samples are the same for every value).
+        cuda_graph: replay each decoding step as a captured CUDA graph (a GPU only; samples
+            are the same).
         overwrite: replace an existing corpus sampled with other settings.
 
     Returns:
@@ -99,7 +105,8 @@ def generate(
     """
     temperatures = temperature if isinstance(temperature, list) else [temperature]
     _validate(model, num_samples, max_new_tokens, temperatures, top_p, top_k, batch_size,
-              num_subsets, shard_size, bos_token_id, seed, dtype, device)
+              num_subsets, shard_size, bos_token_id, seed, dtype, device, host_every,
+              cuda_graph)
     dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     flags = {"model": model, "dtype": dtype, "sampler": SAMPLER_VERSION, "top_p": top_p,
              "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
@@ -126,7 +133,8 @@ def generate(
             sampler = BosSampler(source, record["bos_token_id"], record["eos_token_id"],
                                  vocab_size=len(tokenizer), temperature=t,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 seed=seed, top_k=top_k, top_p=top_p, record_logprobs=True)
+                                 seed=seed, top_k=top_k, top_p=top_p, record_logprobs=True,
+                                 host_every=host_every, cuda_graph=cuda_graph)
             manifest = {**description,
                         "sampling": {"temperature": t, "top_p": top_p, "top_k": top_k,
                                      "max_new_tokens": max_new_tokens, "dtype": dtype,
@@ -214,12 +222,13 @@ def check_context(source: Any, max_new_tokens: int) -> None:
 
 def _validate(model: str, num_samples: int, max_new_tokens: int, temperatures: list[float],
               top_p: float, top_k: int, batch_size: int, num_subsets: int, shard_size: int,
-              bos_token_id: int | None, seed: int, dtype: str, device: str) -> None:
+              bos_token_id: int | None, seed: int, dtype: str, device: str,
+              host_every: int | None, cuda_graph: bool) -> None:
     """Refuse bad flags before anything is loaded or written (see :func:`generate`)."""
     parse_model_spec(model, flag="--model")
     check_seed(seed, "--seed")
     as_dtype(dtype, "--dtype")
-    pick_device(device)
+    target = pick_device(device)
     check_sampling(num_samples, max_new_tokens, temperatures, top_p, top_k, batch_size,
-                   num_subsets, shard_size)
+                   num_subsets, shard_size, decoding_checks(host_every, cuda_graph, target.type))
     check_token_id(bos_token_id, None, "--bos_token_id")

@@ -54,3 +54,21 @@ def check_sampling(num_samples: int, max_new_tokens: int, temperatures: list[flo
     ]
     refuse_first_failed([*((ok, f"{flag} {value}: {rule}") for ok, flag, value, rule in checks),
                          *more])
+
+
+def decoding_checks(host_every: int | None, cuda_graph: bool,
+                    device_type: str) -> list[tuple[bool, str]]:
+    """The decoder's speed flags, as ``more`` checks for :func:`check_sampling`.
+
+    Neither changes what is sampled, so neither is part of a corpus's settings.
+
+    Args:
+        host_every: ``--host_every``.
+        cuda_graph: ``--cuda_graph``.
+        device_type: the type of the device ``--device`` resolves to (``cpu``, ``cuda``).
+    """
+    return [(host_every is None or host_every >= 1,
+             f"--host_every {host_every}: must be >= 1, or unset for the device's default"),
+            (not cuda_graph or device_type == "cuda",
+             f"--cuda_graph true: needs a CUDA device and --device resolves to {device_type}; "
+             "drop --cuda_graph or sample on a GPU")]
