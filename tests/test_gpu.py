@@ -26,7 +26,9 @@ from helpers import (
 from safetensors.torch import load_file
 
 from selftrain.analysis.tb import read_scalars
-from selftrain.models import load_model
+from selftrain.decoding.prompted import Prompt, PromptedDecoder
+from selftrain.decoding.sampler import BosSampler
+from selftrain.models import load_model, load_tokenizer, resolve_bos_id
 from selftrain.training.optim import BNB_OPTIMIZERS
 
 pytestmark = [pytest.mark.gpu,
@@ -223,3 +225,34 @@ def test_liger_loss_equals_the_chunked_loss(softcap):
     for name, grad in liger_grads.items():
         reference = chunked_grads[name]
         assert float((grad - reference).norm() / reference.norm()) <= 1e-3, name
+
+
+def test_decoding_on_the_gpu_is_the_same_for_every_host_interval_and_as_a_cuda_graph():
+    # the step on the device, the host reading every k steps, and its CUDA-graph replay: the
+    # same samples as k = 1 (tokens and ends exactly; log-probs to float32 rounding)
+    tokenizer = load_tokenizer("tiny:qwen2")
+    model = load_model("tiny:qwen2").cuda().eval()
+    bos, _ = resolve_bos_id(tokenizer, model.config)
+    args = (model, bos, tokenizer.eos_token_id, len(tokenizer), 1.0, 48, 16, 7)
+    runs = {}
+    for every, graph in [(1, False), (8, False), (8, True), (16, True)]:
+        sampler = BosSampler(*args, record_logprobs=True, host_every=every, cuda_graph=graph)
+        runs[every, graph] = ({s.id: (s.tokens, s.finished, s.logprobs)
+                               for s in sampler.sample(range(40))}, sampler)
+    reference = runs[1, False][0]
+    for (every, graph), (samples, sampler) in runs.items():
+        assert samples.keys() == reference.keys(), (every, graph)
+        for i, (tokens, finished, logprobs) in samples.items():
+            assert (tokens, finished) == reference[i][:2], (every, graph, i)
+            gap = max(abs(a - b) for a, b in zip(logprobs, reference[i][2], strict=True))
+            assert gap < 1e-4, (every, graph, i, gap)
+        assert sampler.host_reads * every == sampler.steps, (every, sampler.host_reads,
+                                                             sampler.steps)
+    prompts = [Prompt(i, list(range(1, 2 + 5 * i)), max_new_tokens=12 + i % 5)
+               for i in range(12)]
+    answers = {}
+    for every, graph in [(1, False), (8, True)]:
+        decoder = PromptedDecoder(model, tokenizer.eos_token_id, batch_size=4,
+                                  host_every=every, cuda_graph=graph)
+        answers[every, graph] = {c.id: c.tokens for c in decoder.generate(prompts)}
+    assert answers[8, True] == answers[1, False]

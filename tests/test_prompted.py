@@ -114,6 +114,41 @@ def test_prompted_decoding_equals_an_unbatched_greedy_loop(family, attention):
     assert decoder.rewinds > 0
 
 
+def _stop_prompts(count: int = 16) -> list[Prompt]:
+    """Random prompts of 1-60 tokens and caps of 1-24, every other one with a stop string."""
+    generator = torch.Generator().manual_seed(1)
+    prompts = []
+    for i in range(count):
+        length = int(torch.randint(1, 60, (1,), generator=generator))
+        prompts.append(Prompt(i, torch.randint(0, 250, (length,), generator=generator).tolist(),
+                              max_new_tokens=int(torch.randint(1, 24, (1,), generator=generator)),
+                              stop=["\n\n", "a"] if i % 2 else None))
+    return prompts
+
+
+@pytest.mark.parametrize("family, temperature", [
+    ("qwen2", 0.0), ("llama", 1.0), pytest.param("gpt_neox", 0.0, marks=pytest.mark.slow)])
+def test_completions_are_the_same_for_every_host_interval_and_static_shapes(family,
+                                                                           temperature):
+    # stop strings are checked only when the host looks, at every length reached since
+    model, tokenizer = _model(family)
+    prompts = _stop_prompts()
+
+    def completions(**kwargs) -> tuple[dict, PromptedDecoder]:
+        decoder = PromptedDecoder(
+            model, tokenizer.eos_token_id, batch_size=kwargs.pop("batch_size", 4),
+            temperature=temperature, seed=3, vocab_size=len(tokenizer),
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), **kwargs)
+        return {c.id: (c.tokens, c.reason, c.text) for c in decoder.generate(prompts)}, decoder
+
+    reference, _ = completions(host_every=1)
+    assert {reason for _, reason, _ in reference.values()} >= {"stop", "length"}
+    for every, batch, static in [(3, 4, False), (8, 3, False), (16, 5, True)]:
+        got, decoder = completions(host_every=every, batch_size=batch, static_shapes=static)
+        assert got == reference, (every, batch, static)
+        assert decoder.host_reads * every == decoder.steps
+
+
 def test_sampled_completion_does_not_depend_on_the_batch_or_the_order():
     model, tokenizer = _model("llama", varied=False)
     prompts = [Prompt(i, list(range(1 + 7 * i % 40)), max_new_tokens=12) for i in range(20)]

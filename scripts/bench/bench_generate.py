@@ -32,16 +32,21 @@ def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
     return sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows)
 
 
-def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args) -> dict:
+def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args,
+                  host_every: int | None = None, cuda_graph: bool = False) -> dict:
     sampler = BosSampler(model, bos_id, eos_id, vocab, args.temperature, args.max_new_tokens,
-                         args.batch_size, seed=args.seed)
+                         args.batch_size, seed=args.seed, host_every=host_every,
+                         cuda_graph=cuda_graph)
     start = time.perf_counter()
     samples = list(sampler.sample(range(args.num_samples)))
+    sync(sampler.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(s.tokens) for s in samples)
     return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds,
             "finished": sum(s.finished for s in samples), "steps": sampler.steps,
-            "rows_computed": sampler.rows_computed}
+            "rows_computed": sampler.rows_computed, "host_reads": sampler.host_reads,
+            "host_every": sampler.host_every,
+            "samples": {s.id: s.tokens for s in samples}}
 
 
 @torch.inference_mode()
@@ -116,6 +121,10 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host_every", type=int, nargs="*", default=None,
+                        help="sampler arms, one per value (default: one at the device's default)")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="one more sampler arm per --host_every value, as a CUDA graph")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     args.num_samples = args.num_samples or args.batch_size
@@ -134,17 +143,30 @@ def main() -> None:
     bench_plain_generate(model, bos_id, eos_id, pad_id, warm)
     bench_forward(model, bos_id, vocab, warm)
 
-    results = {"sampler": bench_sampler(model, bos_id, eos_id, vocab, args),
-               "plain_generate": bench_plain_generate(model, bos_id, eos_id, pad_id, args),
-               "teacher_forced_forward": bench_forward(model, bos_id, vocab, args)}
+    arms = {"sampler": (None, False)}
+    if args.host_every:
+        arms = {f"sampler_k{every}": (every, False) for every in args.host_every}
+    if args.cuda_graph and model.device.type != "cuda":
+        print(f"--cuda_graph: no arm, the model is on {model.device.type} (CUDA graphs need CUDA)")
+    elif args.cuda_graph:
+        arms |= {f"sampler_graph_k{every}": (every, True) for every in args.host_every or [None]}
+    results = {name: bench_sampler(model, bos_id, eos_id, vocab, args, every, graph)
+               for name, (every, graph) in arms.items()}
+    samplers = list(results)
+    first_samples = results[samplers[0]]["samples"]
+    identical = {name: results[name].pop("samples") == first_samples for name in samplers}
+    results |= {"plain_generate": bench_plain_generate(model, bos_id, eos_id, pad_id, args),
+                "teacher_forced_forward": bench_forward(model, bos_id, vocab, args)}
     draws = bench_draw(vocab, args)
-    sampler = results["sampler"]["tokens_per_sec"]
-    ratios = {"sampler/plain_generate": sampler / results["plain_generate"]["tokens_per_sec"],
-              "sampler/teacher_forced_forward":
-                  sampler / results["teacher_forced_forward"]["tokens_per_sec"],
-              "plain_generate/teacher_forced_forward":
-                  results["plain_generate"]["tokens_per_sec"]
-                  / results["teacher_forced_forward"]["tokens_per_sec"]}
+    ratios = {}
+    for name in samplers:
+        sampler = results[name]["tokens_per_sec"]
+        ratios[f"{name}/plain_generate"] = sampler / results["plain_generate"]["tokens_per_sec"]
+        ratios[f"{name}/teacher_forced_forward"] = (
+            sampler / results["teacher_forced_forward"]["tokens_per_sec"])
+    ratios["plain_generate/teacher_forced_forward"] = (
+        results["plain_generate"]["tokens_per_sec"]
+        / results["teacher_forced_forward"]["tokens_per_sec"])
     setup = {"model": args.model, "dtype": args.dtype, **machine(torch.device(args.device)),
              "device": args.device, "batch_size": args.batch_size,
              "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
@@ -152,16 +174,18 @@ def main() -> None:
     print(f"setup: {json.dumps(setup)}")
     for name, figures in results.items():
         extra = "".join(f"  {key} {value}" for key, value in figures.items()
-                        if key in ("finished", "steps", "rows_computed"))
+                        if key in ("finished", "steps", "rows_computed", "host_reads"))
         print(f"{name:<24} {figures['tokens_per_sec']:8.1f} tokens/s  "
               f"({figures['tokens']} tokens in {figures['seconds']:.1f} s){extra}")
     for name, value in ratios.items():
         print(f"ratio {name:<38} {value:.2f}")
+    print("samples identical to " + samplers[0] + "'s: "
+          + ", ".join(f"{name} {same}" for name, same in identical.items()))
     print(f"draw of {args.batch_size} x {vocab} logits: sampler {draws['sampler_draw']:.1f} ms, "
           f"flat float64 cumsum {draws['flat_float64_draw']:.1f} ms, ratio "
           f"{draws['flat_float64_draw'] / draws['sampler_draw']:.2f}")
     write_figures(args.json, {"setup": setup, "results": results, "ratios": ratios,
-                              "draw_ms": draws})
+                              "identical_samples": identical, "draw_ms": draws})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ STEPS=(
   "train_sdpa|90|$PY $TRAIN --finite_check_cost --json {W}/train_sdpa.json"
   "train_compile|80|$PY $TRAIN --compile --json {W}/train_compile.json"
   "train_fsdp|60|$PY $TRAIN --strategy fsdp --json {W}/train_fsdp.json"
-  "generate|40|$PY scripts/bench/bench_generate.py --model $SHAPE --batch_size 64 --max_new_tokens 128 --json {W}/generate.json"
+  "generate|70|$PY scripts/bench/bench_generate.py --model $SHAPE --batch_size 64 --max_new_tokens 128 --host_every 1 8 --cuda_graph --json {W}/generate.json"
   "fit_debug|50|$PY -m selftrain fit --config configs/debug.yaml $FIT_FLAGS --trainer.default_root_dir {W}/fit"
   "eval_generation|40|$PY scripts/bench/bench_eval_generation.py --model $SMALL --requests 32 --batch_size 16 --rounds 1 --json {W}/eval_generation.json"
   "probes_one_pass|30|$PY scripts/bench/bench_probes_one_pass.py --model $SMALL --rows 256 --batch_size 64 --json {W}/probes_one_pass.json"

@@ -20,6 +20,11 @@ the live window is shifted back, as in the sampler.
 Greedy decoding is temperature 0 (the argmax, first index on ties, as ``generate`` takes it);
 above 0 each token is drawn from the prompt's own stream (seed, prompt id, step)
 (:mod:`.draw`), so a completion does not depend on the batch or the order.
+
+After its prefill a row decodes with the sampler's device-only step (:mod:`.slots`): end ids
+and length caps end it on the device, and stop strings are checked on the host when it looks,
+every ``host_every`` steps, at each new length in turn, so a completion ends exactly where a
+check after every token would end it.
 """
 
 from __future__ import annotations
@@ -31,13 +36,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
-from selftrain.decoding.draw import draw_tokens, draw_workspace, sample_uniforms
-from selftrain.decoding.sampler import SlotDecoding, _Slots
+from selftrain.decoding.draw import device_uniforms, draw_unchecked, draw_workspace, seed_key
 from selftrain.decoding.slot_cache import SlotCache
+from selftrain.decoding.slots import DeviceRows, SlotDecoding
 from selftrain.errors import SelftrainError
 
 
@@ -76,22 +80,6 @@ class Completion:
     text: str | None = None
 
 
-@dataclass
-class _PromptSlots(_Slots):
-    """The sampler's rows plus the prompt each row continues (None for an idle row)."""
-
-    prompts: list[Prompt | None] = field(default_factory=list)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only the given rows, in order.
-
-        Args:
-            rows: row indices to keep.
-        """
-        super().keep(rows)
-        self.prompts = [self.prompts[b] for b in rows]
-
-
 class PromptedDecoder(SlotDecoding):
     """Continues prompts of any length with slot refill; greedy at temperature 0.
 
@@ -105,13 +93,20 @@ class PromptedDecoder(SlotDecoding):
         top_p: when sampling, the nucleus mass; 1.0 keeps all.
         vocab_size: ids at or above it are never produced; None: all of the model's logits.
         decode: token ids -> text, needed for stop strings and :attr:`Completion.text`.
+        host_every: decoding steps between two looks of the host at the batch (>= 1); None:
+            :func:`~selftrain.decoding.slots.default_host_every` for the model's device.
+        cuda_graph: replay each step as a captured CUDA graph (a CUDA model only).
+        static_shapes: keep every shape fixed, as a CUDA graph needs; ``cuda_graph`` implies
+            it.
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int | Sequence[int] | None,
                  batch_size: int, temperature: float = 0.0, seed: int = 0, top_k: int = 0,
                  top_p: float = 1.0, vocab_size: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None):
-        super().__init__(model)
+                 decode: Callable[[list[int]], str] | None = None,
+                 host_every: int | None = None, cuda_graph: bool = False,
+                 static_shapes: bool = False):
+        super().__init__(model, host_every, cuda_graph, static_shapes)
         if eos_token_id is None:
             eos_token_id = []
         self.eos_token_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else {
@@ -131,8 +126,9 @@ class PromptedDecoder(SlotDecoding):
         self.context = getattr(config, "max_position_embeddings", None)
         self.num_layers = config.num_hidden_layers
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.rewinds = 0
-        """times the full buffer was shifted back."""
+        self._key = seed_key(seed)
+        self._end_ids = (torch.tensor(sorted(self.eos_token_ids), device=self.device)
+                         if self.eos_token_ids else None)
         self.prefilled_tokens = 0
         """prompt tokens run through prefill forwards (a shared prefix once per batch)."""
 
@@ -177,36 +173,36 @@ class PromptedDecoder(SlotDecoding):
         if not prompts:
             return
         longest = max(len(p.tokens) for p in prompts)
-        most_new = max(p.max_new_tokens for p in prompts)
         self._floor = longest - 1  # the write column never drops below it: any prompt fits
-        capacity = self._floor + most_new + max(16, most_new // 4)
-        cache = SlotCache(self.num_layers, capacity)
-        cache.column = self._floor
-        columns = torch.arange(capacity, device=self.device)
+        cache, columns = self._new_cache(max(p.max_new_tokens for p in prompts))
         pending = _Prefilled(self, iter(prompts))
         first = [next(pending) for _ in range(min(self.batch_size, len(prompts)))]
-        slots = _PromptSlots(
-            ids=[p.id for p in first], tokens=[[] for _ in first], logprobs=[[] for _ in first],
-            start=torch.zeros(len(first), dtype=torch.long, device=self.device),
-            next_input=torch.zeros(len(first), dtype=torch.long, device=self.device),
-            prompts=list(first))
-        for b, prompt in enumerate(first):
-            self._prefill(cache, slots, b, prompt)
+        rows = DeviceRows.empty(len(first), max(p.max_new_tokens for p in prompts),
+                                self.device)
+        rows.notes = [_RowNote(prompt) for prompt in first]
+        rows.start_rows([self._prefill(cache, rows, b, prompt) for b, prompt in enumerate(first)])
         workspace = None
         if self.temperature > 0:
             width = self.vocab_size or self.model.get_output_embeddings().weight.shape[0]
             workspace = draw_workspace(len(first), width, self.device)
-        while slots.live():
-            if cache.column == capacity:
-                self._rewind(cache, slots)
-            logits = self._forward(cache, slots.next_input, slots.start, columns)
-            self._count_step(cache, len(slots.ids))
-            drawn = self._pick(logits, slots, workspace)
-            yield from self._advance(cache, slots, drawn, pending)
-            self._drop_idle_rows(cache, slots)
+
+        def step() -> None:
+            logits = self._forward(cache, rows.next_input, rows.start, columns)
+            if self.vocab_size is not None:
+                logits = logits[:, : self.vocab_size]
+            drawable = None
+            if self.temperature == 0:
+                drawn = logits.argmax(dim=-1)
+            else:
+                uniforms = device_uniforms(self._key, rows.sample_id, rows.length)
+                drawn, _, drawable = draw_unchecked(logits, uniforms, self.temperature,
+                                                    self.top_k, self.top_p, workspace)
+            self._advance(rows, drawn, None, drawable, self._end_ids)
+
+        yield from self._decode(cache, rows, step, lambda: self._collect(cache, rows, pending))
 
     def _mask(self, start: torch.Tensor, columns: torch.Tensor,
-              column: int | torch.Tensor | None = None) -> torch.Tensor:
+              column: int | torch.Tensor) -> torch.Tensor:
         """The sampler's additive mask, in the autocast dtype when autocast is on.
 
         SDPA then gets a mask of its query's dtype.
@@ -255,56 +251,53 @@ class PromptedDecoder(SlotDecoding):
                  for layer in prefix.layers] if length else []
                 for row, length in enumerate(lengths)]
 
-    def _prefill(self, cache: SlotCache, slots: _PromptSlots, row: int,
-                 prompt: _PrefilledPrompt) -> None:
-        """Write a prefilled prompt into ``row``, ending at the write column."""
+    def _prefill(self, cache: SlotCache, rows: DeviceRows, row: int,
+                 prompt: _PrefilledPrompt) -> tuple[int, int, int, int, int]:
+        """Write a prefilled prompt into ``row``, ending at the write column.
+
+        Returns:
+            The row's start for :meth:`DeviceRows.start_rows`.
+        """
         length = len(prompt.tokens) - 1
         if length:
-            cache.write_row(row, len(slots.ids), [keys for keys, _ in prompt.states],
+            cache.write_row(row, len(rows.ids), [keys for keys, _ in prompt.states],
                             [values for _, values in prompt.states])
         prompt.states = []  # written: the prefill's buffers go once its whole batch is
-        slots.start[row] = cache.column - length
-        slots.next_input[row] = prompt.tokens[-1]
+        return row, prompt.id, cache.column - length, prompt.tokens[-1], prompt.max_new_tokens
 
-    def _rewind(self, cache: SlotCache, slots: _PromptSlots) -> None:
-        """Shift the live window of a full cache back, keeping the write column >= the floor."""
-        origin = min(int(slots.start.min()), cache.column - self._floor)
-        cache.shift(origin)
-        slots.start -= origin
-        self.rewinds += 1
+    def _collect(self, cache: SlotCache, rows: DeviceRows,
+                 pending: Iterator[_PrefilledPrompt]) -> Iterator[Completion]:
+        """One read of the batch: yield the rows that ended and start the next prompts there.
 
-    def _pick(self, logits: torch.Tensor, slots: _PromptSlots,
-              workspace: torch.Tensor | None) -> torch.Tensor:
-        """Each row's next token: the argmax at temperature 0, else its own stream's draw."""
-        if self.vocab_size is not None:
-            logits = logits[:, : self.vocab_size]
-        if self.temperature == 0:
-            return logits.argmax(dim=-1)
-        ids_now = np.array([i if i is not None else 0 for i in slots.ids], dtype=np.int64)
-        steps_now = np.array([len(tokens) for tokens in slots.tokens], dtype=np.int64)
-        uniforms = torch.from_numpy(sample_uniforms(self.seed, ids_now, steps_now))
-        return draw_tokens(logits, uniforms, self.temperature, self.top_k, self.top_p,
-                           workspace)[0]
-
-    def _advance(self, cache: SlotCache, slots: _PromptSlots, drawn: torch.Tensor,
-                 pending: Iterator[Prompt]) -> Iterator[Completion]:
-        """Append each live row's token, yield the rows that ended and refill their slots."""
-        drawn_host = drawn.tolist()
-        slots.next_input = drawn.clone()
-        for b in slots.live():
-            prompt, tokens = slots.prompts[b], slots.tokens[b]
-            tokens.append(drawn_host[b])
-            reason, text = self._ended(prompt, tokens)
+        A row with stop strings is checked at every length it reached since the last read, in
+        order, so it ends where a check after every token would end it. A row with no prompt
+        left is parked on the write column, feeding a dummy token, done.
+        """
+        read = self._read(rows)
+        starts = []
+        for b, note in enumerate(rows.notes):
+            if note is None:
+                continue
+            prompt, length = note.prompt, int(read.length[b])
+            tokens = read.tokens[b, :length].tolist()
+            reason = text = None
+            if prompt.stop:
+                for end in range(note.checked + 1, length + 1):
+                    reason, text = self._ended(prompt, tokens[:end])
+                    if reason is not None:
+                        tokens = tokens[:end]
+                        break
+                note.checked = length
+            elif read.done[b]:
+                reason, text = self._ended(prompt, tokens)
             if reason is None:
                 continue
             yield Completion(id=prompt.id, tokens=tokens, reason=reason, text=text)
-            nxt = next(pending, None)
-            slots.ids[b], slots.prompts[b], slots.tokens[b] = (
-                None if nxt is None else nxt.id), nxt, []
-            if nxt is None:  # parked on its own column, feeding a dummy token
-                slots.start[b], slots.next_input[b] = cache.column, 0
-            else:
-                self._prefill(cache, slots, b, nxt)
+            following = next(pending, None)
+            rows.notes[b] = None if following is None else _RowNote(following)
+            starts.append((b, None, cache.column, 0, 1) if following is None else
+                          self._prefill(cache, rows, b, following))
+        rows.start_rows(starts)
 
     def _ended(self, prompt: Prompt, tokens: list[int]) -> tuple[str | None, str | None]:
         """Why the row ended (None: it goes on) and its continuation's text, cut at a stop."""
@@ -322,6 +315,14 @@ class PromptedDecoder(SlotDecoding):
         if self.decode_text is None:
             return reason, None
         return reason, cut_at_stop(self.decode_text(tokens), prompt.stop or [])
+
+
+@dataclass
+class _RowNote:
+    """What the host keeps for a decoding row: its prompt, how far its stops were checked."""
+
+    prompt: Prompt
+    checked: int = 0
 
 
 @dataclass

@@ -43,7 +43,7 @@ from selftrain.precision import weight_dtype
 from selftrain.provenance import resolved_spec, source_provenance
 from selftrain.sampling.fill import fill_corpus, sampled_row
 from selftrain.sampling.ranks import init_distributed, pick_device
-from selftrain.sampling.settings import NUM_SAMPLES, check_sampling
+from selftrain.sampling.settings import NUM_SAMPLES, check_sampling, decoding_checks
 from selftrain.sampling.shards import ShardedCorpus
 from selftrain.synthesis.layout import prompt_ids, separator_ids
 
@@ -77,6 +77,8 @@ def synthesize(
     seeds_num_subsets: int | None = None,
     dtype: str = "float32",
     device: str = "auto",
+    host_every: int | None = None,
+    cuda_graph: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write one synthetic document per sample, each conditioned on a uniformly drawn seed.
@@ -111,13 +113,17 @@ def synthesize(
         dtype: float32, bfloat16 or float16 for the synthesizer's weights, or auto (bfloat16
             where the device computes it natively, else float32; recorded as resolved).
         device: "auto" (this rank's CUDA device if there is one), "cpu" or "cuda[:N]".
+        host_every: decoding steps between two looks of the host at the batch; unset: 1 on
+            a CPU, 8 on a GPU (documents are the same for every value).
+        cuda_graph: replay each decoding step as a captured CUDA graph (a GPU only).
         overwrite: replace an existing corpus written with other settings.
 
     Returns:
         The corpus dir.
     """
     _validate(synthesizer, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
-              seed, num_subsets, shard_size, max_d1_tokens, dtype, device)
+              seed, num_subsets, shard_size, max_d1_tokens, dtype, device, host_every,
+              cuda_graph)
     dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
     for flag, given, trained in (("--separator", separator, layout.get("separator")),
@@ -160,7 +166,8 @@ def synthesize(
                            shard_size, schema=SBP_SCHEMA)
     decoder = PromptedDecoder(model, record["eos_token_id"], batch_size, temperature=temperature,
                               seed=seed, top_k=top_k, top_p=top_p, vocab_size=len(tokenizer),
-                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                              decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                              host_every=host_every, cuda_graph=cuda_graph)
     seeding = SeedPrompts(seed, seed_ids, seed_texts, sep_ids, record["bos_token_id"],
                           max_d1_tokens)
     manifest = {"kind": "sbp", **record, "seed": seed, "num_subsets": num_subsets,
@@ -278,13 +285,15 @@ def _rows(decoder: PromptedDecoder, tokenizer, ids: list[int], *, seeding: SeedP
 
 def _validate(synthesizer: str, num_samples: int, max_new_tokens: int, temperature: float,
               top_p: float, top_k: int, batch_size: int, seed: int, num_subsets: int,
-              shard_size: int, max_d1_tokens: int | None, dtype: str, device: str) -> None:
+              shard_size: int, max_d1_tokens: int | None, dtype: str, device: str,
+              host_every: int | None, cuda_graph: bool) -> None:
     """Refuse bad flags before anything is loaded or written (see :func:`synthesize`)."""
     parse_model_spec(synthesizer, flag="--synthesizer")
     check_seed(seed, "--seed")
     as_dtype(dtype, "--dtype")
-    pick_device(device)
+    target = pick_device(device)
     check_sampling(num_samples, max_new_tokens, [temperature], top_p, top_k, batch_size,
                    num_subsets, shard_size,
                    more=[(max_d1_tokens is None or max_d1_tokens >= 1,
-                          f"--max_d1_tokens {max_d1_tokens}: must be >= 1")])
+                          f"--max_d1_tokens {max_d1_tokens}: must be >= 1"),
+                         *decoding_checks(host_every, cuda_graph, target.type)])
