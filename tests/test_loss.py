@@ -17,7 +17,13 @@ from selftrain.errors import SelftrainError
 from selftrain.models import load_model
 from selftrain.tiny import TINY_FAMILIES, TINY_SEED, TINY_SHAPE
 from selftrain.training.batching import pad_collate
-from selftrain.training.loss import IGNORE, causal_lm_loss, check_loss_flags, uses_liger
+from selftrain.training.loss import (
+    IGNORE,
+    causal_lm_loss,
+    check_chunked_loss,
+    check_loss_flags,
+    uses_liger,
+)
 from selftrain.training.packing import pack_collate
 
 LENGTHS = [17, 5, 30, 2, 11]
@@ -101,6 +107,28 @@ def test_the_logit_transform_is_what_makes_them_equal(family, field, neutral):
         setattr(model.config, field, neutral)
         untransformed = float(causal_lm_loss(model, batch, 16))
     assert abs(untransformed - expected) > 1e-2 * expected
+
+
+@pytest.mark.parametrize("family", ["qwen2", "granite"])
+def test_a_family_whose_logits_the_chunks_miss_is_refused_at_the_first_batch(family):
+    # as falcon_h1 multiplies its logits in its forward: the chunks would train another loss
+    model = MODELS[family]().eval()
+    batch = pad_collate(random_rows(), pad_id=0)
+    check_chunked_loss(model, batch, 7)  # a family loss.py knows: silent
+
+    class MultipliedLogits(type(model)):
+        def forward(self, *args, labels=None, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.loss = self.loss_function(out.logits * 30.0, labels,
+                                          vocab_size=self.config.vocab_size)
+            return out
+
+    model.__class__ = MultipliedLogits
+    with pytest.raises(SelftrainError) as refused:
+        check_chunked_loss(model, batch, 7)
+    assert str(refused.value).startswith("--model.loss_chunk 7: the chunked loss of the first "
+                                         "batch's row 2 is ")
+    assert "unset --model.loss_chunk for this student" in str(refused.value)
 
 
 def test_no_tokens_by_vocabulary_tensor_is_kept_for_backward():

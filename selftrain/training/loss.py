@@ -210,3 +210,38 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int,
     total = (liger_nll(hidden, head, targets, model.config) if fused
              else chunked_nll(hidden, head, targets, chunk, model.config))
     return total / keep.sum()
+
+
+AGREE = 2e-2
+"""Relative gap between the chunked loss and transformers' at which a fit is refused: bf16
+rounding moves a mean over a row's targets by about 1e-3; a logit transform the chunks miss
+moves it by far more."""
+
+
+def check_chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> None:
+    """Refuse, in one line, a family whose loss the chunks do not reproduce.
+
+    :func:`transform_logits` knows the logit transforms of the families transformers ships
+    today; a family that changes its logits in its forward some other way would train on
+    another loss without a word. So the first batch's row with the most targets is scored both
+    ways, without gradients (one row: transformers' whole logits of one row fit where the
+    batch's may not).
+
+    Args:
+        model: the student.
+        batch: the first training batch (``labels`` and the model inputs).
+        chunk: ``--model.loss_chunk``.
+    """
+    row = int((batch["labels"] != IGNORE).sum(dim=1).argmax())
+    one = {key: value[row: row + 1] for key, value in batch.items()}
+    with torch.no_grad():
+        theirs = float(model(**one, use_cache=False).loss)
+        ours = float(causal_lm_loss(model, one, chunk))
+    if not abs(ours - theirs) <= AGREE * abs(theirs):  # NaN (no target) on both sides passes
+        if theirs != theirs and ours != ours:
+            return
+        raise SelftrainError(
+            f"--model.loss_chunk {chunk}: the chunked loss of the first batch's row {row} is "
+            f"{ours:.6g} where transformers' is {theirs:.6g}: {type(model).__name__} changes "
+            "its logits in a way selftrain/training/loss.py does not reproduce; unset "
+            "--model.loss_chunk for this student")

@@ -30,7 +30,13 @@ from selftrain.training.batching import BATCH_KEYS, documents, real_tokens
 from selftrain.training.checks import check_installed, check_machine, resolve_attention
 from selftrain.training.export import EXPORT_INFO, export_dir, export_student
 from selftrain.training.fsdp import compile_decoder_layers, is_sharded
-from selftrain.training.loss import LossKernel, causal_lm_loss, check_loss_flags, uses_liger
+from selftrain.training.loss import (
+    LossKernel,
+    causal_lm_loss,
+    check_chunked_loss,
+    check_loss_flags,
+    uses_liger,
+)
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
 from selftrain.training.run_dir import IDENTITY_KEY, run_identity
 
@@ -235,6 +241,7 @@ class StudentLM(L.LightningModule):
             self._fused_loss = uses_liger(hp.loss_kernel, device, self.model.config)
             rank_zero_info("loss: Liger's fused linear cross-entropy" if self._fused_loss else
                            f"loss: chunked linear cross-entropy, {hp.loss_chunk} tokens a chunk")
+            check_chunked_loss(self.model, inputs, hp.loss_chunk)
         return causal_lm_loss(self.model, inputs, hp.loss_chunk, fused=self._fused_loss)
 
     @override
