@@ -161,12 +161,14 @@ def recorded_groups(run) -> list[dict]:
 def fsdp_and_ddp_runs(tmp_path_factory):
     """The debug config (all three evaluation callbacks) under each preset on 2 CPU ranks."""
     root = tmp_path_factory.mktemp("scale")
-    runs = {"fsdp": root / "fsdp", "ddp": root / "ddp"}
+    runs = {"fsdp": root / "fsdp", "ddp": root / "ddp", "fsdp_chunked": root / "fsdp_chunked"}
     # the shipped presets, brought to CPU: 2 gloo processes, fp32
     on_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
               "--trainer.precision", "32-true"]
-    presets = {"fsdp": ["--config", FSDP_PRESET, *on_cpu, "--trainer.strategy.allow_cpu", "true"],
-               "ddp": ["--config", DDP_PRESET, *on_cpu]}
+    fsdp = ["--config", FSDP_PRESET, *on_cpu, "--trainer.strategy.allow_cpu", "true"]
+    presets = {"fsdp": fsdp, "ddp": ["--config", DDP_PRESET, *on_cpu],
+               # the loss through the head in chunks, its head gathered by FSDP's root unit
+               "fsdp_chunked": [*fsdp, "--model.loss_chunk", "64"]}
     tests = os.path.dirname(__file__)
     with pytest.MonkeyPatch.context() as patch:  # RecordParamGroups, imported by class path
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests,
@@ -178,6 +180,16 @@ def fsdp_and_ddp_runs(tmp_path_factory):
                               "--trainer.gradient_clip_val", "0.1", "--model.weight_decay", "0.1",
                               "--trainer.callbacks+=test_fsdp.RecordParamGroups"))
     return runs
+
+
+@pytest.mark.slow
+def test_the_chunked_loss_trains_under_fsdp_as_transformers_loss_does(fsdp_and_ddp_runs):
+    plain, chunked = (read_scalars(fsdp_and_ddp_runs[name] / "tb")["train/loss"]
+                      for name in ("fsdp", "fsdp_chunked"))
+    assert len(plain) == len(chunked) == 24
+    for (step, ours), (their_step, theirs) in zip(chunked, plain, strict=True):
+        assert step == their_step and ours == pytest.approx(theirs, rel=1e-5), (step, ours,
+                                                                                 theirs)
 
 
 @pytest.mark.slow
