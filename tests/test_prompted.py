@@ -15,6 +15,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from selftrain.curation.lm_eval_tasks import task_manager
+from selftrain.decoding import slots
 from selftrain.decoding.prompted import Prompt, PromptedDecoder, common_prefix, cut_at_stop
 from selftrain.errors import SelftrainError
 from selftrain.models import load_model, load_tokenizer
@@ -164,6 +165,15 @@ def test_sampled_completion_does_not_depend_on_the_batch_or_the_order():
 def test_gsm8k_shaped_requests_equal_hflm(family):
     model, tokenizer = _model(family)
     expected, got, fast = _both(model, tokenizer, _gsm8k_requests())
+    assert got == expected and fast == len(expected)
+    assert any("\n" in text for text in got) and len(set(got)) > 5
+
+
+def test_fasthflm_looking_every_8_steps_as_on_a_gpu_still_equals_hflm(monkeypatch):
+    # FastHFLM takes the device's default interval: 8 on a GPU, here forced on the CPU
+    monkeypatch.setitem(slots.HOST_EVERY, "cpu", 8)
+    model, tokenizer = _model("qwen2")
+    expected, got, fast = _both(model, tokenizer, _gsm8k_requests(max_gen_toks=40))
     assert got == expected and fast == len(expected)
     assert any("\n" in text for text in got) and len(set(got)) > 5
 
