@@ -177,8 +177,8 @@ def test_a_synthesizer_fit_on_pairs_exports_its_layout_and_synthesize_reads_it(
     export = run / "hf" / "epoch=1"
     layout = json.loads((export / EXPORT_INFO).read_text())["pair_layout"]
     assert layout["separator"] == "\n<next>\n" and layout["max_length"] == 96
-    out = synthesize(str(export), str(known_neighbours(tmp_path / "seeds.jsonl")),
-                     str(tmp_path / "sbp"), num_samples=3, max_new_tokens=5, device="cpu")
+    out = synthesize(str(export), seeds=str(known_neighbours(tmp_path / "seeds.jsonl")),
+                     out=str(tmp_path / "sbp"), num_samples=3, max_new_tokens=5, device="cpu")
     manifest = manifest_of(out)
     assert manifest["pair_layout"] == {"separator": "\n<next>\n",
                                        "max_d1_tokens": layout["max_d1_tokens"]}
@@ -190,18 +190,50 @@ def test_synthesis_prompts_are_the_training_rows_up_to_d2(pairs_dir):
     from selftrain.synthesis.synthesize import SeedPrompts
     from selftrain.training.data import CorpusDataModule
 
-    data = CorpusDataModule(str(pairs_dir), tokenizer="tiny:qwen2", max_length=80,
+    data = CorpusDataModule(str(pairs_dir), tokenizer="tiny:qwen2", max_length=200,
                             batch_size=4)
     data.load()
     layout = data.pair_layout
     import pandas as pd
 
     table = pd.read_parquet(pairs_dir / "data" / "pairs.parquet")
+    assert len(data.rows) == len(table) and layout["pairs_dropped"] == 0
     for row, d1 in zip(data.rows, table.d1_text, strict=True):
         seeding = SeedPrompts(0, [7], [d1], layout["separator_ids"], layout["bos_token_id"],
                               layout["max_d1_tokens"])
         (prompt,), seeds = seeding.prompts([0], tiny_tokenizer(), max_new_tokens=5)
         assert prompt.tokens == row["input_ids"][:row["loss_from"]] and seeds == {0: 7}
+
+
+def test_a_pair_row_keeps_d2_whole_and_shortens_d1_first_or_drops_the_pair():
+    # a d2 cut anywhere but its end would teach the synthesizer that documents never end
+    sep, bos, eos = [9, 9], 1, 2
+    budget = d1_budget(40, len(sep))  # 18: half of what BOS and SEP leave
+    d1 = list(range(100, 130))
+    whole = pair_row(d1, [5] * 10, sep, bos, eos, max_length=40)
+    assert whole["input_ids"] == [bos, *d1[:budget], *sep, *[5] * 10, eos]
+    # d2 of 20 tokens: d1 gives up 2 of its 18 tokens for d2 to end inside the row
+    shortened = pair_row(d1, [5] * 20, sep, bos, eos, max_length=40)
+    assert shortened["input_ids"] == [bos, *d1[:16], *sep, *[5] * 20, eos]
+    assert len(shortened["input_ids"]) == 40
+    # d2 of 32 tokens leaves d1 4 tokens, a quarter of its budget; 33 would leave 3: dropped
+    assert pair_row(d1, [5] * 32, sep, bos, eos, max_length=40) == {
+        "input_ids": [bos, *d1[:4], *sep, *[5] * 32, eos], "loss_from": 7}
+    assert pair_row(d1, [5] * 33, sep, bos, eos, max_length=40) is None
+    # a d1 shorter than the floor is kept whole; without an EOS id d2 is cut as before
+    assert pair_row([100, 101], [5] * 34, sep, bos, eos, max_length=40)["input_ids"][-1] == eos
+    assert pair_row(d1, [5] * 50, sep, bos, None, max_length=40)["input_ids"] == [
+        bos, *d1[:budget], *sep, *[5] * 19]
+
+
+def test_pairs_whose_d2_never_fits_are_refused_in_one_line(pairs_dir):
+    from selftrain.errors import SelftrainError
+    from selftrain.training.data import CorpusDataModule
+
+    data = CorpusDataModule(str(pairs_dir), tokenizer="tiny:qwen2", max_length=60,
+                            batch_size=4)
+    with pytest.raises(SelftrainError, match=r"^--data.max_length 60: no pair's d2 fits whole"):
+        data.load()
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +268,7 @@ def test_synthesis_killed_resumes_to_exactly_n_rows_as_one_run_writes_them(
 
     from selftrain.synthesis.synthesize import synthesize
 
-    reference = synthesize(str(synthesizer), str(seeds), str(tmp_path / "reference"),
+    reference = synthesize(str(synthesizer), seeds=str(seeds), out=str(tmp_path / "reference"),
                            num_samples=240, max_new_tokens=40, shard_size=240, batch_size=16,
                            num_subsets=2, seed=3, device="cpu")
     corpus, expected = read_corpus(out).columns, read_corpus(reference).columns
@@ -263,14 +295,15 @@ def test_a_synthesizer_trained_again_in_place_does_not_complete_the_old_corpus(
     export = Path(shutil.copytree(synthesizer, tmp_path / "hf"))
     seeds = str(known_neighbours(tmp_path / "seeds.jsonl"))
     out = str(tmp_path / "sbp")
-    synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")
-    synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")  # done
+    flags = {"seeds": seeds, "out": out, "num_samples": 2, "max_new_tokens": 3, "device": "cpu"}
+    synthesize(str(export), **flags)
+    synthesize(str(export), **flags)  # done
     model = load_model(str(export))
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1.5)
     model.save_pretrained(export)  # same path, same config: new weights
     with pytest.raises(SelftrainError, match="weights_sha256"):
-        synthesize(str(export), seeds, out, num_samples=2, max_new_tokens=3, device="cpu")
+        synthesize(str(export), **flags)
 
 
 def test_synthesis_continues_bos_seed_separator_as_greedy_generate_does(tmp_path, synthesizer):
@@ -281,7 +314,7 @@ def test_synthesis_continues_bos_seed_separator_as_greedy_generate_does(tmp_path
     from selftrain.synthesis.synthesize import seed_row, synthesize
 
     seeds = known_neighbours(tmp_path / "seeds.jsonl")
-    out = synthesize(str(synthesizer), str(seeds), str(tmp_path / "sbp"), num_samples=4,
+    out = synthesize(str(synthesizer), seeds=str(seeds), out=str(tmp_path / "sbp"), num_samples=4,
                      max_new_tokens=6, temperature=1e-6, batch_size=3, device="cpu")
     rows = read_corpus(out).columns
     docs = [json.loads(line) for line in seeds.read_text().splitlines()]
@@ -299,3 +332,41 @@ def test_synthesis_continues_bos_seed_separator_as_greedy_generate_does(tmp_path
         greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                 max_new_tokens=6, pad_token_id=0)[0, prompt.shape[1]:]
         assert rows["input_ids"][i][1:] == greedy.tolist()[:len(rows["input_ids"][i]) - 1]
+
+
+def test_unseeded_synthesis_continues_bos_separator_alone(tmp_path, synthesizer):
+    """The control: every document continues ``BOS SEP`` (an empty d1) as greedy generate."""
+    import torch
+
+    from selftrain.models import load_model
+    from selftrain.synthesis.synthesize import UNSEEDED, synthesize
+
+    out = synthesize(str(synthesizer), out=str(tmp_path / "unseeded"), unseeded=True,
+                     num_samples=3, max_new_tokens=6, temperature=1e-6, device="cpu")
+    rows = read_corpus(out).columns
+    assert rows["seed_id"] == [UNSEEDED] * 3
+    manifest = manifest_of(out)
+    assert manifest["seeds"] is None and manifest["generation"]["unseeded"] is True
+    tokenizer, model = tiny_tokenizer(), load_model(str(synthesizer)).eval()
+    sep = separator_ids(tokenizer, DEFAULT_SEPARATOR, "--separator")
+    prompt = torch.tensor([[rows["input_ids"][0][0], *sep]])
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=6, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    for ids in rows["input_ids"]:  # near-greedy: the same document three times
+        assert ids[1:] == greedy[:len(ids) - 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({}, "--seeds: give the real corpus the seed documents are drawn from, or --unseeded true "
+         "for the control"),
+    ({"unseeded": True, "seeds": "x.jsonl"}, "--unseeded true: the control reads no seeds; "
+                                             "drop --seeds and --seeds_subset")])
+def test_seeds_and_the_unseeded_control_are_one_or_the_other(tmp_path, synthesizer, flags,
+                                                             message):
+    from selftrain.errors import SelftrainError
+    from selftrain.synthesis.synthesize import synthesize
+
+    with pytest.raises(SelftrainError) as refused:
+        synthesize(str(synthesizer), out=str(tmp_path / "out"), device="cpu", **flags)
+    assert str(refused.value) == message
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,13 @@
 """How a pair of related documents becomes one synthesizer training row, and a prompt.
 
 The synthesizer learns p(d2 | d1). A row is ``BOS d1 SEP d2 EOS`` in the synthesizer's own
-tokens: d1 cut to :func:`d1_budget` tokens, the separator's tokens, then d2 cut to fill
-``max_length``; the loss is on d2 (and its EOS) only, from ``loss_from`` on
-(:func:`selftrain.training.batching.pad_collate` masks the rest). ``selftrain synthesize``
+tokens: d1 cut to :func:`d1_budget` tokens, the separator's tokens, then the whole of d2 and
+its EOS; the loss is on d2 and its EOS only, from ``loss_from`` on
+(:func:`selftrain.training.batching.pad_collate` masks the rest). d2 is never cut: a row that
+ends d2 anywhere but at its end teaches the synthesizer that documents do not end. Where d2
+does not fit beside d1's budget, d1 is shortened, to as little as a quarter of its budget
+(:data:`MIN_D1_SHARE`), and a pair whose d2 does not fit even then is dropped (docs/synthesis.md
+argues the choice). ``selftrain synthesize``
 builds its prompts with the same :func:`prompt_ids`, so training and sampling agree token for
 token on what comes before d2. The separator is text, checked to encode to at least one token
 and to decode back to itself (:func:`separator_ids`), and recorded in the synthesizer's export.
@@ -73,25 +77,38 @@ def prompt_ids(d1_ids: list[int], sep_ids: list[int], bos_id: int, max_d1_tokens
     return [bos_id, *d1_ids[:max_d1_tokens], *sep_ids]
 
 
+MIN_D1_SHARE = 4
+"""d1 may be shortened to ``1 / MIN_D1_SHARE`` of its budget so that a whole d2 fits."""
+
+
 def pair_row(d1_ids: list[int], d2_ids: list[int], sep_ids: list[int], bos_id: int,
-             eos_id: int | None, max_length: int) -> dict[str, Any]:
-    """One training row: ``input_ids`` (``BOS d1 SEP d2 EOS``, cut) and ``loss_from``.
+             eos_id: int | None, max_length: int) -> dict[str, Any] | None:
+    """One training row: ``input_ids`` (``BOS d1 SEP d2 EOS``) and ``loss_from``; or None.
 
     Args:
         d1_ids: the conditioning document's ids (no BOS).
         d2_ids: the target document's ids (no BOS, no EOS).
         sep_ids: :func:`separator_ids`.
         bos_id: the BOS id.
-        eos_id: appended after d2 (None: nothing).
+        eos_id: appended after d2 (None: nothing, and d2 is cut to fill the row, as there is
+            no end to learn).
         max_length: tokens per row, BOS included.
 
     Returns:
         ``{"input_ids": ..., "loss_from": p}``: positions ``>= p`` (d2 and its EOS) are
-        trained on, the prompt before them is not.
+        trained on, the prompt before them is not. None when d2 and its EOS do not fit even
+        beside a d1 shortened to :data:`MIN_D1_SHARE` of its budget.
     """
-    prompt = prompt_ids(d1_ids, sep_ids, bos_id, d1_budget(max_length, len(sep_ids)))
-    body = [*d2_ids, *([eos_id] if eos_id is not None else [])]
-    return {"input_ids": (prompt + body)[:max_length], "loss_from": len(prompt)}
+    budget = d1_budget(max_length, len(sep_ids))
+    if eos_id is None:
+        prompt = prompt_ids(d1_ids, sep_ids, bos_id, budget)
+        return {"input_ids": (prompt + d2_ids)[:max_length], "loss_from": len(prompt)}
+    room = max_length - 1 - len(sep_ids) - len(d2_ids) - 1  # what BOS, SEP, d2, EOS leave
+    kept = min(len(d1_ids), budget, room)
+    if kept < min(len(d1_ids), max(1, budget // MIN_D1_SHARE)):
+        return None
+    prompt = prompt_ids(d1_ids, sep_ids, bos_id, kept)
+    return {"input_ids": [*prompt, *d2_ids, eos_id], "loss_from": len(prompt)}
 
 
 def is_pairs_dir(path: str | Path) -> bool:

@@ -12,6 +12,11 @@ The output is an ordinary corpus dir (``kind: sbp``), filled shard by shard like
 generate`` (:class:`selftrain.sampling.shards.ShardedCorpus`): rerunning a killed command
 resumes it, ``torchrun`` splits the shards over ranks, and each row holds the new document
 alone (``BOS d2 EOS`` as ``input_ids``, d2 as ``text``) with the id of its seed (``seed_id``).
+
+``--unseeded true`` is SBP's control: every prompt is ``BOS SEP`` (an empty d1), so the
+documents are the synthesizer's unconditional text, written at the same settings; ``seed_id``
+is :data:`UNSEEDED`. Set against seeded synthesis it separates what the seed contributes from
+what the synthesizer writes anyway.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import pyarrow as pa
 
 from selftrain.corpus import SCHEMA, corpus_documents
 from selftrain.decoding.prompted import Prompt, PromptedDecoder
-from selftrain.errors import Interrupted, SelftrainError
+from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
 from selftrain.inputs import check_seed
 from selftrain.models import (
     as_dtype,
@@ -52,16 +57,19 @@ log = logging.getLogger(__name__)
 SYNTHESIZER_VERSION = "sbp-prompted/1"
 """Bump when a change here changes what a given (seed, id) synthesizes."""
 SBP_SCHEMA = SCHEMA.append(pa.field("seed_id", pa.int64()))
-FLAG_KEYS = ("synthesizer", "seeds", "seeds_sha256", "seeds_subset", "seeds_num_subsets",
-             "num_samples", "max_new_tokens", "temperature", "top_p",
+UNSEEDED = -1
+"""``seed_id`` of a document synthesized from an empty d1 (``--unseeded true``)."""
+FLAG_KEYS = ("synthesizer", "unseeded", "seeds", "seeds_sha256", "seeds_subset",
+             "seeds_num_subsets", "num_samples", "max_new_tokens", "temperature", "top_p",
              "top_k", "seed", "num_subsets", "shard_size", "dtype", "version")
 """Spec keys known from the flags alone (checked before the synthesizer loads)."""
 
 
 def synthesize(
     synthesizer: str,
-    seeds: str,
     out: str,
+    seeds: str | None = None,
+    unseeded: bool = False,
     num_samples: int = NUM_SAMPLES,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
@@ -90,10 +98,12 @@ def synthesize(
         synthesizer: the synthesizer's model spec, typically an export of a ``selftrain fit``
             on a pairs dir (``<run>/hf/epoch=N``), whose record gives the separator and d1
             budget.
+        out: corpus dir to write.
         seeds: the real corpus the seed documents (d1) are drawn from: a corpus dir, or a
             .jsonl / .parquet / .txt file. Its ``id`` column (else the row number) is each
-            row's ``seed_id``.
-        out: corpus dir to write.
+            row's ``seed_id``. Needed unless ``unseeded``.
+        unseeded: the control: prompt every document with an empty d1 (``BOS SEP``), no
+            seeds; ``seed_id`` is -1.
         num_samples: synthetic documents to write (seeds are drawn with replacement).
         max_new_tokens: length cap of each synthetic document, EOS included.
         temperature: sampling temperature (> 0).
@@ -124,6 +134,11 @@ def synthesize(
     _validate(synthesizer, num_samples, max_new_tokens, temperature, top_p, top_k, batch_size,
               seed, num_subsets, shard_size, max_d1_tokens, dtype, device, host_every,
               cuda_graph)
+    refuse_first_failed([
+        (unseeded or seeds is not None, "--seeds: give the real corpus the seed documents are "
+                                        "drawn from, or --unseeded true for the control"),
+        (not unseeded or seeds is None and seeds_subset is None,
+         "--unseeded true: the control reads no seeds; drop --seeds and --seeds_subset")])
     dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
     for flag, given, trained in (("--separator", separator, layout.get("separator")),
@@ -139,12 +154,17 @@ def synthesize(
                              "(it is not an export of `selftrain fit` on a pairs dir); give "
                              f"{missing} as the synthesizer was trained")
     target = Path(out)
-    refuse_input_overlap(target, [("--synthesizer", synthesizer), ("--seeds", seeds)])
-    seed_ids, seed_texts = corpus_documents(seeds, "--seeds", seeds_subset, seeds_num_subsets,
-                                            "--seeds_subset")
-    if not seed_texts:
-        raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
-    flags = {"synthesizer": synthesizer, "seeds": str(Path(seeds).resolve()),
+    refuse_input_overlap(target, [("--synthesizer", synthesizer)]
+                         + ([("--seeds", seeds)] if seeds is not None else []))
+    if unseeded:  # one empty seed document: every prompt is BOS SEP
+        seed_ids, seed_texts = [UNSEEDED], [""]
+    else:
+        seed_ids, seed_texts = corpus_documents(seeds, "--seeds", seeds_subset,
+                                                seeds_num_subsets, "--seeds_subset")
+        if not seed_texts:
+            raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
+    flags = {"synthesizer": synthesizer, "unseeded": unseeded,
+             "seeds": None if unseeded else str(Path(seeds).resolve()),
              "seeds_sha256": _seeds_digest(seed_ids, seed_texts), "seeds_subset": seeds_subset,
              "seeds_num_subsets": seeds_num_subsets,
              "seed_documents": len(seed_texts), "num_samples": num_samples,
@@ -172,10 +192,10 @@ def synthesize(
                           max_d1_tokens)
     manifest = {"kind": "sbp", **record, "seed": seed, "num_subsets": num_subsets,
                 "decontamination": None,
-                "seeds": {"corpus": str(seeds), "documents": len(seed_texts),
-                          "subset": seeds_subset, "num_subsets": seeds_num_subsets,
-                          "draw": "uniform with replacement, seed document of sample i from "
-                                  "(seed, i)"},
+                "seeds": None if unseeded else {
+                    "corpus": str(seeds), "documents": len(seed_texts), "subset": seeds_subset,
+                    "num_subsets": seeds_num_subsets,
+                    "draw": "uniform with replacement, seed document of sample i from (seed, i)"},
                 "pair_layout": {"separator": separator, "max_d1_tokens": max_d1_tokens},
                 "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
                              "max_new_tokens": max_new_tokens, "dtype": dtype,

@@ -197,10 +197,23 @@ def _pair_rows(path: str, flag: str, tokenizer, settings: RowSettings
     bos_id, _ = resolve_bos_id(tokenizer, None, settings.bos_token_id)
     d1 = tokenizer(columns["d1_text"], add_special_tokens=False)["input_ids"]
     d2 = tokenizer(columns["d2_text"], add_special_tokens=False)["input_ids"]
+    rows = [pair_row(first, second, separator, bos_id, tokenizer.eos_token_id, max_length)
+            for first, second in zip(d1, d2, strict=True)]
+    kept = [row for row in rows if row is not None]
+    if not kept:
+        longest = max(len(ids) for ids in d2)
+        raise SelftrainError(f"--data.max_length {max_length}: no pair's d2 fits whole with its "
+                             f"EOS beside BOS, the separator and a shortened d1 (the shortest "
+                             f"d2 has {min(len(ids) for ids in d2)} tokens, the longest "
+                             f"{longest}); raise it")
+    if len(kept) < len(rows):
+        rank_zero_info(f"{flag} {path}: {len(rows) - len(kept)} of {len(rows)} pairs dropped: "
+                       f"their d2 and its EOS do not fit whole in --data.max_length "
+                       f"{max_length} beside a d1 of a quarter of its {budget}-token budget")
     layout = {"separator": settings.pair_separator, "separator_ids": separator,
-              "max_d1_tokens": budget, "max_length": max_length, "bos_token_id": bos_id}
-    return [pair_row(first, second, separator, bos_id, tokenizer.eos_token_id, max_length)
-            for first, second in zip(d1, d2, strict=True)], layout
+              "max_d1_tokens": budget, "max_length": max_length, "bos_token_id": bos_id,
+              "pairs_dropped": len(rows) - len(kept)}
+    return kept, layout
 
 
 def _mix(per_corpus: list[list[dict[str, Any]]], corpora: list[str], settings: RowSettings
