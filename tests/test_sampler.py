@@ -142,3 +142,19 @@ def test_bad_decoding_settings_are_one_line_errors(flags, message):
         BosSampler(model, bos, eos, len(tokenizer), temperature=1.0, max_new_tokens=8,
                    batch_size=2, seed=0, **flags)
     assert str(raised.value) == message
+
+
+def test_rows_decoding_on_past_their_end_stay_inside_the_models_positions():
+    # a row that ended decodes on until the host looks; fed at its own position it would reach
+    # cap + host_every - 2, past a learned position table the cap alone fits in
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=264, n_positions=14, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    runs = {every: {s.id: (s.tokens, s.finished) for s in BosSampler(
+        model, 1, 2, 264, temperature=1.0, max_new_tokens=13, batch_size=4, seed=0,
+        host_every=every).sample(range(12))} for every in (1, 8)}
+    assert runs[8] == runs[1]
+    assert max(len(tokens) for tokens, _ in runs[1].values()) == 13

@@ -124,7 +124,6 @@ class PromptedDecoder(SlotDecoding):
         self.decode_text = decode
         config = model.config.get_text_config()
         self.context = getattr(config, "max_position_embeddings", None)
-        self.num_layers = config.num_hidden_layers
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._key = seed_key(seed)
         self._end_ids = (torch.tensor(sorted(self.eos_token_ids), device=self.device)
@@ -187,7 +186,7 @@ class PromptedDecoder(SlotDecoding):
             workspace = draw_workspace(len(first), width, self.device)
 
         def step() -> None:
-            logits = self._forward(cache, rows.next_input, rows.start, columns)
+            logits = self._forward(cache, rows, columns)
             if self.vocab_size is not None:
                 logits = logits[:, : self.vocab_size]
             drawable = None

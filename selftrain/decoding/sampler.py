@@ -113,7 +113,7 @@ class BosSampler(SlotDecoding):
         workspace = draw_workspace(len(first), self.vocab_size, self.device)
 
         def step() -> None:
-            logits = self._forward(cache, rows.next_input, rows.start, columns)
+            logits = self._forward(cache, rows, columns)
             uniforms = device_uniforms(self._key, rows.sample_id, rows.length)
             drawn, logprobs, drawable = draw_unchecked(
                 logits[:, : self.vocab_size], uniforms, self.temperature, self.top_k,

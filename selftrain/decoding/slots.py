@@ -230,7 +230,7 @@ class SlotDecoding:
             collect: the host's look: yields what ended and refills rows.
         """
         if self.cuda_graph:
-            step = _captured(step, rows.tensors() + [cache.column_tensor])
+            step = _captured(step, rows.tensors() + [cache.column_tensor], self.device)
         while True:
             if cache.column + self.host_every > cache.capacity:
                 self._rewind(cache, rows)
@@ -243,17 +243,18 @@ class SlotDecoding:
             if not self.static_shapes:
                 self._drop_idle_rows(cache, rows)
 
-    def _forward(self, cache: SlotCache, next_input: torch.Tensor, start: torch.Tensor,
-                 columns: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache: SlotCache, rows: DeviceRows, columns: torch.Tensor
+                 ) -> torch.Tensor:
         """One decoding step's forward: every row feeds its token at the cache's write column.
 
         Device work only, so a CUDA graph can capture it. A static cache's device column moves
-        on by one here; the host's, in :meth:`_count_step`.
+        on by one here; the host's, in :meth:`_count_step`. A row that ended (or is idle) feeds
+        at position 0: decoding on past its cap, its position would leave the model's context
+        (an index out of range for learned position embeddings).
 
         Args:
             cache: the cache, its write column at this step.
-            next_input: [rows] the token each row feeds.
-            start: [rows] the column where each row's sequence starts.
+            rows: the rows (their next tokens, starts and ends).
             columns: ``arange(capacity)`` on the device.
 
         Returns:
@@ -262,9 +263,10 @@ class SlotDecoding:
         static = cache.column_tensor is not None
         column = cache.column_tensor if static else cache.column
         visible = columns if static else columns[: cache.column + 1]
-        logits = self.model(input_ids=next_input.unsqueeze(1),
-                            attention_mask=self._mask(start, visible, column),
-                            position_ids=(column - start).unsqueeze(1),
+        positions = torch.where(rows.done, 0, column - rows.start)
+        logits = self.model(input_ids=rows.next_input.unsqueeze(1),
+                            attention_mask=self._mask(rows.start, visible, column),
+                            position_ids=positions.unsqueeze(1),
                             use_cache=True, **{self._cache_argument: cache}).logits[:, -1]
         if static:
             cache.column_tensor.add_(1)
@@ -309,8 +311,8 @@ class SlotDecoding:
         if logprobs is not None:
             rows.logprobs.scatter_(1, column, logprobs.unsqueeze(1))
         ended = rows.length + 1 >= rows.cap
-        if end_ids is not None:
-            on_eos = live & torch.isin(drawn, end_ids)
+        if end_ids is not None:  # not torch.isin: with many ids it sorts, and syncs on CUDA
+            on_eos = live & (drawn.unsqueeze(1) == end_ids).any(dim=1)
             rows.on_eos |= on_eos
             ended |= on_eos
         rows.length += live
@@ -357,27 +359,36 @@ class SlotDecoding:
             rows.keep(keep)
 
 
-def _captured(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
-    """``step`` captured as a CUDA graph: returns its replay.
+def _captured(step: Callable[[], None], state: list[torch.Tensor], device: torch.device
+              ) -> Callable[[], None]:
+    """``step`` captured as a CUDA graph on the model's device: returns its replay.
 
     Warm-up steps on a side stream (as CUDA graphs require) change the decoding state, so it is
     saved before and put back after; the cache columns they wrote are written again before any
-    row can see them.
+    row can see them. Streams and capture follow the current CUDA device, so all of it runs
+    with the model's made current (a model on ``cuda:1`` would otherwise leave an empty graph).
 
     Args:
         step: one decoding step, device work only, on static shapes.
         state: every tensor the step changes besides the cache's buffers.
+        device: the model's device.
     """
-    saved = [tensor.clone() for tensor in state]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    with torch.cuda.device(device):
+        saved = [tensor.clone() for tensor in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for tensor, value in zip(state, saved, strict=True):
-        tensor.copy_(value)
-    return graph.replay
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return replay
