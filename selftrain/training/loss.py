@@ -24,6 +24,7 @@ soft cap; the chunked torch path is the reference and the fallback everywhere el
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Literal
 
 import torch
@@ -218,30 +219,30 @@ rounding moves a mean over a row's targets by about 1e-3; a logit transform the 
 moves it by far more."""
 
 
-def check_chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> None:
-    """Refuse, in one line, a family whose loss the chunks do not reproduce.
+def chunked_loss_refusal(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int,
+                         fused: bool = False) -> str | None:
+    """The one line refusing a family whose loss the chunks do not reproduce, or None.
 
     :func:`transform_logits` knows the logit transforms of the families transformers ships
     today; a family that changes its logits in its forward some other way would train on
     another loss without a word. So the first batch's row with the most targets is scored both
     ways, without gradients (one row: transformers' whole logits of one row fit where the
-    batch's may not).
+    batch's may not), by the path training takes (the torch chunks or Liger's kernel).
 
     Args:
         model: the student.
         batch: the first training batch (``labels`` and the model inputs).
         chunk: ``--model.loss_chunk``.
+        fused: training takes Liger's kernel.
     """
     row = int((batch["labels"] != IGNORE).sum(dim=1).argmax())
     one = {key: value[row: row + 1] for key, value in batch.items()}
     with torch.no_grad():
         theirs = float(model(**one, use_cache=False).loss)
-        ours = float(causal_lm_loss(model, one, chunk))
-    if not abs(ours - theirs) <= AGREE * abs(theirs):  # NaN (no target) on both sides passes
-        if theirs != theirs and ours != ours:
-            return
-        raise SelftrainError(
-            f"--model.loss_chunk {chunk}: the chunked loss of the first batch's row {row} is "
+        ours = float(causal_lm_loss(model, one, chunk, fused=fused))
+    if abs(ours - theirs) <= AGREE * abs(theirs) or (math.isnan(ours) and math.isnan(theirs)):
+        return None
+    return (f"--model.loss_chunk {chunk}: the chunked loss of the first batch's row {row} is "
             f"{ours:.6g} where transformers' is {theirs:.6g}: {type(model).__name__} changes "
             "its logits in a way selftrain/training/loss.py does not reproduce; unset "
             "--model.loss_chunk for this student")

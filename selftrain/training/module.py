@@ -33,8 +33,8 @@ from selftrain.training.fsdp import compile_decoder_layers, is_sharded
 from selftrain.training.loss import (
     LossKernel,
     causal_lm_loss,
-    check_chunked_loss,
     check_loss_flags,
+    chunked_loss_refusal,
     uses_liger,
 )
 from selftrain.training.optim import build_optimizer, lr_schedule, param_groups
@@ -138,9 +138,9 @@ class StudentLM(L.LightningModule):
         self._exported_step = -1
         self._matrices: set[str] = set()
         self._last_finite: tuple[int, float] | None = None
+        """(global step, loss) of the last training step whose loss was finite."""
         self._fused_loss: bool | None = None
         """Whether the chunked loss goes through Liger's kernel; decided at the first batch."""
-        """(global step, loss) of the last training step whose loss was finite."""
         self.run_identity: dict[str, str] | None = None
         """The run this student trains (:func:`selftrain.training.run_dir.run_identity`)."""
 
@@ -241,7 +241,7 @@ class StudentLM(L.LightningModule):
             self._fused_loss = uses_liger(hp.loss_kernel, device, self.model.config)
             rank_zero_info("loss: Liger's fused linear cross-entropy" if self._fused_loss else
                            f"loss: chunked linear cross-entropy, {hp.loss_chunk} tokens a chunk")
-            check_chunked_loss(self.model, inputs, hp.loss_chunk)
+            self._check_chunked_loss(inputs)
         return causal_lm_loss(self.model, inputs, hp.loss_chunk, fused=self._fused_loss)
 
     @override
@@ -257,6 +257,24 @@ class StudentLM(L.LightningModule):
         self.log("train/real_token_fraction", real_tokens(batch) / batch["input_ids"].numel(),
                  on_step=True, batch_size=size)
         return loss
+
+    def _check_chunked_loss(self, batch: dict[str, torch.Tensor]) -> None:
+        """Refuse, in one line, a student whose loss the chunks do not reproduce (first batch).
+
+        Every rank scores its own first batch and all decide together (one boolean
+        all-reduce), so a refusal on one rank stops them all instead of leaving the others in a
+        collective.
+        """
+        refusal = chunked_loss_refusal(self.model, batch, self.hparams.loss_chunk,
+                                       fused=bool(self._fused_loss))
+        agreed = refusal is None
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            agreed = bool(trainer.strategy.reduce_boolean_decision(agreed, all=True))
+        if not agreed:
+            raise SelftrainError(refusal or f"--model.loss_chunk {self.hparams.loss_chunk}: "
+                                 "another rank's first batch scores another loss by the chunks "
+                                 "than by transformers; unset --model.loss_chunk")
 
     def _stop_unless_finite(self, loss: torch.Tensor) -> None:
         """Stop the run at a non-finite loss, before it reaches the weights, in one line.
