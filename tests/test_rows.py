@@ -121,3 +121,18 @@ def test_corpora_are_concatenated_or_mixed_by_token_share(tmp_path, student):
     tokens = [sum(len(r["input_ids"]) for r in mixed.rows if r["corpus"] == j) for j in (0, 1)]
     assert abs(tokens[0] - tokens[1]) < 128 and abs(sum(tokens) - 4_000) < 128
     assert mixed.mixture[1]["passes"] > 1  # 20 short rows fill 2,000 tokens only repeated
+
+
+def test_ended_only_keeps_the_documents_that_ended_on_eos(qwen_corpus, tmp_path, student,
+                                                          caplog):
+    finished = read_corpus(qwen_corpus).columns["finished"]
+    assert 0 < sum(finished) < len(finished)  # the tiny source ends some, not all
+    stored = read_corpus(qwen_corpus).columns["input_ids"]
+    with caplog.at_level(logging.INFO):
+        plan = rows_of(qwen_corpus, student, max_length=1000, ended_only=True)
+    assert sorted(r["input_ids"] for r in plan.rows) == sorted(
+        ids for ids, ended in zip(stored, finished, strict=True) if ended)
+    assert f"{len(finished) - sum(finished)} of {len(finished)} documents dropped" in caplog.text
+    # a corpus without a finished column (real text) is taken whole
+    text = write_text_corpus(tmp_path / "text.jsonl", rows=8)
+    assert len(rows_of(text, student, ended_only=True).rows) == 8

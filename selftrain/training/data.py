@@ -91,6 +91,9 @@ class CorpusDataModule(L.LightningDataModule):
         mixture_tokens: an epoch's tokens under ``mixture_weights``; None takes the largest
             budget that repeats no corpus. ``corpus: [real]``, ``mixture_weights: [1]`` and the
             token count of an SBP mixture is its repetition baseline.
+        ended_only: keep only the documents of a sampled corpus that ended on EOS (its
+            ``finished`` column; corpora without one are taken whole), and log how many went:
+            a document cut at the length cap teaches a student that documents do not end.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class CorpusDataModule(L.LightningDataModule):
         pair_separator: str = DEFAULT_SEPARATOR,
         mixture_weights: list[float] | None = None,
         mixture_tokens: int | None = None,
+        ended_only: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(locals())

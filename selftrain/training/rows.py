@@ -62,6 +62,7 @@ class RowSettings:
         mixture_tokens: an epoch's tokens under ``mixture_weights``; None: the largest budget
             that repeats no corpus.
         seed: seed of the mixture's choice of rows.
+        ended_only: keep only the rows of a sampled corpus that ended on EOS (``finished``).
     """
 
     max_length: int = 512
@@ -73,6 +74,7 @@ class RowSettings:
     mixture_weights: list[float] | None = None
     mixture_tokens: int | None = None
     seed: int = 0
+    ended_only: bool = False
 
 
 @dataclass
@@ -156,6 +158,8 @@ def _corpus_rows(path: str, flag: str, tokenizer, settings: RowSettings,
         use_subset = False  # sampled for one student: all of it is that student's
     keep = (select_subset(corpus, settings.subset, settings.num_subsets, path) if use_subset
             else list(range(len(corpus))))
+    if settings.ended_only and "finished" in corpus.columns:
+        keep = _ended(corpus.columns["finished"], keep, path, flag)
     reuse = reuse_ids(corpus, settings.same_tokenizer, fingerprint, path, flag)
     if reuse:
         sequences = stored_ids(corpus, keep, len(tokenizer), path, flag)
@@ -214,6 +218,25 @@ def _pair_rows(path: str, flag: str, tokenizer, settings: RowSettings
               "max_d1_tokens": budget, "max_length": max_length, "bos_token_id": bos_id,
               "pairs_dropped": len(rows) - len(kept)}
     return kept, layout
+
+
+def _ended(finished: list[bool], keep: list[int], path: str, flag: str) -> list[int]:
+    """The selected rows that ended on EOS (``--data.ended_only``), the rest logged as dropped.
+
+    Args:
+        finished: the corpus's ``finished`` column.
+        keep: the selected rows.
+        path: the corpus.
+        flag: the flag it came from.
+    """
+    ended = [i for i in keep if finished[i]]
+    if not ended:
+        raise SelftrainError(f"--data.ended_only true: none of the {len(keep)} selected "
+                             f"documents of {flag} {path} ended on EOS; train on it without "
+                             "--data.ended_only or sample documents that end")
+    rank_zero_info(f"{flag} {path}: {len(keep) - len(ended)} of {len(keep)} documents dropped "
+                   "(--data.ended_only): they did not end on EOS")
+    return ended
 
 
 def _mix(per_corpus: list[list[dict[str, Any]]], corpora: list[str], settings: RowSettings
