@@ -97,13 +97,16 @@ def test_the_sbp_grid_expands_into_commands_that_parse(tmp_path):
     config["sbp"].update(corpus=str(real), oracle=str(real))
     grid.write_text(yaml.safe_dump({**config, "out": str(tmp_path / "sw")}))
     commands = dry_run(grid)
-    per_subset = ["pairs", "fit", "synthesize", "fit", "fit", "fit"]
-    assert [c[1] for c in commands] == per_subset * config["num_subsets"] + ["report"]
+    # the base evaluated once; per subset pairs, the synthesizer, seeded and unseeded
+    # synthesis, then the sbp, sbp_unseeded, sbp_repeat and sbp_oracle students
+    per_subset = ["pairs", "fit", "synthesize", "synthesize", "fit", "fit", "fit", "fit"]
+    assert [c[1] for c in commands] == (["evaluate"] + per_subset * config["num_subsets"]
+                                        + ["report"])
     for command in commands:
         parses(command)
 
 
-def sbp_steps(tmp_path: Path, **flags) -> list[Step]:
+def sbp_steps(tmp_path: Path, sbp: dict | None = None, **flags) -> list[Step]:
     from selftrain.sweep.grid import Sbp
 
     real = tmp_path / "real.jsonl"
@@ -111,7 +114,34 @@ def sbp_steps(tmp_path: Path, **flags) -> list[Step]:
     return sweep(out=str(tmp_path / "sw"), student="tiny:qwen2", fit_config=DEBUG,
                  sources=_sources(), num_subsets=2, check_fit=False,
                  sbp=Sbp(corpus=str(real), weights=[0.25, 0.75], tokens=5000,
-                         synthesize={"num_samples": 64}), **{"dry_run": True, **flags})
+                         synthesize={"num_samples": 64}, **(sbp or {})),
+                 **{"dry_run": True, **flags})
+
+
+def test_the_unseeded_control_is_the_same_synthesizer_from_an_empty_d1(tmp_path):
+    steps = sbp_steps(tmp_path, {"unseeded": True, "ended_only": True},
+                      decontaminate_probes=False)
+    by_id = {s.id: s for s in steps}
+    for k in range(2):
+        seeded, unseeded = (by_id[f"synthesize/g1/{name}/s{k}"]
+                            for name in ("sbp", "sbp_unseeded"))
+        assert unseeded.needs == seeded.needs == [f"fit/g0/synthesizer/s{k}"]
+        assert unseeded.argv[unseeded.argv.index("--unseeded") + 1] == "true"
+        assert "--seeds" not in unseeded.argv and "--seeds_subset" not in unseeded.argv
+        assert (unseeded.argv[unseeded.argv.index("--num_samples") + 1]
+                == seeded.argv[seeded.argv.index("--num_samples") + 1] == "64")
+        fits = {name: dict(zip(by_id[f"fit/g1/{name}/s{k}"].argv,
+                               by_id[f"fit/g1/{name}/s{k}"].argv[1:], strict=False))
+                for name in ("sbp", "sbp_unseeded", "sbp_repeat")}
+        assert json.loads(fits["sbp_unseeded"]["--data.corpus"])[1] == unseeded.output
+        for name in ("sbp", "sbp_unseeded"):  # the same mixture, budget and filter
+            assert fits[name]["--data.mixture_weights"] == "[0.25, 0.75]"
+            assert fits[name]["--data.mixture_tokens"] == "5000"
+            assert fits[name]["--data.ended_only"] == "true"
+        assert "--data.ended_only" not in fits["sbp_repeat"]  # real text: nothing to drop
+    report = by_id["report"]
+    conditions = json.loads(report.argv[report.argv.index("--conditions") + 1])
+    assert set(conditions.values()) == {"self_t1.0", "sbp", "sbp_unseeded", "sbp_repeat"}
 
 
 def test_sbp_is_a_condition_beside_the_bos_ones_at_one_token_budget(tmp_path):

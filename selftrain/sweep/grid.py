@@ -95,7 +95,8 @@ class Sbp:
 
     Expands, for each subset k of the real corpus, into ``selftrain pairs`` on subset k, a
     synthesizer ``selftrain fit`` on those pairs, ``selftrain synthesize`` seeded from subset
-    k, and students on the mixture of subset k and its synthetic text (condition ``sbp``), on
+    k, and students on the mixture of subset k and its synthetic text (condition ``sbp``; with
+    ``unseeded`` also ``sbp_unseeded``, the synthesizer's text from an empty d1), on
     subset k alone repeated to the same token budget (``sbp_repeat``, with ``repetition``) and
     on more unique real text at that budget (``sbp_oracle``, with an ``oracle`` corpus).
 
@@ -114,6 +115,11 @@ class Sbp:
         pairs: extra ``selftrain pairs`` flags, e.g. ``{threshold: 0.6, top_k: 2}``.
         synthesizer_fit: extra ``selftrain fit`` flags of the synthesizer.
         synthesize: extra ``selftrain synthesize`` flags, e.g. ``{num_samples: 2000}``.
+        unseeded: also synthesize from an empty d1 (``synthesize --unseeded true``, the same
+            synthesizer and flags) and train ``sbp_unseeded`` on the mixture with that text,
+            at the same weights and budget: what the seed adds over the synthesizer alone.
+        ended_only: the SBP students keep only the synthetic documents that ended on EOS
+            (``--data.ended_only``); the mixture repeats them to fill its share.
     """
 
     corpus: str
@@ -126,6 +132,8 @@ class Sbp:
     pairs: dict[str, Any] = field(default_factory=dict)
     synthesizer_fit: dict[str, Any] = field(default_factory=dict)
     synthesize: dict[str, Any] = field(default_factory=dict)
+    unseeded: bool = False
+    ended_only: bool = False
 
 
 @dataclass

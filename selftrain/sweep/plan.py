@@ -10,7 +10,8 @@ subset, from the final export of generation g's student, and trains a fresh stud
 (``mode: replace``) or on the whole chain so far (``accumulate``). With an ``sbp`` block, for
 each subset k of the real corpus, generation 0 finds pairs in subset k and trains a
 synthesizer on them, and generation 1 synthesizes from subset k's seeds and trains the ``sbp``
-(real subset k + its synthetic text), ``sbp_repeat`` (real subset k alone) and ``sbp_oracle``
+(real subset k + its synthetic text), ``sbp_unseeded`` (the same with the synthesizer's
+unconditional text, when asked), ``sbp_repeat`` (real subset k alone) and ``sbp_oracle``
 conditions at one token budget: no student sees, even through its synthesizer, real text its
 baselines do not. The report reads every run.
 
@@ -269,8 +270,12 @@ def _per_subset(grid: Grid) -> int:
     return max(1, total // grid.num_subsets)
 
 
-def _sbp_corpus(grid: Grid, steps: list[Step], k: int) -> tuple[str, str]:
-    """Add subset k's pairs, synthesizer fit and synthesis; (its synthetic corpus, step)."""
+def _sbp_corpus(grid: Grid, steps: list[Step], k: int) -> dict[str, tuple[str, str]]:
+    """Add subset k's pairs, synthesizer fit and synthesis (and the unseeded control's).
+
+    Returns:
+        condition (``sbp``, ``sbp_unseeded``) -> (its synthetic corpus, the step writing it).
+    """
     sbp, out = grid.sbp, Path(grid.out)
     assert sbp is not None
     many = grid.num_subsets > 1
@@ -298,7 +303,18 @@ def _sbp_corpus(grid: Grid, steps: list[Step], k: int) -> tuple[str, str]:
                       ["selftrain", "synthesize", "--synthesizer", str(export), "--seeds",
                        sbp.corpus, "--out", str(corpus), *seeds, *as_flags(sbp.synthesize)],
                       [f"fit/g0/synthesizer/s{k}"], str(corpus)))
-    return _clean(grid, steps, str(corpus), f"synthesize/g1/sbp/s{k}", f"g1/sbp/s{k}")
+    found = {"sbp": _clean(grid, steps, str(corpus), f"synthesize/g1/sbp/s{k}", f"g1/sbp/s{k}")}
+    if sbp.unseeded:  # the control: the same synthesizer and settings, an empty d1
+        corpus = out / "corpora" / "g1" / "sbp_unseeded" / f"s{k}"
+        steps.append(Step(f"synthesize/g1/sbp_unseeded/s{k}", "synthesize",
+                          ["selftrain", "synthesize", "--synthesizer", str(export),
+                           "--unseeded", "true", "--out", str(corpus),
+                           *as_flags(sbp.synthesize)], [f"fit/g0/synthesizer/s{k}"],
+                          str(corpus)))
+        found["sbp_unseeded"] = _clean(grid, steps, str(corpus),
+                                       f"synthesize/g1/sbp_unseeded/s{k}",
+                                       f"g1/sbp_unseeded/s{k}")
+    return found
 
 
 def _sbp_conditions(grid: Grid, steps: list[Step], k: int
@@ -311,10 +327,11 @@ def _sbp_conditions(grid: Grid, steps: list[Step], k: int
     """
     sbp = grid.sbp
     assert sbp is not None
-    corpus, producer = _sbp_corpus(grid, steps, k)
+    mixed = {"data.mixture_weights": sbp.weights, "data.mixture_tokens": sbp.tokens,
+             **({"data.ended_only": True} if sbp.ended_only else {})}
     found: dict[str, tuple[str | list[str], list[str], dict[str, Any]]] = {
-        "sbp": ([sbp.corpus, corpus], [producer],
-                {"data.mixture_weights": sbp.weights, "data.mixture_tokens": sbp.tokens})}
+        name: ([sbp.corpus, corpus], [producer], mixed)
+        for name, (corpus, producer) in _sbp_corpus(grid, steps, k).items()}
     alone = {"data.mixture_weights": [1.0], "data.mixture_tokens": sbp.tokens}
     if sbp.repetition:
         found["sbp_repeat"] = ([sbp.corpus], [], alone)
