@@ -275,9 +275,13 @@ class SelftrainCLI(LightningCLI):
                         Path(config.checkpoint.dirpath))
         if plan.resume_meta is None and self.trainer.logger is not None:
             # what the run trains on, once at step 0 (the report's run table reads it)
+            mixture = self.datamodule.stats.get("mixture", [])
             self.trainer.logger.log_metrics({
                 "data/train_rows": len(self.datamodule.rows),
-                "data/train_tokens": self.datamodule.stats["tokens"], **leaks}, step=0)
+                "data/train_tokens": self.datamodule.stats["tokens"], **leaks,
+                # per corpus of a mixture: its tokens an epoch and passes over its rows
+                **{f"data/corpus{j}_{key}": record[key] for j, record in enumerate(mixture)
+                   for key in ("tokens", "passes")}}, step=0)
 
     def _check_probe_leaks(self, config: Namespace) -> dict[str, int]:
         """Refuse training rows that share a token n-gram with a probe window of the run.
