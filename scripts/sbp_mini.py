@@ -17,9 +17,9 @@
 
 The real text goes into ``--out`` and the sweep into ``--out``/sweep, a dir of its own apart
 from its inputs. Rerunning resumes (the sweep's records). Flags: ``--out DIR`` (default
-runs/sbp-mini; the grid's paths assume it), ``--publish DIR`` (default docs/sbp-mini; ``""``
-skips the copy), ``--publish_only`` (copy a finished run again; its wall time is then the sum of
-the steps').
+runs/sbp-mini; the grid's paths assume it), ``--publish DIR`` (default docs/records/sbp-mini,
+which it replaces; it must lie under docs/records; ``""`` skips the copy), ``--publish_only``
+(copy a finished run again; its wall time is then the sum of the steps').
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repro_mini import REPO, pydoc_documents, run  # noqa: E402
+
+from selftrain.synthesis.synthesize import UNSEEDED  # noqa: E402
 
 GRID = "configs/sweep/sbp_mini.yaml"
 SEED = 20251127
@@ -77,6 +79,12 @@ def main() -> None:
                         help="copy a finished run into --publish without running anything")
     args = parser.parse_args()
     out = REPO / args.out
+    records = REPO / "docs" / "records"
+    if args.publish and records not in (REPO / args.publish).resolve().parents:
+        raise SystemExit(f"--publish {args.publish}: the record replaces that dir, so it must "
+                         "lie under docs/records")
+    if args.publish_only and not args.publish:
+        raise SystemExit("--publish_only: give --publish DIR to copy the run into")
     if args.publish_only:
         seconds = json.loads((out / "sweep" / ".sweep" / "summary.json").read_text())["seconds"]
         publish(out, REPO / args.publish, sum(v or 0.0 for v in seconds.values()),
@@ -100,12 +108,16 @@ def examples(corpus: Path, seeds_file: Path, count: int = 3) -> list[str]:
     seeds = {json.loads(line)["id"]: json.loads(line)["text"]
              for line in seeds_file.read_text().splitlines()}
     table = pq.read_table(corpus / "data").to_pylist()
+    kind = corpus.parent.name
     lines = []
     for row in table[:count]:
-        lines += [f"### {corpus.name}: synthetic document {row['id']} (seed document "
-                  f"{row['seed_id']})", "",
-                  "Seed (first 400 characters):", "", "```text",
-                  seeds[row["seed_id"]][:400].replace("```", "'''"), "```", "",
+        if row["seed_id"] == UNSEEDED:  # the control: no seed, the prompt is BOS SEP
+            seed = ["Prompt: BOS and the separator alone (no seed document).", ""]
+        else:
+            seed = ["Seed (first 400 characters):", "", "```text",
+                    seeds[row["seed_id"]][:400].replace("```", "'''"), "```", ""]
+        lines += [f"### {kind} {corpus.name}: synthetic document {row['id']} (seed document "
+                  f"{row['seed_id']}, ended on EOS: {row['finished']})", "", *seed,
                   "Synthesized (first 600 characters):", "", "```text",
                   row["text"][:600].replace("```", "'''"), "```", ""]
     return lines

@@ -133,6 +133,8 @@ def test_ended_only_keeps_the_documents_that_ended_on_eos(qwen_corpus, tmp_path,
     assert sorted(r["input_ids"] for r in plan.rows) == sorted(
         ids for ids, ended in zip(stored, finished, strict=True) if ended)
     assert f"{len(finished) - sum(finished)} of {len(finished)} documents dropped" in caplog.text
-    # a corpus without a finished column (real text) is taken whole
+    # real text is taken whole, and so is a held-out corpus, sampled or not
     text = write_text_corpus(tmp_path / "text.jsonl", rows=8)
-    assert len(rows_of(text, student, ended_only=True).rows) == 8
+    held_out = build_rows(str(text), student, RowSettings(max_length=1000, ended_only=True),
+                          eval_corpus=str(qwen_corpus))
+    assert len(held_out.rows) == 8 and len(held_out.eval_rows) == len(finished)

@@ -360,7 +360,11 @@ def test_unseeded_synthesis_continues_bos_separator_alone(tmp_path, synthesizer)
     ({}, "--seeds: give the real corpus the seed documents are drawn from, or --unseeded true "
          "for the control"),
     ({"unseeded": True, "seeds": "x.jsonl"}, "--unseeded true: the control reads no seeds; "
-                                             "drop --seeds and --seeds_subset")])
+                                             "drop --seeds, --seeds_subset and "
+                                             "--seeds_num_subsets"),
+    ({"unseeded": True, "seeds_num_subsets": 3}, "--unseeded true: the control reads no "
+                                                 "seeds; drop --seeds, --seeds_subset and "
+                                                 "--seeds_num_subsets")])
 def test_seeds_and_the_unseeded_control_are_one_or_the_other(tmp_path, synthesizer, flags,
                                                              message):
     from selftrain.errors import SelftrainError

@@ -119,7 +119,8 @@ class Sbp:
             synthesizer and flags) and train ``sbp_unseeded`` on the mixture with that text,
             at the same weights and budget: what the seed adds over the synthesizer alone.
         ended_only: the SBP students keep only the synthetic documents that ended on EOS
-            (``--data.ended_only``); the mixture repeats them to fill its share.
+            (``--data.ended_only``); at a token budget the mixture repeats them to fill its
+            share (watch its passes: few that end means many repeats).
     """
 
     corpus: str
@@ -178,7 +179,7 @@ RESERVED_FLAGS = {
             "trainer.default_root_dir", "overwrite", "ckpt_path", "base_evaluations"),
     "pairs": ("corpus", "out", "subset", "num_subsets", "overwrite"),
     "synthesize": ("synthesizer", "seeds", "out", "seeds_subset", "seeds_num_subsets",
-                   "overwrite"),
+                   "unseeded", "overwrite"),
 }
 """Flags the sweep sets itself in each kind of step; a grid may not set them in ``flags``."""
 

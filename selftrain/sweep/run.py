@@ -102,9 +102,11 @@ def sweep(
         proxies: {benchmarks, split, flags}: proxies of every generation-1 corpus; with
             ``split``, each synthetic corpus's proximity halves are trained on as well.
         sbp: {corpus, weights, tokens, repetition, oracle, synthesizer, synthesizer_config,
-            pairs, synthesizer_fit, synthesize}: Synthetic Bootstrapped Pretraining on a real
-            corpus: conditions ``sbp`` (real + synthetic), ``sbp_repeat`` (real alone,
-            repeated) and ``sbp_oracle`` (more unique real text), at one token budget.
+            pairs, synthesizer_fit, synthesize, unseeded, ended_only}: Synthetic Bootstrapped
+            Pretraining on a real corpus: conditions ``sbp`` (real + synthetic),
+            ``sbp_unseeded`` (real + the synthesizer's text from an empty d1, with
+            ``unseeded``), ``sbp_repeat`` (real alone, repeated) and ``sbp_oracle`` (more
+            unique real text), at one token budget.
         generations: G; generation g+1 samples from the last export of generation g's
             students (same condition and subset), the model-collapse axis.
         mode: ``replace`` (generation g trains on its own corpus) or ``accumulate`` (on every

@@ -14,9 +14,10 @@ resumes it, ``torchrun`` splits the shards over ranks, and each row holds the ne
 alone (``BOS d2 EOS`` as ``input_ids``, d2 as ``text``) with the id of its seed (``seed_id``).
 
 ``--unseeded true`` is SBP's control: every prompt is ``BOS SEP`` (an empty d1), so the
-documents are the synthesizer's unconditional text, written at the same settings; ``seed_id``
-is :data:`UNSEEDED`. Set against seeded synthesis it separates what the seed contributes from
-what the synthesizer writes anyway.
+documents are what the synthesizer writes from no seed, at the same settings; ``seed_id`` is
+:data:`UNSEEDED`. No training row has an empty d1, so that prompt is outside what the
+synthesizer was trained on: the control separates "conditioned on a related seed" from "this
+synthesizer with no seed", not from an unconditional model.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def synthesize(
     refuse_first_failed([
         (unseeded or seeds is not None, "--seeds: give the real corpus the seed documents are "
                                         "drawn from, or --unseeded true for the control"),
-        (not unseeded or seeds is None and seeds_subset is None,
-         "--unseeded true: the control reads no seeds; drop --seeds and --seeds_subset")])
+        (not unseeded or seeds is None and seeds_subset is None and seeds_num_subsets is None,
+         "--unseeded true: the control reads no seeds; drop --seeds, --seeds_subset and "
+         "--seeds_num_subsets")])
     dtype = weight_dtype(dtype, pick_device(device))  # auto: the manifest records what ran
     layout = (export_info(synthesizer) or {}).get("pair_layout") or {}
     for flag, given, trained in (("--separator", separator, layout.get("separator")),
@@ -163,7 +165,9 @@ def synthesize(
                                                 seeds_num_subsets, "--seeds_subset")
         if not seed_texts:
             raise SelftrainError(f"--seeds {seeds}: no non-empty document to condition on")
-    flags = {"synthesizer": synthesizer, "unseeded": unseeded,
+    flags = {"synthesizer": synthesizer,
+             # only when set: corpora written before the control existed keep their settings
+             **({"unseeded": True} if unseeded else {}),
              "seeds": None if unseeded else str(Path(seeds).resolve()),
              "seeds_sha256": _seeds_digest(seed_ids, seed_texts), "seeds_subset": seeds_subset,
              "seeds_num_subsets": seeds_num_subsets,
@@ -208,7 +212,7 @@ def synthesize(
     except KeyboardInterrupt as interrupt:
         raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
                           "shards; rerun the same command to resume") from interrupt
-    if path is not None:  # rank 0: how many a student keeps under --data.ended_only
+    if path is not None and rank == 0:  # how many a student keeps under --data.ended_only
         counts = read_manifest(path / MANIFEST_NAME, "--out").get("counts", {})
         log.info("%s of %s documents ended on EOS; the other %s stop at --max_new_tokens "
                  "(--data.ended_only leaves them out of a student's rows)",

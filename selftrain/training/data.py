@@ -91,9 +91,10 @@ class CorpusDataModule(L.LightningDataModule):
         mixture_tokens: an epoch's tokens under ``mixture_weights``; None takes the largest
             budget that repeats no corpus. ``corpus: [real]``, ``mixture_weights: [1]`` and the
             token count of an SBP mixture is its repetition baseline.
-        ended_only: keep only the documents of a sampled corpus that ended on EOS (its
-            ``finished`` column; corpora without one are taken whole), and log how many went:
+        ended_only: keep only the training documents of a sampled corpus (``generate``,
+            ``synthesize``) that ended on EOS (its ``finished`` column), and log how many went:
             a document cut at the length cap teaches a student that documents do not end.
+            Real text and the held-out corpus are taken whole.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ Several corpora are concatenated, or mixed by token share (:mod:`selftrain.train
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class RowSettings:
         mixture_tokens: an epoch's tokens under ``mixture_weights``; None: the largest budget
             that repeats no corpus.
         seed: seed of the mixture's choice of rows.
-        ended_only: keep only the rows of a sampled corpus that ended on EOS (``finished``).
+        ended_only: keep only the rows of a sampled corpus (``kind`` synthetic or sbp) that
+            ended on EOS (``finished``); other corpora, and the held-out one, are taken whole.
     """
 
     max_length: int = 512
@@ -128,9 +130,10 @@ def build_rows(corpus: str | list[str], tokenizer, settings: RowSettings,
         plan.reused, plan.selected = plan.reused and reused, plan.selected + selected
     plan.dropped = plan.selected - sum(len(rows) for rows in per_corpus)
     plan.rows, plan.mixture = _mix(per_corpus, corpora, settings)
-    if eval_corpus is not None:
+    if eval_corpus is not None:  # taken whole: no subset, every document ended or not
+        whole = dataclasses.replace(settings, ended_only=False)
         plan.eval_rows, _, _ = _corpus_rows(eval_corpus, "--data.eval_corpus", tokenizer,
-                                            settings, fingerprint, plan, use_subset=False)
+                                            whole, fingerprint, plan, use_subset=False)
     return plan
 
 
@@ -158,7 +161,7 @@ def _corpus_rows(path: str, flag: str, tokenizer, settings: RowSettings,
         use_subset = False  # sampled for one student: all of it is that student's
     keep = (select_subset(corpus, settings.subset, settings.num_subsets, path) if use_subset
             else list(range(len(corpus))))
-    if settings.ended_only and "finished" in corpus.columns:
+    if settings.ended_only and manifest.get("kind") in SAMPLED and "finished" in corpus.columns:
         keep = _ended(corpus.columns["finished"], keep, path, flag)
     reuse = reuse_ids(corpus, settings.same_tokenizer, fingerprint, path, flag)
     if reuse:
