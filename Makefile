@@ -32,7 +32,7 @@ demo: install
 repro-mini: install
 	$(BIN)/python scripts/repro_mini.py
 
-# SBP against repetition and more unique real data, in miniature on a CPU: docs/records/sbp-mini/
+# SBP against its unseeded control, repetition (10+ passes) and more unique real data, in miniature on a CPU (about 25 min): docs/records/sbp-mini/
 sbp-mini: install
 	$(BIN)/python scripts/sbp_mini.py
 
