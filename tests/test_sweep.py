@@ -198,12 +198,17 @@ def test_an_sbp_student_sees_only_its_subset_of_the_real_text(tmp_path):
 
 def test_sbp_slurm_waves_put_the_synthesizer_before_synthesis(tmp_path):
     target = tmp_path / "slurm"
-    sbp_steps(tmp_path, slurm=str(target), dry_run=False)
+    steps = sbp_steps(tmp_path, slurm=str(target), dry_run=False, evaluate_base=True)
     submit = (target / "submit.sh").read_text()
     assert submit.index("g0-prep.txt") < submit.index("g0-fit.txt") < submit.index(
         "g1-prep.txt") < submit.index("g1-fit.txt")
     assert "synthesize" in (target / "g1-prep.txt").read_text()
-    assert "pairs" in (target / "g0-prep.txt").read_text()
+    first = (target / "g0-prep.txt").read_text().splitlines()
+    # the base evaluation every fit reads (--base_evaluations) runs in the first wave, first
+    assert "pairs" in first[1] and "selftrain evaluate" in first[0]
+    submitted = "".join((target / f"{stem}.txt").read_text() for stem in (
+        "g0-prep", "g0-fit", "g1-prep", "g1-fit", "report")).splitlines()
+    assert len(submitted) == len(steps)  # every step in some wave
 
 
 def test_order_runs_every_step_after_what_it_needs(tmp_path):

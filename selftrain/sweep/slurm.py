@@ -38,10 +38,17 @@ def _generation(step: Step) -> int | None:
 
 
 def waves(steps: list[Step]) -> list[tuple[str, list[Step], bool]]:
-    """(file stem, steps, as an array) in submission order."""
+    """(file stem, steps, as an array) in submission order.
+
+    Steps of no generation but the report (the base evaluation every fit reads) open the first
+    preparation wave, so they run before any fit.
+    """
     found: list[tuple[str, list[Step], bool]] = []
+    first = [s for s in steps if _generation(s) is None and s.kind != "report"]
     for g in sorted({_generation(s) for s in steps if _generation(s) is not None}):
-        prep = [s for s in steps if _generation(s) == g and s.kind not in ("fit", "report")]
+        prep = first + [s for s in steps if _generation(s) == g and s.kind not in ("fit",
+                                                                                   "report")]
+        first = []
         fits = [s for s in steps if _generation(s) == g and s.kind == "fit"]
         if prep:
             found.append((f"g{g}-prep", prep, False))
