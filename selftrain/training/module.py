@@ -258,6 +258,17 @@ class StudentLM(L.LightningModule):
                  on_step=True, batch_size=size)
         return loss
 
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one boolean all-reduce when there are several).
+
+        Args:
+            ok: this rank's answer.
+        """
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
+        return ok
+
     def _check_chunked_loss(self, batch: dict[str, torch.Tensor]) -> None:
         """Refuse, in one line, a student whose loss the chunks do not reproduce (first batch).
 
@@ -267,11 +278,7 @@ class StudentLM(L.LightningModule):
         """
         refusal = chunked_loss_refusal(self.model, batch, self.hparams.loss_chunk,
                                        fused=bool(self._fused_loss))
-        agreed = refusal is None
-        trainer = self.attached_trainer()
-        if trainer is not None and trainer.world_size > 1:
-            agreed = bool(trainer.strategy.reduce_boolean_decision(agreed, all=True))
-        if not agreed:
+        if not self._all_ranks_agree(refusal is None):
             raise SelftrainError(refusal or f"--model.loss_chunk {self.hparams.loss_chunk}: "
                                  "another rank's first batch scores another loss by the chunks "
                                  "than by transformers; unset --model.loss_chunk")
@@ -283,11 +290,7 @@ class StudentLM(L.LightningModule):
         all at the same step instead of leaving the others waiting in a collective. The step
         is not taken, so the weights, the checkpoints and the exports stay finite.
         """
-        finite = bool(torch.isfinite(loss.detach()).all())
-        trainer = self.attached_trainer()
-        if trainer is not None and trainer.world_size > 1:
-            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
-        if finite:
+        if self._all_ranks_agree(bool(torch.isfinite(loss.detach()).all())):
             self._last_finite = (self.global_step, float(loss.detach()))
             return
         last = ("no finite loss before it" if self._last_finite is None else
