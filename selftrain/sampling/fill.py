@@ -157,4 +157,8 @@ def finish_corpus(corpus: ShardedCorpus, manifest: dict[str, Any], seconds: floa
     path = corpus.finish(manifest)
     log.info("wrote %s: %d samples; this run sampled %d tokens at %.0f tokens/s",
              path, corpus.num_samples, tokens, tokens / max(seconds, 1e-9))
+    ended, written = corpus.counts["finished"], corpus.counts["written"]
+    log.info("%d of %d samples ended on EOS; the other %d stop at --max_new_tokens "
+             "(--data.ended_only leaves them out of a student's rows)",
+             ended, written, written - ended)
     return path

@@ -80,6 +80,8 @@ class ShardedCorpus:
         self.shard_size = shard_size
         self.num_shards = -(-num_samples // shard_size)
         self.schema = schema
+        self.counts: dict[str, int] | None = None
+        """The totals :meth:`finish` wrote into the manifest (None until then)."""
 
     # -- state of the dir ----------------------------------------------------------------------
 
@@ -233,9 +235,10 @@ class ShardedCorpus:
         if ids != list(range(self.num_samples)):
             raise SelftrainError(f"--out {self.out}: the shards do not hold ids 0..N-1 exactly "
                                  "once; sample into a new dir")
-        counts = {"requested": self.num_samples, "written": len(ids),
-                  "finished": int(sum(table.column("finished").to_pylist())),
-                  "tokens": int(sum(table.column("num_tokens").to_pylist()))}
+        self.counts = counts = {
+            "requested": self.num_samples, "written": len(ids),
+            "finished": int(sum(table.column("finished").to_pylist())),
+            "tokens": int(sum(table.column("num_tokens").to_pylist()))}
         manifest = stamp({**manifest, "counts": counts, "generation": self.spec,
                           "sharding": {"shard_size": self.shard_size,
                                        "num_shards": self.num_shards},

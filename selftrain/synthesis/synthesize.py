@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from selftrain.corpus import MANIFEST_NAME, SCHEMA, corpus_documents, read_manifest
+from selftrain.corpus import SCHEMA, corpus_documents
 from selftrain.decoding.prompted import Prompt, PromptedDecoder
 from selftrain.errors import Interrupted, SelftrainError, refuse_first_failed
 from selftrain.inputs import check_seed
@@ -212,12 +212,6 @@ def synthesize(
     except KeyboardInterrupt as interrupt:
         raise Interrupted(f"interrupted after {corpus.complete_shards()} of {corpus.num_shards} "
                           "shards; rerun the same command to resume") from interrupt
-    if path is not None and rank == 0:  # how many a student keeps under --data.ended_only
-        counts = read_manifest(path / MANIFEST_NAME, "--out").get("counts", {})
-        log.info("%s of %s documents ended on EOS; the other %s stop at --max_new_tokens "
-                 "(--data.ended_only leaves them out of a student's rows)",
-                 counts.get("finished"), counts.get("written"),
-                 (counts.get("written") or 0) - (counts.get("finished") or 0))
     return path or corpus.out
 
 
