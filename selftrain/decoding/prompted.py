@@ -172,12 +172,12 @@ class PromptedDecoder(SlotDecoding):
         if not prompts:
             return
         longest = max(len(p.tokens) for p in prompts)
+        most_new = max(p.max_new_tokens for p in prompts)
         self._floor = longest - 1  # the write column never drops below it: any prompt fits
-        cache, columns = self._new_cache(max(p.max_new_tokens for p in prompts))
+        cache, columns = self._new_cache(most_new)
         pending = _Prefilled(self, iter(prompts))
         first = [next(pending) for _ in range(min(self.batch_size, len(prompts)))]
-        rows = DeviceRows.empty(len(first), max(p.max_new_tokens for p in prompts),
-                                self.device)
+        rows = DeviceRows.empty(len(first), most_new, self.device)
         rows.notes = [_RowNote(prompt) for prompt in first]
         rows.start_rows([self._prefill(cache, rows, b, prompt) for b, prompt in enumerate(first)])
         workspace = None
