@@ -69,6 +69,7 @@ from types import ModuleType
 
 import torch
 from _common import machine, progress, write_figures
+from bench_generate import plain_generate, useful_tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,10 +190,6 @@ def counting_host_reads() -> Iterator[HostCount]:
 # the arms
 
 
-def useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
-    return sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows)
-
-
 def run_sampler(make: Callable[[], object], num_samples: int) -> dict:
     """One run of a sampler over ids ``0..num_samples-1``.
 
@@ -224,19 +221,8 @@ def run_generate(model, bos_id: int, eos_id: int | None, pad_id: int, args) -> d
     """
     calls = [0]
     hook = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    torch.manual_seed(args.seed)
-    rows: list[list[int]] = []
     try:
-        start = time.perf_counter()
-        for first in range(0, args.num_samples, args.batch_size):
-            size = min(args.batch_size, args.num_samples - first)
-            prompt = torch.full((size, 1), bos_id, dtype=torch.long)
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                 do_sample=True, temperature=args.temperature, top_k=0,
-                                 top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                 eos_token_id=eos_id, pad_token_id=pad_id)
-            rows += out[:, 1:].tolist()
-        seconds = time.perf_counter() - start
+        rows, seconds = plain_generate(model, bos_id, eos_id, pad_id, args)
     finally:
         hook.remove()
     return {"seconds": seconds, "steps": calls[0], "rows_computed": None,

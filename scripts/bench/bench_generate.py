@@ -28,7 +28,8 @@ from selftrain.decoding.sampler import BosSampler
 from selftrain.models import load_model, load_tokenizer, pad_token_id, resolve_bos_id
 
 
-def _useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
+def useful_tokens(rows: list[list[int]], eos_id: int | None) -> int:
+    """Tokens a corpus keeps of ``generate``'s rows: each up to and including its EOS."""
     return sum(row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows)
 
 
@@ -50,20 +51,30 @@ def bench_sampler(model, bos_id: int, eos_id: int | None, vocab: int, args,
 
 
 @torch.inference_mode()
-def bench_plain_generate(model, bos_id: int, eos_id: int | None, pad_id: int, args) -> dict:
+def plain_generate(model, bos_id: int, eos_id: int | None, pad_id: int, args
+                   ) -> tuple[list[list[int]], float]:
+    """Plain ``model.generate`` from BOS: (the rows after BOS, seconds).
+
+    ``args.num_samples`` rows, ``args.batch_size`` at a time, pure sampling at
+    ``args.temperature``.
+    """
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     rows: list[list[int]] = []
     for first in range(0, args.num_samples, args.batch_size):
         size = min(args.batch_size, args.num_samples - first)
-        prompt = torch.full((size, 1), bos_id, dtype=torch.long, device=args.device)
+        prompt = torch.full((size, 1), bos_id, dtype=torch.long, device=model.device)
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                              do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
                              max_new_tokens=args.max_new_tokens, eos_token_id=eos_id,
                              pad_token_id=pad_id)
         rows += out[:, 1:].tolist()
-    seconds = time.perf_counter() - start
-    tokens = _useful_tokens(rows, eos_id)
+    return rows, time.perf_counter() - start
+
+
+def bench_plain_generate(model, bos_id: int, eos_id: int | None, pad_id: int, args) -> dict:
+    rows, seconds = plain_generate(model, bos_id, eos_id, pad_id, args)
+    tokens = useful_tokens(rows, eos_id)
     return {"seconds": seconds, "tokens": tokens, "tokens_per_sec": tokens / seconds}
 
 
